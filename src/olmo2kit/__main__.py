@@ -1,0 +1,3 @@
+from olmo2kit.cli import main
+
+main()

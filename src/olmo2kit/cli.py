@@ -1,0 +1,274 @@
+"""The `olmo2kit` command line: thin commands that parse options, call the library, print.
+
+Heavy modules (torch, transformers) are imported inside the commands that need them,
+so `olmo2kit --help` and `olmo2kit sizes` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from olmo2kit.errors import Olmo2KitError
+
+app = typer.Typer(
+    name="olmo2kit",
+    help="Work with the OLMo 2 language models: load any size or training checkpoint, generate, inspect.",
+    epilog="Planned, not yet available: chat, bench, estimate, prepare-data, finetune, perplexity, eval, sweep.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_debug = False
+
+# Options shared by every command that loads a model.
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Size alias (1b, 7b-instruct, 13b-dpo, ...), Hub repo id, repo@revision, or local directory.",
+    ),
+]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", "-r", help="Hub branch, tag or commit, e.g. stage1-step140000-tokens294B.")
+]
+QuantizeOpt = Annotated[
+    str | None, typer.Option("--quantize", "-q", help="bitsandbytes quantization: int8, nf4 or fp4.")
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (bf16 on a capable GPU, fp32 on CPU), bf16, fp16 or fp32.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="Text to continue; several for several; - reads stdin.")],
+    model: ModelOpt = "1b",
+    revision: RevisionOpt = None,
+    quantize: QuantizeOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")] = 50,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")] = 0.95,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End the text at this string (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue one or more prompts; text streams to stdout, timings go to stderr.
+
+    Examples:
+
+      olmo2kit generate "Language modeling is "
+
+      olmo2kit generate "The capital of France is" --model 7b --quantize nf4 --greedy
+
+      olmo2kit generate "Hello" --model allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B
+
+      echo "Once upon a time" | olmo2kit generate - --json
+    """
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    from olmo2kit.generation import SamplingOptions
+
+    options = dict(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+    )
+    SamplingOptions(**options)  # bad values fail before a model loads
+    if any(not p.strip() for p in prompts):
+        raise Olmo2KitError("empty prompt: give some text to continue")
+    loaded, tokenizer = _load(model, revision, dtype, quantize, device)
+
+    from olmo2kit.generation import generate as run_generate
+    from olmo2kit.generation import stream_generate
+
+    if as_json:
+        for prompt, result in zip(prompts, run_generate(loaded, tokenizer, prompts, **options)):
+            row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
+                   "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+            _report(result)
+        return
+    for prompt in prompts:
+        if sys.stdout.isatty():
+            typer.secho(prompt, bold=True, nl=False)
+        last = None
+        for last in stream_generate(loaded, tokenizer, prompt, **options):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _report(last)
+
+
+@app.command()
+def sizes(as_json: JsonOpt = False) -> None:
+    """The OLMo 2 sizes: architecture, parameters, training budget, weight memory.
+
+    Examples:
+
+      olmo2kit sizes
+
+      olmo2kit sizes --json
+    """
+    from olmo2kit.sizes import table
+
+    rows = table()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    header = ("size", "params", "layers", "hidden", "heads", "kv", "ffn", "tokens", "6ND", "bf16", "int8", "nf4", "repo")
+    lines = [header]
+    for r in rows:
+        w = r["weight_bytes"]
+        lines.append((
+            r["size"], f"{r['params']:,}", str(r["layers"]), str(r["hidden"]), str(r["heads"]),
+            str(r["kv_heads"]), str(r["ffn"]), f"{r['training_tokens'] / 1e12:.2f}T",
+            f"{r['flops_6nd']:.2e}", _gb(w["bf16"]), _gb(w["int8"]), _gb(w["nf4"]), r["repo"],
+        ))
+    _print_table(lines)
+    print("\nVariants: append -sft, -dpo or -instruct to a size (e.g. 7b-instruct). Memory is weights only.")
+
+
+@app.command()
+def tiny(
+    path: Annotated[str, typer.Argument(help="Directory to write (replaced if it exists).")],
+    instruct: Annotated[bool, typer.Option("--instruct", help="Add the OLMo 2 chat template.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Write a tiny random OLMo 2 checkpoint, for offline tries and tests.
+
+    Examples:
+
+      olmo2kit tiny ./tiny && olmo2kit generate "Hello" --model ./tiny
+
+      olmo2kit tiny ./tiny-chat --instruct
+    """
+    from transformers.utils import logging as hf_logging
+
+    from olmo2kit.tiny import build_tiny
+
+    hf_logging.disable_progress_bar()
+    written = build_tiny(path, instruct=instruct, seed=seed)
+    print(written)
+
+
+@app.command("list-revisions")
+def list_revisions_command(
+    model: Annotated[str, typer.Argument(help="Size alias (1b, 7b, ...) or Hub repo id.")],
+    stage: Annotated[int | None, typer.Option(help="Keep one training stage: 1 or 2.")] = None,
+    ingredient: Annotated[int | None, typer.Option(help="Keep one stage-2 ingredient.")] = None,
+    step: Annotated[int | None, typer.Option(help="Keep the revision nearest this step.")] = None,
+    tokens: Annotated[float | None, typer.Option(help="Keep the revision nearest this many billion tokens.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Show at most this many.")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Ask the Hub again, skipping the cache.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a model's training checkpoints (Hub branches) in training order.
+
+    Examples:
+
+      olmo2kit list-revisions 1b --stage 2
+
+      olmo2kit list-revisions allenai/OLMo-2-1124-7B --tokens 1000 --json
+    """
+    from olmo2kit.revisions import list_revisions
+
+    revisions = list_revisions(
+        model, stage=stage, ingredient=ingredient, step=step, tokens=tokens, limit=limit, refresh=refresh
+    )
+    if as_json:
+        print(json.dumps([r.to_dict() for r in revisions], indent=2))
+        return
+    lines = [("name", "stage", "ingredient", "step", "tokens", "commit")]
+    for r in revisions:
+        lines.append((
+            r.name, _dash(r.stage), _dash(r.ingredient), _dash(r.step),
+            "-" if r.tokens_b is None else f"{r.tokens_b}B", (r.commit or "-")[:10],
+        ))
+    _print_table(lines)
+
+
+def _load(model: str, revision: str | None, dtype: str, quantize: str | None, device: str):
+    """Load through the library, with the load time on stderr and transformers' bars off."""
+    from transformers.utils import logging as hf_logging
+
+    from olmo2kit.loading import load
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    loaded, tokenizer = load(model, revision=revision, dtype=dtype, quantize=quantize, device=device)
+    where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
+    _info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}) in {time.perf_counter() - start:.1f} s")
+    return loaded, tokenizer
+
+
+def _report(result) -> None:
+    if result is None:
+        return
+    memory = "" if result.peak_memory_gb is None else f", peak memory {result.peak_memory_gb:.2f} GB"
+    _info(f"{result.new_tokens} tokens in {result.elapsed_s:.2f} s, {result.tokens_per_s:.1f} tokens/s{memory}")
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_table(lines: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    for row in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.getLogger("olmo2kit").addHandler(handler)
+    try:
+        app(standalone_mode=False)
+    except Olmo2KitError as e:
+        if _debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

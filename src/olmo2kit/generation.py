@@ -1,0 +1,313 @@
+"""generate, stream_generate, and the Generation record they return."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from olmo2kit.errors import Olmo2KitError
+
+log = logging.getLogger("olmo2kit")
+
+# The model card's sampling defaults.
+DEFAULT_MAX_NEW_TOKENS = 100
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 0.95
+
+
+@dataclass
+class Generation:
+    """One generation, or one streamed chunk of it, with its own metrics.
+
+    From `generate`, `text` is the whole continuation (the prompt is not repeated)
+    and `token_ids` the tokens generated, end-of-text included when it was produced.
+    From `stream_generate`, `text` and `token_ids` are the new piece only, the
+    counters run, and `finish_reason` is set on the last chunk: "stop" (end of text or a
+    stop string) or "length" (max_new_tokens reached).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str | None
+    tokens_per_s: float  # new tokens over the wall time of the call so far
+    elapsed_s: float
+    prompt_tps: float | None = None  # prompt tokens over time to first token (streaming)
+    peak_memory_gb: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise Olmo2KitError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample:
+            if not 0.0 < self.top_p <= 1.0:
+                raise Olmo2KitError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise Olmo2KitError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+            if not self.temperature > 0.0:
+                raise Olmo2KitError(f"temperature must be positive (use greedy decoding for 0), got {self.temperature}")
+        if self.seed is not None and self.seed < 0:
+            raise Olmo2KitError(f"seed must be 0 or positive, got {self.seed}")
+        if any(not s for s in self.stop):
+            raise Olmo2KitError("a stop string cannot be empty")
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kwargs: dict = dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            use_cache=True,  # the instruct configs ship use_cache: false
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        if self.stop:
+            kwargs.update(stop_strings=list(self.stop), tokenizer=tokenizer)
+        return kwargs
+
+
+def generate(model, tokenizer, prompt: str | Sequence[str], **options) -> Generation | list[Generation]:
+    """Continue `prompt`. A str gives one Generation; a list gives one per prompt, batched.
+
+    Options: max_new_tokens (100), do_sample (True), temperature (1.0), top_k (50),
+    top_p (0.95), seed, stop (strings that end the text; not included in it).
+
+    >>> generate(model, tokenizer, "Language modeling is ", do_sample=False).text  # doctest: +SKIP
+    """
+    import torch
+
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    sampling = SamplingOptions(**_normalize(options))
+    inputs = _encode(model, tokenizer, prompts, sampling)
+    _seed(sampling.seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))
+    elapsed = time.perf_counter() - start
+    prompt_len = inputs["input_ids"].shape[1]
+    prompt_counts = inputs["attention_mask"].sum(dim=1).tolist()
+    eos_ids = _eos_ids(model, tokenizer)
+    peak = peak_memory_gb(model)
+    results = []
+    for row, prompt_tokens in zip(output[:, prompt_len:].tolist(), prompt_counts):
+        ids = _trim(row, eos_ids, tokenizer.pad_token_id)
+        text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
+        finished = stopped or (ids and ids[-1] in eos_ids)
+        results.append(
+            Generation(
+                text=text,
+                token_ids=ids,
+                prompt_tokens=int(prompt_tokens),
+                new_tokens=len(ids),
+                finish_reason="stop" if finished else "length",
+                tokens_per_s=len(ids) / elapsed if elapsed > 0 else 0.0,
+                elapsed_s=elapsed,
+                peak_memory_gb=peak,
+            )
+        )
+    return results[0] if single else results
+
+
+def stream_generate(model, tokenizer, prompt: str, **options) -> Iterator[Generation]:
+    """Yield the continuation of `prompt` piece by piece as it is generated.
+
+    Takes the same options as `generate`. Closing the iterator early (or Ctrl-C in
+    the consumer) stops generation at the next token.
+
+    >>> for chunk in stream_generate(model, tokenizer, "Hello"):  # doctest: +SKIP
+    ...     print(chunk.text, end="", flush=True)
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    if not isinstance(prompt, str):
+        raise Olmo2KitError("stream_generate takes one prompt; use generate for a list")
+    sampling = SamplingOptions(**_normalize(options))
+    inputs = _encode(model, tokenizer, [prompt], sampling)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    tokens: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+
+    class Feed(BaseStreamer):
+        first = True
+
+        def put(self, value):
+            if self.first:  # generate hands the prompt over first
+                self.first = False
+                return
+            tokens.put(value.reshape(-1).tolist())
+
+        def end(self):
+            tokens.put(None)
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(
+                    **inputs,
+                    **sampling.generate_kwargs(tokenizer),
+                    streamer=Feed(),
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                )
+        except BaseException as e:  # re-raised in the consumer's thread
+            failure.append(e)
+            tokens.put(None)
+
+    _seed(sampling.seed)
+    eos_ids = _eos_ids(model, tokenizer)
+    start = time.perf_counter()
+    worker = threading.Thread(target=run, name="olmo2kit-generate", daemon=True)
+    worker.start()
+    ids: list[int] = []
+    emitted = ""  # text already yielded
+    pending: list[int] = []  # tokens not yet yielded
+    prompt_tps = None
+    finish = "length"
+    try:
+        while (new := tokens.get()) is not None:
+            now = time.perf_counter()
+            if prompt_tps is None:
+                prompt_tps = prompt_tokens / max(now - start, 1e-9)
+            ids += new
+            pending += new
+            text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
+            if ids[-1] in eos_ids or stopped:
+                finish = "stop"
+                break
+            ready = _safe_prefix(text, sampling.stop)
+            if len(ready) > len(emitted):
+                yield _chunk(ready[len(emitted):], pending, ids, prompt_tokens, None, start, prompt_tps, model)
+                emitted, pending = ready, []
+        else:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+        if failure:
+            raise failure[0]
+        yield _chunk(text[len(emitted):], pending, ids, prompt_tokens, finish, start, prompt_tps, model)
+    finally:
+        cancel.set()
+        worker.join()
+
+
+def _chunk(text, pending, ids, prompt_tokens, finish, start, prompt_tps, model) -> Generation:
+    elapsed = time.perf_counter() - start
+    return Generation(
+        text=text,
+        token_ids=list(pending),
+        prompt_tokens=prompt_tokens,
+        new_tokens=len(ids),
+        finish_reason=finish,
+        tokens_per_s=len(ids) / elapsed if elapsed > 0 else 0.0,
+        elapsed_s=elapsed,
+        prompt_tps=prompt_tps,
+        peak_memory_gb=peak_memory_gb(model) if finish else None,
+    )
+
+
+def _normalize(options: dict) -> dict:
+    stop = options.get("stop")
+    if isinstance(stop, str):
+        options = {**options, "stop": (stop,)}
+    elif stop is not None:
+        options = {**options, "stop": tuple(stop)}
+    unknown = set(options) - set(SamplingOptions.__dataclass_fields__)
+    if unknown:
+        raise Olmo2KitError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _encode(model, tokenizer, prompts: list[str], sampling: SamplingOptions) -> dict:
+    if not prompts:
+        raise Olmo2KitError("no prompt given")
+    if any(not p.strip() for p in prompts):
+        raise Olmo2KitError("empty prompt: give some text to continue")
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    context = getattr(model.config, "max_position_embeddings", None)
+    length = inputs["input_ids"].shape[1]
+    if context and length >= context:
+        raise Olmo2KitError(f"the prompt is {length} tokens, which fills the model's {context}-token context")
+    if context and length + sampling.max_new_tokens > context:
+        raise Olmo2KitError(
+            f"the prompt ({length} tokens) plus max_new_tokens ({sampling.max_new_tokens}) passes the "
+            f"model's {context}-token context: lower max_new_tokens to {context - length} or shorten the prompt"
+        )
+    # Inputs go where the first layer lives (with a device map that may not be model.device's GPU).
+    return {k: v.to(model.device) for k, v in inputs.items()}
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _trim(row: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    """A generated row up to and including its first end-of-text, without batch padding."""
+    for i, token in enumerate(row):
+        if token in eos_ids:
+            return row[: i + 1]
+    while row and row[-1] == pad_id:
+        row = row[:-1]
+    return row
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _safe_prefix(text: str, stop: Sequence[str]) -> str:
+    """The part of `text` that can be shown now: no half character, no possible stop-string start."""
+    text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD until it completes
+    hold = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold]
+
+
+def peak_memory_gb(model) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
+    import torch
+
+    if model.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(model.device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9

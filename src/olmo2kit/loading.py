@@ -1,0 +1,207 @@
+"""model / revision / dtype / quantization -> (model, tokenizer), ready to generate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.sizes import DEFAULT_MODEL, aliases, resolve_alias
+
+log = logging.getLogger("olmo2kit")
+
+DTYPES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32",
+}
+QUANTIZATIONS = ("int8", "nf4", "fp4")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: a local directory, or a Hub repo at a revision."""
+
+    source: str  # local path or repo id
+    revision: str | None
+    local: bool
+
+    def __str__(self) -> str:
+        return self.source if self.local or not self.revision else f"{self.source}@{self.revision}"
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelRef:
+    """Turn a size alias, repo id, `repo@revision` or local directory into a ModelRef.
+
+    >>> resolve_model("1b-instruct").source
+    'allenai/OLMo-2-0425-1B-Instruct'
+    """
+    model = model.strip()
+    if not model:
+        raise Olmo2KitError("no model given: pass a size alias (e.g. 1b), a repo id or a local directory")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if revision:
+            raise Olmo2KitError(f"{model} is a local directory: --revision applies to Hub repos only")
+        return ModelRef(str(path), None, local=True)
+    name, _, at_revision = model.partition("@")
+    if at_revision:
+        if revision and revision != at_revision:
+            raise Olmo2KitError(
+                f"two revisions given ({at_revision!r} in the model, {revision!r} as --revision): keep one"
+            )
+        revision = at_revision
+    repo = resolve_alias(name)
+    if repo:
+        return ModelRef(repo, revision or None, local=False)
+    if model.startswith((".", "/", "~")) or (os.sep in model and not _REPO_ID.match(name)):
+        raise Olmo2KitError(f"no such directory: {model} (make one with `olmo2kit tiny {model}`)")
+    if _REPO_ID.match(name):
+        return ModelRef(name, revision or None, local=False)
+    raise Olmo2KitError(
+        f"unknown model {model!r}: use a size alias ({', '.join(aliases())}), "
+        "a Hub repo id like allenai/OLMo-2-0425-1B, or a local directory"
+    )
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' is cuda when a GPU is visible, else cpu; anything else is checked and kept."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Olmo2KitError(f"device {device!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise Olmo2KitError("device 'mps' asked for, but MPS is not available: use --device cpu")
+    if not re.match(r"^(cpu|mps|cuda(:\d+)?)$", device):
+        raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """The torch dtype for a name. 'auto' is bf16 on a CUDA device that supports it, else fp32."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise Olmo2KitError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32")
+    if DTYPES[dtype] == "float16":
+        log.warning("fp16 asked for: OLMo 2 was trained in bf16 and its activations can overflow fp16")
+    return getattr(torch, DTYPES[dtype])
+
+
+def quantization_config(quantize: str, compute_dtype):
+    """The BitsAndBytesConfig for int8, nf4 or fp4 (the model card's load_in_8bit=True is gone)."""
+    if quantize not in QUANTIZATIONS:
+        raise Olmo2KitError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
+    _quiet_bitsandbytes()
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise Olmo2KitError(
+            f"--quantize {quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.49'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _quiet_bitsandbytes() -> None:
+    """Drop two bitsandbytes log lines that carry no news for the user.
+
+    The int8 matmul logs that it casts its inputs to fp16 on every call, and the CPU
+    backend logs that the optional Hub-downloaded `kernels` package is missing.
+    """
+    for name, prefix in (
+        ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefix))
+
+
+def load(
+    model: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    quantize: str | None = None,
+    device: str = "auto",
+):
+    """Load an OLMo 2 model and its tokenizer, ready for generation.
+
+    `model` is a size alias (`1b`, `7b-instruct`, ...), a Hub repo id, `repo@revision`
+    or a local directory. Weights load from safetensors only; remote code never runs.
+    The model is in eval mode with the KV cache on (instruct configs ship it off),
+    and the tokenizer pads on the left for batched generation.
+
+    >>> model, tokenizer = load("1b", quantize="nf4")  # doctest: +SKIP
+    """
+    ref = resolve_model(model, revision)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
+    if ref.revision:
+        kwargs["revision"] = ref.revision
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
+    # device="auto" on a GPU lets accelerate spread a model that does not fit one device.
+    kwargs["device_map"] = "auto" if device == "cuda" else device
+    if not ref.local and ref.revision and not _offline():
+        from olmo2kit.revisions import check_revision
+
+        check_revision(ref.source, ref.revision)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
+    except OSError as e:
+        raise Olmo2KitError(_explain_load_error(ref, e)) from e
+    loaded.eval()
+    loaded.config.use_cache = True
+    loaded.generation_config.use_cache = True
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded, tokenizer
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _explain_load_error(ref: ModelRef, error: OSError) -> str:
+    message = str(error)
+    if ref.local:
+        return f"cannot load {ref.source}: {message.splitlines()[0]} (it needs config.json, tokenizer and *.safetensors)"
+    if "safetensors" in message.lower() and "pytorch_model" in message.lower():
+        return f"{ref} has no safetensors weights; olmo2kit loads safetensors only"
+    return (
+        f"{ref} is neither in the local cache nor reachable on the Hub "
+        f"({'offline mode' if _offline() else 'check the network, HF_ENDPOINT and HF_TOKEN'}); "
+        "for an offline try, build a tiny checkpoint with `olmo2kit tiny ./tiny` and pass --model ./tiny"
+    )

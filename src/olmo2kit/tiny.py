@@ -1,0 +1,134 @@
+"""Tiny random OLMo 2 checkpoints, built locally, for tests and offline demos.
+
+A tiny checkpoint is a real `Olmo2ForCausalLM` in safetensors with a byte-level BPE
+tokenizer trained here on a few paragraphs. It carries OLMo 2's special tokens
+(`<|endoftext|>` as bos/eos, `<|pad|>` as pad) and, for `instruct=True`, the OLMo 2
+chat template, so plain `AutoModelForCausalLM` / `AutoTokenizer` load it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+# The chat template of the OLMo 2 instruct models, verbatim from
+# allenai/OLMo-2-1124-7B-SFT (and -DPO, -Instruct, OLMo-2-0425-1B-*) tokenizer_config.json.
+OLMO2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)
+
+# Architecture of the tiny model: OLMo 2's layout (post-norm blocks, QK-norm, untied
+# embeddings) at toy width, with grouped-query attention as in the 32B.
+TINY_ARCH = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+TINY_VOCAB = 512
+
+_CORPUS = """\
+Language modeling is the task of predicting the next word in a sequence of text.
+OLMo 2 is a family of fully open language models trained on trillions of tokens.
+The models are released with their data, code, training logs and intermediate checkpoints,
+so that researchers can study how a language model learns during training.
+A transformer reads a sequence of tokens and computes attention between every pair of positions.
+Each layer normalizes its outputs, and the final layer predicts a distribution over the vocabulary.
+<|system|>
+You are a helpful assistant.
+<|user|>
+What is the capital of France?
+<|assistant|>
+The capital of France is Paris.
+<|user|>
+Write a short poem about the sea.
+<|assistant|>
+The sea is wide, the sea is deep, it sings the sailors into sleep.
+The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000.
+Hello, world! How are you today? I am fine, thank you. Numbers, letters, and symbols: + - * / = ( ) [ ] { }.
+"""
+
+
+def build_tokenizer(instruct: bool = False):
+    """A byte-level BPE tokenizer with OLMo 2's special tokens, trained on a small corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=TINY_ARCH["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    if instruct:
+        tokenizer.chat_template = OLMO2_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0) -> Path:
+    """Write a tiny random OLMo 2 checkpoint to `path` and return it.
+
+    The same seed gives the same weights; a different seed gives different ones.
+    The directory appears whole or not at all (written beside it, then renamed).
+
+    >>> build_tiny("/tmp/tiny-olmo2", instruct=True)  # doctest: +SKIP
+    """
+    import torch
+    from transformers import GenerationConfig, Olmo2ForCausalLM
+
+    from olmo2kit.sizes import hf_config
+
+    path = Path(path)
+    tokenizer = build_tokenizer(instruct=instruct)
+    config = hf_config(
+        "1b",
+        **TINY_ARCH,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Olmo2ForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
