@@ -102,7 +102,7 @@ def generate(
     from olmo2kit.generation import stream_generate
 
     if as_json:
-        for prompt, result in zip(prompts, run_generate(loaded, tokenizer, prompts, **options)):
+        for prompt, result in zip(prompts, run_generate(loaded, tokenizer, prompts, **options), strict=True):
             row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
                    "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
@@ -135,7 +135,9 @@ def sizes(as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    header = ("size", "params", "layers", "hidden", "heads", "kv", "ffn", "tokens", "6ND", "bf16", "int8", "nf4", "repo")
+    header = (
+        "size", "params", "layers", "hidden", "heads", "kv", "ffn", "tokens", "6ND", "bf16", "int8", "nf4", "repo"
+    )
     lines = [header]
     for r in rows:
         w = r["weight_bytes"]
@@ -235,7 +237,7 @@ def _info(message: str) -> None:
 def _print_table(lines: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     for row in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _gb(n: int) -> str:
@@ -252,23 +254,9 @@ def main() -> None:
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     logging.getLogger("olmo2kit").addHandler(handler)
     try:
-        app(standalone_mode=False)
+        app()  # usage errors: click prints them with the usage line and exits 2
     except Olmo2KitError as e:
         if _debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise

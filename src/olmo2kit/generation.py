@@ -109,7 +109,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str], **options) -> Genera
     eos_ids = _eos_ids(model, tokenizer)
     peak = peak_memory_gb(model)
     results = []
-    for row, prompt_tokens in zip(output[:, prompt_len:].tolist(), prompt_counts):
+    for row, prompt_tokens in zip(output[:, prompt_len:].tolist(), prompt_counts, strict=True):
         ids = _trim(row, eos_ids, tokenizer.pad_token_id)
         text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
         finished = stopped or (ids and ids[-1] in eos_ids)

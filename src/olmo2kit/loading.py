@@ -197,7 +197,8 @@ def _offline() -> bool:
 def _explain_load_error(ref: ModelRef, error: OSError) -> str:
     message = str(error)
     if ref.local:
-        return f"cannot load {ref.source}: {message.splitlines()[0]} (it needs config.json, tokenizer and *.safetensors)"
+        first_line = message.splitlines()[0]
+        return f"cannot load {ref.source}: {first_line} (it needs config.json, a tokenizer and *.safetensors)"
     if "safetensors" in message.lower() and "pytorch_model" in message.lower():
         return f"{ref} has no safetensors weights; olmo2kit loads safetensors only"
     return (

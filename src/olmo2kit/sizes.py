@@ -42,6 +42,7 @@ class Size:
     stage2_runs: tuple[int, ...]  # tokens of each mid-training run ("ingredient")
     tokens_per_step: int | None  # global batch in tokens, read off the Hub branch names
     published_flops: float  # the card's FLOP figure, in FLOPs
+    vocab_size: int = VOCAB_SIZE
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +66,7 @@ class Size:
         mlp = 3 * h * self.intermediate_size  # gate, up, down
         norms = 2 * h + h + kv  # post-attention, post-feedforward, q_norm, k_norm
         layer = attention + mlp + norms
-        return 2 * VOCAB_SIZE * h + self.num_hidden_layers * layer + h
+        return 2 * self.vocab_size * h + self.num_hidden_layers * layer + h
 
     @property
     def linear_params(self) -> int:
@@ -145,7 +146,7 @@ def hf_config(size: str | Size = DEFAULT_MODEL, **overrides):
 
     s = size if isinstance(size, Size) else get_size(size)
     values = dict(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=s.vocab_size,
         hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size,
         num_hidden_layers=s.num_hidden_layers,
@@ -216,7 +217,7 @@ def table() -> list[dict]:
                 "heads": s.num_attention_heads,
                 "kv_heads": s.num_key_value_heads,
                 "ffn": s.intermediate_size,
-                "vocab": VOCAB_SIZE,
+                "vocab": s.vocab_size,
                 "context": CONTEXT_LENGTH,
                 "stage1_tokens": s.stage1_tokens,
                 "stage2_runs": list(s.stage2_runs),

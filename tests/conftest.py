@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny OLMo 2 checkpoints built once per test run, and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# No test reaches the network: anything that tries to resolve a Hub model goes offline.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+OLMO2KIT = Path(sys.executable).with_name("olmo2kit")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    from olmo2kit.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_path(tmp_path_factory) -> Path:
+    from olmo2kit.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-instruct", instruct=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    """(model, tokenizer) loaded through olmo2kit in fp32 on the CPU."""
+    from olmo2kit.loading import load
+
+    return load(str(tiny_path), device="cpu")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hub cache in offline mode: nothing can be downloaded or found."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OLMO2KIT_CACHE_DIR", str(tmp_path / "olmo2kit-cache"))
+    # huggingface_hub reads these once, at import; a fresh process would see the variables.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return tmp_path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the CLI in this process: cli("generate", "x") -> (exit code, stdout, stderr)."""
+    from olmo2kit import cli as cli_module
+
+    def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        if stdin is not None:
+            import io
+
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "argv", ["olmo2kit", *args])
+        monkeypatch.setattr(cli_module, "_debug", False)
+        try:
+            cli_module.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def run_olmo2kit(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script in a fresh process."""
+    return subprocess.run(
+        [str(OLMO2KIT), *args], capture_output=True, text=True, input=stdin,
+        env={**os.environ, **(env or {})}, timeout=300,
+    )

@@ -1,0 +1,137 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.generation import Generation, generate, stream_generate
+from olmo2kit.loading import load
+
+PROMPT = "Language modeling is "
+
+
+def raw_greedy(model, tokenizer, prompts, max_new_tokens=20):
+    """What plain transformers gives: generate, then decode the new tokens."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+
+
+def test_greedy_matches_raw_transformers_fp32(tiny, tiny_path):
+    model, tokenizer = tiny
+    raw_model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    raw_tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    result = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=20)
+    assert isinstance(result, Generation)
+    assert result.text == raw_greedy(raw_model, raw_tokenizer, [PROMPT])[0]
+    assert result.new_tokens == 20 == len(result.token_ids)
+    assert result.finish_reason == "length"
+    assert result.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert result.tokens_per_s > 0 and result.elapsed_s > 0
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_greedy_matches_raw_transformers_quantized(tiny_path, quantize):
+    model, tokenizer = load(str(tiny_path), quantize=quantize, device="cpu")
+    config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    raw_model = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=config, device_map="cpu",
+                                                     dtype=torch.float32)
+    raw_tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    result = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=12)
+    assert result.text == raw_greedy(raw_model, raw_tokenizer, [PROMPT], 12)[0]
+
+
+def test_batch_matches_raw_batched_generate(tiny, tiny_path):
+    model, tokenizer = tiny
+    prompts = [PROMPT, "Hello", "The quick brown fox jumps over"]
+    raw = raw_greedy(AutoModelForCausalLM.from_pretrained(tiny_path), AutoTokenizer.from_pretrained(tiny_path), prompts)
+    results = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=20)
+    assert [r.text for r in results] == raw
+    assert [r.prompt_tokens for r in results] == [len(tokenizer(p)["input_ids"]) for p in prompts]
+
+
+def test_stream_pieces_add_up_to_generate(tiny):
+    model, tokenizer = tiny
+    chunks = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=20))
+    whole = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=20)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert sum(len(c.token_ids) for c in chunks) == 20
+    assert [c.new_tokens for c in chunks] == sorted(c.new_tokens for c in chunks)
+    assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].prompt_tps > 0 and chunks[-1].peak_memory_gb > 0
+
+
+def test_stream_closed_early_stops_generation(tiny):
+    model, tokenizer = tiny
+    stream = stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=500)
+    first = next(stream)
+    stream.close()  # joins the generation thread; must not hang
+    assert first.new_tokens < 500
+
+
+def test_stop_string_ends_text(tiny):
+    model, tokenizer = tiny
+    full = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30).text
+    stop = full[10:13]
+    assert stop.strip(), "the tiny model's greedy text should have a usable piece"
+    cut = full[: full.find(stop)]
+    result = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, stop=[stop])
+    assert (result.text, result.finish_reason) == (cut, "stop")
+    streamed = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, stop=stop))
+    assert "".join(c.text for c in streamed) == cut and streamed[-1].finish_reason == "stop"
+
+
+def test_end_of_text_token_finishes_with_stop(tiny_path):
+    model, tokenizer = load(str(tiny_path), device="cpu")
+    first = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=1).token_ids[0]
+    model.generation_config.eos_token_id = first  # make the model's next token its end of text
+    result = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=10)
+    assert (result.token_ids, result.finish_reason) == ([first], "stop")
+    chunks = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=10))
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].new_tokens == 1
+
+
+def test_seed_makes_sampling_repeatable(tiny):
+    model, tokenizer = tiny
+    a = generate(model, tokenizer, PROMPT, seed=7, max_new_tokens=20).token_ids
+    b = generate(model, tokenizer, PROMPT, seed=7, max_new_tokens=20).token_ids
+    c = generate(model, tokenizer, PROMPT, seed=8, max_new_tokens=20).token_ids
+    assert a == b
+    assert a != c
+
+
+def test_context_overflow_is_a_clear_error(tiny):
+    model, tokenizer = tiny
+    long_prompt = "hello " * 1000  # the tiny model's context is 1024 tokens
+    with pytest.raises(Olmo2KitError, match="context"):
+        generate(model, tokenizer, long_prompt, max_new_tokens=100)
+    with pytest.raises(Olmo2KitError, match="lower max_new_tokens"):
+        generate(model, tokenizer, "hello " * 200, max_new_tokens=1000)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop string"),
+        ({"beams": 2}, "unknown generation option"),
+    ],
+)
+def test_invalid_options(tiny, options, message):
+    model, tokenizer = tiny
+    with pytest.raises(Olmo2KitError, match=message):
+        generate(model, tokenizer, PROMPT, **options)
+
+
+def test_empty_prompt(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(Olmo2KitError, match="empty prompt"):
+        generate(model, tokenizer, "   ")
+    with pytest.raises(Olmo2KitError, match="no prompt"):
+        generate(model, tokenizer, [])

@@ -1,0 +1,117 @@
+import json
+import logging
+import shutil
+import sys
+
+import pytest
+import torch
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.loading import load, resolve_model
+
+
+def test_resolve_aliases_repos_revisions_and_directories(tiny_path):
+    assert resolve_model("1b").source == "allenai/OLMo-2-0425-1B"
+    ref = resolve_model("7b-instruct@main")
+    assert (ref.source, ref.revision, ref.local) == ("allenai/OLMo-2-1124-7B-Instruct", "main", False)
+    ref = resolve_model("allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B")
+    assert ref.revision == "stage1-step140000-tokens294B"
+    assert resolve_model("org/repo", revision="r1").revision == "r1"
+    local = resolve_model(str(tiny_path))
+    assert local.local and local.revision is None
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        ("8b", {}, "unknown model '8b': use a size alias \\(1b, 1b-sft"),
+        ("./no/such/dir", {}, "no such directory"),
+        ("", {}, "no model given"),
+        ("org/repo@a", {"revision": "b"}, "two revisions given"),
+    ],
+)
+def test_resolve_errors(model, kwargs, message):
+    with pytest.raises(Olmo2KitError, match=message):
+        resolve_model(model, **kwargs)
+
+
+def test_local_directory_takes_no_revision(tiny_path):
+    with pytest.raises(Olmo2KitError, match="local directory"):
+        resolve_model(str(tiny_path), revision="main")
+
+
+def test_load_is_ready_for_generation(tiny):
+    model, tokenizer = tiny
+    assert not model.training
+    assert model.config.use_cache and model.generation_config.use_cache
+    assert model.dtype == torch.float32  # auto on a CPU
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_instruct_config_with_cache_off_is_turned_on(tiny_instruct_path, tmp_path):
+    path = shutil.copytree(tiny_instruct_path, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["use_cache"] = False  # as the OLMo 2 instruct configs ship
+    (path / "config.json").write_text(json.dumps(config))
+    model, _ = load(str(path), device="cpu")
+    assert model.config.use_cache is True
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                                 ("float16", torch.float16)])
+def test_dtypes(tiny_path, dtype, expected):
+    model, _ = load(str(tiny_path), dtype=dtype, device="cpu")
+    assert model.dtype == expected
+
+
+def test_fp16_warns_about_overflow(tiny_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="olmo2kit"):
+        load(str(tiny_path), dtype="fp16", device="cpu")
+    assert "overflow" in caplog.text
+
+
+@pytest.mark.parametrize(("quantize", "layer_type"), [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"),
+                                                      ("fp4", "Linear4bit")])
+def test_quantized_loads_through_bitsandbytes_config(tiny_path, quantize, layer_type):
+    model, _ = load(str(tiny_path), quantize=quantize, device="cpu")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == layer_type
+    assert type(model.lm_head).__name__ == "Linear"  # transformers keeps lm_head unquantized
+    if quantize != "int8":
+        assert model.config.quantization_config.bnb_4bit_quant_type == quantize
+
+
+def test_bad_options_fail_before_loading(tiny_path):
+    with pytest.raises(Olmo2KitError, match="unknown dtype"):
+        load(str(tiny_path), dtype="fp8", device="cpu")
+    with pytest.raises(Olmo2KitError, match="unknown quantization"):
+        load(str(tiny_path), quantize="int4", device="cpu")
+    with pytest.raises(Olmo2KitError, match="unknown device"):
+        load(str(tiny_path), device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_user_error(tiny_path):
+    with pytest.raises(Olmo2KitError, match="no CUDA GPU"):
+        load(str(tiny_path), device="cuda")
+
+
+def test_missing_bitsandbytes_is_a_user_error(tiny_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(Olmo2KitError, match="needs bitsandbytes: pip install"):
+        load(str(tiny_path), quantize="nf4", device="cpu")
+
+
+def test_safetensors_only(tiny_path, tmp_path):
+    path = shutil.copytree(tiny_path, tmp_path / "bin-only")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(Olmo2KitError, match="safetensors"):
+        load(str(path), device="cpu")
+
+
+def test_model_neither_cached_nor_reachable(offline_hub):
+    with pytest.raises(Olmo2KitError, match="neither in the local cache nor reachable.*olmo2kit tiny"):
+        load("1b", device="cpu")
