@@ -1,0 +1,113 @@
+"""Overhead of olmo2kit.generate over calling model.generate directly, on one loaded model.
+
+    python benchmarks/bench_generate.py                       # tiny checkpoint, CPU
+    python benchmarks/bench_generate.py --size 1b --device cuda --new-tokens 128   # 1B architecture, random weights
+
+Three ways to get the same greedy continuation, interleaved, each --repeat times after a warm-up:
+  raw_generate   model.generate on already tokenized inputs (the bare call)
+  raw_recipe     the model card's recipe: tokenizer, model.generate, batch_decode
+  olmo2kit       olmo2kit.generate(model, tokenizer, prompt, do_sample=False)
+The median wall time of each is reported with the ratios to the first two. Target: at most 3% over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import olmo2kit
+from olmo2kit.generation import generate
+from olmo2kit.loading import load
+from olmo2kit.sizes import hf_config
+from olmo2kit.tiny import build_tiny, build_tokenizer
+
+PROMPT = "Language modeling is the task of predicting the next word in a sequence of text. " * 2
+
+
+def setup(args):
+    if args.size:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        from transformers import Olmo2ForCausalLM
+
+        tokenizer = build_tokenizer()
+        tokenizer.padding_side = "left"
+        with torch.device(args.device):
+            model = Olmo2ForCausalLM(hf_config(args.size)).to(dtype).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer, f"OLMo 2 {args.size} architecture, random weights, {args.dtype}"
+    path = build_tiny(Path(tempfile.mkdtemp()) / "tiny", seed=0)
+    model, tokenizer = load(str(path), device=args.device, dtype=args.dtype if args.dtype != "auto" else "auto")
+    return model, tokenizer, f"tiny checkpoint ({sum(p.numel() for p in model.parameters()):,} params)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=list(olmo2kit.SIZES), help="Random-init this size instead of tiny.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16" if "--size" in sys.argv else "auto")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    model, tokenizer, what = setup(args)
+    kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+    inputs = {k: v.to(model.device) for k, v in tokenizer(PROMPT, return_tensors="pt",
+                                                           return_token_type_ids=False).items()}
+
+    def raw_generate():
+        with torch.inference_mode():
+            model.generate(**inputs, **kwargs)
+
+    def raw_recipe():
+        encoded = tokenizer([PROMPT], return_tensors="pt", return_token_type_ids=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**encoded, **kwargs)
+        tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def ours():
+        generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=args.new_tokens)
+
+    runs = {"raw_generate": raw_generate, "raw_recipe": raw_recipe, "olmo2kit": ours}
+    for fn in runs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    shuffle = random.Random(0).shuffle
+    for _ in range(args.repeat):
+        shuffle(order)  # no way gets a fixed place in the sequence
+        for name in order:
+            fn = runs[name]
+            sync(args.device)
+            start = time.perf_counter()
+            fn()
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{what} on {device}, {args.new_tokens} new tokens, greedy, median of {args.repeat}")
+    for name, seconds in median.items():
+        print(f"  {name:13} {seconds * 1000:9.2f} ms  {args.new_tokens / seconds:8.1f} tokens/s")
+    over_bare = median["olmo2kit"] / median["raw_generate"]
+    over_recipe = median["olmo2kit"] / median["raw_recipe"]
+    print(f"  olmo2kit / raw_generate = {over_bare:.3f}   olmo2kit / raw_recipe = {over_recipe:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"what": what, "device": device, "median_s": median,
+                                         "ratio_vs_generate": over_bare, "ratio_vs_recipe": over_recipe}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
