@@ -10,6 +10,7 @@ code against it (HF_ENDPOINT points at it); nothing is mocked. Served, as huggin
   HEAD/GET /{repo}/resolve/{rev}/{file}           a file, with X-Repo-Commit and ETag; a
                                                   .safetensors file is LFS: 302 to the CDN with
                                                   X-Linked-Etag (its sha256) and X-Linked-Size
+  GET  /api/agent-harnesses                      an empty registry (huggingface_hub's user agent)
   GET  /lfs/{sha256}                              the CDN, on a second port (another origin, so
                                                   huggingface_hub reads the metadata off the
                                                   redirect and drops the token, as with the Hub)
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -61,16 +65,16 @@ def read_checkpoint(path: Path) -> dict[str, bytes]:
 
 
 def olmo_branch_names(n: int = 1000) -> list[str]:
-    """`n` branch names shaped like an OLMo 2 repo's: stage 1 every 1000 steps, three stage-2 runs, main."""
-    stage2 = [
-        f"stage2-ingredient{k}-step{s}-tokens{-(-s * 2_097_152 // 10**9)}B"
-        for k in (1, 2, 3)
-        for s in range(1000, 34_000, 1000)
-    ][: max(0, (n - 1) // 10)]
-    stage1 = [
-        f"stage1-step{s}-tokens{-(-s * 2_097_152 // 10**9)}B" for s in range(1000, 1000 * (n - len(stage2)), 1000)
-    ]
-    return (stage1 + stage2 + ["main"])[:n]
+    """`n` (100 or more) branch names shaped like OLMo 2 1B's, in no particular order:
+    stage 1 every 1,000 steps, three stage-2 runs of 33 checkpoints, and main."""
+    steps = range(1000, 34_000, 1000)
+    stage2 = [f"stage2-ingredient{k}-step{s}-tokens{_tokens_b(s)}B" for k in (1, 2, 3) for s in steps]
+    stage1 = [f"stage1-step{s}-tokens{_tokens_b(s)}B" for s in range(1000, 1000 * (n - len(stage2)), 1000)]
+    return stage2[::2] + stage1[::-1] + ["main"] + stage2[1::2]
+
+
+def _tokens_b(step: int) -> int:
+    return -(-step * 2_097_152 // 10**9)  # 1B's batch in tokens; rounded up, as the Hub names are
 
 
 class LoopbackHub:
@@ -194,10 +198,13 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in path.strip("/").split("/")]
         handled = True
         try:
-            if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            if parts == ["api", "agent-harnesses"]:  # huggingface_hub's user-agent asks once a day
+                status, headers, body = _json({"standardEnvVars": [], "harnesses": {}})
+            elif parts[:2] == ["api", "models"] and len(parts) >= 4:
                 status, headers, body = self._api(hub, parts[2] + "/" + parts[3], parts[4:])
             elif len(parts) >= 5 and parts[2] == "resolve":
-                status, headers, body = self._resolve(hub, parts[0] + "/" + parts[1], parts[3], "/".join(parts[4:]))
+                repo_id, revision, file = parts[0] + "/" + parts[1], parts[3], "/".join(parts[4:])
+                status, headers, body = self._resolve(hub, repo_id, revision, file)
             elif len(parts) == 2 and parts[0] == "lfs" and parts[1] in hub._lfs:
                 status, headers, body = 200, {}, hub._lfs[parts[1]]
             else:
@@ -225,9 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
         if repo.gated:
             auth = self.headers.get("Authorization")
             if auth is None:
-                raise _HubError(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must be authenticated.")
+                raise _HubError(401, "GatedRepo", f"Access to model {repo_id} is restricted: log in")
             if auth != f"Bearer {TOKEN}":
-                raise _HubError(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list.")
+                raise _HubError(403, "GatedRepo", f"Access to model {repo_id} is restricted: ask for access")
         return repo
 
     def _commit(self, repo: HubRepo, revision: str) -> str:
@@ -250,8 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == [] or (len(rest) == 2 and rest[0] == "revision"):
             commit = self._commit(repo, rest[1] if rest else "main")
             siblings = [{"rfilename": p} for p in repo.files.get(commit, {})]
-            return _json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                          "gated": "manual" if repo.gated else False, "tags": [], "siblings": siblings})
+            info = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False, "tags": []}
+            return _json({**info, "gated": "manual" if repo.gated else False, "siblings": siblings})
         if len(rest) >= 2 and rest[0] == "tree":
             commit = self._commit(repo, rest[1])
             files = repo.files.get(commit, {})
@@ -272,8 +279,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit, "ETag": f'"{_git_blob_oid(content)}"', "Accept-Ranges": "bytes"}
         if _is_lfs(path):
             sha256 = hashlib.sha256(content).hexdigest()
-            headers.update({"X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(content)),
-                            "Location": f"{hub.cdn_url}/lfs/{sha256}"})
+            headers["X-Linked-Etag"] = f'"{sha256}"'
+            headers["X-Linked-Size"] = str(len(content))
+            headers["Location"] = f"{hub.cdn_url}/lfs/{sha256}"
             return 302, headers, b""
         return 200, headers, content
 
@@ -283,7 +291,7 @@ def _json(data) -> tuple[int, dict, bytes]:
 
 
 def _refs_json(refs: dict[str, str], kind: str) -> list[dict]:
-    return [{"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": commit} for name, commit in refs.items()]
+    return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": commit} for n, commit in refs.items()]
 
 
 def _tree_entry(path: str, content: bytes) -> dict:
@@ -293,7 +301,8 @@ def _tree_entry(path: str, content: bytes) -> dict:
     return entry
 
 
-# Pytest fixtures. Import them into a test module: `from hub import hub, hub_env  # noqa: F401`.
+# Pytest fixtures. A test module imports the functions (`from hub import hub_env_fixture`); pytest
+# registers them under their fixture names (hub_server, hub, hub_env), which tests then ask for.
 
 # Revisions of org/repo, each a tiny checkpoint with its own seed (so its own weights).
 REPO = "org/repo"
@@ -303,8 +312,8 @@ GATED = "org/gated"
 MISSING = "org/missing"
 
 
-@pytest.fixture(scope="session")
-def hub_server(tmp_path_factory):
+@pytest.fixture(scope="session", name="hub_server")
+def hub_server_fixture(tmp_path_factory) -> Iterator[LoopbackHub]:
     """The loopback Hub for the whole run: org/repo (loadable), org/big (1,000 names), org/gated."""
     from olmo2kit.tiny import build_tiny
 
@@ -318,16 +327,16 @@ def hub_server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture
-def hub(hub_server: LoopbackHub) -> LoopbackHub:
+@pytest.fixture(name="hub")
+def hub_fixture(hub_server: LoopbackHub) -> Iterator[LoopbackHub]:
     """The loopback Hub with an empty request log."""
     hub_server.reset()
     yield hub_server
     assert hub_server.unhandled == [], "a client called an endpoint the loopback Hub does not speak"
 
 
-@pytest.fixture
-def hub_env(hub: LoopbackHub, tmp_path, monkeypatch) -> dict[str, str]:
+@pytest.fixture(name="hub_env")
+def hub_env_fixture(hub: LoopbackHub, tmp_path, monkeypatch) -> dict[str, str]:
     """Point huggingface_hub at the loopback Hub, with fresh caches and no token, in this process and
     in the environment (for subprocesses). Returns the environment for subprocess.run.
 
@@ -350,16 +359,15 @@ def hub_env(hub: LoopbackHub, tmp_path, monkeypatch) -> dict[str, str]:
     for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(constants, "HF_HOME", env["HF_HOME"])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
+    for name in ("HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "AGENT_HARNESSES_PATH"):
+        filename = os.path.basename(getattr(constants, name))
+        monkeypatch.setattr(constants, name, str(tmp_path / "hf-home" / filename))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return {**_base_env(), **env}
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+    # transformers keeps one HfApi, which took its endpoint when it was made: make it again.
+    if (transformers_hub := sys.modules.get("transformers.utils.hub")) is not None:
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
+    return dict(os.environ)

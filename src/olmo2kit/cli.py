@@ -178,9 +178,13 @@ def list_revisions_command(
     model: Annotated[str, typer.Argument(help="Size alias (1b, 7b, ...) or Hub repo id.")],
     stage: Annotated[int | None, typer.Option(help="Keep one training stage: 1 or 2.")] = None,
     ingredient: Annotated[int | None, typer.Option(help="Keep one stage-2 ingredient.")] = None,
-    step: Annotated[int | None, typer.Option(help="Keep the revision nearest this step.")] = None,
-    tokens: Annotated[float | None, typer.Option(help="Keep the revision nearest this many billion tokens.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Show at most this many.")] = None,
+    step: Annotated[
+        int | None, typer.Option(help="Keep the revision nearest this step, within --stage (default 1); all on a tie.")
+    ] = None,
+    tokens: Annotated[
+        float | None, typer.Option(help="Keep the revision nearest T billion tokens, within --stage (default 1).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Show the first K in training order.")] = None,
     refresh: Annotated[bool, typer.Option("--refresh", help="Ask the Hub again, skipping the cache.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -27,7 +27,8 @@ from olmo2kit.sizes import resolve_alias
 
 CACHE_TTL_S = 3600  # how long a cached refs list is trusted while online
 
-_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+# Revisions the Hub resolves that are not branches or tags: checked by the download itself.
+_UNLISTED = re.compile(r"main|[0-9a-f]{40}|refs/pr/\d+", re.ASCII)
 # re.ASCII: str patterns would otherwise take any Unicode digit ("step١٢") as a number.
 _STAGE1 = re.compile(r"(?:stage1-)?step(\d+)-tokens(\d+)B", re.ASCII)
 _STAGE2 = re.compile(r"stage2-ingredient(\d+)-step(\d+)-tokens(\d+)B", re.ASCII)
@@ -87,7 +88,7 @@ def list_revisions(
     stage: int | None = None,
     ingredient: int | None = None,
     step: int | None = None,
-    tokens: int | None = None,
+    tokens: float | None = None,
     limit: int | None = None,
     refresh: bool = False,
 ) -> list[Revision]:
@@ -113,12 +114,14 @@ def list_revisions(
     if ingredient is not None:
         revisions = [r for r in revisions if r.ingredient == ingredient]
     if step is not None or tokens is not None:
-        revisions = _nearest(revisions, repo_id, stage or 1, step=step, tokens=tokens)
+        revisions = _nearest(revisions, stage or 1, step=step, tokens=tokens)
+        if not revisions:
+            raise Olmo2KitError(f"{repo_id} has no stage-{stage or 1} checkpoint branches to compare with")
     return revisions if limit is None else revisions[:limit]
 
 
 def nearest_revision(
-    model: str, *, step: int | None = None, tokens: int | None = None, stage: int = 1
+    model: str, *, step: int | None = None, tokens: float | None = None, stage: int = 1
 ) -> Revision:
     """The revision of `stage` nearest to `step` or to `tokens` (billions); the earlier one on a tie.
 
@@ -133,18 +136,22 @@ def nearest_revision(
 def check_revision(repo_id: str, revision: str) -> None:
     """Raise Olmo2KitError unless `repo_id` has a branch or tag named `revision`.
 
-    `main` and 40-hex commit shas pass unchecked. The error names the nearest existing
-    revisions ("did you mean stage1-step140000-tokens294B?"). Offline with no cached
-    list there is nothing to check against, and the call returns.
+    `main`, 40-hex commit shas and pull-request refs (`refs/pr/N`) pass unchecked. The
+    error names the nearest existing revisions ("did you mean stage1-step140000-tokens294B?").
+    Offline with no cached list there is nothing to check against, and the call returns.
     """
-    if revision == "main" or _COMMIT_SHA.fullmatch(revision):
+    if _UNLISTED.fullmatch(revision):
         return
-    if _offline() and _read_cache(repo_id, max_age=None) is None:
-        return
-    names = [name for name, _ in _refs(repo_id, refresh=False)]
-    if revision not in names and not _offline():
-        # The cached list may predate the branch: look again before calling it missing.
-        names = [name for name, _ in _refs(repo_id, refresh=True)]
+    if _offline():
+        refs = _read_cache(repo_id, max_age=None)
+        if refs is None:
+            return  # nothing to check against: the download cache decides
+    else:
+        refs = _read_cache(repo_id, max_age=CACHE_TTL_S)
+        if refs is None or revision not in dict(refs):
+            # Not cached, or the cached list may predate the branch: ask the Hub.
+            refs = _refs(repo_id, refresh=True)
+    names = [name for name, _ in refs]
     if revision in names:
         return
     suggestions = _did_you_mean(revision, names)
@@ -154,20 +161,20 @@ def check_revision(repo_id: str, revision: str) -> None:
     )
 
 
-def _did_you_mean(revision: str, names: list[str], n: int = 2) -> list[str]:
-    """Up to `n` existing names nearest to `revision`: by step (or tokens) when it names one, else by spelling."""
+def _did_you_mean(revision: str, names: list[str]) -> list[str]:
+    """The existing names nearest to `revision`: by step (or tokens) if it names one, else by spelling."""
     wanted = {key: int(m[1]) for key, pattern in _PIECES.items() if (m := pattern.search(revision))}
     if "step" in wanted or "tokens" in wanted:
         stage = 2 if wanted.get("stage") == 2 or "ingredient" in wanted else 1
-        candidates = [r for r in map(parse_revision, names) if r.stage == stage]
-        if "ingredient" in wanted and any(r.ingredient == wanted["ingredient"] for r in candidates):
-            candidates = [r for r in candidates if r.ingredient == wanted["ingredient"]]
+        candidates = sorted((r for r in map(parse_revision, names) if r.stage == stage), key=training_order)
+        same_run = [r for r in candidates if r.ingredient == wanted.get("ingredient")]
+        if same_run:
+            candidates = same_run
         if candidates:
-            field = "step" if "step" in wanted else "tokens_b"
-            target = wanted["step" if field == "step" else "tokens"]
-            candidates.sort(key=lambda r: (abs(getattr(r, field) - target), training_order(r)))
-            return [r.name for r in candidates[:n]]
-    return difflib.get_close_matches(revision, names, n=n, cutoff=0.5)
+            step, tokens = wanted.get("step"), wanted.get("tokens")
+            nearest = _nearest(candidates, stage, step=step, tokens=None if step is not None else tokens)
+            return [r.name for r in nearest][:3]
+    return difflib.get_close_matches(revision, names, n=2, cutoff=0.6)
 
 
 def _check_filters(stage, ingredient, step, tokens, limit) -> None:
@@ -177,17 +184,19 @@ def _check_filters(stage, ingredient, step, tokens, limit) -> None:
         raise Olmo2KitError("--ingredient picks a stage-2 run: drop --stage 1 or use --stage 2")
     if step is not None and tokens is not None:
         raise Olmo2KitError("give --step or --tokens, not both")
-    for label, value in (("--ingredient", ingredient), ("--step", step), ("--tokens", tokens), ("--limit", limit)):
+    counts = {"--ingredient": ingredient, "--step": step, "--tokens": tokens, "--limit": limit}
+    for label, value in counts.items():
         if value is not None and value < 0:
             raise Olmo2KitError(f"{label} must be 0 or more, not {value}")
 
 
 def _nearest(
-    revisions: list[Revision], repo_id: str, stage: int, *, step: int | None, tokens: int | None
+    revisions: list[Revision], stage: int, *, step: int | None, tokens: float | None
 ) -> list[Revision]:
+    """The revisions of `stage` nearest to `step` (else `tokens`), all of them on a tie; [] if none."""
     candidates = [r for r in revisions if r.stage == stage]
     if not candidates:
-        raise Olmo2KitError(f"{repo_id} has no stage-{stage} checkpoint branches to compare with")
+        return []
     field, target = ("step", step) if step is not None else ("tokens_b", tokens)
     best = min(abs(getattr(r, field) - target) for r in candidates)
     return [r for r in candidates if abs(getattr(r, field) - target) == best]
@@ -197,7 +206,7 @@ def _refs(repo_id: str, *, refresh: bool) -> list[tuple[str, str]]:
     """(name, commit) of every branch and tag of `repo_id`, from the cache when it is fresh enough."""
     if _offline():
         if refresh:
-            raise Olmo2KitError("--refresh needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --refresh")
+            raise Olmo2KitError("--refresh asks the Hub, but HF_HUB_OFFLINE is set: unset one of them")
         cached = _read_cache(repo_id, max_age=None)
         if cached is None:
             raise Olmo2KitError(
@@ -240,7 +249,7 @@ def _fetch_refs(repo_id: str) -> list[tuple[str, str]]:
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
             raise Olmo2KitError(_needs_token(repo_id)) from None
-        raise Olmo2KitError(f"cannot list revisions of {repo_id}: {endpoint} answered HTTP {status}") from None
+        raise Olmo2KitError(f"cannot list the revisions of {repo_id}: {endpoint} answered {status}") from None
     except (httpx2.RequestError, httpx2.InvalidURL, ValueError, KeyError) as e:
         # ValueError and KeyError: something answered, but not with the Hub's refs JSON.
         raise Olmo2KitError(
