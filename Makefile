@@ -16,7 +16,7 @@ $(BIN)/olmo2kit: pyproject.toml requirements.lock
 	# unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets]'
 	touch $(BIN)/olmo2kit
 
 test: install

@@ -96,7 +96,7 @@ def generate(
     SamplingOptions(**options)  # bad values fail before a model loads
     if any(not p.strip() for p in prompts):
         raise Olmo2KitError("empty prompt: give some text to continue")
-    loaded, tokenizer = _load(model, revision, dtype, quantize, device)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
 
     from olmo2kit.generation import generate as run_generate
     from olmo2kit.generation import stream_generate
@@ -106,7 +106,7 @@ def generate(
             row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
                    "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
-            _report(result)
+            report(result)
         return
     for prompt in prompts:
         if sys.stdout.isatty():
@@ -116,7 +116,7 @@ def generate(
             sys.stdout.write(last.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        _report(last)
+        report(last)
 
 
 @app.command()
@@ -146,7 +146,7 @@ def sizes(as_json: JsonOpt = False) -> None:
             str(r["kv_heads"]), str(r["ffn"]), f"{r['training_tokens'] / 1e12:.2f}T",
             f"{r['flops_6nd']:.2e}", _gb(w["bf16"]), _gb(w["int8"]), _gb(w["nf4"]), r["repo"],
         ))
-    _print_table(lines)
+    print_table(lines)
     print("\nVariants: append -sft, -dpo or -instruct to a size (e.g. 7b-instruct). Memory is weights only.")
 
 
@@ -210,10 +210,10 @@ def list_revisions_command(
             r.name, _dash(r.stage), _dash(r.ingredient), _dash(r.step),
             "-" if r.tokens_b is None else f"{r.tokens_b}B", (r.commit or "-")[:10],
         ))
-    _print_table(lines)
+    print_table(lines)
 
 
-def _load(model: str, revision: str | None, dtype: str, quantize: str | None, device: str):
+def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str):
     """Load through the library, with the load time on stderr and transformers' bars off."""
     from transformers.utils import logging as hf_logging
 
@@ -223,22 +223,22 @@ def _load(model: str, revision: str | None, dtype: str, quantize: str | None, de
     start = time.perf_counter()
     loaded, tokenizer = load(model, revision=revision, dtype=dtype, quantize=quantize, device=device)
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
-    _info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}) in {time.perf_counter() - start:.1f} s")
+    info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}) in {time.perf_counter() - start:.1f} s")
     return loaded, tokenizer
 
 
-def _report(result) -> None:
+def report(result) -> None:
     if result is None:
         return
     memory = "" if result.peak_memory_gb is None else f", peak memory {result.peak_memory_gb:.2f} GB"
-    _info(f"{result.new_tokens} tokens in {result.elapsed_s:.2f} s, {result.tokens_per_s:.1f} tokens/s{memory}")
+    info(f"{result.new_tokens} tokens in {result.elapsed_s:.2f} s, {result.tokens_per_s:.1f} tokens/s{memory}")
 
 
-def _info(message: str) -> None:
+def info(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _print_table(lines: list[tuple[str, ...]]) -> None:
+def print_table(lines: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     for row in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -250,6 +250,10 @@ def _gb(n: int) -> str:
 
 def _dash(value) -> str:
     return "-" if value is None else str(value)
+
+
+# Commands of later capabilities live in their own modules and register on `app` when imported.
+from olmo2kit import cli_chat, cli_eval, cli_finetune  # noqa: E402, F401
 
 
 def main() -> None:

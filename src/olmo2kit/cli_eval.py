@@ -1,0 +1,5 @@
+"""CLI: evaluation commands: perplexity, eval, scores, sweep.
+
+Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
+the command functions so `olmo2kit --help` stays fast.
+"""
