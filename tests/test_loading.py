@@ -115,3 +115,25 @@ def test_safetensors_only(tiny_path, tmp_path):
 def test_model_neither_cached_nor_reachable(offline_hub):
     with pytest.raises(Olmo2KitError, match="neither in the local cache nor reachable.*olmo2kit tiny"):
         load("1b", device="cpu")
+
+
+def test_lora_adapter_directory_loads_on_its_base(tiny_path, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from olmo2kit.generation import generate
+
+    base, tokenizer = load(str(tiny_path), device="cpu")
+    before = generate(base, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter): make it act
+                param.normal_(0, 0.5)
+    adapted.save_pretrained(tmp_path / "adapter")
+    expected = generate(adapted, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
+
+    model, _ = load(str(tmp_path / "adapter"), device="cpu")
+    assert isinstance(model, PeftModel)
+    result = generate(model, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
+    assert result == expected != before

@@ -160,6 +160,8 @@ def load(
     >>> model, tokenizer = load("1b", quantize="nf4")  # doctest: +SKIP
     """
     ref = resolve_model(model, revision)
+    if ref.local and (Path(ref.source) / "adapter_config.json").exists():
+        return _load_adapter(Path(ref.source), dtype=dtype, quantize=quantize, device=device)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
@@ -190,8 +192,30 @@ def load(
     return loaded, tokenizer
 
 
+def _load_adapter(path: Path, **options):
+    """A LoRA adapter directory (from `olmo2kit finetune --lora`): its base model, then the adapter."""
+    import json
+
+    from peft import PeftModel
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    base_name = config.get("base_model_name_or_path")
+    if not base_name:
+        raise Olmo2KitError(f"{path} holds a LoRA adapter without base_model_name_or_path: cannot tell its base model")
+    base, tokenizer = load(base_name, revision=config.get("revision"), **options)
+    adapted = PeftModel.from_pretrained(base, path).eval()
+    if (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer.padding_side = "left"
+    return adapted, tokenizer
+
+
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
 
 
 def _explain_load_error(ref: ModelRef, error: OSError) -> str:
