@@ -1,0 +1,272 @@
+"""Honest numbers before a download: `estimate` (memory) and `bench` (speed) for any OLMo 2 size.
+
+`estimate` needs no weights and imports torch only to look at the device. `bench` loads a model,
+or with `random_init=True` builds the exact architecture of a size with random weights, and
+measures load time, time to first token, prefill and decode rates, peak memory, and how close
+decoding comes to the memory-bandwidth floor (every weight byte read once per token).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.sizes import SIZES, Size, get_size, size_of, weight_bytes
+
+_KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CUDA_CONTEXT_BYTES = 500_000_000  # CUDA context and allocator slack, measured roughly on H100/H200
+
+
+@dataclass
+class Estimate:
+    model: str
+    dtype: str
+    quantize: str | None
+    context: int
+    batch_size: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    working_bytes: int
+    total_bytes: int
+    device: str
+    device_bytes: int | None
+    fits: bool | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def size_for(model: str) -> Size:
+    """The architecture of a size alias, an official repo id, or a local checkpoint directory."""
+    known = SIZES.get(model.strip().lower()) or size_of(model.split("@")[0])
+    if known:
+        return known
+    config_path = Path(model).expanduser() / "config.json"
+    if not config_path.exists():
+        raise Olmo2KitError(
+            f"cannot tell the architecture of {model!r}: give a size ({', '.join(SIZES)}), an OLMo 2 alias or "
+            "repo id, or a local checkpoint directory"
+        )
+    c = json.loads(config_path.read_text())
+    return Size(model, model, c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
+                c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"], 0, (), None, 0.0,
+                vocab_size=c["vocab_size"])
+
+
+def device_memory(device: str = "auto") -> tuple[str, int | None]:
+    """(device name, bytes available to a model on it): the GPU's total memory, else the machine's RAM."""
+    import torch
+
+    wants_gpu = device in ("auto", "cuda") or device.startswith("cuda:")
+    if wants_gpu and torch.cuda.is_available():
+        index = torch.device(device if device.startswith("cuda:") else "cuda").index or 0
+        return torch.cuda.get_device_name(index), torch.cuda.get_device_properties(index).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return "CPU", int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return "CPU", None
+
+
+def estimate(model: str, *, dtype: str = "bf16", quantize: str | None = None, context: int = 4096,
+             batch_size: int = 1, device: str = "auto") -> Estimate:
+    """Memory needed to run `model` at `context` tokens and `batch_size`, and whether it fits.
+
+    >>> estimate("7b", quantize="nf4").weights_bytes / 1e9  # doctest: +ELLIPSIS
+    5.28...
+    """
+    if context < 1 or batch_size < 1:
+        raise Olmo2KitError("context and batch size must be at least 1")
+    size = size_for(model)
+    if dtype not in _KV_BYTES:
+        raise Olmo2KitError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    weights = weight_bytes(size, dtype, quantize)
+    element = _KV_BYTES[dtype]
+    kv = 2 * size.num_hidden_layers * size.num_key_value_heads * size.head_dim * context * batch_size * element
+    # Prefill activations of one layer at a time (hidden states, q/k/v, the MLP's two wide
+    # projections) plus fp32 logits of the last position.
+    working = batch_size * context * (4 * size.hidden_size + 2 * size.intermediate_size) * element
+    working += batch_size * size.vocab_size * 4
+    name, available = device_memory(device)
+    if name != "CPU":
+        working += CUDA_CONTEXT_BYTES
+    total = weights + kv + working
+    return Estimate(model, dtype, quantize, context, batch_size, weights, kv, working, total, name, available,
+                    None if available is None else total <= available)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    quantize: str | None
+    compile: bool
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    repeat: int
+    load_s: float
+    ttft_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    ms_per_token: float
+    peak_memory_gb: float
+    weight_bytes: int
+    bandwidth_gbps: float
+    floor_tokens_per_s: float
+    floor_fraction: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Memory bandwidth in bytes/s, counting bytes read and written by a large device copy."""
+    import torch
+
+    n = nbytes // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / min(times)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_random(size: str, dtype: str, quantize: str | None, device: str):
+    """The exact architecture of `size` with random weights; quantized through a temporary checkpoint."""
+    import torch
+    from transformers import Olmo2ForCausalLM
+
+    from olmo2kit.loading import load, resolve_device, resolve_dtype
+    from olmo2kit.sizes import hf_config
+    from olmo2kit.tiny import TINY_ARCH, build_tokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tokenizer = build_tokenizer()
+    if size == "tiny":  # the tiny test architecture, for quick runs of benchmark scripts
+        config = hf_config("1b", **TINY_ARCH, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    else:
+        config = hf_config(get_size(size))
+    if quantize is None:
+        with torch.device(device):
+            model = Olmo2ForCausalLM(config).to(torch_dtype).eval()
+        tokenizer.padding_side = "left"
+        return model, tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device(device):
+            Olmo2ForCausalLM(config).to(torch_dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return load(tmp, dtype=dtype, quantize=quantize, device=device)
+
+
+def bench(model: str | None = None, *, size: str | None = None, random_init: bool = False, dtype: str = "auto",
+          quantize: str | None = None, device: str = "auto", batch_size: int = 1, prompt_len: int = 32,
+          new_tokens: int = 128, compile: bool = False, repeat: int = 3, revision: str | None = None) -> BenchResult:
+    """Measure one configuration. Medians over `repeat` runs after one warm-up run."""
+    import torch
+
+    from olmo2kit.generation import peak_memory_gb
+    from olmo2kit.loading import load, resolve_device
+
+    if batch_size < 1 or prompt_len < 1 or new_tokens < 2 or repeat < 1:
+        raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
+    device = resolve_device(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if random_init:
+        name = size or model
+        if name not in SIZES and name != "tiny":
+            raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries)")
+        dtype_name = dtype if dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+        loaded, tokenizer = load_random(name, dtype_name, quantize, device)
+        label = f"{name} (random init)"
+    else:
+        label = model or size or "1b"
+        loaded, tokenizer = load(label, revision=revision, dtype=dtype, quantize=quantize, device=device)
+    _sync(loaded.device)
+    load_s = time.perf_counter() - start
+
+    vocab = min(loaded.config.vocab_size, len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(2, vocab, (batch_size, prompt_len), generator=generator).to(loaded.device)
+    mask = torch.ones_like(input_ids)
+    ttft, decode = [], []
+    for run in range(repeat + 1):  # the first run warms up (and compiles)
+        first, rest = _timed_run(loaded, tokenizer, input_ids, mask, new_tokens, compile)
+        if run:
+            ttft.append(first)
+            decode.append(rest)
+    ttft_s = statistics.median(ttft)
+    decode_s = statistics.median(decode)
+    decode_tps = batch_size * (new_tokens - 1) / decode_s
+    weights = loaded.get_memory_footprint()
+    if quantize in ("nf4", "fp4"):  # the footprint leaves out the fp32 block scales that decoding reads too
+        dtype_name = "fp32" if loaded.dtype == torch.float32 else "bf16"
+        weights = weight_bytes(size_for_model(loaded), dtype_name, quantize)
+    bandwidth = measure_bandwidth(loaded.device)
+    floor = bandwidth / weights
+    return BenchResult(
+        model=label, device=torch.cuda.get_device_name() if loaded.device.type == "cuda" else "CPU",
+        dtype=str(loaded.dtype).removeprefix("torch."), quantize=quantize, compile=compile, batch_size=batch_size,
+        prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, load_s=load_s, ttft_s=ttft_s,
+        prefill_tokens_per_s=batch_size * prompt_len / ttft_s, decode_tokens_per_s=decode_tps,
+        ms_per_token=1000 * decode_s / (new_tokens - 1), peak_memory_gb=peak_memory_gb(loaded),
+        weight_bytes=weights, bandwidth_gbps=bandwidth / 1e9, floor_tokens_per_s=floor,
+        floor_fraction=(decode_tps / batch_size) / floor,
+    )
+
+
+def size_for_model(model) -> Size:
+    c = model.config
+    return Size("loaded", "-", c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                c.intermediate_size, 0, (), None, 0.0, vocab_size=c.vocab_size)
+
+
+def _timed_run(model, tokenizer, input_ids, mask, new_tokens: int, compile: bool) -> tuple[float, float]:
+    """(time to first token, time for the remaining new_tokens - 1) of one generation."""
+    import torch
+
+    if compile:
+        from olmo2kit.compiled import decoder_for
+
+        decoder = decoder_for(model, input_ids.shape[0], input_ids.shape[1] + new_tokens, compile=True)
+        result = decoder.decode(input_ids, mask, new_tokens, eos_ids={-1}, pad_id=tokenizer.pad_token_id,
+                                check_every=new_tokens)
+        return result.prefill_s, result.decode_s
+    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                  eos_token_id=None)
+    with torch.inference_mode():
+        _sync(model.device)
+        start = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        _sync(model.device)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        _sync(model.device)
+        whole = time.perf_counter() - start
+    return first, max(whole - first, 1e-9)

@@ -1,0 +1,102 @@
+"""CLI: `bench` and `estimate`, the speed and memory numbers to check before a download."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from olmo2kit.cli import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, RevisionOpt, app, info, print_table
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias, repo id, repo@rev or directory.")] = None,
+    size: Annotated[str | None, typer.Option(help="With --random-init: 1b, 7b, 13b or 32b.")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Exact architecture, random weights.")] = False,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences decoded together.")] = 1,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens.")] = 32,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens to generate.")] = 128,
+    compile: Annotated[bool, typer.Option("--compile", help="Static cache + compiled decode step.")] = False,
+    repeat: Annotated[int, typer.Option(help="Timed runs after one warm-up; medians are reported.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure load time, time to first token, prefill and decode speed, peak memory, bandwidth floor.
+
+    Examples:
+
+      olmo2kit bench --size 1b --random-init
+
+      olmo2kit bench --size 7b --random-init --compile --batch-size 16 --json
+
+      olmo2kit bench --model ./tiny --new-tokens 64
+    """
+    from olmo2kit.bench import bench as run_bench
+
+    if not random_init and size:
+        model = model or size
+    result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
+                       batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
+                       repeat=repeat, revision=revision)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    rows = [("metric", "value")]
+    rows += [
+        ("model", f"{result.model} on {result.device}, {result.dtype}" + (f", {quantize}" if quantize else "")),
+        ("setting", f"batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens"
+                    + (", compiled" if compile else "") + f", median of {repeat}"),
+        ("load", f"{result.load_s:.2f} s"),
+        ("time to first token", f"{result.ttft_s * 1000:.1f} ms"),
+        ("prefill", f"{result.prefill_tokens_per_s:,.0f} tokens/s"),
+        ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
+        ("peak memory", f"{result.peak_memory_gb:.2f} GB"),
+        ("weights read per token", f"{result.weight_bytes / 1e9:.2f} GB"),
+        ("memory bandwidth (measured)", f"{result.bandwidth_gbps:,.0f} GB/s"),
+        ("bandwidth floor, batch 1", f"{result.floor_tokens_per_s:,.0f} tokens/s"),
+        ("reached (per sequence)", f"{100 * result.floor_fraction:.0f}% of the floor"),
+    ]
+    print_table(rows)
+
+
+@app.command()
+def estimate(
+    model: Annotated[str, typer.Argument(help="A size (1b ... 32b), OLMo 2 alias or repo id, or local directory.")],
+    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    quantize: QuantizeOpt = None,
+    context: Annotated[int, typer.Option(help="Tokens per sequence (prompt + generation).")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences at once.")] = 1,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Memory for weights, KV cache and working space, and whether it fits this machine's device.
+
+    Examples:
+
+      olmo2kit estimate 7b
+
+      olmo2kit estimate 32b --quantize nf4 --context 8192 --json
+    """
+    from olmo2kit.bench import estimate as run_estimate
+
+    result = run_estimate(model, dtype=dtype, quantize=quantize, context=context, batch_size=batch_size,
+                          device=device)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    fits = {True: "fits", False: "does NOT fit", None: "unknown"}[result.fits]
+    available = "unknown" if result.device_bytes is None else f"{result.device_bytes / 1e9:.2f} GB"
+    print_table([
+        ("part", "memory"),
+        (f"weights ({dtype}{', ' + quantize if quantize else ''})", f"{result.weights_bytes / 1e9:.2f} GB"),
+        (f"KV cache ({context} tokens x {batch_size})", f"{result.kv_cache_bytes / 1e9:.2f} GB"),
+        ("working memory", f"{result.working_bytes / 1e9:.2f} GB"),
+        ("total", f"{result.total_bytes / 1e9:.2f} GB"),
+        (f"available on {result.device}", available),
+    ])
+    info(f"{result.model}: {fits} ({result.total_bytes / 1e9:.2f} GB needed)")
