@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from olmo2kit.bench import bench, estimate
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.loading import load
+
+
+def test_bench_reports_consistent_figures(tiny_path):
+    result = bench(str(tiny_path), device="cpu", new_tokens=16, prompt_len=8, repeat=2)
+    assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0 and result.ttft_s > 0
+    assert result.ms_per_token == pytest.approx(1000 / result.decode_tokens_per_s)
+    assert result.floor_tokens_per_s == pytest.approx(result.bandwidth_gbps * 1e9 / result.weight_bytes)
+    assert result.floor_fraction == pytest.approx(result.decode_tokens_per_s / result.floor_tokens_per_s)
+    model, _ = load(str(tiny_path), device="cpu")
+    assert result.weight_bytes == model.get_memory_footprint()
+
+
+def test_bench_random_init_and_compiled_path(tmp_path):
+    result = bench(size="tiny", random_init=True, device="cpu", dtype="fp32", new_tokens=8, prompt_len=4, repeat=1,
+                   compile=True, batch_size=2)
+    assert result.compile and result.batch_size == 2 and result.decode_tokens_per_s > 0
+    assert result.model == "tiny (random init)"
+
+
+def test_bench_needs_a_size_for_random_init():
+    with pytest.raises(Olmo2KitError, match="needs a size"):
+        bench(random_init=True)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
+def test_estimate_weights_match_loaded_tiny_footprint(tiny_path, quantize):
+    model, _ = load(str(tiny_path), device="cpu", quantize=quantize)
+    weights = estimate(str(tiny_path), dtype="fp32", quantize=quantize).weights_bytes
+    assert weights == pytest.approx(model.get_memory_footprint(), rel=0.10)
+
+
+def test_estimate_published_sizes_and_fit():
+    assert estimate("1b").weights_bytes / 1e9 == pytest.approx(2.97, rel=0.01)
+    assert estimate("allenai/OLMo-2-0425-1B-Instruct", quantize="int8").weights_bytes / 1e9 == pytest.approx(1.90,
+                                                                                                            rel=0.02)
+    small = estimate("1b", context=128, device="cpu")
+    assert small.kv_cache_bytes == 2 * 16 * 16 * 128 * 128 * 2  # k and v, layers, kv heads, head dim, tokens, bf16
+    assert small.total_bytes == small.weights_bytes + small.kv_cache_bytes + small.working_bytes
+    huge = estimate("32b", dtype="fp32", context=4096, batch_size=64, device="cpu")
+    assert huge.fits is False
+
+
+def test_estimate_cli_json_and_errors(cli):
+    code, out, err = cli("estimate", "7b", "--quantize", "nf4", "--json")
+    assert code == 0
+    row = json.loads(out)
+    assert row["weights_bytes"] == estimate("7b", quantize="nf4").weights_bytes and row["quantize"] == "nf4"
+    code, out, err = cli("estimate", "13b")
+    assert code == 0 and "KV cache" in out and "13b: " in err and "fit" in err
+    code, _, err = cli("estimate", "nothing-like-this")
+    assert code == 2 and err.startswith("error: cannot tell the architecture")
+
+
+def test_bench_cli(cli, tiny_path):
+    code, out, _ = cli("bench", "--model", str(tiny_path), "--new-tokens", "8", "--prompt-len", "4", "--repeat", "1",
+                       "--json")
+    assert code == 0 and json.loads(out)["new_tokens"] == 8
+    code, out, _ = cli("bench", "--model", str(tiny_path), "--new-tokens", "8", "--repeat", "1")
+    assert code == 0 and "bandwidth floor" in out
