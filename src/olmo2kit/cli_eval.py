@@ -3,3 +3,243 @@
 Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
 the command functions so `olmo2kit --help` stays fast.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from olmo2kit.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    app,
+    info,
+    load_model,
+    print_table,
+)
+
+StrideOpt = Annotated[
+    int | None, typer.Option(help="Tokens each window moves on by (default: half of --max-length).")
+]
+MaxLengthOpt = Annotated[
+    int | None, typer.Option("--max-length", help="Tokens per window (default: the model's context).")
+]
+LimitOpt = Annotated[int | None, typer.Option(help="Evaluate the first N documents of each task (a quick look).")]
+FewshotOpt = Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples (default: the task's).")]
+IncludePathOpt = Annotated[
+    Path | None, typer.Option("--include-path", help="A directory of your own lm-eval task YAML files.")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Requests per forward pass.")]
+
+
+@app.command("perplexity")
+def perplexity_command(
+    files: Annotated[list[str], typer.Argument(help="UTF-8 text files; - reads stdin.")],
+    model: ModelOpt = "1b",
+    revision: RevisionOpt = None,
+    quantize: QuantizeOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    stride: StrideOpt = None,
+    max_length: MaxLengthOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Token-level perplexity and bits per byte of text files, with a sliding window.
+
+    Each window scores only the tokens the previous one did not.
+    A smaller --stride gives each token more context, for more forward passes.
+
+    Examples:
+
+      olmo2kit perplexity wiki.txt
+
+      olmo2kit perplexity a.txt b.txt --model 7b --quantize nf4 --json
+
+      olmo2kit perplexity wiki.txt --model 1b@stage1-step140000-tokens294B --max-length 2048 --stride 512
+    """
+    from olmo2kit.evaluate import check_window, combine_perplexities, perplexity
+    from olmo2kit.sweep import read_text
+
+    check_window(max_length, stride)
+    texts = [read_text(f) for f in files]
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    results = perplexity(loaded, tokenizer, texts, max_length=max_length, stride=stride)
+    total = combine_perplexities(results)
+    info(f"{total.tokens:,} tokens in {total.elapsed_s:.2f} s, {total.tokens_per_s:,.0f} tokens/s")
+    if as_json:
+        rows = [{"file": f, **r.to_dict()} for f, r in zip(files, results, strict=True)]
+        print(json.dumps({"model": loaded.name_or_path, "files": rows, "total": total.to_dict()}, indent=2))
+        return
+    lines = [("file", "tokens", "bytes", "perplexity", "bits/byte")]
+    named = list(zip(files, results, strict=True)) + ([("all", total)] if len(files) > 1 else [])
+    for name, r in named:
+        lines.append((name, f"{r.tokens:,}", f"{r.bytes:,}", f"{r.perplexity:.4f}", f"{r.bits_per_byte:.4f}"))
+    print_table(lines)
+
+
+@app.command("eval")
+def eval_command(
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="lm-eval tasks, comma-separated (lm-eval ls tasks).")],
+    model: ModelOpt = "1b",
+    revision: RevisionOpt = None,
+    quantize: QuantizeOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    limit: LimitOpt = None,
+    num_fewshot: FewshotOpt = None,
+    include_path: IncludePathOpt = None,
+    batch_size: BatchSizeOpt = 1,
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template", help="Format prompts with the model's chat template (instruct models).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Benchmark tasks through EleutherAI's lm-evaluation-harness, on the model olmo2kit loads.
+
+    Needs lm-eval, which the `eval` extra of olmo2kit installs.
+    `olmo2kit scores` prints the model card's published numbers to compare with.
+
+    Examples:
+
+      olmo2kit eval --tasks arc_easy,hellaswag --limit 200
+
+      olmo2kit eval --model 1b-instruct --tasks gsm8k --chat-template --quantize nf4
+
+      olmo2kit eval --tasks my_task --include-path ./my_tasks --json
+    """
+    from olmo2kit.evaluate import check_task_options, check_tasks, evaluate_tasks, parse_tasks
+
+    names = parse_tasks(tasks)
+    check_task_options(limit, num_fewshot, batch_size)
+    check_tasks(names, include_path)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    scores = evaluate_tasks(
+        loaded, tokenizer, names, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
+        batch_size=batch_size, chat_template=chat_template,
+    )
+    if as_json:
+        print(json.dumps({"model": loaded.name_or_path, "scores": [s.to_dict() for s in scores]}, indent=2))
+        return
+    lines = [("task", "metric", "value", "stderr", "samples")]
+    for s in scores:
+        metric = s.metric if s.filter == "none" else f"{s.metric} ({s.filter})"
+        stderr = "-" if s.stderr is None else f"{s.stderr:.4f}"
+        lines.append((s.task, metric, f"{s.value:.4f}", stderr, "-" if s.samples is None else str(s.samples)))
+    print_table(lines)
+
+
+@app.command("scores")
+def scores_command(as_json: JsonOpt = False) -> None:
+    """The OLMo 2 1B model card's published scores of instruct models, to put your own beside.
+
+    Examples:
+
+      olmo2kit scores
+
+      olmo2kit scores --json
+    """
+    from olmo2kit.scores import published_scores
+
+    table = published_scores()
+    if as_json:
+        print(json.dumps(table, indent=2, ensure_ascii=False))
+        return
+    columns = table["columns"]
+    lines = [("model", *columns)]
+    for row in table["rows"]:
+        lines.append((row["model"], *("n/a" if row["scores"][c] is None else str(row["scores"][c]) for c in columns)))
+    print_table(lines)
+    print(f"\nSource: {table['source']} ({table['section']}).")
+    print(", ".join(f"{c}: {name}" for c, name in table["column_names"].items() if c != name) + ".")
+
+
+@app.command("sweep")
+def sweep_command(
+    out: Annotated[Path, typer.Option(help="Results, one JSON line per revision; an existing file is resumed.")],
+    model: ModelOpt = "1b",
+    metric: Annotated[
+        str, typer.Option(help="perplexity, or an lm-eval task, optionally with its metric: arc_easy:acc_norm.")
+    ] = "perplexity",
+    data: Annotated[str | None, typer.Option(help="Text file for --metric perplexity.")] = None,
+    stage: Annotated[int | None, typer.Option(help="Keep one training stage: 1 or 2.")] = None,
+    every: Annotated[int | None, typer.Option(help="Keep the first revision and every K-th after it.")] = None,
+    revisions: Annotated[
+        str | None, typer.Option(help="Exactly these revisions, comma-separated (instead of --stage/--every).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the metric against training tokens to this PNG.")] = None,
+    delete_after: Annotated[
+        bool, typer.Option("--delete-after", help="Remove each revision from the Hugging Face cache once measured.")
+    ] = False,
+    quantize: QuantizeOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    stride: StrideOpt = None,
+    max_length: MaxLengthOpt = None,
+    limit: LimitOpt = None,
+    num_fewshot: FewshotOpt = None,
+    include_path: IncludePathOpt = None,
+    batch_size: BatchSizeOpt = 1,
+) -> None:
+    """Measure a metric across training checkpoints, in training order; resumable.
+
+    Each revision is loaded, measured and appended to --out as one JSON line.
+    Run the same command again after an interruption: it carries on where it stopped.
+
+    Examples:
+
+      olmo2kit sweep --data wiki.txt --stage 1 --every 100 --out ppl.jsonl --plot ppl.png --delete-after
+
+      olmo2kit sweep --model 7b --metric arc_easy:acc_norm --limit 500 --stage 2 --out arc.jsonl
+
+      olmo2kit sweep --data wiki.txt --revisions stage1-step10000-tokens21B,stage1-step20000-tokens42B
+    """
+    from transformers.utils import logging as hf_logging
+
+    from olmo2kit.revisions import parse_revision, training_order
+    from olmo2kit.sweep import Sweep
+
+    names = [r.strip() for r in revisions.split(",") if r.strip()] if revisions else None
+    sweep = Sweep(
+        model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
+        delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
+        max_length=max_length, limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size,
+    )
+    already = len(sweep.revisions) - len(sweep.todo)
+    info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")
+    hf_logging.disable_progress_bar()
+    for step in sweep.run():
+        row = step.row
+        freed = f", freed {_size(step.freed_bytes)}" if delete_after else ""
+        info(
+            f"{_bar(step.index, step.total)} {step.index}/{step.total} {row['revision']}: {metric} {row['value']:.4f} "
+            f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed}) "
+            f"elapsed {_clock(step.elapsed_s)}, ETA {_clock(step.eta_s)}"
+        )
+    lines = [("revision", "tokens", metric)]
+    for row in sorted(sweep.done, key=lambda r: training_order(parse_revision(r["revision"]))):
+        tokens = "-" if row["train_tokens_b"] is None else f"{row['train_tokens_b']}B"
+        lines.append((row["revision"], tokens, f"{row['value']:.4f}"))
+    print_table(lines)
+    info(f"results: {out}" + ("" if plot is None else f", plot: {plot}"))
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

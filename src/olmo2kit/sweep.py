@@ -1,0 +1,397 @@
+"""Sweeps: one metric over a series of training checkpoints, one JSON line per checkpoint, and a plot.
+
+A sweep evaluates revisions (Hub branches) in training order: it loads each through
+`olmo2kit.load`, measures perplexity over a text file or an lm-eval task, and appends one
+JSON line to the results file, flushed and fsync'd before the next revision starts. Run it
+again and it skips the revisions already in the file, so a killed sweep resumes where it
+stopped; a line torn by the kill is dropped. `delete_after` frees each revision's files from
+the Hugging Face cache once it is measured, so a sweep over hundreds of checkpoints needs the
+disk of one. The plot (metric against training tokens, stage boundary marked) is redrawn
+after each revision.
+
+    >>> sweep = Sweep("1b", "perplexity", data="wiki.txt", stage=1, every=50, out="ppl.jsonl")  # doctest: +SKIP
+    >>> for step in sweep.run():  # doctest: +SKIP
+    ...     print(step.row["revision"], step.row["value"])
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.evaluate import check_task_options, check_tasks, check_window
+from olmo2kit.revisions import Revision, check_revision, list_revisions, training_order
+
+PERPLEXITY = "perplexity"
+
+
+@dataclass
+class SweepStep:
+    """One revision measured: its results line, where the sweep stands, and what is left."""
+
+    row: dict  # the line appended to the results file
+    index: int  # 1-based, among the revisions this run measures
+    total: int  # revisions this run measures (those already in the file are not counted)
+    elapsed_s: float  # since the run started
+    eta_s: float  # estimated time to the end of the run
+    freed_bytes: int  # removed from the Hugging Face cache (delete_after)
+
+
+class Sweep:
+    """A metric over a model's checkpoints. Building one checks every option, lists the revisions
+    and reads the results file; no model loads until `run()`.
+
+    `metric` is "perplexity" (over the text file `data`, with `stride` and `max_length`) or an
+    lm-eval task name, optionally with the metric to plot: "arc_easy" or "arc_easy:acc_norm"
+    (with `limit`, `num_fewshot`, `include_path`, `batch_size`). Revisions are the model's
+    checkpoint branches in training order, kept by `stage`, then every `every`-th from the
+    first; or exactly the names in `revisions`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        metric: str = PERPLEXITY,
+        *,
+        out: str | os.PathLike,
+        data: str | os.PathLike | None = None,
+        stage: int | None = None,
+        every: int | None = None,
+        revisions: list[str] | None = None,
+        plot: str | os.PathLike | None = None,
+        delete_after: bool = False,
+        dtype: str = "auto",
+        quantize: str | None = None,
+        device: str = "auto",
+        stride: int | None = None,
+        max_length: int | None = None,
+        limit: int | None = None,
+        num_fewshot: int | None = None,
+        include_path: str | os.PathLike | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        from olmo2kit.loading import resolve_device, resolve_dtype, resolve_model
+
+        ref = resolve_model(model)
+        if ref.local or ref.revision:
+            raise Olmo2KitError(
+                f"a sweep runs over the checkpoint branches of a Hub repo: pass a size alias or a repo id, not {model}"
+            )
+        self.repo_id = ref.source
+        self.out = Path(out)
+        self.plot_path = None if plot is None else Path(plot)
+        self.delete_after = delete_after
+        self.load_options = dict(dtype=dtype, quantize=quantize, device=device)
+        self.metric = metric
+        self.task, _, self.task_metric = metric.partition(":")
+        self.text = self._check_metric(data, stride, max_length, limit, num_fewshot, include_path, batch_size)
+        self.metric_options = (
+            dict(stride=stride, max_length=max_length) if self.task == PERPLEXITY
+            else dict(limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size)
+        )
+        device = resolve_device(device)
+        self.setup = {
+            "model": self.repo_id,
+            "metric": metric,
+            "data_sha256": None if self.text is None else hashlib.sha256(self.text.encode()).hexdigest(),
+            "stride": stride, "max_length": max_length, "limit": limit, "num_fewshot": num_fewshot,
+            "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."), "quantize": quantize,
+        }
+        everything = list_revisions(self.repo_id)
+        self.revisions = self._select(everything, stage, every, revisions)
+        # Stage-2 branches count their tokens from the start of stage 2, which began where stage 1 ended.
+        self.stage2_start_b = max((r.tokens_b for r in everything if r.stage == 1), default=0)
+        self.done = read_results(self.out)
+        self._check_setup()
+        measured = {row["revision"] for row in self.done}
+        self.todo = [r for r in self.revisions if r.name not in measured]
+
+    def _check_metric(self, data, stride, max_length, limit, num_fewshot, include_path, batch_size) -> str | None:
+        if self.task == PERPLEXITY:
+            if self.task_metric:
+                raise Olmo2KitError(f"--metric {self.metric}: perplexity has no sub-metric, use --metric perplexity")
+            if data is None:
+                raise Olmo2KitError("--metric perplexity needs --data FILE, a text file to measure")
+            if limit is not None or num_fewshot is not None or include_path is not None:
+                raise Olmo2KitError("--limit, --num-fewshot and --include-path apply to lm-eval tasks, not perplexity")
+            check_window(max_length, stride)
+            return read_text(data)
+        if data is not None:
+            raise Olmo2KitError("--data is for --metric perplexity: an lm-eval task brings its own data")
+        if stride is not None or max_length is not None:
+            raise Olmo2KitError("--stride and --max-length apply to --metric perplexity")
+        check_task_options(limit, num_fewshot, batch_size)
+        check_tasks([self.task], include_path)
+        return None
+
+    def _select(
+        self, everything: list[Revision], stage: int | None, every: int | None, names: list[str] | None
+    ) -> list[Revision]:
+        if names:
+            if stage is not None or every is not None:
+                raise Olmo2KitError("give --revisions, or --stage and --every, not both")
+            by_name = {r.name: r for r in everything}
+            for name in names:
+                if name not in by_name:
+                    check_revision(self.repo_id, name)  # raises, naming the nearest branches
+                    raise Olmo2KitError(f"{self.repo_id} lists no revision {name!r}")
+            return sorted({by_name[n] for n in names}, key=training_order)
+        if stage not in (None, 1, 2):
+            raise Olmo2KitError(f"no stage {stage}: OLMo 2 trained in stage 1 (pretraining) and 2 (mid-training)")
+        if every is not None and every < 1:
+            raise Olmo2KitError(f"--every must be 1 or more, not {every}")
+        checkpoints = [r for r in everything if r.stage is not None and (stage is None or r.stage == stage)]
+        if not checkpoints:
+            where = f"stage-{stage} " if stage else ""
+            raise Olmo2KitError(
+                f"{self.repo_id} has no {where}checkpoint branches: `olmo2kit list-revisions {self.repo_id}` "
+                "shows what it has"
+            )
+        return checkpoints[:: every or 1]
+
+    def _check_setup(self) -> None:
+        for row in self.done:
+            old = row.get("setup", {})
+            changed = sorted(k for k in self.setup.keys() | old.keys() if old.get(k) != self.setup.get(k))
+            if changed:
+                what = ", ".join(f"{k} {old.get(k)!r} there, {self.setup.get(k)!r} now" for k in changed)
+                raise Olmo2KitError(
+                    f"{self.out} holds results of another setup ({what}): "
+                    "rerun with the same options to resume it, or pass another --out"
+                )
+
+    def run(self) -> Iterator[SweepStep]:
+        """Measure the revisions not yet in the results file, in training order, one step each."""
+        import olmo2kit
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_line(self.out)
+        start = time.perf_counter()
+        for index, revision in enumerate(self.todo, 1):
+            load_start = time.perf_counter()
+            model, tokenizer = olmo2kit.load(self.repo_id, revision=revision.name, **self.load_options)
+            eval_start = time.perf_counter()
+            value, details = self._measure(model, tokenizer)
+            row = {
+                "revision": revision.name,
+                **{key: value for key, value in revision.to_dict().items() if key != "name"},
+                "train_tokens_b": self._train_tokens_b(revision),
+                "metric": self.metric,
+                "value": value,
+                "details": details,
+                "setup": self.setup,
+                "load_s": round(eval_start - load_start, 3),
+                "eval_s": round(time.perf_counter() - eval_start, 3),
+                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            del model, tokenizer
+            _free_memory()
+            append_line(self.out, row)
+            self.done.append(row)
+            freed = delete_cached_revision(self.repo_id, revision) if self.delete_after else 0
+            if self.plot_path is not None:
+                plot_results(self.done, self.plot_path)
+            elapsed = time.perf_counter() - start
+            eta = elapsed / index * (len(self.todo) - index)
+            yield SweepStep(row, index, len(self.todo), elapsed, eta, freed)
+        if self.plot_path is not None and not self.todo:
+            plot_results(self.done, self.plot_path)
+
+    def _measure(self, model, tokenizer) -> tuple[float, dict]:
+        if self.task == PERPLEXITY:
+            from olmo2kit.evaluate import perplexity
+
+            result = perplexity(model, tokenizer, self.text, **self.metric_options)
+            return result.perplexity, result.to_dict()
+        from olmo2kit.evaluate import evaluate_tasks
+
+        scores = evaluate_tasks(model, tokenizer, [self.task], **self.metric_options)
+        wanted = [s for s in scores if s.task == self.task and (s.metric == self.task_metric or not self.task_metric)]
+        if not wanted:
+            reported = ", ".join(sorted({s.metric for s in scores if s.task == self.task}))
+            raise Olmo2KitError(f"lm-eval reported no {self.task_metric!r} for {self.task} (it reported: {reported})")
+        return wanted[0].value, {"scores": [s.to_dict() for s in scores]}
+
+    def _train_tokens_b(self, revision: Revision) -> int | None:
+        if revision.tokens_b is None:
+            return None
+        return revision.tokens_b + (self.stage2_start_b if revision.stage == 2 else 0)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file's contents; `-` reads stdin. Olmo2KitError if it is missing, empty or not UTF-8."""
+    if str(path) == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise Olmo2KitError(f"no such file: {path}") from None
+        except IsADirectoryError:
+            raise Olmo2KitError(f"{path} is a directory: pass text files") from None
+        except UnicodeDecodeError as e:
+            raise Olmo2KitError(f"{path} is not UTF-8 text (byte {e.start}): convert it first") from None
+        except OSError as e:
+            raise Olmo2KitError(f"cannot read {path}: {e.strerror}") from None
+    if not text.strip():
+        raise Olmo2KitError(f"{path} is empty: there is nothing to measure")
+    return text
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """The lines of a results file, in file order; a torn last line is left out. [] if there is no file."""
+    return _parse_results(Path(path))[0]
+
+
+def drop_torn_line(path: str | os.PathLike) -> bool:
+    """Cut a torn last line (left by a kill mid-write) off a results file; True if there was one."""
+    path = Path(path)
+    _, kept = _parse_results(path)
+    if not path.exists() or kept == path.stat().st_size:
+        return False
+    _write_atomically(path, path.read_bytes()[:kept])
+    return True
+
+
+def _parse_results(path: Path) -> tuple[list[dict], int]:
+    """(rows, bytes they take): every complete line parsed; a bad last line is torn, a bad earlier one an error."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    lines = data.split(b"\n")
+    tail = lines.pop()  # what follows the last newline: empty unless the last write was cut short
+    rows, kept = [], 0
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "revision" not in row:
+                raise ValueError("not a results line")
+        except ValueError:
+            if number == len(lines) and not tail:
+                break  # the last line, newline and all, but garbled: torn as well
+            raise Olmo2KitError(
+                f"{path} line {number} is not a sweep results line: fix or remove it, or pass another --out"
+            ) from None
+        rows.append(row)
+        kept += len(line) + 1
+    return rows, kept
+
+
+def append_line(path: str | os.PathLike, row: dict) -> None:
+    """Append `row` as one JSON line, on disk before this returns (flush and fsync).
+
+    The line goes out in one write ending with its newline, so a kill mid-write leaves a last
+    line without one, which `read_results` leaves out and `drop_torn_line` removes.
+    """
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def delete_cached_revision(repo_id: str, revision: Revision) -> int:
+    """Remove a revision's snapshot from the Hugging Face cache (files other revisions share stay).
+
+    Returns the bytes freed; 0 when the cache holds nothing of it.
+    """
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    except CacheNotFound:
+        return 0
+    commits = [
+        cached.commit_hash
+        for repo in cache.repos if repo.repo_id == repo_id and repo.repo_type == "model"
+        for cached in repo.revisions if cached.commit_hash == revision.commit or revision.name in cached.refs
+    ]
+    if not commits:
+        return 0
+    strategy = cache.delete_revisions(*commits)
+    strategy.execute()
+    return strategy.expected_freed_size
+
+
+def curve_series(rows: list[dict]) -> tuple[dict[str, list[tuple[int, float]]], list[int]]:
+    """What `plot_results` draws: ({label: [(training tokens in billions, value), ...]}, stage-2 start
+    positions). Stage 1 is one line and each stage-2 ingredient another; rows without tokens are left out."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in sorted((r for r in rows if r.get("train_tokens_b") is not None), key=lambda r: r["train_tokens_b"]):
+        label = "stage 1" if row["stage"] == 1 else f"stage 2, ingredient {row['ingredient']}"
+        series.setdefault(label, []).append((row["train_tokens_b"], row["value"]))
+    starts = {r["train_tokens_b"] - r["tokens_b"] for r in rows if r.get("stage") == 2 and r["tokens_b"] is not None}
+    return dict(sorted(series.items())), sorted(starts)
+
+
+def plot_results(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Draw the metric against training tokens to a PNG (see `curve_series`), the start of stage 2
+    marked with a dashed line. Written atomically; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    series, stage2_starts = curve_series(rows)
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for label, points in series.items():
+        axes.plot(*zip(*points, strict=True), "o-", label=label, ms=3)
+    for x in stage2_starts:
+        axes.axvline(x, color="gray", linestyle="--", linewidth=1)
+        axes.text(x, 0.98, "stage 2 ", transform=axes.get_xaxis_transform(), rotation=90, ha="right", va="top",
+                  color="gray", fontsize=8)
+    metric = rows[0]["metric"] if rows else ""
+    if metric == PERPLEXITY:
+        axes.set_yscale("log")  # early checkpoints sit orders of magnitude above late ones
+        axes.yaxis.set_major_formatter(LogFormatter())
+        axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    axes.set_xlabel("training tokens (billions)")
+    axes.set_ylabel(metric)
+    if rows:
+        axes.set_title(rows[0]["setup"]["model"])
+    if series:
+        axes.legend()
+    axes.grid(alpha=0.3)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)
+    try:
+        figure.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
