@@ -26,6 +26,16 @@ _EXPORTS = {
     "parse_revision": "olmo2kit.revisions",
     "list_revisions": "olmo2kit.revisions",
     "nearest_revision": "olmo2kit.revisions",
+    "ChatSession": "olmo2kit.chat",
+    "render_chat": "olmo2kit.chat",
+    "run_job": "olmo2kit.jobs",
+    "perplexity": "olmo2kit.evaluate",
+    "PerplexityResult": "olmo2kit.evaluate",
+    "evaluate_tasks": "olmo2kit.evaluate",
+    "published_scores": "olmo2kit.scores",
+    "Sweep": "olmo2kit.sweep",
+    "estimate": "olmo2kit.bench",
+    "bench": "olmo2kit.bench",
 }
 
 __all__ = sorted(_EXPORTS)

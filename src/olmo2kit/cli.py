@@ -19,7 +19,7 @@ from olmo2kit.errors import Olmo2KitError
 app = typer.Typer(
     name="olmo2kit",
     help="Work with the OLMo 2 language models: load any size or training checkpoint, generate, inspect.",
-    epilog="Planned, not yet available: chat, bench, estimate, prepare-data, finetune, perplexity, eval, sweep.",
+    epilog="Planned, not yet available: bench, estimate, prepare-data, finetune, perplexity, eval, sweep.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -48,6 +48,14 @@ DtypeOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
+# Sampling options, shared by generate and chat (defaults: the model card's).
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")]
+
 
 @app.callback()
 def _root(
@@ -59,22 +67,45 @@ def _root(
 
 @app.command()
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="Text to continue; several for several; - reads stdin.")],
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Text to continue; several for several; - reads stdin.")
+    ] = None,
     model: ModelOpt = "1b",
     revision: RevisionOpt = None,
     quantize: QuantizeOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 100,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")] = 50,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")] = 0.95,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")] = False,
-    seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 100,
+    temperature: TemperatureOpt = 1.0,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.95,
+    greedy: GreedyOpt = False,
+    seed: SeedOpt = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="End the text at this string (repeatable).")] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Send each prompt as a user message, in the model's chat template.")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message (implies --chat).")] = None,
+    input_path: Annotated[
+        str | None,
+        typer.Option("--input", help='Batch job: a JSONL file, one {"id", "prompt" or "messages"} a line.'),
+    ] = None,
+    output_path: Annotated[
+        str | None, typer.Option("--output", help="Where a batch job appends its results (JSONL); a rerun resumes.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Prompts per model call in a batch job (default 8).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop a batch job at a malformed line instead of skipping it.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue one or more prompts; text streams to stdout, timings go to stderr.
+
+    --chat (or --system): each prompt is a user message to an instruct model.
+    --input/--output: a batch job over a JSONL file, results appended in order;
+    the same command run again resumes where it stopped.
 
     Examples:
 
@@ -85,8 +116,11 @@ def generate(
       olmo2kit generate "Hello" --model allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B
 
       echo "Once upon a time" | olmo2kit generate - --json
+
+      olmo2kit generate --chat "What is OLMo?" -m 1b-instruct --system "Be brief."
+
+      olmo2kit generate --input prompts.jsonl --output results.jsonl -m 1b-instruct --chat
     """
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     from olmo2kit.generation import SamplingOptions
 
     options = dict(
@@ -94,25 +128,50 @@ def generate(
         top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
     )
     SamplingOptions(**options)  # bad values fail before a model loads
+    chat = chat or system is not None
+    if input_path or output_path:
+        from olmo2kit.cli_chat import run_job_command
+
+        if prompts:
+            raise Olmo2KitError("give prompts or --input FILE, not both")
+        if not (input_path and output_path):
+            raise Olmo2KitError("a batch job needs both --input FILE and --output FILE")
+        if as_json:
+            raise Olmo2KitError("--json does not apply to a batch job: its --output is JSONL already")
+        run_job_command(
+            input_path, output_path, model=model, revision=revision, quantize=quantize, dtype=dtype, device=device,
+            batch_size=8 if batch_size is None else batch_size, strict=strict, chat=chat, system=system, **options,
+        )
+        return
+    if batch_size is not None or strict:
+        raise Olmo2KitError("--batch-size and --strict apply to a batch job (--input FILE --output FILE)")
+    if not prompts:
+        # A usage error, as when the argument was required: the usage line, then the message, exit code 2.
+        raise typer.BadParameter("Missing argument: give text to continue, or --input FILE --output FILE",
+                                 param_hint="'PROMPTS...'")
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     if any(not p.strip() for p in prompts):
         raise Olmo2KitError("empty prompt: give some text to continue")
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
 
+    from olmo2kit.chat import user_messages
     from olmo2kit.generation import generate as run_generate
     from olmo2kit.generation import stream_generate
 
     if as_json:
-        for prompt, result in zip(prompts, run_generate(loaded, tokenizer, prompts, **options), strict=True):
+        given = {"messages": [user_messages(p, system) for p in prompts]} if chat else {"prompt": prompts}
+        for prompt, result in zip(prompts, run_generate(loaded, tokenizer, **given, **options), strict=True):
             row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
                    "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
             report(result)
         return
     for prompt in prompts:
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and not chat:
             typer.secho(prompt, bold=True, nl=False)
+        given = {"messages": user_messages(prompt, system)} if chat else {"prompt": prompt}
         last = None
-        for last in stream_generate(loaded, tokenizer, prompt, **options):
+        for last in stream_generate(loaded, tokenizer, **given, **options):
             sys.stdout.write(last.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -253,7 +312,7 @@ def _dash(value) -> str:
 
 
 # Commands of later capabilities live in their own modules and register on `app` when imported.
-from olmo2kit import cli_chat, cli_eval, cli_finetune  # noqa: E402, F401
+from olmo2kit import cli_bench, cli_chat, cli_eval, cli_finetune  # noqa: E402, F401
 
 
 def main() -> None:

@@ -3,3 +3,286 @@
 Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
 the command functions so `olmo2kit --help` stays fast.
 """
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, TextIO
+
+import typer
+
+from olmo2kit.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    GreedyOpt,
+    MaxNewTokensOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    app,
+    info,
+    load_model,
+)
+from olmo2kit.errors import Olmo2KitError
+
+CHAT_HELP = """\
+  /help            this list
+  /reset           forget the conversation (the system message stays)
+  /system TEXT     set the system message; /system alone removes it
+  /set KEY=VALUE   temperature, top_p, top_k, max_new_tokens, seed, greedy; /set alone shows them
+  /save FILE       write the transcript as JSON
+  /exit            leave (Ctrl-D too); Ctrl-C stops a reply"""
+
+_SET_PARSERS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
+
+
+@app.command("chat")
+def chat(
+    model: ModelOpt = "1b-instruct",
+    revision: RevisionOpt = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System message, kept at the start of the conversation.")
+    ] = None,
+    quantize: QuantizeOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    max_new_tokens: MaxNewTokensOpt = 100,
+    temperature: TemperatureOpt = 1.0,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.95,
+    greedy: GreedyOpt = False,
+    seed: SeedOpt = None,
+) -> None:
+    """Chat with an instruct model: replies stream to stdout, the conversation is kept.
+
+    One message a line from stdin, on a terminal or piped.
+    Commands: /help, /reset, /system TEXT, /set KEY=VALUE, /save FILE, /exit.
+    Ctrl-D (or the end of piped input) leaves; Ctrl-C stops a reply.
+    A base model (no chat template) gets the official OLMo 2 one, with a warning.
+
+    Examples:
+
+      olmo2kit chat
+
+      olmo2kit chat -m 7b-instruct -q nf4 --system "Answer in one sentence."
+
+      printf 'Hi!\\n/save chat.json\\n' | olmo2kit chat --model ./tiny-chat --greedy
+    """
+    from olmo2kit.generation import SamplingOptions
+
+    options = dict(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed,
+    )
+    SamplingOptions(**options)  # bad values fail before a model loads
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+
+    from olmo2kit.chat import ChatSession, chat_template
+    from olmo2kit.loading import resolve_model
+
+    chat_template(tokenizer)  # the warning for a model without one, before the first message
+    name = str(resolve_model(model, revision))
+    session = ChatSession(loaded, tokenizer, system=system, **options)
+    info(f"chatting with {name}: /help for commands, Ctrl-D to leave")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # not on every platform; input() works without it
+            pass
+    while True:
+        if interactive:
+            sys.stderr.write(">>> ")
+            sys.stderr.flush()
+        try:
+            line = input().strip()
+        except EOFError:
+            if interactive:
+                sys.stderr.write("\n")
+            return
+        except KeyboardInterrupt:
+            info("\n(Ctrl-D or /exit leaves)")
+            continue
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if _chat_command(session, line, name):
+                    return
+            else:
+                _stream_reply(session, line)
+        except Olmo2KitError as e:
+            info(f"error: {e}")
+
+
+def _stream_reply(session, text: str) -> None:
+    """Stream the reply to stdout. Ctrl-C stops it; the conversation keeps what was shown."""
+    stream = session.send(text)
+    last = None
+    try:
+        for last in stream:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        if last is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        info("[stopped]")
+        return
+    except Olmo2KitError as e:
+        raise Olmo2KitError(f"{e} (/reset starts a new conversation)") from None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is not None and last.finish_reason == "length":
+        info(f"[cut at {last.new_tokens} tokens: /set max_new_tokens=N for longer replies]")
+
+
+def _chat_command(session, line: str, name: str) -> bool:
+    """Run one /command; True means leave."""
+    command, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if command in ("/exit", "/quit"):
+        return True
+    if command == "/help":
+        info(CHAT_HELP)
+    elif command == "/reset":
+        session.reset()
+        info("conversation cleared")
+    elif command == "/system":
+        session.set_system(argument)
+        info("system message set" if argument else "system message removed")
+    elif command == "/set":
+        _chat_set(session, argument)
+    elif command == "/save":
+        if not argument:
+            raise Olmo2KitError("/save needs a file name, e.g. /save chat.json")
+        path = session.save(argument, name)
+        info(f"saved {len(session.messages)} messages to {path}")
+    else:
+        raise Olmo2KitError(f"unknown command {command}: /help lists them")
+    return False
+
+
+def _chat_set(session, argument: str) -> None:
+    """`/set temperature=0.7 top_k=20`, or `/set` alone to show the options."""
+    if not argument:
+        s = session.sampling
+        seed = "none" if s.seed is None else s.seed
+        info(f"max_new_tokens={s.max_new_tokens} temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} "
+             f"seed={seed} greedy={'on' if not s.do_sample else 'off'}")
+        return
+    changes: dict = {}
+    for pair in argument.split():
+        key, eq, value = pair.partition("=")
+        if not eq or not value:
+            raise Olmo2KitError(f"/set takes KEY=VALUE, got {pair!r}")
+        if key == "greedy":
+            if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+                raise Olmo2KitError(f"greedy is on or off, got {value!r}")
+            changes["do_sample"] = value.lower() in ("off", "false", "0")
+        elif key == "seed" and value.lower() == "none":
+            changes["seed"] = None
+        elif key in _SET_PARSERS:
+            try:
+                changes[key] = _SET_PARSERS[key](value)
+            except ValueError:
+                raise Olmo2KitError(f"{key} takes a number, got {value!r}") from None
+        else:
+            raise Olmo2KitError(f"cannot set {key!r}: use {', '.join([*_SET_PARSERS, 'greedy'])}")
+    session.set_options(**changes)
+    info("set " + argument)
+
+
+def run_job_command(
+    input_path: str, output_path: str, *, model: str, revision: str | None, quantize: str | None, dtype: str,
+    device: str, batch_size: int, strict: bool, chat: bool, system: str | None, **options,
+) -> None:
+    """`generate --input FILE --output FILE`: load, run the job with a progress bar, say what was done."""
+    from olmo2kit.loading import resolve_model
+
+    if not Path(input_path).expanduser().is_file():
+        raise Olmo2KitError(f"no such input file: {input_path}")
+    if batch_size < 1:
+        raise Olmo2KitError(f"--batch-size must be at least 1, got {batch_size}")
+    ref = resolve_model(model, revision)
+    model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
+
+    from olmo2kit.jobs import read_job, run_job
+
+    if strict:  # a malformed line stops the job before the model loads
+        read_job(input_path, chat=chat, system=system, strict=True, **options)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+
+    bar = ProgressBar()
+    try:
+        summary = run_job(
+            loaded, tokenizer, input_path, output_path, batch_size=batch_size, chat=chat, system=system,
+            strict=strict, model_name=model_name, revision=ref.revision, progress=bar.update,
+            on_warning=lambda message: info(f"warning: {message}"), **options,
+        )
+    finally:
+        bar.close()
+    done = f"{summary.written} result(s) appended to {output_path}"
+    if summary.already_done:
+        done += f", {summary.already_done} already there"
+    if summary.skipped:
+        done += f"; {len(summary.skipped)} line(s) skipped, see the warnings above"
+    info(done)
+
+
+class ProgressBar:
+    """`[=====>      ] 12/40  2.10 prompts/s  ETA 0:00:13` on stderr.
+
+    Redrawn in place on a terminal; elsewhere (a log file, a pipe) a line at most every
+    `interval` seconds, and one at the end.
+    """
+
+    width = 24
+
+    def __init__(self, stream: TextIO | None = None, interval: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.interval = interval
+        self.start = time.perf_counter()
+        self.shown = -math.inf
+        self.drawn = False
+
+    def update(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == 0:
+            self.start = now
+        if total == 0 or (not self.live and now - self.shown < self.interval and done < total):
+            return
+        self.shown = now
+        line = self.render(done, total, now - self.start)
+        self.stream.write(f"\r{line}\x1b[K" if self.live else line + "\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.live and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    @classmethod
+    def render(cls, done: int, total: int, elapsed: float) -> str:
+        filled = cls.width * done // total
+        bar = ("=" * filled + ">")[: cls.width].ljust(cls.width)
+        rate = done / elapsed if done and elapsed > 0 else None
+        speed = "-" if rate is None else f"{rate:.2f}"
+        eta = "?" if rate is None else _clock((total - done) / rate)
+        return f"[{bar}] {done}/{total}  {speed} prompts/s  ETA {eta}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -8,7 +8,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from olmo2kit.errors import Olmo2KitError
@@ -85,20 +85,26 @@ class SamplingOptions:
         return kwargs
 
 
-def generate(model, tokenizer, prompt: str | Sequence[str], **options) -> Generation | list[Generation]:
-    """Continue `prompt`. A str gives one Generation; a list gives one per prompt, batched.
+def generate(
+    model, tokenizer, prompt: str | Sequence[str] | None = None, *, messages: Sequence | None = None, **options
+) -> Generation | list[Generation]:
+    """Continue `prompt`, or reply to `messages`. One gives one Generation; a list gives one each, batched.
+
+    `messages` is a conversation, `[{"role": "system" | "user" | "assistant", "content": str}, ...]`,
+    rendered with the tokenizer's chat template (the official OLMo 2 one, with a warning, when it has
+    none), or a list of conversations.
 
     Options: max_new_tokens (100), do_sample (True), temperature (1.0), top_k (50),
     top_p (0.95), seed, stop (strings that end the text; not included in it).
 
     >>> generate(model, tokenizer, "Language modeling is ", do_sample=False).text  # doctest: +SKIP
+    >>> generate(model, tokenizer, messages=[{"role": "user", "content": "Hi!"}]).text  # doctest: +SKIP
     """
     import torch
 
-    single = isinstance(prompt, str)
-    prompts = [prompt] if single else list(prompt)
+    requests, single = _requests(prompt, messages)
     sampling = SamplingOptions(**_normalize(options))
-    inputs = _encode(model, tokenizer, prompts, sampling)
+    inputs = _encode(model, tokenizer, requests, sampling)
     _seed(sampling.seed)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -128,11 +134,15 @@ def generate(model, tokenizer, prompt: str | Sequence[str], **options) -> Genera
     return results[0] if single else results
 
 
-def stream_generate(model, tokenizer, prompt: str, **options) -> Iterator[Generation]:
-    """Yield the continuation of `prompt` piece by piece as it is generated.
+def stream_generate(
+    model, tokenizer, prompt: str | None = None, *, messages: Sequence | None = None, cache=None, **options
+) -> Iterator[Generation]:
+    """Yield the continuation of `prompt`, or the reply to `messages`, piece by piece as it is generated.
 
-    Takes the same options as `generate`. Closing the iterator early (or Ctrl-C in
-    the consumer) stops generation at the next token.
+    Takes the same options as `generate`, for one prompt or one conversation. Closing the
+    iterator early (or Ctrl-C in the consumer) stops generation at the next token.
+    `cache`, a transformers `DynamicCache` holding the keys and values of the first tokens
+    of this prompt (fewer than all), saves computing them again; it is extended in place.
 
     >>> for chunk in stream_generate(model, tokenizer, "Hello"):  # doctest: +SKIP
     ...     print(chunk.text, end="", flush=True)
@@ -141,11 +151,16 @@ def stream_generate(model, tokenizer, prompt: str, **options) -> Iterator[Genera
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
-    if not isinstance(prompt, str):
-        raise Olmo2KitError("stream_generate takes one prompt; use generate for a list")
+    requests, single = _requests(prompt, messages)
+    if not single:
+        raise Olmo2KitError("stream_generate takes one prompt or conversation; use generate for a list")
     sampling = SamplingOptions(**_normalize(options))
-    inputs = _encode(model, tokenizer, [prompt], sampling)
+    inputs = _encode(model, tokenizer, requests, sampling)
     prompt_tokens = int(inputs["input_ids"].shape[1])
+    if cache is not None:
+        if cache.get_seq_length() >= prompt_tokens:
+            raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, not fewer than the prompt's")
+        inputs[_cache_keyword()] = cache
     tokens: queue.Queue = queue.Queue()
     cancel = threading.Event()
 
@@ -242,12 +257,36 @@ def _normalize(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _encode(model, tokenizer, prompts: list[str], sampling: SamplingOptions) -> dict:
-    if not prompts:
+def _requests(prompt, messages) -> tuple[list, bool]:
+    """The prompts or conversations to run, and whether a single one was given."""
+    if prompt is not None and messages is not None:
+        raise Olmo2KitError("give a prompt or messages, not both")
+    if messages is None:
+        if isinstance(prompt, str):
+            return [prompt], True
+        return list(prompt or ()), False
+    from olmo2kit.chat import check_messages
+
+    if isinstance(messages, Sequence) and messages and all(isinstance(m, Mapping) for m in messages):
+        return [check_messages(messages)], True
+    if isinstance(messages, str | Mapping):
+        raise Olmo2KitError('messages must be a list of {"role": ..., "content": ...} dicts')
+    return [check_messages(conversation) for conversation in messages], False
+
+
+def _encode(model, tokenizer, requests: list, sampling: SamplingOptions) -> dict:
+    """Tokenize prompts (str) or conversations (lists of messages), padded on the left, and check the context."""
+    if not requests:
         raise Olmo2KitError("no prompt given")
-    if any(not p.strip() for p in prompts):
-        raise Olmo2KitError("empty prompt: give some text to continue")
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    if all(isinstance(r, str) for r in requests):
+        if any(not p.strip() for p in requests):
+            raise Olmo2KitError("empty prompt: give some text to continue")
+        inputs = tokenizer(requests, return_tensors="pt", padding=True, return_token_type_ids=False)
+    else:
+        from olmo2kit.chat import encode_chat
+
+        ids = [encode_chat(tokenizer, r) for r in requests]
+        inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
     context = getattr(model.config, "max_position_embeddings", None)
     length = inputs["input_ids"].shape[1]
     if context and length >= context:
@@ -259,6 +298,13 @@ def _encode(model, tokenizer, prompts: list[str], sampling: SamplingOptions) -> 
         )
     # Inputs go where the first layer lives (with a device map that may not be model.device's GPU).
     return {k: v.to(model.device) for k, v in inputs.items()}
+
+
+def _cache_keyword() -> str:
+    """generate's keyword for a KV cache: `cache` since transformers renamed it, `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def _seed(seed: int | None) -> None:

@@ -1,0 +1,244 @@
+"""Chat with the OLMo 2 instruct models: messages, the chat template, and multi-turn sessions.
+
+A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}` dicts,
+rendered with the tokenizer's chat template. The -SFT, -DPO and -Instruct tokenizers carry
+the official OLMo 2 template; a tokenizer without one (a base model's) gets that same
+template, with a warning that the model was not trained to chat.
+
+    >>> session = ChatSession(model, tokenizer, system="Be brief.", do_sample=False)  # doctest: +SKIP
+    >>> session.reply("What is the capital of France?").text  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.generation import Generation, SamplingOptions, _normalize, stream_generate
+from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE
+
+log = logging.getLogger("olmo2kit")
+
+ROLES = ("system", "user", "assistant")
+
+_warned_no_template: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_messages(messages: Sequence[Mapping]) -> list[dict]:
+    """The conversation as plain `{"role", "content"}` dicts, or an Olmo2KitError saying what is wrong."""
+    if isinstance(messages, str | Mapping) or not isinstance(messages, Sequence):
+        raise Olmo2KitError('messages must be a list of {"role": ..., "content": ...} dicts')
+    if not messages:
+        raise Olmo2KitError("no messages given: a conversation needs at least one message")
+    checked = []
+    for i, message in enumerate(messages, 1):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise Olmo2KitError(f'message {i} is not a {{"role": ..., "content": ...}} dict')
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise Olmo2KitError(f"message {i} has role {role!r}: the OLMo 2 template knows {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise Olmo2KitError(f"message {i}'s content must be a string")
+        checked.append({"role": role, "content": content})
+    if not any(m["role"] == "user" and m["content"].strip() for m in checked):
+        raise Olmo2KitError("the conversation has no user message with text")
+    return checked
+
+
+def user_messages(prompt: str, system: str | None = None) -> list[dict]:
+    """`prompt` as a user message, after `system` as a system message when given."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [*head, {"role": "user", "content": prompt}]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_template(tokenizer) -> str | None:
+    """The template to render with: None for the tokenizer's own, else the official OLMo 2 one (warned once)."""
+    if has_chat_template(tokenizer):
+        return None
+    if tokenizer not in _warned_no_template:
+        _warned_no_template.add(tokenizer)
+        log.warning(
+            f"{tokenizer.name_or_path or 'this tokenizer'} has no chat template, so the official OLMo 2 one is used; "
+            "a base model was not trained to chat: use an -SFT, -DPO or -Instruct model (e.g. 1b-instruct)"
+        )
+    return OLMO2_CHAT_TEMPLATE
+
+
+def render_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> str:
+    """The conversation as the model reads it, ending with the assistant's header by default.
+
+    >>> render_chat(tokenizer, [{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+    '<|endoftext|><|user|>\\nHi\\n<|assistant|>\\n'
+    """
+    return tokenizer.apply_chat_template(
+        check_messages(messages), chat_template=chat_template(tokenizer),
+        add_generation_prompt=add_generation_prompt, tokenize=False,
+    )
+
+
+def encode_chat(tokenizer, messages: Sequence[Mapping]) -> list[int]:
+    """Token ids of the rendered conversation; the template writes the special tokens itself."""
+    return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def save_transcript(path: str | os.PathLike, model: str, messages: Sequence[Mapping]) -> Path:
+    """Write `{"model": ..., "messages": [...]}` to `path` as JSON, whole or not at all."""
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise Olmo2KitError(f"cannot save to {path}: there is no directory {path.parent}")
+    if path.is_dir():
+        raise Olmo2KitError(f"cannot save to {path}: it is a directory; give a file name")
+    text = json.dumps({"model": model, "messages": list(messages)}, indent=2, ensure_ascii=False) + "\n"
+    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class ChatSession:
+    """A conversation with one model: the system message, the turns so far, sampling options, a KV cache.
+
+    `send(text)` streams the reply and adds both messages to the history. The keys and values
+    computed for one turn are kept, and the next turn computes only the tokens after the
+    longest prefix it shares with them (`reused_tokens` says how many were reused), so the
+    history is not read again on every turn. Greedy replies are the same with or without it.
+    """
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, reuse_cache: bool = True, **options) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system or None
+        self.turns: list[dict] = []
+        self.options: dict = {}
+        self.set_options(**options)
+        self.reuse_cache = reuse_cache
+        self.reused_tokens = 0
+        self._cache = None
+        self._cache_ids: list[int] = []  # the tokens whose keys and values self._cache holds
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation so far, system message first."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self.turns]
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(**self.options)
+
+    def set_options(self, **changes) -> None:
+        """Change sampling options (checked first: a bad value changes nothing); None restores a default."""
+        merged = {**self.options, **changes}
+        options = _normalize(merged)
+        SamplingOptions(**options)
+        self.options = options
+
+    def reset(self) -> None:
+        """Forget the turns (the system message stays)."""
+        self.turns = []
+        self._drop_cache()
+
+    def set_system(self, text: str | None) -> None:
+        """Set the system message, or remove it with None or ""; the turns stay."""
+        self.system = text or None
+
+    def reply(self, text: str) -> Generation:
+        """Send `text` and return the whole reply as one Generation."""
+        chunks = list(self.send(text))
+        last = chunks[-1]
+        ids = [i for c in chunks for i in c.token_ids]
+        return Generation(
+            text="".join(c.text for c in chunks), token_ids=ids, prompt_tokens=last.prompt_tokens,
+            new_tokens=last.new_tokens, finish_reason=last.finish_reason, tokens_per_s=last.tokens_per_s,
+            elapsed_s=last.elapsed_s, prompt_tps=last.prompt_tps, peak_memory_gb=last.peak_memory_gb,
+        )
+
+    def send(self, text: str) -> Iterator[Generation]:
+        """Stream the reply to the user message `text`; the history keeps both messages.
+
+        If the caller stops early (closes the iterator, or Ctrl-C), the history keeps the reply
+        as far as it was yielded; if nothing was yielded yet, the user message is dropped as well.
+        """
+        if not text.strip():
+            raise Olmo2KitError("empty message: type some text")
+        self.turns.append({"role": "user", "content": text})
+        try:
+            prompt_ids = encode_chat(self.tokenizer, self.messages)
+            cache = self._cache_for(prompt_ids) if self.reuse_cache else None
+            stream = stream_generate(self.model, self.tokenizer, messages=self.messages, cache=cache, **self.options)
+            first = next(stream)  # the context check happens here, before any text
+        except BaseException:
+            self.turns.pop()
+            self._drop_cache()
+            raise
+        pieces = [first.text]
+        ids = list(first.token_ids)
+        finished = first.finish_reason is not None
+        try:
+            yield first
+            for chunk in stream:
+                pieces.append(chunk.text)
+                ids += chunk.token_ids
+                yield chunk
+            finished = True
+        finally:
+            stream.close()
+            reply = "".join(pieces)
+            if reply or finished:
+                self.turns.append({"role": "assistant", "content": reply})
+            else:
+                self.turns.pop()
+            if finished and cache is not None:
+                self._keep_cache(cache, prompt_ids + ids)
+            else:  # after an interruption the generation thread may still be finishing a step
+                self._drop_cache()
+
+    def save(self, path: str | os.PathLike, model: str) -> Path:
+        """Write the transcript, `{"model": model, "messages": [...]}`, to `path`."""
+        return save_transcript(path, model, self.messages)
+
+    def _cache_for(self, prompt_ids: list[int]):
+        """The kept cache cut to the longest prefix shared with `prompt_ids`, or a new one."""
+        from transformers import DynamicCache
+
+        shared = 0
+        for old, new in zip(self._cache_ids, prompt_ids[:-1], strict=False):  # the last token is always computed
+            if old != new:
+                break
+            shared += 1
+        if shared == 0:
+            self._drop_cache()
+            self._cache = DynamicCache(config=self.model.config)
+        elif shared < self._cache.get_seq_length():
+            self._cache.crop(shared - self._cache.get_seq_length())  # a negative count removes that many
+        self._cache_ids = self._cache_ids[:shared]
+        self.reused_tokens = shared
+        return self._cache
+
+    def _keep_cache(self, cache, known_ids: list[int]) -> None:
+        """Keep the cache for the next turn, cut to the tokens known to have produced it."""
+        length = cache.get_seq_length()
+        if length > len(known_ids):  # generation ran past what was read (a stop string)
+            cache.crop(len(known_ids) - length)
+            length = len(known_ids)
+        self._cache = cache
+        self._cache_ids = known_ids[:length]
+
+    def _drop_cache(self) -> None:
+        self._cache = None
+        self._cache_ids = []
