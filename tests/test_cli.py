@@ -185,3 +185,25 @@ def test_sizes_imports_neither_torch_nor_transformers():
 def test_python_dash_m():
     result = subprocess.run([sys.executable, "-m", "olmo2kit", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "generate" in result.stdout
+
+
+def test_compile_and_draft_model_options(cli, tiny_path, tmp_path):
+    from olmo2kit.tiny import build_tiny
+
+    args = ("generate", "Hello", "--model", str(tiny_path), "-n", "12", "--greedy", "--json")
+    plain = json.loads(cli(*args)[1])["text"]
+    code, out, _ = cli(*args, "--compile")
+    assert code == 0 and json.loads(out)["text"] == plain
+    draft = build_tiny(tmp_path / "draft", seed=4)
+    code, out, _ = cli(*args, "--draft-model", str(draft))
+    assert code == 0 and json.loads(out)["text"] == plain
+    code, _, err = cli(*args, "--compile", "--draft-model", str(draft))
+    one_line_error(code, err, "choose one of --compile and --draft-model")
+
+
+def test_chat_compile_gives_the_same_replies(cli, tiny_instruct_path):
+    args = ("chat", "--model", str(tiny_instruct_path), "--greedy", "--max-new-tokens", "10")
+    plain = cli(*args, stdin="Hi\nAnd again?\n")
+    compiled = cli(*args, "--compile", stdin="Hi\nAnd again?\n")
+    assert plain[0] == compiled[0] == 0
+    assert compiled[1] == plain[1] and plain[1].strip()

@@ -135,3 +135,46 @@ def test_empty_prompt(tiny):
         generate(model, tokenizer, "   ")
     with pytest.raises(Olmo2KitError, match="no prompt"):
         generate(model, tokenizer, [])
+
+
+def test_compiled_generate_equals_plain_greedy(tiny):
+    model, tokenizer = tiny
+    plain = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=24)
+    compiled = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=24, compile=True)
+    assert (compiled.text, compiled.token_ids, compiled.finish_reason) == (plain.text, plain.token_ids, "length")
+    prompts = [PROMPT, "Hello"]
+    batch_plain = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=24)
+    batch_compiled = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=24, compile=True)
+    assert [r.token_ids for r in batch_compiled] == [r.token_ids for r in batch_plain]
+
+
+def test_compiled_stream_and_stop_strings(tiny):
+    model, tokenizer = tiny
+    full = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30)
+    chunks = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, compile=True))
+    assert "".join(c.text for c in chunks) == full.text and chunks[-1].new_tokens == 30
+    stop = full.text[10:13]
+    plain = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, stop=[stop])
+    compiled = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, stop=[stop], compile=True)
+    assert (compiled.text, compiled.finish_reason) == (plain.text, "stop")
+    assert compiled.token_ids == plain.token_ids  # not the tokens decoded past the stop string
+    streamed = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, stop=stop,
+                                    compile=True))
+    assert "".join(c.text for c in streamed) == plain.text and streamed[-1].finish_reason == "stop"
+    assert sum(len(c.token_ids) for c in streamed) == len(plain.token_ids)
+
+
+def test_draft_model_keeps_greedy_output(tiny, tmp_path):
+    from olmo2kit.tiny import build_tiny
+
+    model, tokenizer = tiny
+    draft, _ = load(str(build_tiny(tmp_path / "draft", seed=9)), device="cpu")
+    alone = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=20)
+    assisted = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=20, draft_model=draft)
+    assert assisted.token_ids == alone.token_ids
+    streamed = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=20, draft_model=draft))
+    assert "".join(c.text for c in streamed) == alone.text
+    with pytest.raises(Olmo2KitError, match="one prompt at a time"):
+        generate(model, tokenizer, [PROMPT, "Hello"], draft_model=draft)
+    with pytest.raises(Olmo2KitError, match="choose one"):
+        generate(model, tokenizer, PROMPT, draft_model=draft, compile=True)

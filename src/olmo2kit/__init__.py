@@ -35,7 +35,6 @@ _EXPORTS = {
     "published_scores": "olmo2kit.scores",
     "Sweep": "olmo2kit.sweep",
     "estimate": "olmo2kit.bench",
-    "bench": "olmo2kit.bench",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -119,14 +119,16 @@ class ChatSession:
     history is not read again on every turn. Greedy replies are the same with or without it.
     """
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, reuse_cache: bool = True, **options) -> None:
+    def __init__(self, model, tokenizer, *, system: str | None = None, reuse_cache: bool = True,
+                 compile: bool = False, **options) -> None:
         self.model = model
+        self.compile = compile  # the compiled path keeps its own static cache: no reuse across turns
         self.tokenizer = tokenizer
         self.system = system or None
         self.turns: list[dict] = []
         self.options: dict = {}
         self.set_options(**options)
-        self.reuse_cache = reuse_cache
+        self.reuse_cache = reuse_cache and not compile
         self.reused_tokens = 0
         self._cache = None
         self._cache_ids: list[int] = []  # the tokens whose keys and values self._cache holds
@@ -180,7 +182,8 @@ class ChatSession:
         try:
             prompt_ids = encode_chat(self.tokenizer, self.messages)
             cache = self._cache_for(prompt_ids) if self.reuse_cache else None
-            stream = stream_generate(self.model, self.tokenizer, messages=self.messages, cache=cache, **self.options)
+            stream = stream_generate(self.model, self.tokenizer, messages=self.messages, cache=cache,
+                                     compile=self.compile, **self.options)
             first = next(stream)  # the context check happens here, before any text
         except BaseException:
             self.turns.pop()

@@ -47,6 +47,13 @@ DtypeOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="Static KV cache and a compiled decode step (CUDA graphs on a GPU).")
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option("--draft-model", help="Speculative decoding with this smaller OLMo 2 as draft (e.g. 1b)."),
+]
 
 # Sampling options, shared by generate and chat (defaults: the model card's).
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")]
@@ -99,6 +106,8 @@ def generate(
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop a batch job at a malformed line instead of skipping it.")
     ] = False,
+    compile: CompileOpt = False,
+    draft_model: DraftOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue one or more prompts; text streams to stdout, timings go to stderr.
@@ -120,6 +129,10 @@ def generate(
       olmo2kit generate --chat "What is OLMo?" -m 1b-instruct --system "Be brief."
 
       olmo2kit generate --input prompts.jsonl --output results.jsonl -m 1b-instruct --chat
+
+      olmo2kit generate "Language modeling is " -m 7b --draft-model 1b --greedy
+
+      olmo2kit generate "Language modeling is " --compile
     """
     from olmo2kit.generation import SamplingOptions
 
@@ -129,6 +142,10 @@ def generate(
     )
     SamplingOptions(**options)  # bad values fail before a model loads
     chat = chat or system is not None
+    if compile and draft_model:
+        raise Olmo2KitError("choose one of --compile and --draft-model")
+    if (input_path or output_path) and (compile or draft_model):
+        raise Olmo2KitError("--compile and --draft-model apply to prompts given on the command line, not batch jobs")
     if input_path or output_path:
         from olmo2kit.cli_chat import run_job_command
 
@@ -153,6 +170,11 @@ def generate(
     if any(not p.strip() for p in prompts):
         raise Olmo2KitError("empty prompt: give some text to continue")
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    accelerate = {"compile": compile}
+    if draft_model:
+        if len(prompts) > 1 and as_json:
+            raise Olmo2KitError("--draft-model takes one prompt at a time with --json")
+        accelerate["draft_model"] = load_model(draft_model, None, dtype, None, device)[0]
 
     from olmo2kit.chat import user_messages
     from olmo2kit.generation import generate as run_generate
@@ -160,7 +182,8 @@ def generate(
 
     if as_json:
         given = {"messages": [user_messages(p, system) for p in prompts]} if chat else {"prompt": prompts}
-        for prompt, result in zip(prompts, run_generate(loaded, tokenizer, **given, **options), strict=True):
+        results = run_generate(loaded, tokenizer, **given, **accelerate, **options)
+        for prompt, result in zip(prompts, results, strict=True):
             row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
                    "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
@@ -171,7 +194,7 @@ def generate(
             typer.secho(prompt, bold=True, nl=False)
         given = {"messages": user_messages(prompt, system)} if chat else {"prompt": prompt}
         last = None
-        for last in stream_generate(loaded, tokenizer, **given, **options):
+        for last in stream_generate(loaded, tokenizer, **given, **accelerate, **options):
             sys.stdout.write(last.text)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -15,6 +15,7 @@ from typing import Annotated, TextIO
 import typer
 
 from olmo2kit.cli import (
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     GreedyOpt,
@@ -59,6 +60,7 @@ def chat(
     top_p: TopPOpt = 0.95,
     greedy: GreedyOpt = False,
     seed: SeedOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Chat with an instruct model: replies stream to stdout, the conversation is kept.
 
@@ -89,7 +91,7 @@ def chat(
 
     chat_template(tokenizer)  # the warning for a model without one, before the first message
     name = str(resolve_model(model, revision))
-    session = ChatSession(loaded, tokenizer, system=system, **options)
+    session = ChatSession(loaded, tokenizer, system=system, compile=compile, **options)
     info(f"chatting with {name}: /help for commands, Ctrl-D to leave")
     interactive = sys.stdin.isatty()
     if interactive:

@@ -86,7 +86,8 @@ class SamplingOptions:
 
 
 def generate(
-    model, tokenizer, prompt: str | Sequence[str] | None = None, *, messages: Sequence | None = None, **options
+    model, tokenizer, prompt: str | Sequence[str] | None = None, *, messages: Sequence | None = None,
+    compile: bool = False, draft_model=None, **options
 ) -> Generation | list[Generation]:
     """Continue `prompt`, or reply to `messages`. One gives one Generation; a list gives one each, batched.
 
@@ -97,6 +98,11 @@ def generate(
     Options: max_new_tokens (100), do_sample (True), temperature (1.0), top_k (50),
     top_p (0.95), seed, stop (strings that end the text; not included in it).
 
+    `compile=True` decodes through the static-cache compiled path (`olmo2kit.compiled`);
+    `draft_model` (a smaller OLMo 2, same tokenizer) turns on speculative decoding through
+    transformers' assisted generation, for one prompt at a time. Greedy output is the same
+    either way (exactly in fp32).
+
     >>> generate(model, tokenizer, "Language modeling is ", do_sample=False).text  # doctest: +SKIP
     >>> generate(model, tokenizer, messages=[{"role": "user", "content": "Hi!"}]).text  # doctest: +SKIP
     """
@@ -104,20 +110,29 @@ def generate(
 
     requests, single = _requests(prompt, messages)
     sampling = SamplingOptions(**_normalize(options))
+    _check_acceleration(compile, draft_model, len(requests))
     inputs = _encode(model, tokenizer, requests, sampling)
+    eos_ids = _eos_ids(model, tokenizer)
     _seed(sampling.seed)
     start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))
+    if compile:
+        rows = _compiled_decoder(model, inputs, sampling).decode(
+            inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
+            pad_id=tokenizer.pad_token_id, **_device_sampling(sampling)).tokens.tolist()
+    else:
+        extra = {"assistant_model": draft_model} if draft_model is not None else {}
+        with torch.inference_mode():
+            output = model.generate(**inputs, **sampling.generate_kwargs(tokenizer), **extra)
+        rows = output[:, inputs["input_ids"].shape[1]:].tolist()
     elapsed = time.perf_counter() - start
-    prompt_len = inputs["input_ids"].shape[1]
     prompt_counts = inputs["attention_mask"].sum(dim=1).tolist()
-    eos_ids = _eos_ids(model, tokenizer)
     peak = peak_memory_gb(model)
     results = []
-    for row, prompt_tokens in zip(output[:, prompt_len:].tolist(), prompt_counts, strict=True):
+    for row, prompt_tokens in zip(rows, prompt_counts, strict=True):
         ids = _trim(row, eos_ids, tokenizer.pad_token_id)
         text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
+        if stopped:  # decoding may run past a stop string (always on the compiled path): keep tokens up to it
+            ids = _ids_through_stop(tokenizer, ids, sampling.stop)
         finished = stopped or (ids and ids[-1] in eos_ids)
         results.append(
             Generation(
@@ -135,7 +150,8 @@ def generate(
 
 
 def stream_generate(
-    model, tokenizer, prompt: str | None = None, *, messages: Sequence | None = None, cache=None, **options
+    model, tokenizer, prompt: str | None = None, *, messages: Sequence | None = None, cache=None,
+    compile: bool = False, draft_model=None, **options
 ) -> Iterator[Generation]:
     """Yield the continuation of `prompt`, or the reply to `messages`, piece by piece as it is generated.
 
@@ -143,6 +159,8 @@ def stream_generate(
     iterator early (or Ctrl-C in the consumer) stops generation at the next token.
     `cache`, a transformers `DynamicCache` holding the keys and values of the first tokens
     of this prompt (fewer than all), saves computing them again; it is extended in place.
+    `compile` and `draft_model` work as in `generate` (the compiled path keeps its own
+    static cache and takes no `cache`; it hands text over every 8 tokens).
 
     >>> for chunk in stream_generate(model, tokenizer, "Hello"):  # doctest: +SKIP
     ...     print(chunk.text, end="", flush=True)
@@ -155,6 +173,9 @@ def stream_generate(
     if not single:
         raise Olmo2KitError("stream_generate takes one prompt or conversation; use generate for a list")
     sampling = SamplingOptions(**_normalize(options))
+    _check_acceleration(compile, draft_model, 1)
+    if compile and cache is not None:
+        raise Olmo2KitError("the compiled path keeps its own static cache: pass no cache with compile=True")
     inputs = _encode(model, tokenizer, requests, sampling)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if cache is not None:
@@ -181,22 +202,40 @@ def stream_generate(
             return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
     failure: list[BaseException] = []
+    eos_ids = _eos_ids(model, tokenizer)
+
+    class Stop(Exception):
+        pass
+
+    def feed_chunk(chunk) -> None:  # the compiled path's hand-over, every few tokens
+        if cancel.is_set():
+            raise Stop
+        tokens.put(chunk[0].tolist())
 
     def run() -> None:
         try:
+            if compile:
+                _compiled_decoder(model, inputs, sampling).decode(
+                    inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
+                    pad_id=tokenizer.pad_token_id, check_every=8, on_tokens=feed_chunk, **_device_sampling(sampling))
+                tokens.put(None)
+                return
+            extra = {"assistant_model": draft_model} if draft_model is not None else {}
             with torch.inference_mode():
                 model.generate(
                     **inputs,
                     **sampling.generate_kwargs(tokenizer),
+                    **extra,
                     streamer=Feed(),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
                 )
+        except Stop:
+            tokens.put(None)
         except BaseException as e:  # re-raised in the consumer's thread
             failure.append(e)
             tokens.put(None)
 
     _seed(sampling.seed)
-    eos_ids = _eos_ids(model, tokenizer)
     start = time.perf_counter()
     worker = threading.Thread(target=run, name="olmo2kit-generate", daemon=True)
     worker.start()
@@ -210,11 +249,18 @@ def stream_generate(
             now = time.perf_counter()
             if prompt_tps is None:
                 prompt_tps = prompt_tokens / max(now - start, 1e-9)
+            end = next((i for i, token in enumerate(new) if token in eos_ids), None)
+            if end is not None:  # the compiled path hands over tokens past the end of text as padding
+                new = new[: end + 1]
             ids += new
             pending += new
             text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
             if ids[-1] in eos_ids or stopped:
                 finish = "stop"
+                if stopped:  # drop the tokens decoded past the stop string
+                    kept = _ids_through_stop(tokenizer, ids, sampling.stop)
+                    pending = pending[: max(len(pending) - (len(ids) - len(kept)), 0)]
+                    ids = kept
                 break
             ready = _safe_prefix(text, sampling.stop)
             if len(ready) > len(emitted):
@@ -298,6 +344,33 @@ def _encode(model, tokenizer, requests: list, sampling: SamplingOptions) -> dict
         )
     # Inputs go where the first layer lives (with a device map that may not be model.device's GPU).
     return {k: v.to(model.device) for k, v in inputs.items()}
+
+
+def _check_acceleration(compile: bool, draft_model, batch: int) -> None:
+    if compile and draft_model is not None:
+        raise Olmo2KitError("choose one of compile and a draft model: speculative decoding runs on the plain path")
+    if draft_model is not None and batch > 1:
+        raise Olmo2KitError("speculative decoding (a draft model) takes one prompt at a time")
+
+
+def _compiled_decoder(model, inputs: dict, sampling: SamplingOptions):
+    from olmo2kit.compiled import decoder_for
+
+    batch, length = inputs["input_ids"].shape
+    return decoder_for(model, batch, length + sampling.max_new_tokens, compile=True)
+
+
+def _device_sampling(sampling: SamplingOptions) -> dict:
+    return dict(greedy=not sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k,
+                top_p=sampling.top_p)
+
+
+def _ids_through_stop(tokenizer, ids: list[int], stop: Sequence[str]) -> list[int]:
+    """The shortest prefix of `ids` whose text holds a stop string."""
+    for n in range(1, len(ids) + 1):
+        if _cut_at_stop(tokenizer.decode(ids[:n], skip_special_tokens=True), stop)[1]:
+            return ids[:n]
+    return ids
 
 
 def _cache_keyword() -> str:
