@@ -35,6 +35,11 @@ _EXPORTS = {
     "published_scores": "olmo2kit.scores",
     "Sweep": "olmo2kit.sweep",
     "estimate": "olmo2kit.bench",
+    "prepare_data": "olmo2kit.data",
+    "load_prepared": "olmo2kit.data",
+    "PreparedData": "olmo2kit.data",
+    "FinetuneConfig": "olmo2kit.finetune",
+    "FinetuneResult": "olmo2kit.finetune",
 }
 
 __all__ = sorted(_EXPORTS)

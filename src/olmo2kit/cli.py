@@ -19,7 +19,6 @@ from olmo2kit.errors import Olmo2KitError
 app = typer.Typer(
     name="olmo2kit",
     help="Work with the OLMo 2 language models: load any size or training checkpoint, generate, inspect.",
-    epilog="Planned, not yet available: bench, estimate, prepare-data, finetune, perplexity, eval, sweep.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -3,3 +3,155 @@
 Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
 the command functions so `olmo2kit --help` stays fast.
 """
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+
+from olmo2kit.cli import DeviceOpt, JsonOpt, ModelOpt, QuantizeOpt, RevisionOpt, app, info, print_table
+
+
+@app.command("prepare-data")
+def prepare_data_command(
+    source: Annotated[str, typer.Argument(help='JSONL of {"messages": [...]} or {"text": ...}, or a dataset name.')],
+    outdir: Annotated[str, typer.Argument(help="Directory for input_ids.npy, label_mask.npy and manifest.json.")],
+    model: ModelOpt = "1b",
+    revision: RevisionOpt = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per row; longer examples are cut.")] = 4096,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="chat or text (default: from the first example).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Dataset split, when SOURCE is a dataset name.")] = "train",
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokenize chat or text examples into OLMo's training layout.
+
+    Writes input_ids.npy (headerless uint32 memmap, rows x seq-len, padded
+    with the pad id), label_mask.npy (bool memmap, True on the tokens to
+    learn: assistant content and its end-of-text for chat, every token for
+    text) and manifest.json, last. OLMo's own trainer reads the same files.
+    Examples with nothing to learn are dropped and counted; an interrupted
+    run continues where it stopped.
+
+    Examples:
+
+      olmo2kit prepare-data chats.jsonl data/sft --model 1b
+
+      olmo2kit prepare-data notes.jsonl data/notes --format text --json
+
+      olmo2kit prepare-data allenai/tulu-3-sft-olmo-2-mixture data/tulu
+    """
+    from olmo2kit.data import prepare_data
+
+    _quiet_transformers()
+    manifest = prepare_data(source, outdir, model=model, revision=revision, seq_len=seq_len, format=data_format,
+                            split=split, progress=True)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    print_table([
+        ("rows", "seq_len", "examples", "truncated", "dropped", "tokens", "labelled", "format"),
+        (str(manifest["rows"]), str(manifest["seq_len"]), str(manifest["examples"]), str(manifest["truncated"]),
+         str(manifest["dropped"]), f"{manifest['tokens']:,}", f"{manifest['label_tokens']:,}", manifest["format"]),
+    ])
+    info(f"wrote {outdir}/input_ids.npy, label_mask.npy, manifest.json (tokenizer {manifest['tokenizer']})")
+
+
+@app.command("finetune")
+def finetune_command(
+    data: Annotated[str | None, typer.Option("--data", help="Directory written by prepare-data.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Directory for the result.")] = None,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    config: Annotated[str | None, typer.Option("--config", help="YAML recipe, e.g. configs/finetune/NAME.yaml; "
+                                                                "options given here override it.")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--no-lora", help="Train a LoRA adapter (peft).")] = None,
+    quantize: QuantizeOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data (default 1).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps, instead of --epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Rows per process per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Cut rows to this many tokens.")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                                  help="Recompute activations in the backward pass: less memory, slower.")
+    ] = None,
+    save_every: Annotated[int | None, typer.Option("--save-every", help="Steps between checkpoints.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
+    merge: Annotated[
+        bool | None,
+        typer.Option("--merge/--no-merge", help="LoRA: also save the merged model (adapter in DIR/adapter)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the data order and the LoRA init.")] = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a model or checkpoint on prepared data: full, LoRA or QLoRA.
+
+    Runs unchanged under torchrun and accelerate launch (configs/accelerate/).
+    The loss log is DIR/train_log.jsonl. --save-every N writes
+    DIR/checkpoints/step-N; --resume continues from the last one, with the
+    same data order. A run from a Hub revision starts a fresh optimizer: Hub
+    checkpoints hold weights only (OLMo's --reset_trainer_state).
+
+    Examples:
+
+      olmo2kit finetune --config configs/finetune/olmo2-1b-sft.yaml \\
+        --data data/sft --output out/1b-sft
+
+      olmo2kit finetune --model 7b --lora --quantize nf4 \\
+        --data data/sft --output out/7b-qlora --max-steps 500
+
+      olmo2kit finetune --model 1b --revision stage1-step140000-tokens294B \\
+        --data data/sft --output out/early --resume
+
+      torchrun --nproc_per_node 8 $(which olmo2kit) finetune \\
+        --config configs/finetune/olmo2-1b-sft.yaml --data data/sft -o out/1b
+
+      olmo2kit generate "Hello" --model out/1b-sft
+    """
+    from olmo2kit.errors import Olmo2KitError
+    from olmo2kit.finetune import FinetuneConfig, finetune, load_config
+
+    given = dict(
+        data=data, output=output, model=model, revision=revision, lora=lora, quantize=quantize, epochs=epochs,
+        max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing, save_every=save_every, merge=merge, seed=seed, device=device,
+    )
+    values = load_config(config) if config else {}
+    values.update({key: value for key, value in given.items() if value is not None})
+    if epochs is not None or max_steps is not None:  # one given here replaces the recipe's other
+        values = {k: v for k, v in values.items() if k not in ("epochs", "max_steps") or given[k] is not None}
+    values["resume"] = resume
+    for required in ("data", "output"):
+        if not values.get(required):
+            raise Olmo2KitError(f"--{required} is required (on the command line or in the --config file)")
+    _quiet_transformers()
+    settings = FinetuneConfig(**values)
+    result = finetune(settings, progress=True, say=info)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    loss = "-" if result.loss is None else f"{result.loss:.4f}"
+    print_table([
+        ("steps", "tokens", "last loss", "tokens/s", "peak memory", "saved"),
+        (str(result.steps), f"{result.tokens:,}", loss, f"{result.tokens_per_s:,.0f}",
+         f"{result.peak_memory_gb:.2f} GB", f"{result.saved} in {result.output}"),
+    ])
+
+
+def _quiet_transformers() -> None:
+    """No loading bars, and no warnings about transformers APIs that peft, not the user, calls."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".* is deprecated and will be removed in v6", category=FutureWarning)

@@ -1,0 +1,432 @@
+"""Training data in OLMo's layout: chat or text examples -> input_ids.npy, label_mask.npy, manifest.json.
+
+The files are what OLMo's trainer reads with `--data.paths` and `--data.label_mask_paths`:
+
+  input_ids.npy    headerless uint32 memmap, rows x seq_len token ids, right-padded with the pad id.
+                   uint32 because OLMo 2's 100,278 tokens overflow the uint16 of OLMo's own script.
+  label_mask.npy   headerless bool memmap of the same shape: True exactly on the tokens to learn
+                   (assistant content and its end-of-text for chat; every real token for text).
+  manifest.json    shape, dtypes, tokenizer and counts; written last, so its presence marks a
+                   complete run.
+
+One example fills one row (OLMo's `prepare_tulu_data.py` does the same); longer ones are cut.
+A run is resumable: progress is kept beside the partial files and a rerun with the same
+input and settings goes on from the last recorded line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.sizes import DEFAULT_MODEL
+
+INPUT_IDS = "input_ids.npy"
+LABEL_MASK = "label_mask.npy"
+MANIFEST = "manifest.json"
+FORMATS = ("chat", "text")
+ROLES = ("system", "user", "assistant")
+LAYOUT_VERSION = 1
+_PROGRESS = ".prepare-progress.json"
+_PARTIAL = {INPUT_IDS: ".input_ids.npy.partial", LABEL_MASK: ".label_mask.npy.partial"}
+_SYNC_EVERY = 2000  # examples between progress records: what a killed run loses at most
+
+
+@dataclass
+class PreparedData:
+    """A prepared data directory, read back as memmaps (no copy)."""
+
+    path: Path
+    input_ids: np.memmap  # uint32 [rows, seq_len]
+    label_mask: np.memmap  # bool [rows, seq_len]
+    manifest: dict
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
+    """The tokenizer of a model (alias, repo id, repo@revision or local directory), without its weights."""
+    from transformers import AutoTokenizer
+
+    from olmo2kit.loading import _explain_load_error, resolve_model
+
+    ref = resolve_model(model, revision)
+    try:
+        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
+    except OSError as e:
+        raise Olmo2KitError(_explain_load_error(ref, e)) from e
+
+
+def chat_template_of(tokenizer) -> tuple[str, str]:
+    """(template, where it came from): the tokenizer's own, else the official OLMo 2 one.
+
+    The base OLMo 2 repos may ship a tokenizer without a template; SFT data for them is
+    written in the instruct models' format so the result chats like OLMo 2 Instruct.
+    """
+    from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE
+
+    if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
+        return tokenizer.chat_template, "tokenizer"
+    return OLMO2_CHAT_TEMPLATE, "olmo2"
+
+
+def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of a rendered conversation and its label mask: True on each assistant turn's content and end.
+
+    Each labelled span (what the template renders after the assistant header: the content and
+    its end-of-text) is tokenized on its own, as the model produces it at inference after the
+    generation prompt, so the labelled tokens decode to exactly that text.
+    """
+    template = template or chat_template_of(tokenizer)[0]
+
+    def render(turns: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+        )
+
+    text = render(messages, False)
+    spans = [_assistant_span(render, messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    ids: list[int] = []
+    mask: list[bool] = []
+    start = 0
+    for span_start, span_end in spans:
+        for segment, learn in ((text[start:span_start], False), (text[span_start:span_end], True)):
+            if segment:
+                piece = tokenizer.encode(segment, add_special_tokens=False)
+                ids += piece
+                mask += [learn] * len(piece)
+        start = span_end
+    if text[start:]:
+        piece = tokenizer.encode(text[start:], add_special_tokens=False)
+        ids += piece
+        mask += [False] * len(piece)
+    return ids, mask
+
+
+def _assistant_span(render: Callable, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+    """Where assistant turn `i`'s content and end marker sit in the rendered conversation `text`.
+
+    Rendered alone as the last turn, the turn is `before + header + content + end`. `before` is
+    the conversation so far with the generation prompt, which usually holds the header; the
+    header left in the turn (a conversation that opens with the assistant) is found by
+    rendering the same turn with empty content.
+    """
+    before = render(messages[:i], True) if i else ""  # templates refuse an empty conversation
+    turn = render(messages[: i + 1], False)
+    empty = render([*messages[:i], {**messages[i], "content": ""}], False)
+    content = messages[i]["content"]
+    if not (text.startswith(before) and turn.startswith(before) and empty.startswith(before)
+            and text.startswith(turn)):
+        raise ValueError("the chat template renders this assistant turn differently in context")
+    tail, empty_tail = turn[len(before):], empty[len(before):]
+    for header in range(len(empty_tail) + 1):
+        if empty_tail[:header] + content + empty_tail[header:] == tail:
+            return len(before) + header, len(turn)
+    raise ValueError("the chat template does not render this assistant turn as header, content, end")
+
+
+def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """A document as OLMo 2 saw them in pretraining: start marker, text, end-of-text; every token learned."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [start, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    return ids, [True] * len(ids)
+
+
+def prepare_data(
+    source: str | os.PathLike,
+    outdir: str | os.PathLike,
+    *,
+    model: str = DEFAULT_MODEL,
+    revision: str | None = None,
+    seq_len: int = 4096,
+    format: str | None = None,
+    split: str = "train",
+    progress: bool = False,
+) -> dict:
+    """Tokenize `source` into OLMo's layout in `outdir` and return the manifest.
+
+    `source` is a JSONL file of {"messages": [...]} (chat) or {"text": ...} (text) objects, or a
+    dataset name or directory for `datasets.load_dataset` (the `datasets` extra). `format` is
+    guessed from the first example when not given. Examples with no token to learn are dropped;
+    longer ones are cut to `seq_len`; both are counted in the manifest. A bad line raises
+    Olmo2KitError naming its line number, and leaves no file that looks complete.
+
+    >>> prepare_data("chats.jsonl", "data/sft", model="1b", seq_len=4096)["rows"]  # doctest: +SKIP
+    """
+    if seq_len < 2:
+        raise Olmo2KitError(f"--seq-len must be at least 2, got {seq_len}")
+    if format is not None and format not in FORMATS:
+        raise Olmo2KitError(f"unknown format {format!r}: use chat or text")
+    outdir = Path(outdir)
+    records, origin = _open_source(str(source), split)
+    tokenizer = load_tokenizer(model, revision)
+    if tokenizer.eos_token_id is None:
+        raise Olmo2KitError(f"the tokenizer of {model} has no end-of-text token: it cannot mark where examples end")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    template, template_origin = chat_template_of(tokenizer)
+    settings = {
+        "layout_version": LAYOUT_VERSION, "source": origin, "tokenizer": _tokenizer_name(model, revision),
+        "seq_len": seq_len, "format": format, "split": split if origin["kind"] == "dataset" else None,
+    }
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    state = _read_progress(outdir, settings)
+    if state is None:  # progress of other settings must not vouch for the files this run writes
+        (outdir / _PROGRESS).unlink(missing_ok=True)
+    counts = state["counts"] if state else {"examples": 0, "rows": 0, "truncated": 0, "dropped": 0, "tokens": 0,
+                                             "label_tokens": 0}
+    done = state["position"] if state else 0
+    fmt = state["format"] if state else format
+    files = {name: open(outdir / partial, "r+b" if state else "wb") for name, partial in _PARTIAL.items()}
+    try:
+        if state:  # drop anything written after the last progress record
+            files[INPUT_IDS].truncate(counts["rows"] * seq_len * 4)
+            files[LABEL_MASK].truncate(counts["rows"] * seq_len)
+            for f in files.values():
+                f.seek(0, os.SEEK_END)
+        bar = _progress_bar(progress, done)
+        for number, record in records(done):
+            fmt = fmt or _guess_format(record, origin, number)
+            ids, mask = _tokenize_record(tokenizer, record, fmt, template, origin, number)
+            counts["examples"] += 1
+            if len(ids) > seq_len:
+                ids, mask = ids[:seq_len], mask[:seq_len]
+                truncated = True
+            else:
+                truncated = False
+            if not any(mask[1:]):  # the first token has no context to be predicted from
+                counts["dropped"] += 1
+            else:
+                counts["rows"] += 1
+                counts["truncated"] += truncated
+                counts["tokens"] += len(ids)
+                counts["label_tokens"] += sum(mask[1:])
+                row = np.full(seq_len, pad_id, dtype=np.uint32)
+                row[: len(ids)] = ids
+                files[INPUT_IDS].write(row.tobytes())
+                row_mask = np.zeros(seq_len, dtype=np.bool_)
+                row_mask[: len(mask)] = mask
+                files[LABEL_MASK].write(row_mask.tobytes())
+            done = number
+            if bar is not None:
+                bar.update(1)
+            if counts["examples"] % _SYNC_EVERY == 0:
+                _write_progress(outdir, files, settings, fmt, done, counts)
+        if bar is not None:
+            bar.close()
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    except Olmo2KitError:
+        _discard_partial(outdir)  # a bad example comes back on a rerun: nothing here is worth resuming
+        raise
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["rows"] == 0:
+        _discard_partial(outdir)
+        raise Olmo2KitError(
+            f"no example in {source} has a token to learn ({counts['examples']} read, {counts['dropped']} dropped): "
+            "chat examples need an assistant turn, and --seq-len must leave room for it"
+        )
+
+    manifest = {
+        "layout": "olmo", "layout_version": LAYOUT_VERSION,
+        "files": {"input_ids": INPUT_IDS, "label_mask": LABEL_MASK},
+        "dtype": "uint32", "label_mask_dtype": "bool", "seq_len": seq_len, "rows": counts["rows"],
+        "format": fmt, "tokenizer": settings["tokenizer"], "vocab_size": len(tokenizer),
+        "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "chat_template": template_origin if fmt == "chat" else None,
+        "source": origin, "split": settings["split"],
+        "examples": counts["examples"], "truncated": counts["truncated"], "dropped": counts["dropped"],
+        "tokens": counts["tokens"], "label_tokens": counts["label_tokens"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    # A directory that held an earlier run stops looking complete before its files change.
+    (outdir / MANIFEST).unlink(missing_ok=True)
+    for name, partial in _PARTIAL.items():
+        os.replace(outdir / partial, outdir / name)
+    write_json_atomic(outdir / MANIFEST, manifest)
+    (outdir / _PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Open a directory written by `prepare_data` (checked against its manifest)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        what = "was interrupted" if (path / _PROGRESS).exists() else "is not prepared data"
+        raise Olmo2KitError(f"{path} {what} (no {MANIFEST}): run `olmo2kit prepare-data INPUT {path}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        rows, seq_len = int(manifest["rows"]), int(manifest["seq_len"])
+        if manifest["dtype"] != "uint32":
+            raise ValueError(f"dtype {manifest['dtype']}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise Olmo2KitError(f"{manifest_path} is damaged ({e}): run prepare-data again") from None
+    arrays = {}
+    for name, dtype in ((INPUT_IDS, np.uint32), (LABEL_MASK, np.bool_)):
+        file = path / name
+        expected = rows * seq_len * np.dtype(dtype).itemsize
+        if not file.exists() or file.stat().st_size != expected:
+            raise Olmo2KitError(f"{file} is missing or not the {expected:,} bytes {MANIFEST} says: prepare it again")
+        arrays[name] = np.memmap(file, dtype=dtype, mode="r", shape=(rows, seq_len))
+    return PreparedData(path, arrays[INPUT_IDS], arrays[LABEL_MASK], manifest)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so readers see the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is a data file like the others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _tokenizer_name(model: str, revision: str | None) -> str:
+    from olmo2kit.loading import resolve_model
+
+    ref = resolve_model(model, revision)
+    return str(Path(ref.source).resolve()) if ref.local else str(ref)
+
+
+def _open_source(source: str, split: str) -> tuple[Callable[[int], Iterator[tuple[int, dict]]], dict]:
+    """A function giving (line number, record) from a position on, and what identifies the source."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        origin = {"kind": "jsonl", "path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+        def jsonl(after: int) -> Iterator[tuple[int, dict]]:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if number <= after or not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError as e:
+                        raise Olmo2KitError(f"{source} line {number}: not JSON ({e}); fix or remove it") from None
+                    if not isinstance(record, dict):
+                        raise Olmo2KitError(f"{source} line {number}: expected a JSON object, got {_kind(record)}")
+                    yield number, record
+
+        return jsonl, origin
+    if not path.is_dir() and (source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json"))):
+        raise Olmo2KitError(f"no such file: {source}")
+    try:
+        import datasets
+    except ImportError:
+        raise Olmo2KitError(
+            f"{source} is not a file; reading it as a dataset name needs the datasets extra: "
+            "pip install 'olmo2kit[datasets]'"
+        ) from None
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise Olmo2KitError(f"cannot load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    origin = {"kind": "dataset", "name": source, "fingerprint": getattr(dataset, "_fingerprint", None)}
+
+    def rows(after: int) -> Iterator[tuple[int, dict]]:
+        yield from enumerate(dataset.select(range(after, len(dataset))), start=after + 1)
+
+    return rows, origin
+
+
+def _guess_format(record: dict, origin: dict, number: int) -> str:
+    if "messages" in record:
+        return "chat"
+    if "text" in record:
+        return "text"
+    raise Olmo2KitError(f"{_where(origin, number)}: has neither 'messages' (chat) nor 'text'")
+
+
+def _tokenize_record(tokenizer, record: dict, fmt: str, template: str, origin: dict, number: int):
+    where = _where(origin, number)
+    if fmt == "text":
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise Olmo2KitError(f"{where}: 'text' must be a string, got {_kind(text)}")
+        return tokenize_text(tokenizer, text)
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Olmo2KitError(f"{where}: 'messages' must be a non-empty list, got {_kind(messages)}")
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise Olmo2KitError(f"{where}: message {k} needs a role of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise Olmo2KitError(f"{where}: message {k} needs its content as a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        return [], []  # nothing to learn: dropped and counted
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return tokenize_chat(tokenizer, turns, template)
+    except ValueError as e:
+        raise Olmo2KitError(f"{where}: {e}") from None
+
+
+def _where(origin: dict, number: int) -> str:
+    if origin["kind"] == "jsonl":
+        return f"{origin['path']} line {number}"
+    return f"{origin['name']} example {number}"
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _read_progress(outdir: Path, settings: dict) -> dict | None:
+    """The recorded progress of an interrupted run with the same settings, else None (start over)."""
+    try:
+        state = json.loads((outdir / _PROGRESS).read_text())
+        if state["settings"] != settings:
+            return None
+        sizes = [(outdir / p).stat().st_size for p in _PARTIAL.values()]
+        rows, seq_len = state["counts"]["rows"], settings["seq_len"]
+        if sizes[0] < rows * seq_len * 4 or sizes[1] < rows * seq_len:
+            return None
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_progress(outdir: Path, files: dict, settings: dict, fmt: str, position: int, counts: dict) -> None:
+    for f in files.values():  # the rows a record counts are on disk before the record is
+        f.flush()
+        os.fsync(f.fileno())
+    write_json_atomic(outdir / _PROGRESS, {"settings": settings, "format": fmt, "position": position,
+                                           "counts": counts})
+
+
+def _discard_partial(outdir: Path) -> None:
+    for name in (*_PARTIAL.values(), _PROGRESS):
+        (outdir / name).unlink(missing_ok=True)
+
+
+def _progress_bar(enabled: bool, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(initial=initial, unit=" examples", desc="prepare-data", disable=None)

@@ -1,0 +1,624 @@
+"""Fine-tune OLMo 2 on prepared data: full, LoRA or QLoRA, in one process or many.
+
+The loop is plain torch, readable top to bottom. accelerate's Accelerator only sets up the
+processes (so `accelerate launch` and `torchrun` run the same command), wraps the model for
+DDP or FSDP and turns on bf16 autocast; checkpoints go through torch.distributed.checkpoint's
+state-dict API, which reads plain, DDP and FSDP models alike.
+
+One optimizer step trains on one global batch: batch_size rows per process, times grad_accum,
+times the processes. Its loss is the mean over the labelled tokens of the whole global batch,
+so the same global batch gives the same update on one process or eight. Rows are visited in a
+seeded shuffle per epoch, a pure function of the step: a resumed run sees the same order.
+
+Output in DIR:
+  config.json, model.safetensors, tokenizer   full fine-tune, or the merged model with --merge
+  adapter_config.json, adapter_model...       a LoRA adapter (olmo2kit.load puts it on its base)
+  adapter/                                     the adapter, when --merge put the merged model in DIR
+  train_log.jsonl                              {"step", "loss", "lr", "tokens"} per step
+  checkpoints/step-N/                          trainable weights, optimizer, RNG, step (for --resume)
+  finetune.json                                the settings and results; written last
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from olmo2kit.data import PreparedData, load_prepared, write_json_atomic
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.generation import peak_memory_gb
+from olmo2kit.sizes import DEFAULT_MODEL
+
+LOG = "train_log.jsonl"
+RESULT = "finetune.json"
+CHECKPOINTS = "checkpoints"
+_STAGING = ".result.tmp"
+_OWN = {LOG, CHECKPOINTS, _STAGING}  # what an unfinished run leaves in its output directory
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tune run needs; a YAML recipe sets any of these fields by name."""
+
+    data: str
+    output: str
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    quantize: str | None = None  # nf4 (QLoRA) or int8, with lora
+    epochs: int | None = None  # neither epochs nor max_steps: one epoch
+    max_steps: int | None = None
+    lr: float = 2e-5
+    warmup: float = 0.03  # fraction of the steps with a linear warm-up; then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1  # rows per process per micro-batch
+    grad_accum: int = 1
+    seq_len: int | None = None  # cut rows shorter than the data's seq_len
+    gradient_checkpointing: bool = False
+    save_every: int | None = None  # steps between checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False
+    merge: bool = False  # LoRA: also write the adapter merged into the base weights
+    seed: int = 0
+    device: str = "auto"  # auto, cpu or cuda
+
+    def __post_init__(self) -> None:
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "lora_r": self.lora_r, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if not value > 0:
+                raise Olmo2KitError(f"{name} must be positive, got {value}")
+        for name in ("epochs", "max_steps", "save_every", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise Olmo2KitError(f"{name} must be at least 1, got {value}")
+        if self.epochs is not None and self.max_steps is not None:
+            raise Olmo2KitError("give --epochs or --max-steps, not both")
+        if not 0.0 <= self.warmup < 1.0:
+            raise Olmo2KitError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise Olmo2KitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise Olmo2KitError("weight_decay must be 0 or more and max_grad_norm positive")
+        if self.quantize and not self.lora:
+            raise Olmo2KitError(
+                f"quantized weights cannot be trained directly: add --lora to train an adapter on the "
+                f"{self.quantize} model (QLoRA)"
+            )
+        if self.quantize not in (None, "nf4", "fp4", "int8"):
+            raise Olmo2KitError(f"unknown quantization {self.quantize!r}: use nf4 (QLoRA), fp4 or int8")
+        if self.merge and not self.lora:
+            raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise Olmo2KitError(f"unknown device {self.device!r}: use auto, cpu or cuda (processes pick their GPU)")
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    steps: int
+    tokens: int  # positions run through the model, all processes
+    loss: float | None  # of the last step
+    elapsed_s: float  # training steps of this run, without loading and saving
+    tokens_per_s: float
+    peak_memory_gb: float
+    saved: str  # "full", "adapter" or "merged"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "output": str(self.output)}
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The fields a YAML recipe sets, checked against FinetuneConfig."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise Olmo2KitError(f"no such config file: {path} (recipes are in configs/finetune/)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise Olmo2KitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise Olmo2KitError(f"{path} must be a mapping of option: value")
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise Olmo2KitError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    return {key: _coerce(path, key, value, fields[key].type) for key, value in values.items()}
+
+
+def _coerce(path: Path, key: str, value, annotation: str):
+    # PyYAML reads 2e-5 (no dot) as a string; recipes should not have to know that.
+    if value is None or annotation.startswith("str"):
+        return value
+    kind = float if annotation.startswith("float") else int if annotation.startswith("int") else bool
+    if kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise Olmo2KitError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
+    """The rate for optimizer step `step` (0-based): linear warm-up, then linear decay towards 0."""
+    warm = math.ceil(warmup * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * (total - step) / (total - warm)
+
+
+class DataOrder:
+    """Which rows each optimizer step trains on: a seeded shuffle per epoch, cut into global batches.
+
+    The leftover rows of an epoch (fewer than a global batch) wait for the next shuffle.
+    """
+
+    def __init__(self, rows: int, global_batch: int, seed: int) -> None:
+        if rows < global_batch:
+            raise Olmo2KitError(
+                f"the data has {rows} rows, fewer than one global batch of {global_batch} "
+                "(batch size x grad accum x processes): lower --batch-size or --grad-accum"
+            )
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.steps_per_epoch = rows // global_batch
+
+    @lru_cache(maxsize=1)  # noqa: B019 (one order per run; the instance lives as long as the run)
+    def _epoch(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return self._epoch(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
+
+
+def finetune(
+    config: FinetuneConfig,
+    *,
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.data` and save the result in `config.output`.
+
+    Runs in every process of `accelerate launch` / `torchrun`; only the first one writes logs,
+    checkpoints and the result. `say` receives progress messages (first process only).
+
+    >>> finetune(FinetuneConfig(data="data/sft", output="out/1b-sft", model="1b", epochs=2))  # doctest: +SKIP
+    """
+    import torch
+    from accelerate import Accelerator
+
+    data = load_prepared(config.data)
+    output = Path(config.output)
+    finished = _finished(output, config)
+    if finished is not None:
+        return finished
+    device = _device(config.device)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
+    main = accelerator.is_main_process
+    say = say if (say and main) else (lambda message: None)
+
+    seq_len = min(config.seq_len or data.seq_len, data.seq_len)
+    world = accelerator.num_processes
+    order = DataOrder(data.rows, config.batch_size * config.grad_accum * world, config.seed)
+    total = config.max_steps or (config.epochs or 1) * order.steps_per_epoch
+    checkpoint = _checkpoint_to_resume(output, config)
+    identity = _identity(config, data, order.global_batch, seq_len)
+    if checkpoint is not None:
+        _check_same_run(checkpoint, identity)
+
+    torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
+    model, tokenizer, ref = _load_model(config, accelerator, bf16, data)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.manual_seed(config.seed + accelerator.process_index)  # dropout differs between processes
+
+    start_step, tokens = 0, 0
+    if checkpoint is not None:
+        start_step, tokens = _load_checkpoint(checkpoint, model, optimizer, accelerator)
+        say(f"resuming from {checkpoint} (step {start_step} of {total})")
+    elif not ref.local and ref.revision:
+        say(f"starting from {ref}: Hub checkpoints hold weights only, so the optimizer starts fresh "
+            "(OLMo's --reset_trainer_state)")
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        _trim_log(output / LOG, start_step)
+    say(f"{data.rows} rows of {seq_len} tokens, global batch {order.global_batch} rows, "
+        f"{order.steps_per_epoch} steps per epoch, {total} steps, {world} process(es)"
+        + (", bf16 autocast" if bf16 else ""))
+
+    model.train()
+    log = open(output / LOG, "a") if main else None  # noqa: SIM115 (closed below, kept open across steps)
+    bar = _progress_bar(progress and main, start_step, total)
+    loss_value = None
+    begin, tokens_at_start = time.perf_counter(), tokens
+    try:
+        for step in range(start_step, total):
+            rows = order.batch(step)
+            lr = learning_rate(step, total, config.lr, config.warmup)
+            loss_value, step_tokens = _train_step(
+                model, optimizer, accelerator, data, rows, seq_len, lr, config
+            )
+            tokens += step_tokens
+            if main:
+                _append_line(log, {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "-", lr=f"{lr:.2e}")
+                bar.update(1)
+            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total:
+                _save_checkpoint(output, step + 1, tokens, identity, model, optimizer, accelerator, config)
+    finally:
+        if log is not None:
+            log.close()
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - begin
+    peak = peak_memory_gb(accelerator.unwrap_model(model))
+
+    saved = _save_result(output, model, tokenizer, accelerator, config, ref, say)
+    result = FinetuneResult(
+        output=output, steps=total, tokens=tokens, loss=loss_value, elapsed_s=elapsed,
+        tokens_per_s=(tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0, peak_memory_gb=peak, saved=saved,
+    )
+    if main:
+        write_json_atomic(output / RESULT, {
+            "config": dataclasses.asdict(config), "base": str(ref), "data_manifest": data.manifest,
+            "result": result.to_dict(), "processes": world,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndarray, seq_len: int, lr: float,
+                config: FinetuneConfig) -> tuple[float | None, int]:
+    """One optimizer step over one global batch: (mean loss over its labelled tokens, positions run)."""
+    import torch
+    import torch.nn.functional as F
+
+    # Every process knows the whole global batch, so it knows the token count to divide by
+    # without talking to the others.
+    mask = data.label_mask[np.sort(rows)][:, :seq_len]
+    labelled = int(mask[:, 1:].sum())
+    micro = [rows[i:i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+    lengths = [_length(data.label_mask[np.sort(m)][:, :seq_len]) for m in micro]
+    positions = sum(len(m) * n for m, n in zip(micro, lengths, strict=True))
+    if labelled == 0:
+        return None, 0  # nothing to learn: the weights and the optimizer's moments stay as they are
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = [k * world + rank for k in range(config.grad_accum)]  # micro-batches of this process
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for n, k in enumerate(mine):
+        index = np.sort(micro[k])
+        length = lengths[k]
+        ids = torch.from_numpy(data.input_ids[index][:, :length].astype(np.int64)).to(accelerator.device)
+        learn = torch.from_numpy(data.label_mask[index][:, :length].copy()).to(accelerator.device)
+        # Position t predicts token t + 1. Shifting the labels, not the logits, spares a copy of the logits.
+        labels = F.pad(ids.masked_fill(~learn, -100)[:, 1:], (0, 1), value=-100)
+        sync = nullcontext() if n == len(mine) - 1 else accelerator.no_sync(model)
+        with sync:
+            logits = model(input_ids=ids).logits
+            token_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                         reduction="sum") / labelled
+            # DDP and FSDP average gradients over processes; the loss is a sum over the whole batch.
+            accelerator.backward(token_loss * world)
+        loss_sum += token_loss.detach()
+    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(loss_sum, reduction="sum").item(), positions
+
+
+def _length(mask: np.ndarray) -> int:
+    """Positions worth running: up to the last labelled token (later ones cannot change the loss)."""
+    labelled = np.flatnonzero(mask.any(axis=0))
+    return max(2, int(labelled[-1]) + 1) if len(labelled) else 2
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Olmo2KitError("device 'cuda' asked for, but no CUDA GPU is visible: use --device cpu")
+    return device
+
+
+def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
+    """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
+    from olmo2kit.loading import _quiet_bitsandbytes, load, resolve_model
+
+    ref = resolve_model(config.model, config.revision)
+    device = _process_device(accelerator)
+    # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen base can be bf16.
+    dtype = "bf16" if bf16 and config.lora else "fp32"
+    model, tokenizer = load(config.model, revision=config.revision, dtype=dtype, quantize=config.quantize,
+                            device=device)
+    _check_tokenizer(data, tokenizer, model, config)
+    model.config.use_cache = False
+    if config.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        # transformers 5.24 renamed gradient_checkpointing_enable; older 5.x only have the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    if config.lora:
+        _quiet_bitsandbytes()  # peft imports bitsandbytes, whose CPU backend logs a missing optional package
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules="all-linear", task_type="CAUSAL_LM", revision=ref.revision,
+        )
+        model = get_peft_model(model, lora)
+    return model, tokenizer, ref
+
+
+def _process_device(accelerator) -> str:
+    """This process's device, as olmo2kit.load names it (one GPU per process, never device_map="auto")."""
+    if accelerator.device.type == "cuda":
+        return f"cuda:{accelerator.device.index or 0}"
+    return accelerator.device.type
+
+
+def _check_tokenizer(data: PreparedData, tokenizer, model, config: FinetuneConfig) -> None:
+    manifest = data.manifest
+    if manifest.get("eos_token_id") != tokenizer.eos_token_id or manifest.get("vocab_size", 0) != len(tokenizer):
+        raise Olmo2KitError(
+            f"{data.path} was prepared with the tokenizer of {manifest.get('tokenizer')}, which does not match "
+            f"{config.model}'s: run `olmo2kit prepare-data ... --model {config.model}` again"
+        )
+    if manifest.get("vocab_size", 0) > model.config.vocab_size:
+        raise Olmo2KitError(f"{data.path} has token ids beyond the model's {model.config.vocab_size}-token vocabulary")
+
+
+def _identity(config: FinetuneConfig, data: PreparedData, global_batch: int, seq_len: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "model": config.model, "revision": config.revision, "lora": config.lora, "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha, "quantize": config.quantize, "seed": config.seed,
+        "global_batch": global_batch, "seq_len": seq_len,
+        "data": {"path": str(data.path.resolve()), "rows": data.rows, "created": data.manifest.get("created")},
+    }
+
+
+def _finished(output: Path, config: FinetuneConfig) -> FinetuneResult | None:
+    """The result of a finished run in `output` when resuming it, an error when not; None if unfinished."""
+    if not (output / RESULT).exists():
+        if not config.resume and _checkpoints(output):
+            raise Olmo2KitError(
+                f"{output} holds checkpoints of an earlier run: add --resume to continue it, or pick another --output"
+            )
+        others = sorted(p.name for p in output.iterdir() if p.name not in _OWN) if output.is_dir() else []
+        if others and not (config.resume and _checkpoints(output)):  # a kill while saving the result leaves some
+            raise Olmo2KitError(f"{output} is not empty ({', '.join(others[:3])}, ...): pick a new --output directory")
+        return None
+    if not config.resume:
+        raise Olmo2KitError(f"{output} already holds a finished fine-tune: pick another --output")
+    result = json.loads((output / RESULT).read_text())["result"]
+    return FinetuneResult(**{**result, "output": output})
+
+
+def _checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a checkpoint is renamed into place only once whole)."""
+    found = []
+    for path in (output / CHECKPOINTS).glob("step-*"):
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and (path / "state.json").exists():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def _checkpoint_to_resume(output: Path, config: FinetuneConfig) -> Path | None:
+    if not config.resume:
+        return None
+    found = _checkpoints(output)
+    return found[-1][1] if found else None
+
+
+def _check_same_run(checkpoint: Path, identity: dict) -> None:
+    saved = json.loads((checkpoint / "state.json").read_text())["identity"]
+    differ = [key for key in identity if saved.get(key) != identity[key]]
+    if differ:
+        details = "; ".join(f"{key}: {saved.get(key)!r} then, {identity[key]!r} now" for key in differ)
+        raise Olmo2KitError(
+            f"{checkpoint} is from a different run ({details}): resume with the same settings, "
+            "or pick another --output"
+        )
+
+
+def _state_dict_options(**options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **options)
+
+
+def _trainable_names(model, accelerator) -> set[str]:
+    unwrapped = accelerator.unwrap_model(model)
+    return {name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            for name, p in unwrapped.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model, optimizer, accelerator,
+                     config: FinetuneConfig) -> None:
+    """Write checkpoints/step-N whole or not at all: into a temporary directory, renamed when complete."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = output / CHECKPOINTS
+    staging = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Frozen weights (the base of a LoRA run) come back from the base model; only what trains is saved.
+    weights, optim = get_state_dict(model, optimizer, options=_state_dict_options(ignore_frozen_params=True))
+    names = _trainable_names(model, accelerator)
+    torch.save(_rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in weights.items() if k in names}, staging / "trainable.safetensors")
+        torch.save(optim, staging / "optimizer.pt")
+        # The learning rate is a function of the step, so the step is the whole scheduler state;
+        # the data order is a function of the seed and the step.
+        write_json_atomic(staging / "state.json", {"step": step, "tokens": tokens, "identity": identity,
+                                                   "processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(staging)
+        final = root / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for _, old in _checkpoints(output)[:-config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(checkpoint: Path, model, optimizer, accelerator) -> tuple[int, int]:
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = json.loads((checkpoint / "state.json").read_text())
+    weights = load_file(checkpoint / "trainable.safetensors")
+    names = _trainable_names(model, accelerator)
+    if set(weights) != names:
+        raise Olmo2KitError(f"{checkpoint} does not hold this model's trainable weights: pick another --output")
+    optim = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=_state_dict_options(strict=False))
+    rng = checkpoint / f"rng-{accelerator.process_index}.pt"
+    if rng.exists():  # absent when resuming on more processes than before
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return state["step"], state["tokens"]
+
+
+def _rng_state() -> dict:
+    """The random state dropout draws from (the data order needs none: it is seeded per epoch)."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the log's whole lines up to `step`: a resumed run logs its later steps again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            break  # a line torn by a kill ends the log
+        if not line.endswith("\n") or entry.get("step", step + 1) > step:
+            break
+        kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _append_line(file, entry: dict) -> None:
+    file.write(json.dumps(entry) + "\n")
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneConfig, ref, say) -> str:
+    """Save the trained model in HF format into `output`: full weights, an adapter, or the merged model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state_dict = get_model_state_dict(model, options=_state_dict_options(ignore_frozen_params=config.lora))
+    saved = "merged" if config.merge else "adapter" if config.lora else "full"
+    if not accelerator.is_main_process:
+        accelerator.free_memory()
+        return saved
+    staging = output / _STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    unwrapped = accelerator.unwrap_model(model)
+    adapter_dir = staging / "adapter" if config.merge else staging
+    if config.lora:
+        # The adapter leaves embeddings alone; saying so spares peft a Hub lookup of the base config.
+        unwrapped.save_pretrained(adapter_dir, state_dict=state_dict, save_embedding_layers=False)
+    else:
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(staging, state_dict=state_dict)
+    tokenizer.save_pretrained(staging)
+    del unwrapped, state_dict
+    accelerator.free_memory()
+    if config.merge:
+        say("merging the adapter into the base weights")
+        _merge(ref, adapter_dir, staging, accelerator)
+    for item in staging.iterdir():
+        target = output / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+    return saved
+
+
+def _merge(ref, adapter_dir: Path, staging: Path, accelerator) -> None:
+    """Merge the adapter into an unquantized copy of the base (a QLoRA adapter too) and save it in `staging`."""
+    import torch
+    from peft import PeftModel
+
+    from olmo2kit.loading import load
+
+    base, _ = load(ref.source, revision=ref.revision, dtype="fp32", device=_process_device(accelerator))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(staging)
+    del base, merged
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _progress_bar(enabled: bool, initial: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="finetune", disable=None)
