@@ -24,24 +24,17 @@ from pathlib import Path
 import torch
 
 import olmo2kit
+from olmo2kit.bench import load_random
 from olmo2kit.generation import generate
 from olmo2kit.loading import load
-from olmo2kit.sizes import hf_config
-from olmo2kit.tiny import build_tiny, build_tokenizer
+from olmo2kit.tiny import build_tiny
 
 PROMPT = "Language modeling is the task of predicting the next word in a sequence of text. " * 2
 
 
 def setup(args):
     if args.size:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        from transformers import Olmo2ForCausalLM
-
-        tokenizer = build_tokenizer()
-        tokenizer.padding_side = "left"
-        with torch.device(args.device):
-            model = Olmo2ForCausalLM(hf_config(args.size)).to(dtype).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model, tokenizer = load_random(args.size, args.dtype, None, args.device)
         return model, tokenizer, f"OLMo 2 {args.size} architecture, random weights, {args.dtype}"
     path = build_tiny(Path(tempfile.mkdtemp()) / "tiny", seed=0)
     model, tokenizer = load(str(path), device=args.device, dtype=args.dtype if args.dtype != "auto" else "auto")

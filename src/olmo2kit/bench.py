@@ -171,13 +171,13 @@ def load_random(size: str, dtype: str, quantize: str | None, device: str):
     else:
         config = hf_config(get_size(size))
     if quantize is None:
-        with torch.device(device):
-            model = Olmo2ForCausalLM(config).to(torch_dtype).eval()
+        with torch.device(device):  # built in the target dtype: no fp32 copy to inflate peak memory
+            model = Olmo2ForCausalLM._from_config(config, dtype=torch_dtype).eval()
         tokenizer.padding_side = "left"
         return model, tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         with torch.device(device):
-            Olmo2ForCausalLM(config).to(torch_dtype).save_pretrained(tmp)
+            Olmo2ForCausalLM._from_config(config, dtype=torch_dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         return load(tmp, dtype=dtype, quantize=quantize, device=device)
 
