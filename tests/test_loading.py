@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from hub import hub_env_fixture, hub_fixture, hub_server_fixture  # noqa: F401
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.loading import load, resolve_model
 
@@ -137,3 +138,36 @@ def test_lora_adapter_directory_loads_on_its_base(tiny_path, tmp_path):
     assert isinstance(model, PeftModel)
     result = generate(model, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
     assert result == expected != before
+
+
+def _hub_down(monkeypatch) -> None:
+    """Point huggingface_hub at a loopback port where nothing listens."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+
+
+def test_unreachable_hub_fails_at_once_without_a_cached_copy(hub_env, monkeypatch):
+    import time
+
+    _hub_down(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(Olmo2KitError, match="not in the local cache and the Hub cannot be reached.*olmo2kit tiny"):
+        load("org/repo", device="cpu")
+    assert time.perf_counter() - start < 10  # no retry loop
+
+
+def test_unreachable_hub_loads_the_cached_copy(hub_env, monkeypatch, caplog):
+    first, _ = load("org/repo", device="cpu")
+    _hub_down(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="olmo2kit"):
+        again, _ = load("org/repo", device="cpu")
+    assert "cannot reach the Hub: loading the cached copy" in caplog.text
+    assert torch.equal(first.lm_head.weight, again.lm_head.weight)
+
+
+def test_missing_repo_is_reported_before_any_download(hub, hub_env):
+    with pytest.raises(Olmo2KitError, match="org/nothing not found on the Hub"):
+        load("org/nothing", device="cpu")
+    assert not any("/resolve/" in path for _, path in hub.requests)

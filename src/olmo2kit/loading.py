@@ -159,6 +159,7 @@ def load(
 
     >>> model, tokenizer = load("1b", quantize="nf4")  # doctest: +SKIP
     """
+    _quiet_bitsandbytes()  # peft and quantization import it
     ref = resolve_model(model, revision)
     if ref.local and (Path(ref.source) / "adapter_config.json").exists():
         return _load_adapter(Path(ref.source), dtype=dtype, quantize=quantize, device=device)
@@ -171,15 +172,27 @@ def load(
         kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
     # device="auto" on a GPU lets accelerate spread a model that does not fit one device.
     kwargs["device_map"] = "auto" if device == "cuda" else device
-    if not ref.local and ref.revision and not _offline():
-        from olmo2kit.revisions import check_revision
+    if not ref.local and not _offline():
+        if _hub_reachable(ref):
+            if ref.revision:
+                from olmo2kit.revisions import check_revision
 
-        check_revision(ref.source, ref.revision)
+                check_revision(ref.source, ref.revision)
+        elif _cached(ref):
+            log.warning(f"cannot reach the Hub: loading the cached copy of {ref}")
+            kwargs["local_files_only"] = True
+        else:
+            raise Olmo2KitError(
+                f"{ref} is not in the local cache and the Hub cannot be reached (check the network and "
+                "HF_ENDPOINT); for an offline try, build a tiny checkpoint with `olmo2kit tiny ./tiny` "
+                "and pass --model ./tiny"
+            )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False,
+                                                  local_files_only=kwargs.get("local_files_only", False))
         loaded = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
     except OSError as e:
         raise Olmo2KitError(_explain_load_error(ref, e)) from e
@@ -210,6 +223,40 @@ def _load_adapter(path: Path, **options):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         tokenizer.padding_side = "left"
     return adapted, tokenizer
+
+
+def _hub_reachable(ref: ModelRef) -> bool:
+    """Ask the Hub about the repo once, without retries: True if it answered.
+
+    A missing or gated repo is a user error here, before any download starts; a network
+    failure returns False, so that a cached copy can load at once instead of after
+    huggingface_hub's retries (about 45 s).
+    """
+    import httpx2  # huggingface_hub's HTTP client: its request errors mean the Hub is out of reach
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(ref.source)
+    except GatedRepoError:
+        return True  # the download will say it needs a token
+    except RepositoryNotFoundError:
+        raise Olmo2KitError(
+            f"{ref.source} not found on the Hub: check the repo id, or for a private repo set HF_TOKEN "
+            "or run `hf auth login`"
+        ) from None
+    except HfHubHTTPError:
+        return True  # the Hub answered; the download reports what is wrong
+    except (httpx2.RequestError, httpx2.InvalidURL):
+        return False
+    return True
+
+
+def _cached(ref: ModelRef) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(ref.source, "config.json", revision=ref.revision)
+    return isinstance(found, str)
 
 
 def _offline() -> bool:
