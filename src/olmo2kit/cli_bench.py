@@ -36,8 +36,11 @@ def bench(
 
       olmo2kit bench --model ./tiny --new-tokens 64
     """
+    from transformers.utils import logging as hf_logging
+
     from olmo2kit.bench import bench as run_bench
 
+    hf_logging.disable_progress_bar()
     if not random_init and size:
         model = model or size
     result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
@@ -55,8 +58,8 @@ def bench(
         ("time to first token", f"{result.ttft_s * 1000:.1f} ms"),
         ("prefill", f"{result.prefill_tokens_per_s:,.0f} tokens/s"),
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
-        ("peak memory", f"{result.peak_memory_gb:.2f} GB"),
-        ("weights read per token", f"{result.weight_bytes / 1e9:.2f} GB"),
+        ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)", f"{result.peak_memory_gb:.2f} GB"),
+        ("weights read per token", _bytes(result.weight_bytes)),
         ("memory bandwidth (measured)", f"{result.bandwidth_gbps:,.0f} GB/s"),
         ("bandwidth floor, batch 1", f"{result.floor_tokens_per_s:,.0f} tokens/s"),
         ("reached (per sequence)", f"{100 * result.floor_fraction:.0f}% of the floor"),
@@ -100,3 +103,7 @@ def estimate(
         (f"available on {result.device}", available),
     ])
     info(f"{result.model}: {fits} ({result.total_bytes / 1e9:.2f} GB needed)")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
