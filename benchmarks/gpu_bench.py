@@ -74,6 +74,7 @@ def main() -> None:
     for size in (small, big):
         record(f"{size} plain b1", speed(size))
         record(f"{size} compiled b1", speed(size, compile=True))
+    record(f"{small} compiled vs plain greedy agreement", lambda: agreement(small, device, new))
     record(f"{big} + {small} draft, speculative", lambda: speculative(big, small, device, new))
     for q in quantized:
         record(f"{small} {q} b1", lambda q=q: bench(size=small, random_init=True, dtype="bf16", quantize=q,
@@ -81,7 +82,6 @@ def main() -> None:
     record(f"{small} plain b16", speed(small, batch_size=16))
     record(f"{small} compiled b16", speed(small, batch_size=16, compile=True))
     record(f"{big} plain b16", speed(big, batch_size=16))
-    record(f"{small} compiled vs plain greedy agreement", lambda: agreement(small, device, new))
 
     print(f"\n{'row':42} {'decode tok/s':>13} {'ms/token':>9} {'floor %':>8} {'peak GB':>8}")
     for row in rows:
