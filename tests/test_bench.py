@@ -56,6 +56,8 @@ def test_estimate_cli_json_and_errors(cli):
     assert code == 0 and "KV cache" in out and "13b: " in err and "fit" in err
     code, _, err = cli("estimate", "nothing-like-this")
     assert code == 2 and err.startswith("error: cannot tell the architecture")
+    code, _, err = cli("estimate", "1b", "--device", "tpu")
+    assert code == 2 and err == "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps\n"
 
 
 def test_bench_cli(cli, tiny_path):
@@ -64,3 +66,8 @@ def test_bench_cli(cli, tiny_path):
     assert code == 0 and json.loads(out)["new_tokens"] == 8
     code, out, _ = cli("bench", "--model", str(tiny_path), "--new-tokens", "8", "--repeat", "1")
     assert code == 0 and "bandwidth floor" in out
+    code, _, err = cli("bench", "--model", str(tiny_path), "--prompt-len", "100000", "--new-tokens", "2")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err
+    assert lines[-1] == ("error: --prompt-len 100000 plus --new-tokens 2 passes the model's 1024-token context: "
+                         "lower one of them")

@@ -93,6 +93,7 @@ def test_fp16_warns(cli, tiny_path):
         (("--dtype", "fp8"), "unknown dtype"),
         (("--quantize", "int4"), "unknown quantization"),
         (("--device", "tpu"), "unknown device"),
+        (("--device", "cuda:x"), "unknown device 'cuda:x'"),
         (("--revision", "main"), "local directory"),
     ],
 )
@@ -110,6 +111,14 @@ def test_unknown_alias_lists_the_valid_ones(cli):
 def test_missing_local_path(cli):
     code, _, err = cli("generate", "Hello", "--model", "./not-here")
     one_line_error(code, err, "no such directory: ./not-here")
+
+
+def test_local_path_that_is_no_checkpoint(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    code, _, err = cli("generate", "Hello", "--model", str(tmp_path))
+    one_line_error(code, err, f"{tmp_path} holds no config.json: it is not a checkpoint")
+    code, _, err = cli("generate", "Hello", "--model", str(tmp_path / "notes.txt"))
+    one_line_error(code, err, "notes.txt is a file: give a checkpoint directory")
 
 
 def test_model_not_cached_offline_points_to_tiny(cli, offline_hub):
@@ -154,6 +163,18 @@ def test_tiny_command(cli, tmp_path):
     code, out, _ = cli("tiny", str(tmp_path / "t"), "--instruct", "--seed", "3")
     assert code == 0 and out.strip() == str(tmp_path / "t")
     assert (tmp_path / "t" / "model.safetensors").exists()
+
+
+def test_tiny_never_replaces_what_is_not_a_checkpoint(cli, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    code, _, err = cli("tiny", str(tmp_path))
+    one_line_error(code, err, "exists and is not a checkpoint, so it is not replaced")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    code, _, err = cli("tiny", str(tmp_path / "keep.txt"))
+    one_line_error(code, err, "exists and is not a checkpoint")
+    code, _, err = cli("tiny", str(tmp_path / "keep.txt" / "t"))
+    one_line_error(code, err, "keep.txt is a file, not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_help_lists_commands_without_importing_torch():

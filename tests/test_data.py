@@ -227,3 +227,17 @@ def test_cli_prepare_data(cli, tmp_path, tiny_instruct_path):
     assert code == 2 and err.strip().splitlines()[-1] == f"error: no such file: {tmp_path / 'missing.jsonl'}"
     code, _, err = cli("prepare-data", str(source), str(tmp_path / "x"), "--format", "html")
     assert code == 2 and "unknown format 'html'" in err and "Traceback" not in err
+    code, _, err = cli("prepare-data", str(source), str(source), "--model", str(tiny_instruct_path))
+    assert code == 2 and err == f"error: {source} is a file, not a directory: give a directory to write to\n"
+
+
+def test_a_directory_that_is_no_dataset_is_one_line(cli, tmp_path, tiny_instruct_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"messages": [\n')
+    code, _, err = cli("prepare-data", str(tmp_path / "ds"), str(tmp_path / "out"), "--model",
+                       str(tiny_instruct_path))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err
+    assert lines[-1].startswith(f"error: cannot load dataset '{tmp_path / 'ds'}' split 'train': JSON parse error")
+    assert not (tmp_path / "out").exists()

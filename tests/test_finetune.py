@@ -273,6 +273,7 @@ def test_recipes_are_valid():
         (["--batch-size", "0"], "batch_size must be positive"),
         (["--batch-size", "5", "--grad-accum", "2"], "fewer than one global batch of 10"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--seq-len", "1"], "seq_len must be at least 2, got 1"),
     ],
 )
 def test_bad_options_fail_in_one_line(cli, chat_data, tiny_instruct_path, tmp_path, extra, message):
@@ -289,6 +290,9 @@ def test_output_and_resume_errors(cli, chat_data, tiny_instruct_path, tmp_path):
     assert code == 2 and "is not prepared data" in err and "olmo2kit prepare-data" in err
     code, _, err = cli(*base, "--output", str(tiny_instruct_path))
     assert code == 2 and "is not empty" in err
+    code, _, err = cli(*base, "--output", str(chat_data / "manifest.json"))
+    assert code == 2 and err.endswith(f"error: {chat_data / 'manifest.json'} is a file, not a directory: "
+                                      "give a directory to write to\n")
     out = tmp_path / "out"
     options = ["--output", str(out), "--max-steps", "4", "--save-every", "2", "--batch-size", "2"]
     assert cli(*base, *options)[0] == 0

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,8 @@ def test_cli_job_reports_progress_and_bad_lines(cli, tiny_path, tmp_path):
         (("--input", "in.jsonl", "--output", "o.jsonl", "--batch-size", "0"), "at least 1"),
         (("--input", "missing.jsonl", "--output", "o.jsonl"), "no such input file"),
         (("--input", "in.jsonl", "--output", "o.jsonl", "--json"), "--json does not apply"),
+        (("--input", "in.jsonl", "--output", "."), "it is a directory; give a file name"),
+        (("--input", "in.jsonl", "--output", "in.jsonl/o.jsonl"), "there is no directory in.jsonl"),
     ],
 )
 def test_cli_job_usage_errors(cli, tiny_path, tmp_path, monkeypatch, args, needle):
@@ -220,4 +223,7 @@ def test_output_beside_input_is_refused(chat_model, tmp_path):
         run_job(model, tokenizer, source, source)
     with pytest.raises(Olmo2KitError, match="no directory"):
         run_job(model, tokenizer, source, tmp_path / "nowhere" / "out.jsonl")
+    if Path("/proc/self").is_dir():  # a directory where nothing can be created, even by root
+        with pytest.raises(Olmo2KitError, match=r"cannot write /proc/x \(No such file or directory\)"):
+            run_job(model, tokenizer, source, "/proc/x")
     assert os.path.getsize(source) > 0

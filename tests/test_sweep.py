@@ -174,6 +174,15 @@ def test_bad_options_fail_before_any_download(checkpoints, hub, hub_env, data, t
     assert hub.count("/lfs/") == 0 and hub.count("/org/") == 0
 
 
+def test_unwritable_out_or_plot_fails_before_any_download(checkpoints, hub, hub_env, data, tmp_path, cli):
+    code, _, err = cli("sweep", "--model", SWEEP, "--data", str(data), "--out", str(tmp_path))
+    assert code == 2 and err == f"error: --out {tmp_path} is a directory: give a file name\n"
+    code, _, err = cli("sweep", "--model", SWEEP, "--data", str(data), "--out", str(tmp_path / "r.jsonl"),
+                       "--plot", str(data / "p.png"))
+    assert code == 2 and err == f"error: {data} is a file, not a directory: give a directory to write to\n"
+    assert hub.count("/lfs/") == 0
+
+
 def test_resuming_with_another_setup_is_refused(checkpoints, hub, hub_env, data, tmp_path, cli):
     out = tmp_path / "r.jsonl"
     setup = Sweep(SWEEP, data=data, out=out, device="cpu").setup

@@ -62,6 +62,10 @@ def device_memory(device: str = "auto") -> tuple[str, int | None]:
     """(device name, bytes available to a model on it): the GPU's total memory, else the machine's RAM."""
     import torch
 
+    from olmo2kit.loading import DEVICE
+
+    if not DEVICE.match(device):
+        raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     wants_gpu = device in ("auto", "cuda") or device.startswith("cuda:")
     if wants_gpu and torch.cuda.is_available():
         index = torch.device(device if device.startswith("cuda:") else "cuda").index or 0
@@ -209,6 +213,12 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         loaded, tokenizer = load(label, revision=revision, dtype=dtype, quantize=quantize, device=device)
     _sync(loaded.device)
     load_s = time.perf_counter() - start
+    context = loaded.config.max_position_embeddings
+    if prompt_len + new_tokens > context:
+        raise Olmo2KitError(
+            f"--prompt-len {prompt_len} plus --new-tokens {new_tokens} passes the model's {context}-token context: "
+            "lower one of them"
+        )
 
     vocab = min(loaded.config.vocab_size, len(tokenizer))
     generator = torch.Generator().manual_seed(0)

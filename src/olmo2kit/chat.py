@@ -99,7 +99,10 @@ def save_transcript(path: str | os.PathLike, model: str, messages: Sequence[Mapp
     if path.is_dir():
         raise Olmo2KitError(f"cannot save to {path}: it is a directory; give a file name")
     text = json.dumps({"model": model, "messages": list(messages)}, indent=2, ensure_ascii=False) + "\n"
-    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise Olmo2KitError(f"cannot save to {path} ({e.strerror}): give a file you can write to") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

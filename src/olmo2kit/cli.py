@@ -233,7 +233,7 @@ def sizes(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def tiny(
-    path: Annotated[str, typer.Argument(help="Directory to write (replaced if it exists).")],
+    path: Annotated[str, typer.Argument(help="Directory to write (a checkpoint already there is replaced).")],
     instruct: Annotated[bool, typer.Option("--instruct", help="Add the OLMo 2 chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from olmo2kit.errors import Olmo2KitError
+from olmo2kit.errors import Olmo2KitError, make_output_dir
 from olmo2kit.sizes import DEFAULT_MODEL
 
 INPUT_IDS = "input_ids.npy"
@@ -173,6 +173,7 @@ def prepare_data(
         raise Olmo2KitError(f"unknown format {format!r}: use chat or text")
     outdir = Path(outdir)
     records, origin = _open_source(str(source), split)
+    make_output_dir(outdir)
     tokenizer = load_tokenizer(model, revision)
     if tokenizer.eos_token_id is None:
         raise Olmo2KitError(f"the tokenizer of {model} has no end-of-text token: it cannot mark where examples end")
@@ -183,7 +184,6 @@ def prepare_data(
         "seq_len": seq_len, "format": format, "split": split if origin["kind"] == "dataset" else None,
     }
 
-    outdir.mkdir(parents=True, exist_ok=True)
     state = _read_progress(outdir, settings)
     if state is None:  # progress of other settings must not vouch for the files this run writes
         (outdir / _PROGRESS).unlink(missing_ok=True)
@@ -344,8 +344,11 @@ def _open_source(source: str, split: str) -> tuple[Callable[[int], Iterator[tupl
     datasets.disable_progress_bars()
     try:
         dataset = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise Olmo2KitError(f"cannot load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
+        # A generation error wraps the reason (a file that is not JSON, say) in its cause.
+        reason = str(e.__cause__ or e) if isinstance(e, datasets.exceptions.DatasetGenerationError) else str(e)
+        raise Olmo2KitError(f"cannot load dataset {source!r} split {split!r}: {reason.splitlines()[0]}") from None
     origin = {"kind": "dataset", "name": source, "fingerprint": getattr(dataset, "_fingerprint", None)}
 
     def rows(after: int) -> Iterator[tuple[int, dict]]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from olmo2kit.data import PreparedData, load_prepared, write_json_atomic
-from olmo2kit.errors import Olmo2KitError
+from olmo2kit.errors import Olmo2KitError, make_output_dir
 from olmo2kit.generation import peak_memory_gb
 from olmo2kit.sizes import DEFAULT_MODEL
 
@@ -84,10 +84,13 @@ class FinetuneConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise Olmo2KitError(f"{name} must be positive, got {value}")
-        for name in ("epochs", "max_steps", "save_every", "seq_len"):
+        for name in ("epochs", "max_steps", "save_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise Olmo2KitError(f"{name} must be at least 1, got {value}")
+        if self.seq_len is not None and self.seq_len < 2:
+            # One token has nothing after it to predict: the step would learn nothing.
+            raise Olmo2KitError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.epochs is not None and self.max_steps is not None:
             raise Olmo2KitError("give --epochs or --max-steps, not both")
         if not 0.0 <= self.warmup < 1.0:
@@ -225,6 +228,8 @@ def finetune(
     if checkpoint is not None:
         _check_same_run(checkpoint, identity)
 
+    if main:
+        make_output_dir(output)  # before the model loads, so a bad --output fails fast
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
     model, tokenizer, ref = _load_model(config, accelerator, bf16, data)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -240,7 +245,6 @@ def finetune(
         say(f"starting from {ref}: Hub checkpoints hold weights only, so the optimizer starts fresh "
             "(OLMo's --reset_trainer_state)")
     if main:
-        output.mkdir(parents=True, exist_ok=True)
         _trim_log(output / LOG, start_step)
     say(f"{data.rows} rows of {seq_len} tokens, global batch {order.global_batch} rows, "
         f"{order.steps_per_epoch} steps per epoch, {total} steps, {world} process(es)"

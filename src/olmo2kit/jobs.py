@@ -148,6 +148,8 @@ def run_job(
         raise Olmo2KitError("the output file is the input file: give another --output")
     if not output_path.parent.is_dir():
         raise Olmo2KitError(f"cannot write {output_path}: there is no directory {output_path.parent}")
+    if output_path.is_dir():
+        raise Olmo2KitError(f"cannot write {output_path}: it is a directory; give a file name")
     warn = on_warning or log.warning
     model_name = model_name or model.name_or_path
     skipped: list[tuple[int, str]] = []
@@ -166,7 +168,11 @@ def run_job(
         warn(f"line {item.line} of {input_path}: {error}; skipped")
         skipped.append((item.line, str(error)))
 
-    with output_path.open("a", encoding="utf-8") as out:
+    try:
+        out = output_path.open("a", encoding="utf-8")
+    except OSError as e:
+        raise Olmo2KitError(f"cannot write {output_path} ({e.strerror}): give a file you can write to") from None
+    with out:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             try:

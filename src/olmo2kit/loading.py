@@ -20,6 +20,7 @@ DTYPES = {
 }
 QUANTIZATIONS = ("int8", "nf4", "fp4")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def resolve_model(model: str, revision: str | None = None) -> ModelRef:
     repo = resolve_alias(name)
     if repo:
         return ModelRef(repo, revision or None, local=False)
+    if path.exists():
+        raise Olmo2KitError(f"{model} is a file: give a checkpoint directory, a size alias or a Hub repo id")
     if model.startswith((".", "/", "~")) or (os.sep in model and not _REPO_ID.match(name)):
         raise Olmo2KitError(f"no such directory: {model} (make one with `olmo2kit tiny {model}`)")
     if _REPO_ID.match(name):
@@ -72,14 +75,14 @@ def resolve_device(device: str = "auto") -> str:
     """'auto' is cuda when a GPU is visible, else cpu; anything else is checked and kept."""
     import torch
 
+    if not DEVICE.match(device):
+        raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Olmo2KitError(f"device {device!r} asked for, but no CUDA GPU is visible: use --device cpu")
     if device == "mps" and not torch.backends.mps.is_available():
         raise Olmo2KitError("device 'mps' asked for, but MPS is not available: use --device cpu")
-    if not re.match(r"^(cpu|mps|cuda(:\d+)?)$", device):
-        raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -163,6 +166,11 @@ def load(
     ref = resolve_model(model, revision)
     if ref.local and (Path(ref.source) / "adapter_config.json").exists():
         return _load_adapter(Path(ref.source), dtype=dtype, quantize=quantize, device=device)
+    if ref.local and not (Path(ref.source) / "config.json").is_file():
+        raise Olmo2KitError(
+            f"{ref.source} holds no config.json: it is not a checkpoint (save one with save_pretrained, "
+            "or make a tiny one with `olmo2kit tiny DIR`)"
+        )
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)

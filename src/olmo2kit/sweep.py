@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from olmo2kit.errors import Olmo2KitError
+from olmo2kit.errors import Olmo2KitError, make_output_dir
 from olmo2kit.evaluate import check_task_options, check_tasks, check_window
 from olmo2kit.revisions import Revision, check_revision, list_revisions, training_order
 
@@ -90,6 +90,10 @@ class Sweep:
         self.repo_id = ref.source
         self.out = Path(out)
         self.plot_path = None if plot is None else Path(plot)
+        # Checked now: otherwise a bad path fails only after the first revision is downloaded and measured.
+        for option, path in (("--out", self.out), ("--plot", self.plot_path)):
+            if path is not None:
+                _check_writable(path, option)
         self.delete_after = delete_after
         self.load_options = dict(dtype=dtype, quantize=quantize, device=device)
         self.metric = metric
@@ -374,6 +378,17 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Raise Olmo2KitError unless a file can be written at `path` (its directory is made if missing)."""
+    if path.is_dir():
+        raise Olmo2KitError(f"{option} {path} is a directory: give a file name")
+    make_output_dir(path.parent)
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise Olmo2KitError(f"cannot write {option} {path} ({e.strerror}): give a place you can write to") from None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from olmo2kit.errors import Olmo2KitError, make_output_dir
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -93,7 +95,9 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
     """Write a tiny random OLMo 2 checkpoint to `path` and return it.
 
     The same seed gives the same weights; a different seed gives different ones.
-    The directory appears whole or not at all (written beside it, then renamed).
+    The directory appears whole or not at all (written beside it, then renamed). An existing
+    checkpoint (a directory with a config.json) or empty directory is replaced; anything else
+    at `path` is an Olmo2KitError, never deleted.
 
     >>> build_tiny("/tmp/tiny-olmo2", instruct=True)  # doctest: +SKIP
     """
@@ -102,7 +106,10 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
 
     from olmo2kit.sizes import hf_config
 
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.exists() and not (path.is_dir() and ((path / "config.json").is_file() or not any(path.iterdir()))):
+        raise Olmo2KitError(f"{path} exists and is not a checkpoint, so it is not replaced: give a new directory")
+    make_output_dir(path.parent)
     tokenizer = build_tokenizer(instruct=instruct)
     config = hf_config(
         "1b",
@@ -120,8 +127,12 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
         bos_token_id=tokenizer.bos_token_id,
     )
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise Olmo2KitError(
+            f"cannot write in {path.parent} ({e.strerror}): give a directory you can write to"
+        ) from None
     try:
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
