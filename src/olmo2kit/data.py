@@ -17,6 +17,7 @@ input and settings goes on from the last recorded line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ import numpy as np
 
 from olmo2kit.errors import Olmo2KitError, make_output_dir
 from olmo2kit.sizes import DEFAULT_MODEL
+
+log = logging.getLogger("olmo2kit")
 
 INPUT_IDS = "input_ids.npy"
 LABEL_MASK = "label_mask.npy"
@@ -178,6 +181,9 @@ def prepare_data(
     if tokenizer.eos_token_id is None:
         raise Olmo2KitError(f"the tokenizer of {model} has no end-of-text token: it cannot mark where examples end")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = getattr(tokenizer, "model_max_length", None)
+    if context and context < 1_000_000 and seq_len > context:  # tokenizers without a limit report ~1e30
+        log.warning(f"--seq-len {seq_len} is longer than the model's {context}-token context")
     template, template_origin = chat_template_of(tokenizer)
     settings = {
         "layout_version": LAYOUT_VERSION, "source": origin, "tokenizer": _tokenizer_name(model, revision),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +41,8 @@ from olmo2kit.data import PreparedData, load_prepared, write_json_atomic
 from olmo2kit.errors import Olmo2KitError, make_output_dir
 from olmo2kit.generation import peak_memory_gb
 from olmo2kit.sizes import DEFAULT_MODEL
+
+log = logging.getLogger("olmo2kit")
 
 LOG = "train_log.jsonl"
 RESULT = "finetune.json"
@@ -442,6 +445,8 @@ def _checkpoint_to_resume(output: Path, config: FinetuneConfig) -> Path | None:
     if not config.resume:
         return None
     found = _checkpoints(output)
+    if not found:
+        log.warning(f"--resume: no checkpoint in {output / 'checkpoints'} yet, so training starts at step 0")
     return found[-1][1] if found else None
 
 
