@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import olmo2kit
-from olmo2kit.bench import load_random
+from olmo2kit.bench import load_random, sync
 from olmo2kit.generation import generate
 from olmo2kit.loading import load
 from olmo2kit.tiny import build_tiny
@@ -40,10 +40,6 @@ def setup(args):
     model, tokenizer = load(str(path), device=args.device, dtype=args.dtype if args.dtype != "auto" else "auto")
     return model, tokenizer, f"tiny checkpoint ({sum(p.numel() for p in model.parameters()):,} params)"
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:

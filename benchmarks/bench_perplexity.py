@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import olmo2kit
+from olmo2kit.bench import sync
 from olmo2kit.evaluate import perplexity
 from olmo2kit.loading import load
 from olmo2kit.sizes import hf_config
@@ -96,10 +97,6 @@ def transformers_loop(model, tokenizer, text: str, max_length: int, stride: int)
             break
     return math.exp(nll_sum.item() / n_tokens), n_tokens
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:

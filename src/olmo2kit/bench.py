@@ -142,15 +142,16 @@ def measure_bandwidth(device, nbytes: int = 1 << 30) -> float:
     dst.copy_(src)
     times = []
     for _ in range(5):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * src.element_size() / min(times)
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): call it around anything timed."""
     import torch
 
     if torch.device(device).type == "cuda":
@@ -211,7 +212,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     else:
         label = model or size or "1b"
         loaded, tokenizer = load(label, revision=revision, dtype=dtype, quantize=quantize, device=device)
-    _sync(loaded.device)
+    sync(loaded.device)
     load_s = time.perf_counter() - start
     context = loaded.config.max_position_embeddings
     if prompt_len + new_tokens > context:
@@ -270,13 +271,13 @@ def _timed_run(model, tokenizer, input_ids, mask, new_tokens: int, compile: bool
     kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                   eos_token_id=None)
     with torch.inference_mode():
-        _sync(model.device)
+        sync(model.device)
         start = time.perf_counter()
         model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        _sync(model.device)
+        sync(model.device)
         first = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        _sync(model.device)
+        sync(model.device)
         whole = time.perf_counter() - start
     return first, max(whole - first, 1e-9)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from olmo2kit.bench import sync
+
 
 def _pick(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: torch.Tensor,
           greedy: bool) -> torch.Tensor:
@@ -89,7 +91,7 @@ class StaticDecoder:
         logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
                             cache=self.cache, use_cache=True).logits[:, -1]
         token = _pick(logits, temperature_t, top_k, top_p_t, greedy)
-        _sync(self.device)
+        sync(self.device)
         prefill_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -109,16 +111,12 @@ class StaticDecoder:
                     break
             self.position.fill_(length + i)
             token = self.step(token[:, None].clone(), temperature_t, top_k, top_p_t, greedy).clone()
-        _sync(self.device)
+        sync(self.device)
         decode_s = time.perf_counter() - start
         if on_tokens is not None and reported < produced:
             on_tokens(out[:, reported:produced])
         return DecodeResult(out[:, :produced], prefill_s, decode_s)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decoder_for(model, batch_size: int, needed_len: int, compile: bool | None = None) -> StaticDecoder:
