@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import olmo2kit
-from olmo2kit.bench import load_random, sync
+from common import device_name, setup_model, time_interleaved
 from olmo2kit.jobs import run_job
-from olmo2kit.loading import load
-from olmo2kit.tiny import build_tiny
 
 SENTENCES = [
     "Language modeling is the task of predicting the next word in a sequence of text.",
@@ -41,15 +37,6 @@ SENTENCES = [
 def make_prompts(count: int) -> list[str]:
     """Prompts of 1 to 4 sentences, so batches carry padding as real ones do."""
     return [" ".join(SENTENCES[: 1 + i % 4]) + f" ({i})" for i in range(count)]
-
-
-def setup(args):
-    if args.size:
-        model, tokenizer = load_random(args.size, args.dtype, None, args.device)
-        return model, tokenizer, f"OLMo 2 {args.size} architecture, random weights, {args.dtype}"
-    path = build_tiny(Path(tempfile.mkdtemp()) / "tiny", seed=0)
-    model, tokenizer = load(str(path), device=args.device, dtype=args.dtype)
-    return model, tokenizer, f"tiny checkpoint ({sum(p.numel() for p in model.parameters()):,} params)"
 
 
 
@@ -68,7 +55,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer, what = setup(args)
+    model, tokenizer, what = setup_model(args.size, args.dtype, args.device)
     prompts = make_prompts(args.prompts)
     work = Path(tempfile.mkdtemp())
     source = work / "prompts.jsonl"
@@ -90,24 +77,11 @@ def main() -> None:
             tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     sizes = [1, args.batch_size]
-    runs = {(name, b): (fn, b) for b in sizes for name, fn in (("job", job), ("raw", raw))}
-    for fn, b in runs.values():  # warm-up
-        fn(b)
-    times: dict = {key: [] for key in runs}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(args.repeat):
-        shuffle(order)  # no way gets a fixed place in the sequence
-        for key in order:
-            fn, b = runs[key]
-            sync(args.device)
-            start = time.perf_counter()
-            fn(b)
-            sync(args.device)
-            times[key].append(time.perf_counter() - start)
+    runs = {(name, b): (lambda fn=fn, b=b: fn(b)) for b in sizes for name, fn in (("job", job), ("raw", raw))}
+    times = time_interleaved(runs, args.repeat, args.device)
     per_prompt = {key: statistics.median(t) / len(prompts) for key, t in times.items()}
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    device = device_name(args.device)
     big = args.batch_size
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device == "CPU" else ""
     print(f"{what} on {device}{threads}: {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, "

@@ -14,32 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import olmo2kit
-from olmo2kit.bench import load_random, sync
+from common import device_name, setup_model, time_interleaved
 from olmo2kit.generation import generate
-from olmo2kit.loading import load
-from olmo2kit.tiny import build_tiny
 
 PROMPT = "Language modeling is the task of predicting the next word in a sequence of text. " * 2
-
-
-def setup(args):
-    if args.size:
-        model, tokenizer = load_random(args.size, args.dtype, None, args.device)
-        return model, tokenizer, f"OLMo 2 {args.size} architecture, random weights, {args.dtype}"
-    path = build_tiny(Path(tempfile.mkdtemp()) / "tiny", seed=0)
-    model, tokenizer = load(str(path), device=args.device, dtype=args.dtype if args.dtype != "auto" else "auto")
-    return model, tokenizer, f"tiny checkpoint ({sum(p.numel() for p in model.parameters()):,} params)"
-
 
 
 def main() -> None:
@@ -52,7 +37,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    model, tokenizer, what = setup(args)
+    model, tokenizer, what = setup_model(args.size, args.dtype, args.device)
     kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
     inputs = {k: v.to(model.device) for k, v in tokenizer(PROMPT, return_tensors="pt",
                                                            return_token_type_ids=False).items()}
@@ -71,22 +56,9 @@ def main() -> None:
         generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=args.new_tokens)
 
     runs = {"raw_generate": raw_generate, "raw_recipe": raw_recipe, "olmo2kit": ours}
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(args.repeat):
-        shuffle(order)  # no way gets a fixed place in the sequence
-        for name in order:
-            fn = runs[name]
-            sync(args.device)
-            start = time.perf_counter()
-            fn()
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved(runs, args.repeat, args.device)
     median = {name: statistics.median(t) for name, t in times.items()}
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    device = device_name(args.device)
     print(f"{what} on {device}, {args.new_tokens} new tokens, greedy, median of {args.repeat}")
     for name, seconds in median.items():
         print(f"  {name:13} {seconds * 1000:9.2f} ms  {args.new_tokens / seconds:8.1f} tokens/s")

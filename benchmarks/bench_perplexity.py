@@ -23,18 +23,13 @@ import math
 import random
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import olmo2kit
-from olmo2kit.bench import sync
+from common import device_name, setup_model, time_interleaved
 from olmo2kit.evaluate import perplexity
-from olmo2kit.loading import load
-from olmo2kit.sizes import hf_config
-from olmo2kit.tiny import build_tiny, build_tokenizer
 
 SENTENCES = [
     "Language modeling is the task of predicting the next word in a sequence of text.",
@@ -45,20 +40,6 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello, world! How are you today? I am fine, thank you.",
 ]
-
-
-def setup(args):
-    if args.size:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        from transformers import Olmo2ForCausalLM
-
-        tokenizer = build_tokenizer()
-        with torch.device(args.device):
-            model = Olmo2ForCausalLM(hf_config(args.size)).to(dtype).eval()
-        return model, tokenizer, f"OLMo 2 {args.size} architecture, random weights, {args.dtype}"
-    path = build_tiny(Path(tempfile.mkdtemp()) / "tiny", seed=0)
-    model, tokenizer = load(str(path), device=args.device, dtype=args.dtype)
-    return model, tokenizer, f"tiny checkpoint ({sum(p.numel() for p in model.parameters()):,} params, {model.dtype})"
 
 
 def text_of(tokenizer, tokens: int) -> str:
@@ -111,7 +92,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    model, tokenizer, what = setup(args)
+    model, tokenizer, what = setup_model(args.size, args.dtype, args.device)
     max_length = args.max_length or model.config.max_position_embeddings
     stride = args.stride or max_length // 2
     text = text_of(tokenizer, args.tokens)
@@ -125,19 +106,7 @@ def main() -> None:
         values["olmo2kit"] = perplexity(model, tokenizer, text, max_length=max_length, stride=stride).perplexity
 
     runs = {"transformers": direct, "olmo2kit": ours}
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(args.repeat):
-        shuffle(order)  # neither way gets a fixed place in the sequence
-        for name in order:
-            sync(args.device)
-            start = time.perf_counter()
-            runs[name]()
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved(runs, args.repeat, args.device)
 
     tokens = perplexity(model, tokenizer, text, max_length=max_length, stride=stride).tokens
     best = {name: min(t) for name, t in times.items()}
@@ -146,7 +115,7 @@ def main() -> None:
     ratio = tps["olmo2kit"] / tps["transformers"]
     median_ratio = median["transformers"] / median["olmo2kit"]
     difference = abs(values["olmo2kit"] / values["transformers"] - 1)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    device = device_name(args.device)
     print(f"{what} on {device}: {tokens:,} tokens, windows of {max_length} by {stride}, {args.repeat} runs each")
     for name in runs:
         print(f"  {name:13} best {best[name] * 1000:9.1f} ms  {tps[name]:10,.0f} tokens/s   "
