@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.generation import Generation, SamplingOptions, _normalize, stream_generate
+from olmo2kit.generation import Generation, SamplingOptions, normalize_options, stream_generate
 from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE
 
 log = logging.getLogger("olmo2kit")
@@ -149,7 +149,7 @@ class ChatSession:
     def set_options(self, **changes) -> None:
         """Change sampling options (checked first: a bad value changes nothing); None restores a default."""
         merged = {**self.options, **changes}
-        options = _normalize(merged)
+        options = normalize_options(merged)
         SamplingOptions(**options)
         self.options = options
 

@@ -65,13 +65,13 @@ def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
     """The tokenizer of a model (alias, repo id, repo@revision or local directory), without its weights."""
     from transformers import AutoTokenizer
 
-    from olmo2kit.loading import _explain_load_error, resolve_model
+    from olmo2kit.loading import explain_load_error, resolve_model
 
     ref = resolve_model(model, revision)
     try:
         return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
     except OSError as e:
-        raise Olmo2KitError(_explain_load_error(ref, e)) from e
+        raise Olmo2KitError(explain_load_error(ref, e)) from e
 
 
 def chat_template_of(tokenizer) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.loading import _DropMessages
+from olmo2kit.loading import DropMessages
 
 
 @dataclass
@@ -265,7 +265,7 @@ def _task_manager(tasks: tuple[str, ...], include_path: str | None):
 def _quiet_lm_eval() -> None:
     """Drop lm-eval's warnings about being handed a loaded model: olmo2kit does that on purpose."""
     logger = logging.getLogger("lm_eval.models.huggingface")
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+    if not any(isinstance(f, DropMessages) for f in logger.filters):
         logger.addFilter(
-            _DropMessages("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized")
+            DropMessages("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized")
         )

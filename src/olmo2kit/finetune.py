@@ -356,7 +356,7 @@ def _device(device: str) -> str:
 
 def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
     """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
-    from olmo2kit.loading import _quiet_bitsandbytes, load, resolve_model
+    from olmo2kit.loading import load, quiet_bitsandbytes, resolve_model
 
     ref = resolve_model(config.model, config.revision)
     device = _process_device(accelerator)
@@ -375,7 +375,7 @@ def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedD
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     if config.lora:
-        _quiet_bitsandbytes()  # peft imports bitsandbytes, whose CPU backend logs a missing optional package
+        quiet_bitsandbytes()  # peft imports bitsandbytes, whose CPU backend logs a missing optional package
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(

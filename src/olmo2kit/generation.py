@@ -109,7 +109,7 @@ def generate(
     import torch
 
     requests, single = _requests(prompt, messages)
-    sampling = SamplingOptions(**_normalize(options))
+    sampling = SamplingOptions(**normalize_options(options))
     _check_acceleration(compile, draft_model, len(requests))
     inputs = _encode(model, tokenizer, requests, sampling)
     eos_ids = _eos_ids(model, tokenizer)
@@ -172,7 +172,7 @@ def stream_generate(
     requests, single = _requests(prompt, messages)
     if not single:
         raise Olmo2KitError("stream_generate takes one prompt or conversation; use generate for a list")
-    sampling = SamplingOptions(**_normalize(options))
+    sampling = SamplingOptions(**normalize_options(options))
     _check_acceleration(compile, draft_model, 1)
     if compile and cache is not None:
         raise Olmo2KitError("the compiled path keeps its own static cache: pass no cache with compile=True")
@@ -291,7 +291,7 @@ def _chunk(text, pending, ids, prompt_tokens, finish, start, prompt_tps, model) 
     )
 
 
-def _normalize(options: dict) -> dict:
+def normalize_options(options: dict) -> dict:
     stop = options.get("stop")
     if isinstance(stop, str):
         options = {**options, "stop": (stop,)}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from olmo2kit.chat import check_messages, user_messages
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.generation import Generation, SamplingOptions, _normalize, generate
+from olmo2kit.generation import Generation, SamplingOptions, generate, normalize_options
 
 log = logging.getLogger("olmo2kit")
 
@@ -142,7 +142,7 @@ def run_job(
 
     if batch_size < 1:
         raise Olmo2KitError(f"batch size must be at least 1, got {batch_size}")
-    SamplingOptions(**_normalize(options))  # bad job options fail before any line is read
+    SamplingOptions(**normalize_options(options))  # bad job options fail before any line is read
     input_path, output_path = Path(input_path).expanduser(), Path(output_path).expanduser()
     if output_path.exists() and input_path.exists() and output_path.samefile(input_path):
         raise Olmo2KitError("the output file is the input file: give another --output")
@@ -229,7 +229,7 @@ def _parse_line(number: int, raw: bytes, defaults: dict, *, chat: bool, system: 
     for key, value in own.items():
         if not _OPTION_TYPES[key](value):
             raise Olmo2KitError(f"{key} has the wrong type: {value!r}")
-    sampling = SamplingOptions(**_normalize({**defaults, **own}))
+    sampling = SamplingOptions(**normalize_options({**defaults, **own}))
     return JobItem(number, item_id, {k: v for k, v in line.items() if k != "id"}, request, sampling)
 
 

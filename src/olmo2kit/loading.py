@@ -105,7 +105,7 @@ def quantization_config(quantize: str, compute_dtype):
     """The BitsAndBytesConfig for int8, nf4 or fp4 (the model card's load_in_8bit=True is gone)."""
     if quantize not in QUANTIZATIONS:
         raise Olmo2KitError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
-    _quiet_bitsandbytes()
+    quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -121,7 +121,7 @@ def quantization_config(quantize: str, compute_dtype):
     )
 
 
-class _DropMessages(logging.Filter):
+class DropMessages(logging.Filter):
     def __init__(self, *prefixes: str) -> None:
         super().__init__()
         self.prefixes = prefixes
@@ -130,7 +130,7 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
-def _quiet_bitsandbytes() -> None:
+def quiet_bitsandbytes() -> None:
     """Drop two bitsandbytes log lines that carry no news for the user.
 
     The int8 matmul logs that it casts its inputs to fp16 on every call, and the CPU
@@ -141,8 +141,8 @@ def _quiet_bitsandbytes() -> None:
         ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
     ):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(prefix))
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(prefix))
 
 
 def load(
@@ -162,7 +162,7 @@ def load(
 
     >>> model, tokenizer = load("1b", quantize="nf4")  # doctest: +SKIP
     """
-    _quiet_bitsandbytes()  # peft and quantization import it
+    quiet_bitsandbytes()  # peft and quantization import it
     ref = resolve_model(model, revision)
     if ref.local and (Path(ref.source) / "adapter_config.json").exists():
         return _load_adapter(Path(ref.source), dtype=dtype, quantize=quantize, device=device)
@@ -203,7 +203,7 @@ def load(
                                                   local_files_only=kwargs.get("local_files_only", False))
         loaded = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
     except OSError as e:
-        raise Olmo2KitError(_explain_load_error(ref, e)) from e
+        raise Olmo2KitError(explain_load_error(ref, e)) from e
     loaded.eval()
     loaded.config.use_cache = True
     loaded.generation_config.use_cache = True
@@ -273,7 +273,7 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
-def _explain_load_error(ref: ModelRef, error: OSError) -> str:
+def explain_load_error(ref: ModelRef, error: OSError) -> str:
     message = str(error)
     if ref.local:
         first_line = message.splitlines()[0]
