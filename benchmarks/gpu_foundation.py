@@ -93,9 +93,7 @@ def main() -> None:
                                num_attention_heads=4, num_key_value_heads=4)
         else:
             config = hf_config("1b")
-        size = Size("measured", "-", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                    config.num_key_value_heads, config.intermediate_size, 0, (), None, 0.0,
-                    vocab_size=config.vocab_size)
+        size = Size.from_config("measured", config)
         if not args.cpu_smoke:
             assert size.params == SIZES["1b"].params
         path = Path(tempfile.mkdtemp()) / "random-1b"

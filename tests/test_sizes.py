@@ -90,9 +90,7 @@ def test_weight_memory_matches_published_footprints():
 
 
 def _tiny_size(config) -> Size:
-    return Size("tiny", "local/tiny", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                config.num_key_value_heads, config.intermediate_size, 0, (), None, 0.0,
-                vocab_size=config.vocab_size)
+    return Size.from_config("tiny", config)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "nf4"])

@@ -52,10 +52,7 @@ def size_for(model: str) -> Size:
             f"cannot tell the architecture of {model!r}: give a size ({', '.join(SIZES)}), an OLMo 2 alias or "
             "repo id, or a local checkpoint directory"
         )
-    c = json.loads(config_path.read_text())
-    return Size(model, model, c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
-                c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"], 0, (), None, 0.0,
-                vocab_size=c["vocab_size"])
+    return Size.from_config(model, json.loads(config_path.read_text()))
 
 
 def device_memory(device: str = "auto") -> tuple[str, int | None]:
@@ -252,9 +249,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
 
 
 def size_for_model(model) -> Size:
-    c = model.config
-    return Size("loaded", "-", c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                c.intermediate_size, 0, (), None, 0.0, vocab_size=c.vocab_size)
+    return Size.from_config("loaded", model.config)
 
 
 def _timed_run(model, tokenizer, input_ids, mask, new_tokens: int, compile: bool) -> tuple[float, float]:

@@ -44,6 +44,15 @@ class Size:
     published_flops: float  # the card's FLOP figure, in FLOPs
     vocab_size: int = VOCAB_SIZE
 
+    @classmethod
+    def from_config(cls, name: str, config) -> Size:
+        """The architecture of any OLMo 2 config (an Olmo2Config or its config.json as a dict), for
+        parameter and memory figures; it carries no training budget."""
+        c = config if isinstance(config, dict) else config.to_dict()
+        return cls(name, name, c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
+                   c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"], 0, (), None,
+                   0.0, vocab_size=c["vocab_size"])
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
