@@ -11,7 +11,7 @@ def test_bench_reports_consistent_figures(tiny_path):
     result = bench(str(tiny_path), device="cpu", new_tokens=16, prompt_len=8, repeat=2)
     assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0 and result.ttft_s > 0
     assert result.ms_per_token == pytest.approx(1000 / result.decode_tokens_per_s)
-    assert result.floor_tokens_per_s == pytest.approx(result.bandwidth_gbps * 1e9 / result.weight_bytes)
+    assert result.floor_tokens_per_s == pytest.approx(result.bandwidth_gbps * 1e9 / result.bytes_per_step, rel=1e-6)
     assert result.floor_fraction == pytest.approx(result.decode_tokens_per_s / result.floor_tokens_per_s)
     model, _ = load(str(tiny_path), device="cpu")
     assert result.weight_bytes == model.get_memory_footprint()
@@ -71,3 +71,15 @@ def test_bench_cli(cli, tiny_path):
     assert code == 2 and "Traceback" not in err
     assert lines[-1] == ("error: --prompt-len 100000 plus --new-tokens 2 passes the model's 1024-token context: "
                          "lower one of them")
+
+
+def test_bytes_per_step_leaves_out_the_input_embeddings_and_adds_the_kv_cache():
+    from olmo2kit.bench import bytes_per_step
+    from olmo2kit.sizes import get_size, weight_bytes
+
+    one_b = get_size("1b")
+    weights = weight_bytes(one_b, "bf16")
+    embeddings = 100_352 * 2048 * 2  # vocab x hidden, bf16
+    kv_per_token = 2 * 16 * 16 * 128 * 2  # keys and values x layers x kv heads x head dim x bf16
+    assert bytes_per_step(one_b, weights, 2, 1, 100) == weights - embeddings + 100 * kv_per_token
+    assert bytes_per_step(one_b, weights, 2, 16, 100) == weights - embeddings + 16 * 100 * kv_per_token

@@ -11,22 +11,25 @@ def plain_greedy(model, tokenizer, enc, new_tokens):
     return out[:, enc["input_ids"].shape[1]:]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "transformers-step"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "padded-batch3"])
-def test_static_decode_equals_plain_greedy_fp32(tiny, prompts):
+def test_static_decode_equals_plain_greedy_fp32(tiny, prompts, fused):
     model, tokenizer = tiny
     enc = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     expected = plain_greedy(model, tokenizer, enc, 30)
-    decoder = decoder_for(model, len(prompts), enc["input_ids"].shape[1] + 30, compile=False)
+    decoder = decoder_for(model, len(prompts), enc["input_ids"].shape[1] + 30, compile=False, fused=fused)
+    assert decoder.fused == fused
     result = decoder.decode(enc["input_ids"], enc["attention_mask"], 30, eos_ids={-1}, pad_id=tokenizer.pad_token_id)
     assert torch.equal(result.tokens, expected)
 
 
-def test_torch_compiled_step_equals_plain_greedy_fp32(tiny):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "transformers-step"])
+def test_torch_compiled_step_equals_plain_greedy_fp32(tiny, fused):
     model, tokenizer = tiny
     enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
     expected = plain_greedy(model, tokenizer, enc, 20)
-    decoder = decoder_for(model, 1, enc["input_ids"].shape[1] + 20, compile=True)
-    assert decoder.compiled
+    decoder = decoder_for(model, 1, enc["input_ids"].shape[1] + 20, compile=True, fused=fused)
+    assert decoder.compiled and decoder.fused == fused
     for _ in range(2):  # the second call replays the compiled step
         result = decoder.decode(enc["input_ids"], enc["attention_mask"], 20, eos_ids={-1},
                                 pad_id=tokenizer.pad_token_id)
@@ -66,3 +69,68 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     assert not torch.equal(sample(1, top_k=0, top_p=1.0), sample(2, top_k=0, top_p=1.0))
     assert torch.equal(sample(3, top_k=1), plain_greedy(model, tokenizer, enc, 20))
     assert torch.equal(sample(4, top_p=1e-6), plain_greedy(model, tokenizer, enc, 20))
+
+
+def test_fused_logits_match_transformers_fp32(tiny):
+    from olmo2kit.compiled import FusedOlmo2
+
+    model, tokenizer = tiny
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, return_token_type_ids=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None]).logits
+        fused = FusedOlmo2(model, len(PROMPTS), 64)
+        fused.reset(mask)
+        got = fused(ids, torch.arange(ids.shape[1]))
+    assert torch.allclose(got, expected[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_fusing_keeps_the_model_and_costs_no_memory(tiny_path, tmp_path):
+    from olmo2kit.loading import load
+
+    model, tokenizer = load(str(tiny_path), device="cpu", dtype="fp32")
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    first = decoder_for(model, 1, 64, compile=False)
+    second = decoder_for(model, 2, 64, compile=False)  # fuses the already fused layers: the same storage
+    assert first.fused and second.fused
+    attention = model.model.layers[0].self_attn
+    for decoder in (first, second):
+        assert decoder.forward.layers[0].qkv.data_ptr() == attention.q_proj.weight.data_ptr()
+        rows = sum(attention.get_submodule(n).weight.shape[0] for n in ("q_proj", "k_proj", "v_proj"))
+        assert decoder.forward.layers[0].qkv.shape[0] == rows
+    # q, k, v and gate, up now share one storage each: fewer storages, none added
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == len(storages) - 3 * len(
+        model.model.layers)
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded, _ = load(str(tmp_path / "saved"), device="cpu", dtype="fp32")
+    assert all(torch.equal(p, before[name]) for name, p in reloaded.state_dict().items())
+
+
+def test_decoder_is_rebuilt_when_the_weights_are_replaced(tiny_path):
+    from olmo2kit.loading import load
+
+    model, tokenizer = load(str(tiny_path), device="cpu", dtype="fp32")
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
+    decoder = decoder_for(model, 1, 64, compile=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data * 2  # new tensors, as model.to() or load_state_dict(assign=True) leave
+    assert not decoder.current()
+    rebuilt = decoder_for(model, 1, 64, compile=False)
+    assert rebuilt is not decoder
+    result = rebuilt.decode(enc["input_ids"], enc["attention_mask"], 10, eos_ids={-1}, pad_id=tokenizer.pad_token_id)
+    assert torch.equal(result.tokens, plain_greedy(model, tokenizer, enc, 10))
+
+
+def test_quantized_model_decodes_through_transformers(tiny_path):
+    from olmo2kit.loading import load
+
+    model, tokenizer = load(str(tiny_path), device="cpu", quantize="nf4")
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
+    decoder = decoder_for(model, 1, 64, compile=False)
+    assert not decoder.fused
+    result = decoder.decode(enc["input_ids"], enc["attention_mask"], 10, eos_ids={-1}, pad_id=tokenizer.pad_token_id)
+    assert torch.equal(result.tokens, plain_greedy(model, tokenizer, enc, 10))

@@ -3,7 +3,9 @@
 `estimate` needs no weights and imports torch only to look at the device. `bench` loads a model,
 or with `random_init=True` builds the exact architecture of a size with random weights, and
 measures load time, time to first token, prefill and decode rates, peak memory, and how close
-decoding comes to the memory-bandwidth floor (every weight byte read once per token).
+decoding comes to the memory-bandwidth floor: each decode step must read every weight it uses once
+(all but the input embedding table, of which it reads one row per token) and the keys and values
+cached so far, and can go no faster than the device's measured bandwidth allows.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def estimate(model: str, *, dtype: str = "bf16", quantize: str | None = None, co
         raise Olmo2KitError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
     weights = weight_bytes(size, dtype, quantize)
     element = _KV_BYTES[dtype]
-    kv = 2 * size.num_hidden_layers * size.num_key_value_heads * size.head_dim * context * batch_size * element
+    kv = size.kv_bytes_per_token(element) * context * batch_size
     # Prefill activations of one layer at a time (hidden states, q/k/v, the MLP's two wide
     # projections) plus fp32 logits of the last position.
     working = batch_size * context * (4 * size.hidden_size + 2 * size.intermediate_size) * element
@@ -121,6 +123,7 @@ class BenchResult:
     ms_per_token: float
     peak_memory_gb: float
     weight_bytes: int
+    bytes_per_step: int  # weights read per decode step (all but the input embeddings) plus the mean KV cache read
     bandwidth_gbps: float
     floor_tokens_per_s: float
     floor_fraction: float
@@ -235,17 +238,27 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     if quantize in ("nf4", "fp4"):  # the footprint leaves out the fp32 block scales that decoding reads too
         dtype_name = "fp32" if loaded.dtype == torch.float32 else "bf16"
         weights = weight_bytes(size_for_model(loaded), dtype_name, quantize)
+    step_bytes = bytes_per_step(size_for_model(loaded), weights, loaded.dtype.itemsize, batch_size,
+                                prompt_len + new_tokens / 2)
     bandwidth = measure_bandwidth(loaded.device)
-    floor = bandwidth / weights
+    floor = bandwidth / step_bytes
     return BenchResult(
         model=label, device=torch.cuda.get_device_name() if loaded.device.type == "cuda" else "CPU",
         dtype=str(loaded.dtype).removeprefix("torch."), quantize=quantize, compile=compile, batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, load_s=load_s, ttft_s=ttft_s,
         prefill_tokens_per_s=batch_size * prompt_len / ttft_s, decode_tokens_per_s=decode_tps,
         ms_per_token=1000 * decode_s / (new_tokens - 1), peak_memory_gb=peak_memory_gb(loaded),
-        weight_bytes=weights, bandwidth_gbps=bandwidth / 1e9, floor_tokens_per_s=floor,
+        weight_bytes=weights, bytes_per_step=step_bytes, bandwidth_gbps=bandwidth / 1e9, floor_tokens_per_s=floor,
         floor_fraction=(decode_tps / batch_size) / floor,
     )
+
+
+def bytes_per_step(size: Size, weights: int, element_bytes: int, batch_size: int, mean_context: float) -> int:
+    """Bytes one decode step must read at least: the weights less the input embedding table (a step
+    reads one row of it per sequence), plus each sequence's cached keys and values."""
+    embeddings = size.vocab_size * size.hidden_size * element_bytes
+    kv = size.kv_bytes_per_token(element_bytes) * batch_size * mean_context
+    return int(weights - embeddings + kv)
 
 
 def size_for_model(model) -> Size:

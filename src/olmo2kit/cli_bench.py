@@ -59,9 +59,10 @@ def bench(
         ("prefill", f"{result.prefill_tokens_per_s:,.0f} tokens/s"),
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
         ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)", f"{result.peak_memory_gb:.2f} GB"),
-        ("weights read per token", _bytes(result.weight_bytes)),
+        ("weights in memory", _bytes(result.weight_bytes)),
+        ("bytes read per decode step", _bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),
         ("memory bandwidth (measured)", f"{result.bandwidth_gbps:,.0f} GB/s"),
-        ("bandwidth floor, batch 1", f"{result.floor_tokens_per_s:,.0f} tokens/s"),
+        ("bandwidth floor (per sequence)", f"{result.floor_tokens_per_s:,.0f} tokens/s"),
         ("reached (per sequence)", f"{100 * result.floor_fraction:.0f}% of the floor"),
     ]
     print_table(rows)

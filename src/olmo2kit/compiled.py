@@ -15,9 +15,10 @@ depends only on the distance between positions).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from olmo2kit.bench import sync
 
@@ -49,25 +50,42 @@ class DecodeResult:
 
 
 class StaticDecoder:
-    """Decoding for one model at a fixed batch size and cache length, compiled once and reused."""
+    """Decoding for one model at a fixed batch size and cache length, compiled once and reused.
 
-    def __init__(self, model, batch_size: int, max_cache_len: int, compile: bool | None = None):
-        from transformers import StaticCache
+    `fused=True` (the default where the model allows it) decodes with `FusedOlmo2`, a forward of the
+    OLMo 2 architecture written out for decoding over the model's own weights; otherwise each step
+    calls the transformers model with a `StaticCache`. `tuning=True` lets inductor tune its kernels
+    by coordinate descent (gpt-fast does the same), which lengthens the first compile.
+    """
 
+    def __init__(self, model, batch_size: int, max_cache_len: int, compile: bool | None = None,
+                 fused: bool | None = None, tuning: bool = False):
         self.model = model
         self.device = model.device
         self.batch_size = batch_size
         self.max_cache_len = max_cache_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        self.mask = torch.ones(batch_size, max_cache_len, dtype=torch.long, device=self.device)
-        self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.fused = FusedOlmo2.supports(model) if fused is None else fused
+        if self.fused:
+            self.forward = FusedOlmo2(model, batch_size, max_cache_len)
+        else:
+            self.forward = _TransformersForward(model, batch_size, max_cache_len)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        torch._dynamo.mark_static_address(self.position)
         compile = self.device.type == "cuda" if compile is None else compile
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
+        if compile:
+            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": tuning}  # "reduce-overhead", tuned
+            self.step = torch.compile(self._step, fullgraph=True, options=options)
+        else:
+            self.step = self._step
         self.compiled = compile
+        self.tuning = tuning
+
+    def current(self) -> bool:
+        """Whether this decoder still decodes the model as it is now (not moved, weights not replaced)."""
+        return self.model.device == self.device and self.forward.current()
 
     def _step(self, token: torch.Tensor, temperature, top_k: int, top_p, greedy: bool) -> torch.Tensor:
-        logits = self.model(input_ids=token, attention_mask=self.mask, position_ids=self.position,
-                            cache=self.cache, use_cache=True).logits[:, -1]
+        logits = self.forward(token, self.position)
         return _pick(logits, temperature, top_k, top_p, greedy)
 
     @torch.inference_mode()
@@ -77,9 +95,7 @@ class StaticDecoder:
         batch, length = input_ids.shape
         if batch != self.batch_size or length + max_new_tokens > self.max_cache_len:
             raise ValueError("StaticDecoder was built for another batch size or a shorter cache")
-        self.cache.reset()
-        self.mask.fill_(1)
-        self.mask[:, :length] = attention_mask
+        self.forward.reset(attention_mask)
         temperature_t = torch.tensor(float(temperature), device=self.device)
         top_p_t = torch.tensor(float(top_p), device=self.device)
         eos = torch.tensor(sorted(eos_ids), device=self.device)
@@ -87,9 +103,7 @@ class StaticDecoder:
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
 
         start = time.perf_counter()
-        positions = torch.arange(length, device=self.device)[None]
-        logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
-                            cache=self.cache, use_cache=True).logits[:, -1]
+        logits = self.forward(input_ids, torch.arange(length, device=self.device))
         token = _pick(logits, temperature_t, top_k, top_p_t, greedy)
         sync(self.device)
         prefill_s = time.perf_counter() - start
@@ -119,17 +133,174 @@ class StaticDecoder:
 
 
 
-def decoder_for(model, batch_size: int, needed_len: int, compile: bool | None = None) -> StaticDecoder:
+class _TransformersForward:
+    """The transformers model over a StaticCache: logits of the last position of each row."""
+
+    def __init__(self, model, batch_size: int, max_cache_len: int):
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.mask = torch.ones(batch_size, max_cache_len, dtype=torch.long, device=model.device)
+
+    def current(self) -> bool:
+        return True  # reads the model's weights at each call
+
+    def reset(self, attention_mask: torch.Tensor) -> None:
+        self.cache.reset()
+        self.mask.fill_(1)
+        self.mask[:, :attention_mask.shape[1]] = attention_mask
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions[None],
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+
+class FusedOlmo2:
+    """The OLMo 2 forward written out for decoding, over the weights of a transformers `Olmo2ForCausalLM`.
+
+    The same arithmetic as transformers' modeling_olmo2 (post-norm blocks, RMSNorm over the whole
+    q and k projections, rotary embeddings in fp32), with fewer and larger kernels per layer: q, k
+    and v are one matrix, gate and up are one matrix, and the keys and values go to a static cache
+    of this object's own. The fused matrices are built once and the model's Linear weights become
+    views into them, so they cost no extra memory and the model stays the same model (it saves,
+    trains and generates as before).
+    """
+
+    def __init__(self, model, batch_size: int, max_cache_len: int):
+        config = model.config
+        self.model = model
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        device, dtype = model.device, model.dtype
+        with torch.no_grad():
+            self.layers = [_fuse_layer(layer) for layer in model.model.layers]
+        shape = (batch_size, self.kv_heads, max_cache_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.valid = torch.ones(batch_size, max_cache_len, dtype=torch.bool, device=device)
+        self.slots = torch.arange(max_cache_len, device=device)
+        inv_freq = model.model.rotary_emb.inv_freq.to(device=device, dtype=torch.float)
+        freqs = self.slots[:, None].float() * inv_freq  # as Olmo2RotaryEmbedding, one row per position
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = angles.cos(), angles.sin()
+        weights = [getattr(layer, f.name) for layer in self.layers for f in fields(layer) if f.name != "attention"]
+        weights += [model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight]
+        for tensor in (*weights, *self.k_cache, *self.v_cache, self.valid, self.slots, self.cos, self.sin):
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs read these in place, no copies
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Plain Olmo2ForCausalLM weights on one device, with the default rotary embeddings."""
+        from transformers import Olmo2ForCausalLM
+
+        config = model.config
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        return (type(model) is Olmo2ForCausalLM and rope == "default" and not config.attention_bias
+                and config.hidden_act == "silu" and getattr(model, "hf_quantizer", None) is None
+                and all(type(p) is torch.nn.Parameter and p.device == model.device for p in model.parameters()))
+
+    def current(self) -> bool:
+        """False once the model's weights were moved or replaced (the decoder must then be rebuilt)."""
+        return all(layer.qkv.data_ptr() == layer.attention.q_proj.weight.data_ptr() for layer in self.layers)
+
+    def reset(self, attention_mask: torch.Tensor) -> None:
+        for cache in (*self.k_cache, *self.v_cache):
+            cache.zero_()
+        self.valid.fill_(True)
+        self.valid[:, :attention_mask.shape[1]] = attention_mask.bool()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Olmo2RMSNorm: in fp32, the weight applied before the cast back."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (weight * h).to(x.dtype)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return ((x * cos) + (rotated * sin)).to(x.dtype)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab] of the last position; tokens [batch, T] go to cache slots `positions` [T]."""
+        batch, length = tokens.shape
+        x = F.embedding(tokens, self.model.model.embed_tokens.weight)
+        cos, sin = self.cos[positions], self.sin[positions]
+        # a slot is visible to a query if it is at or before it and holds a real token; a pad query sees
+        # itself, so that no row is fully masked (that would give NaNs)
+        seen = self.slots <= positions[:, None]
+        mask = (seen & (self.valid[:, None, :] | (self.slots == positions[:, None])))[:, None]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            q, k, v = F.linear(x, layer.qkv).split((q_size, kv_size, kv_size), dim=-1)
+            q = self._norm(q, layer.q_norm).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+            k = self._norm(k, layer.k_norm).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            k_cache.index_copy_(2, positions, k)
+            v_cache.index_copy_(2, positions, v)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.head_dim ** -0.5,
+                                               enable_gqa=self.heads != self.kv_heads)
+            y = F.linear(y.transpose(1, 2).reshape(batch, length, q_size), layer.o_proj)
+            x = x + self._norm(y, layer.post_attention_norm)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, layer.down_proj)
+            x = x + self._norm(y, layer.post_feedforward_norm)
+        x = self._norm(x[:, -1], self.model.model.norm.weight)
+        return F.linear(x, self.model.lm_head.weight)
+
+
+@dataclass
+class _FusedLayer:
+    attention: torch.nn.Module
+    qkv: torch.Tensor
+    gate_up: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o_proj: torch.Tensor
+    down_proj: torch.Tensor
+    post_attention_norm: torch.Tensor
+    post_feedforward_norm: torch.Tensor
+
+
+def _fuse_layer(layer) -> _FusedLayer:
+    """One decoder layer's weights, with q/k/v and gate/up each made one matrix that the model's
+    Linear weights then view (no copy is left behind). A layer fused before is reused as it is."""
+    attention, mlp = layer.self_attn, layer.mlp
+    qkv = _fused((attention.q_proj, attention.k_proj, attention.v_proj))
+    gate_up = _fused((mlp.gate_proj, mlp.up_proj))
+    return _FusedLayer(attention, qkv, gate_up, attention.q_norm.weight, attention.k_norm.weight,
+                       attention.o_proj.weight, mlp.down_proj.weight, layer.post_attention_layernorm.weight,
+                       layer.post_feedforward_layernorm.weight)
+
+
+def _fused(linears) -> torch.Tensor:
+    weights = [linear.weight for linear in linears]
+    first = weights[0]
+    rows = sum(w.shape[0] for w in weights)
+    offsets = [sum(w.numel() for w in weights[:i]) for i in range(len(weights))]
+    if all(w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and w.storage_offset() == offset
+           for w, offset in zip(weights, offsets, strict=True)):  # fused before: view the same storage again
+        return first.new_empty(0).set_(first.untyped_storage(), 0, (rows, first.shape[1]))
+    fused = torch.cat([w.data for w in weights])
+    for linear, w, offset in zip(linears, weights, offsets, strict=True):
+        linear.weight.data = fused[offset // w.shape[1]: offset // w.shape[1] + w.shape[0]]
+    return fused
+
+
+def decoder_for(model, batch_size: int, needed_len: int, compile: bool | None = None, fused: bool | None = None,
+                tuning: bool = False) -> StaticDecoder:
     """The model's StaticDecoder for this batch size, reused while its cache is long enough.
 
     Cache lengths are rounded up to a multiple of 256 so that nearby prompt lengths share one
     compiled graph.
     """
     decoders = model.__dict__.setdefault("_olmo2kit_decoders", {})
-    key = (batch_size, compile)
+    key = (batch_size, compile, fused, tuning)
     decoder = decoders.get(key)
-    if decoder is None or decoder.max_cache_len < needed_len:
+    if decoder is None or decoder.max_cache_len < needed_len or not decoder.current():
         limit = getattr(model.config, "max_position_embeddings", None) or needed_len
         length = min(-(-needed_len // 256) * 256, max(limit, needed_len))
-        decoder = decoders[key] = StaticDecoder(model, batch_size, length, compile)
+        decoder = decoders[key] = StaticDecoder(model, batch_size, length, compile, fused, tuning)
     return decoder

@@ -77,6 +77,10 @@ class Size:
         layer = attention + mlp + norms
         return 2 * self.vocab_size * h + self.num_hidden_layers * layer + h
 
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        """Bytes of keys and values one token adds to the cache (all layers)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * element_bytes
+
     @property
     def linear_params(self) -> int:
         """Parameters in the decoder's Linear layers: what bitsandbytes quantizes."""
