@@ -71,18 +71,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     assert torch.equal(sample(4, top_p=1e-6), plain_greedy(model, tokenizer, enc, 20))
 
 
-def test_fused_logits_match_transformers_fp32(tiny):
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_fused_logits_match_transformers_fp32(tiny, attention):
+    """Prefill, then one-token steps over a padded batch: the logits of transformers on the whole text."""
     from olmo2kit.compiled import FusedOlmo2
 
     model, tokenizer = tiny
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, return_token_type_ids=False)
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    more = torch.randint(3, 200, (len(PROMPTS), 3), generator=torch.Generator().manual_seed(0))
+    whole = torch.cat([ids, more], dim=1)
+    whole_mask = torch.cat([mask, torch.ones_like(more)], dim=1)
     with torch.inference_mode():
-        expected = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None]).logits
-        fused = FusedOlmo2(model, len(PROMPTS), 64)
+        expected = model(input_ids=whole, attention_mask=whole_mask,
+                         position_ids=torch.arange(whole.shape[1])[None]).logits
+        fused = FusedOlmo2(model, len(PROMPTS), 64, attention)
         fused.reset(mask)
-        got = fused(ids, torch.arange(ids.shape[1]))
-    assert torch.allclose(got, expected[:, -1], atol=1e-5, rtol=1e-5)
+        got = [fused(ids, torch.arange(ids.shape[1]))]
+        for i in range(more.shape[1]):
+            got.append(fused(more[:, i:i + 1], torch.tensor([ids.shape[1] + i])))
+    for i, logits in enumerate(got):
+        assert torch.allclose(logits, expected[:, ids.shape[1] - 1 + i], atol=1e-5, rtol=1e-5)
 
 
 def test_fusing_keeps_the_model_and_costs_no_memory(tiny_path, tmp_path):

@@ -59,14 +59,14 @@ class StaticDecoder:
     """
 
     def __init__(self, model, batch_size: int, max_cache_len: int, compile: bool | None = None,
-                 fused: bool | None = None, tuning: bool = False):
+                 fused: bool | None = None, tuning: bool = False, attention: str = "sdpa"):
         self.model = model
         self.device = model.device
         self.batch_size = batch_size
         self.max_cache_len = max_cache_len
         self.fused = FusedOlmo2.supports(model) if fused is None else fused
         if self.fused:
-            self.forward = FusedOlmo2(model, batch_size, max_cache_len)
+            self.forward = FusedOlmo2(model, batch_size, max_cache_len, attention)
         else:
             self.forward = _TransformersForward(model, batch_size, max_cache_len)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -167,9 +167,10 @@ class FusedOlmo2:
     trains and generates as before).
     """
 
-    def __init__(self, model, batch_size: int, max_cache_len: int):
+    def __init__(self, model, batch_size: int, max_cache_len: int, attention: str = "sdpa"):
         config = model.config
         self.model = model
+        self.attention = attention  # one-token steps: "sdpa", or "matmul" (two matmuls and a softmax inductor fuses)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
@@ -222,6 +223,16 @@ class FusedOlmo2:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return ((x * cos) + (rotated * sin)).to(x.dtype)
 
+    def _attend_one(self, q, k_cache, v_cache, mask) -> torch.Tensor:
+        """Attention of one query per row as eager transformers computes it (softmax in fp32), with the
+        query heads of each key/value head grouped instead of the keys repeated."""
+        batch, groups = q.shape[0], self.heads // self.kv_heads
+        q = q.reshape(batch, self.kv_heads, groups, self.head_dim)
+        scores = torch.matmul(q, k_cache.transpose(2, 3)) * self.head_dim ** -0.5
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask: [batch, 1, 1, slots]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v_cache).reshape(batch, self.heads, 1, self.head_dim)
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocab] of the last position; tokens [batch, T] go to cache slots `positions` [T]."""
         batch, length = tokens.shape
@@ -240,8 +251,11 @@ class FusedOlmo2:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             k_cache.index_copy_(2, positions, k)
             v_cache.index_copy_(2, positions, v)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.head_dim ** -0.5,
-                                               enable_gqa=self.heads != self.kv_heads)
+            if length == 1 and self.attention == "matmul":
+                y = self._attend_one(q, k_cache, v_cache, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                                   scale=self.head_dim ** -0.5, enable_gqa=self.heads != self.kv_heads)
             y = F.linear(y.transpose(1, 2).reshape(batch, length, q_size), layer.o_proj)
             x = x + self._norm(y, layer.post_attention_norm)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
