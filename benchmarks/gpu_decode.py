@@ -133,9 +133,9 @@ def plain(model, tokenizer, prompts, new: int, device: str):
 
 
 def compiled(model, tokenizer, prompts, new: int, device: str, fused: bool, tuning: bool, reference,
-             profile_to: Path | None, attention: str = "sdpa", keep: list | None = None) -> dict:
+             profile_to: Path | None, keep: list | None = None) -> dict:
     """Compile time, decode speed (median of 3) and free-running greedy agreement of one compiled way."""
-    decoder = StaticDecoder(model, 1, 256, compile=True, fused=fused, tuning=tuning, attention=attention)
+    decoder = StaticDecoder(model, 1, 256, compile=True, fused=fused, tuning=tuning)
     if keep is not None:
         keep.append(decoder)
 
