@@ -63,7 +63,14 @@ def test_estimate_cli_json_and_errors(cli):
 def test_bench_cli(cli, tiny_path):
     code, out, _ = cli("bench", "--model", str(tiny_path), "--new-tokens", "8", "--prompt-len", "4", "--repeat", "1",
                        "--json")
-    assert code == 0 and json.loads(out)["new_tokens"] == 8
+    result = json.loads(out)
+    assert code == 0 and result["new_tokens"] == 8
+    assert set(result) == {"model", "device", "dtype", "quantize", "compile", "batch_size", "prompt_len",
+                           "new_tokens", "repeat", "load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+                           "ms_per_token", "peak_memory_gb", "weight_bytes", "bytes_per_step", "bandwidth_gbps",
+                           "floor_tokens_per_s", "floor_fraction"}
+    numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert len(numbers) == 15 and all(v > 0 for v in numbers.values())
     code, out, _ = cli("bench", "--model", str(tiny_path), "--new-tokens", "8", "--repeat", "1")
     assert code == 0 and "bandwidth floor" in out
     code, _, err = cli("bench", "--model", str(tiny_path), "--prompt-len", "100000", "--new-tokens", "2")

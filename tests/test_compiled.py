@@ -144,3 +144,15 @@ def test_quantized_model_decodes_through_transformers(tiny_path):
     assert not decoder.fused
     result = decoder.decode(enc["input_ids"], enc["attention_mask"], 10, eos_ids={-1}, pad_id=tokenizer.pad_token_id)
     assert torch.equal(result.tokens, plain_greedy(model, tokenizer, enc, 10))
+
+
+def test_fusing_under_inference_mode_leaves_the_model_trainable(tiny_path):
+    from olmo2kit.loading import load
+
+    model, tokenizer = load(str(tiny_path), device="cpu", dtype="fp32")
+    with torch.inference_mode():
+        assert decoder_for(model, 1, 64, compile=False).fused
+    model.train()
+    ids = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

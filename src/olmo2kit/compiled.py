@@ -183,7 +183,7 @@ class FusedOlmo2:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         device, dtype = model.device, model.dtype
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # the model's weights must stay trainable
             self.layers = [_fuse_layer(layer) for layer in model.model.layers]
         shape = (batch_size, self.kv_heads, max_cache_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
