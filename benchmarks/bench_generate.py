@@ -7,6 +7,7 @@ Three ways to get the same greedy continuation, interleaved, each --repeat times
   raw_generate   model.generate on already tokenized inputs (the bare call)
   raw_recipe     the model card's recipe: tokenizer, model.generate, batch_decode
   olmo2kit       olmo2kit.generate(model, tokenizer, prompt, do_sample=False)
+  olmo2kit_compiled   (with --compiled) olmo2kit.generate(..., compile=True): the static-cache compiled path
 The median wall time of each is reported with the ratios to the first two. Target: at most 3% over.
 """
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16" if "--size" in sys.argv else "auto")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--compiled", action="store_true", help="Also time the compiled path (compile=True).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -55,7 +57,12 @@ def main() -> None:
     def ours():
         generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=args.new_tokens)
 
+    def ours_compiled():
+        generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=args.new_tokens, compile=True)
+
     runs = {"raw_generate": raw_generate, "raw_recipe": raw_recipe, "olmo2kit": ours}
+    if args.compiled:
+        runs["olmo2kit_compiled"] = ours_compiled
     times = time_interleaved(runs, args.repeat, args.device)
     median = {name: statistics.median(t) for name, t in times.items()}
     device = device_name(args.device)
@@ -65,6 +72,8 @@ def main() -> None:
     over_bare = median["olmo2kit"] / median["raw_generate"]
     over_recipe = median["olmo2kit"] / median["raw_recipe"]
     print(f"  olmo2kit / raw_generate = {over_bare:.3f}   olmo2kit / raw_recipe = {over_recipe:.3f}")
+    if args.compiled:
+        print(f"  olmo2kit_compiled / raw_generate = {median['olmo2kit_compiled'] / median['raw_generate']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"what": what, "device": device, "median_s": median,
                                          "ratio_vs_generate": over_bare, "ratio_vs_recipe": over_recipe}, indent=2))

@@ -266,3 +266,10 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat_model, tiny_instruct_p
     longer = generate(model, tokenizer, messages=messages[:1], do_sample=False, max_new_tokens=60)
     assert longer.finish_reason == "length"  # so the reply was cut by Ctrl-C, not ended by the model
     assert len(partial) < len(longer.text) and longer.text.startswith(partial)
+
+
+def test_chat_refuses_a_reply_longer_than_the_context(cli, tiny_instruct_path):
+    code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "100000", stdin="Hi\n")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == ("error: --max-new-tokens 100000 leaves no room for the conversation in "
+                                            "the model's 1024-token context: lower it")

@@ -85,6 +85,10 @@ def chat(
     )
     SamplingOptions(**options)  # bad values fail before a model loads
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    context = getattr(loaded.config, "max_position_embeddings", None)
+    if context and max_new_tokens >= context:
+        raise Olmo2KitError(f"--max-new-tokens {max_new_tokens} leaves no room for the conversation in the model's "
+                            f"{context}-token context: lower it")
 
     from olmo2kit.chat import ChatSession, chat_template
     from olmo2kit.loading import resolve_model
