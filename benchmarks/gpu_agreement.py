@@ -17,43 +17,25 @@ Rows go to OUT/gpu_agreement.jsonl as they are measured. (The run in docs/gpu-re
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-from gpu_decode import NEW, PROMPT, PROMPTS, compiled, plain
-from olmo2kit.bench import bytes_per_step, load_random, measure_bandwidth, size_for_model
-from olmo2kit.sizes import weight_bytes
+from gpu_decode import PROMPT, compiled, parse_args, plain, random_model, recorder
+from olmo2kit.bench import measure_bandwidth
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="The tiny architecture on the CPU, to test the script.")
-    parser.add_argument("--budget", type=float, default=240, help="Start no new row after this many seconds.")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse_args(budget=240)
     started = time.perf_counter()
-    device = "cpu" if args.smoke else "cuda"
-    new = 12 if args.smoke else NEW
+    device, new = args.device, args.new
     bandwidth = measure_bandwidth(device)
+    record = recorder(args.out / "gpu_agreement.jsonl", [])
 
-    def record(row: dict) -> None:
-        with (args.out / "gpu_agreement.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-
-    for size in ("tiny",) if args.smoke else ("1b", "7b"):
-        model, tokenizer = load_random(size, "bf16", None, device)
-        prompts = torch.randint(2, 50_000 if size != "tiny" else 200, (PROMPTS, PROMPT),
-                                generator=torch.Generator().manual_seed(1)).to(model.device)
-        floor = bandwidth / bytes_per_step(size_for_model(model), weight_bytes(size_for_model(model), "bf16"), 2, 1,
-                                           PROMPT + new / 2)
+    for size in args.sizes:
+        model, tokenizer, prompts, _, floor = random_model(size, device, new, bandwidth)
         reference, _ = plain(model, tokenizer, prompts, new, device)
         with torch.inference_mode():
             logits = model(torch.cat([prompts, reference], dim=1)).logits[:, PROMPT - 1:-1].float()

@@ -39,35 +39,52 @@ VARIANTS = [  # (name, fused, tuning), most telling first
 ]
 
 
-def main() -> None:
+def parse_args(budget: float) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="The tiny architecture on the CPU, to test the script.")
-    parser.add_argument("--budget", type=float, default=380, help="Start no new row after this many seconds.")
+    parser.add_argument("--budget", type=float, default=budget, help="Start no new row after this many seconds.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    device = "cpu" if args.smoke else "cuda"
-    new = 12 if args.smoke else NEW
-    bandwidth = measure_bandwidth(device)
-    rows = []
+    args.device = "cpu" if args.smoke else "cuda"
+    args.new = 12 if args.smoke else NEW
+    args.sizes = ("tiny",) if args.smoke else ("1b", "7b")
+    return args
 
+
+def recorder(path: Path, rows: list):
+    """A function that keeps a row, appends it to `path` as a JSON line and prints it."""
     def record(row: dict) -> None:
         rows.append(row)
-        with (args.out / "gpu_decode.jsonl").open("a") as f:
+        with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+    return record
 
-    for size in ("tiny",) if args.smoke else ("1b", "7b"):
+
+def random_model(size: str, device: str, new: int, bandwidth: float):
+    """(model, tokenizer, PROMPTS seeded prompts, bytes a batch-1 step reads, floor tokens/s) for one size."""
+    model, tokenizer = load_random(size, "bf16", None, device)
+    prompts = torch.randint(2, 50_000 if size != "tiny" else 200, (PROMPTS, PROMPT),
+                            generator=torch.Generator().manual_seed(1)).to(model.device)
+    arch = size_for_model(model)
+    step_bytes = bytes_per_step(arch, weight_bytes(arch, "bf16"), 2, 1, PROMPT + new / 2)
+    return model, tokenizer, prompts, step_bytes, bandwidth / step_bytes
+
+
+def main() -> None:
+    args = parse_args(budget=380)
+    started = time.perf_counter()
+    device, new = args.device, args.new
+    bandwidth = measure_bandwidth(device)
+    rows = []
+    record = recorder(args.out / "gpu_decode.jsonl", rows)
+
+    for size in args.sizes:
         if time.perf_counter() - started > args.budget:
             print(f"skipped {size}: over the time budget", flush=True)
             continue
-        model, tokenizer = load_random(size, "bf16", None, device)
-        prompts = torch.randint(2, 50_000 if size != "tiny" else 200, (PROMPTS, PROMPT),
-                                generator=torch.Generator().manual_seed(1)).to(model.device)
-        step_bytes = bytes_per_step(size_for_model(model), weight_bytes(size_for_model(model), "bf16"), 2, 1,
-                                    PROMPT + new / 2)
-        floor = bandwidth / step_bytes
+        model, tokenizer, prompts, step_bytes, floor = random_model(size, device, new, bandwidth)
         reference, plain_s = plain(model, tokenizer, prompts, new, device)
         record({"size": size, "way": "plain generate", "decode_tokens_per_s": (new - 1) / plain_s,
                 "ms_per_token": 1000 * plain_s / (new - 1), "floor_fraction": (new - 1) / plain_s / floor,
