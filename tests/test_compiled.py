@@ -43,6 +43,8 @@ def test_decoder_is_reused_while_the_cache_is_long_enough(tiny):
     second = decoder_for(model, 2, 300, compile=False)
     assert second is not first and second.max_cache_len == 512  # powers of two: few graphs as a chat grows
     assert decoder_for(model, 2, 500, compile=False) is second
+    assert decoder_for(model, 3, 100, compile=False) is not second
+    assert list(model.__dict__["_olmo2kit_decoders"]) == [(3, False, None, False)]  # one decoder, one cache
 
 
 def test_end_of_text_stops_and_pads(tiny):

@@ -75,7 +75,8 @@ def test_6nd_is_close_to_published_flops():
 
 def test_tokens_per_step_reproduces_published_branch_names():
     # Branch names round the token count up to the next billion.
-    cases = [("1b", 140000, 294), ("1b", 1907359, 4001), ("7b", 928646, 3896), ("13b", 596057, 5001)]
+    cases = [("1b", 140000, 294), ("1b", 1907359, 4001), ("7b", 928646, 3896), ("13b", 596057, 5001),
+             ("32b", 721901, 6056), ("32b", 11921, 101)]
     for name, step, label in cases:
         tokens_b = SIZES[name].tokens_per_step * step / 1e9
         assert label - 1 < tokens_b <= label

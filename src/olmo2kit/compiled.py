@@ -300,7 +300,8 @@ def _fused(linears) -> torch.Tensor:
 
 def decoder_for(model, batch_size: int, needed_len: int, compile: bool | None = None, fused: bool | None = None,
                 tuning: bool = False) -> StaticDecoder:
-    """The model's StaticDecoder for this batch size, reused while its cache is long enough.
+    """The model's StaticDecoder for this batch size, reused while its cache is long enough; it
+    replaces the model's decoder for any other batch size or setting.
 
     Cache lengths are powers of two from 256 up (capped at the model's context), so that nearby
     lengths share one compiled graph and a chat that grows to the full context compiles at most five.
@@ -311,5 +312,6 @@ def decoder_for(model, batch_size: int, needed_len: int, compile: bool | None = 
     if decoder is None or decoder.max_cache_len < needed_len or not decoder.current():
         limit = getattr(model.config, "max_position_embeddings", None) or needed_len
         length = min(max(256, 1 << (needed_len - 1).bit_length()), max(limit, needed_len))
+        decoders.clear()  # one decoder a model: a cache for each batch size met would pile up memory
         decoder = decoders[key] = StaticDecoder(model, batch_size, length, compile, fused, tuning)
     return decoder

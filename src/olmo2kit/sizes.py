@@ -108,10 +108,11 @@ SIZES: dict[str, Size] = {
         # give 8,388,608 (2048 x 4096); 3 x 100B and 1 x 300B souped.
         Size("13b", "allenai/OLMo-2-1124-13B", 40, 5120, 40, 40, 13824,
              5_000_000_000_000, (100_000_000_000,) * 3 + (300_000_000_000,), 8_388_608, 4.6e23),
-        # 64 layers, 40 query heads over 8 key/value heads (GQA). The batch size is
-        # not verified here: list-revisions reads it off the branch names.
+        # 64 layers, 40 query heads over 8 key/value heads (GQA). stage1-step721901-tokens6056B and
+        # stage2-ingredient1-step11921-tokens101B give 8,388,608 (2048 x 4096); branch names from
+        # allenai/OLMo-core, src/scripts/official/OLMo2/README.md.
         Size("32b", "allenai/OLMo-2-0325-32B", 64, 5120, 40, 8, 27648,
-             6_000_000_000_000, (100_000_000_000,) * 3 + (300_000_000_000,), None, 13.0e23),
+             6_000_000_000_000, (100_000_000_000,) * 3 + (300_000_000_000,), 8_388_608, 13.0e23),
     )
 }
 
