@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-import olmo2kit
-from common import device_name, setup_model, time_interleaved
+from common import add_model_args, device_name, setup_model, time_interleaved
 from olmo2kit.jobs import run_job
 
 SENTENCES = [
@@ -42,9 +40,7 @@ def make_prompts(count: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(olmo2kit.SIZES), help="Random-init this size instead of tiny.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bf16" if "--size" in sys.argv else "auto")
+    add_model_args(parser)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="The batch size set against 1.")

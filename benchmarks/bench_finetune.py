@@ -88,6 +88,7 @@ def direct_loop(args, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from olmo2kit.bench import sync
     from olmo2kit.data import load_prepared
     from olmo2kit.finetune import DataOrder
     from olmo2kit.generation import peak_memory_gb
@@ -119,13 +120,6 @@ def direct_loop(args, work: Path) -> dict:
         tokens += ids.numel()
     sync(device)
     return {"tokens": tokens, "seconds": time.perf_counter() - start, "peak_memory_gb": peak_memory_gb(model)}
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:

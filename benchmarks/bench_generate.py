@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-import olmo2kit
-from common import device_name, setup_model, time_interleaved
+from common import add_model_args, device_name, setup_model, time_interleaved
 from olmo2kit.generation import generate
 
 PROMPT = "Language modeling is the task of predicting the next word in a sequence of text. " * 2
@@ -30,9 +28,7 @@ PROMPT = "Language modeling is the task of predicting the next word in a sequenc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(olmo2kit.SIZES), help="Random-init this size instead of tiny.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bf16" if "--size" in sys.argv else "auto")
+    add_model_args(parser)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--compiled", action="store_true", help="Also time the compiled path (compile=True).")

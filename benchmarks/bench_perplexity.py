@@ -22,13 +22,11 @@ import json
 import math
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-import olmo2kit
-from common import device_name, setup_model, time_interleaved
+from common import add_model_args, device_name, setup_model, time_interleaved
 from olmo2kit.evaluate import perplexity
 
 SENTENCES = [
@@ -82,9 +80,7 @@ def transformers_loop(model, tokenizer, text: str, max_length: int, stride: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(olmo2kit.SIZES), help="Random-init this size instead of tiny.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bf16" if "--size" in sys.argv else "fp32")
+    add_model_args(parser, dtype="fp32")
     parser.add_argument("--tokens", type=int, default=16384, help="Length of the text, in tokens.")
     parser.add_argument("--max-length", type=int, help="Tokens per window (default: the model's context).")
     parser.add_argument("--stride", type=int, help="Default: half of --max-length.")
@@ -103,12 +99,14 @@ def main() -> None:
         values["transformers"], _ = transformers_loop(model, tokenizer, text, max_length, stride)
 
     def ours():
-        values["olmo2kit"] = perplexity(model, tokenizer, text, max_length=max_length, stride=stride).perplexity
+        result["olmo2kit"] = perplexity(model, tokenizer, text, max_length=max_length, stride=stride)
 
+    result = {}
     runs = {"transformers": direct, "olmo2kit": ours}
     times = time_interleaved(runs, args.repeat, args.device)
 
-    tokens = perplexity(model, tokenizer, text, max_length=max_length, stride=stride).tokens
+    tokens = result["olmo2kit"].tokens
+    values["olmo2kit"] = result["olmo2kit"].perplexity
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     tps = {name: tokens / seconds for name, seconds in best.items()}

@@ -6,6 +6,7 @@ Scripts run as `python benchmarks/NAME.py`, which puts this folder on sys.path: 
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable
@@ -15,7 +16,15 @@ import torch
 
 from olmo2kit.bench import load_random, sync
 from olmo2kit.loading import load
+from olmo2kit.sizes import SIZES
 from olmo2kit.tiny import build_tiny
+
+
+def add_model_args(parser, dtype: str = "auto") -> None:
+    """--size (random-init this size instead of tiny), --device and --dtype (bf16 with --size)."""
+    parser.add_argument("--size", choices=list(SIZES), help="Random-init this size instead of tiny.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16" if "--size" in sys.argv else dtype)
 
 
 def setup_model(size: str | None, dtype: str, device: str):

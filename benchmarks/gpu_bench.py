@@ -12,30 +12,23 @@ as soon as it is measured, so a run cut short keeps what it measured; a table is
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-from olmo2kit.bench import bench, load_random
+from gpu_decode import parse_args, recorder
+from olmo2kit.bench import bench, load_random, sync
 
 BUDGET_S = 420  # by default start no new row after this, so the call ends inside 8 minutes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="Tiny settings on the CPU, to test the script.")
-    parser.add_argument("--budget", type=float, default=BUDGET_S, help="Start no new row after this many seconds.")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "gpu_bench.jsonl"
+    args = parse_args(budget=BUDGET_S)
     started = time.perf_counter()
-    device = "cpu" if args.smoke else "cuda"
+    device = args.device
     big, small = ("tiny", "tiny") if args.smoke else ("7b", "1b")
     new = 8 if args.smoke else 128
     try:
@@ -46,6 +39,7 @@ def main() -> None:
         quantized = []
 
     rows = []
+    keep = recorder(args.out / "gpu_bench.jsonl", rows)
 
     def record(name: str, fn) -> None:
         if time.perf_counter() - started > args.budget:
@@ -58,10 +52,7 @@ def main() -> None:
             traceback.print_exc()
             row = {"name": name, "error": f"{type(e).__name__}: {e}"}
         row["wall_s"] = round(time.perf_counter() - t, 1)
-        rows.append(row)
-        with log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        keep(row)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -122,12 +113,10 @@ def speculative(target_size: str, draft_size: str, device: str, new: int) -> dic
     with torch.inference_mode():
         for name, extra in (("target_alone", {}), ("with_draft", {"assistant_model": draft})):
             target.generate(ids, **{**kwargs, "max_new_tokens": 8}, **extra)  # warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t = time.perf_counter()
             outputs[name] = target.generate(ids, **kwargs, **extra)[0, ids.shape[1]:]
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             timings[name] = time.perf_counter() - t
     n = min(len(outputs["target_alone"]), len(outputs["with_draft"]))
     same = (outputs["target_alone"][:n] == outputs["with_draft"][:n]).float().mean().item()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from common import device_name
 from olmo2kit.bench import bytes_per_step, load_random, measure_bandwidth, size_for_model, sync
 from olmo2kit.compiled import StaticDecoder
 from olmo2kit.sizes import weight_bytes
@@ -89,7 +90,7 @@ def main() -> None:
         record({"size": size, "way": "plain generate", "decode_tokens_per_s": (new - 1) / plain_s,
                 "ms_per_token": 1000 * plain_s / (new - 1), "floor_fraction": (new - 1) / plain_s / floor,
                 "floor_tokens_per_s": floor, "bytes_per_step": step_bytes, "bandwidth_gbps": bandwidth / 1e9,
-                "device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "torch": torch.__version__,
+                "device": device_name(device), "torch": torch.__version__,
                 "transformers": transformers.__version__})
         for name, fused, tuning in VARIANTS:
             if time.perf_counter() - started > args.budget:

@@ -16,20 +16,18 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Olmo2ForCausalLM
+from transformers import AutoModelForCausalLM
 
-from olmo2kit.bench import load_random
+from olmo2kit.bench import load_random, sync
 from olmo2kit.generation import generate
 from olmo2kit.loading import load
-from olmo2kit.tiny import build_tokenizer
 
 
 def decode_rate(model, tokenizer, device: str) -> tuple[float, str]:
     generate(model, tokenizer, "Language modeling is ", do_sample=False, max_new_tokens=8)
     rates = []
     for _ in range(3):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         rates.append(generate(model, tokenizer, "Language modeling is ", do_sample=False, max_new_tokens=64)
                      .tokens_per_s)
     return statistics.median(rates), model.config._attn_implementation
@@ -40,10 +38,8 @@ def main() -> None:
     parser.add_argument("--size", default="1b")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    tokenizer = build_tokenizer()
-    tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory() as path:
-        model, _ = load_random(args.size, "bf16", None, args.device)
+        model, tokenizer = load_random(args.size, "bf16", None, args.device)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         ways = {
@@ -66,7 +62,6 @@ def main() -> None:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    assert isinstance(model, Olmo2ForCausalLM)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ def tiny(tiny_path):
     return load(str(tiny_path), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_instruct(tiny_instruct_path):
+    """(model, tokenizer) of the tiny instruct checkpoint, loaded through olmo2kit in fp32 on the CPU."""
+    from olmo2kit.loading import load
+
+    return load(str(tiny_instruct_path), device="cpu")
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty Hub cache in offline mode: nothing can be downloaded or found."""

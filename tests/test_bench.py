@@ -7,17 +7,16 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.loading import load
 
 
-def test_bench_reports_consistent_figures(tiny_path):
+def test_bench_reports_consistent_figures(tiny_path, tiny):
     result = bench(str(tiny_path), device="cpu", new_tokens=16, prompt_len=8, repeat=2)
     assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0 and result.ttft_s > 0
     assert result.ms_per_token == pytest.approx(1000 / result.decode_tokens_per_s)
     assert result.floor_tokens_per_s == pytest.approx(result.bandwidth_gbps * 1e9 / result.bytes_per_step, rel=1e-6)
     assert result.floor_fraction == pytest.approx(result.decode_tokens_per_s / result.floor_tokens_per_s)
-    model, _ = load(str(tiny_path), device="cpu")
-    assert result.weight_bytes == model.get_memory_footprint()
+    assert result.weight_bytes == tiny[0].get_memory_footprint()
 
 
-def test_bench_random_init_and_compiled_path(tmp_path):
+def test_bench_random_init_and_compiled_path():
     result = bench(size="tiny", random_init=True, device="cpu", dtype="fp32", new_tokens=8, prompt_len=4, repeat=1,
                    compile=True, batch_size=2)
     assert result.compile and result.batch_size == 2 and result.decode_tokens_per_s > 0
@@ -90,3 +89,4 @@ def test_bytes_per_step_leaves_out_the_input_embeddings_and_adds_the_kv_cache():
     kv_per_token = 2 * 16 * 16 * 128 * 2  # keys and values x layers x kv heads x head dim x bf16
     assert bytes_per_step(one_b, weights, 2, 1, 100) == weights - embeddings + 100 * kv_per_token
     assert bytes_per_step(one_b, weights, 2, 16, 100) == weights - embeddings + 16 * 100 * kv_per_token
+

@@ -14,7 +14,6 @@ from conftest import OLMO2KIT
 from olmo2kit.chat import ChatSession, check_messages, encode_chat, render_chat
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.generation import generate, stream_generate
-from olmo2kit.loading import load
 from olmo2kit.tiny import build_tokenizer
 
 CONVERSATION = [
@@ -33,9 +32,9 @@ OFFICIAL = (
 )
 
 
-@pytest.fixture(scope="module")
-def chat_model(tiny_instruct_path):
-    return load(str(tiny_instruct_path), device="cpu")
+@pytest.fixture
+def chat_model(tiny_instruct):
+    return tiny_instruct
 
 
 def test_template_renders_the_official_string(chat_model):

@@ -71,8 +71,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
 
     assert torch.equal(sample(1, top_k=50, top_p=0.95), sample(1, top_k=50, top_p=0.95))
     assert not torch.equal(sample(1, top_k=0, top_p=1.0), sample(2, top_k=0, top_p=1.0))
-    assert torch.equal(sample(3, top_k=1), plain_greedy(model, tokenizer, enc, 20))
-    assert torch.equal(sample(4, top_p=1e-6), plain_greedy(model, tokenizer, enc, 20))
+    greedy = plain_greedy(model, tokenizer, enc, 20)
+    assert torch.equal(sample(3, top_k=1), greedy)
+    assert torch.equal(sample(4, top_p=1e-6), greedy)
 
 
 def test_fused_logits_match_transformers_fp32(tiny):

@@ -14,15 +14,14 @@ from olmo2kit.cli_chat import ProgressBar
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.generation import generate
 from olmo2kit.jobs import run_job
-from olmo2kit.loading import load
 
 GENERATION_FIELDS = {"text", "token_ids", "prompt_tokens", "new_tokens", "finish_reason", "tokens_per_s",
                      "elapsed_s", "prompt_tps", "peak_memory_gb"}
 
 
-@pytest.fixture(scope="module")
-def chat_model(tiny_instruct_path):
-    return load(str(tiny_instruct_path), device="cpu")
+@pytest.fixture
+def chat_model(tiny_instruct):
+    return tiny_instruct
 
 
 def write_lines(path, lines):

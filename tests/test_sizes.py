@@ -90,17 +90,13 @@ def test_weight_memory_matches_published_footprints():
     assert weight_bytes("7b", "fp32") == 4 * EXPECTED_PARAMS["7b"]
 
 
-def _tiny_size(config) -> Size:
-    return Size.from_config("tiny", config)
-
-
 @pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
-def test_weight_memory_matches_loaded_tiny_checkpoint(tiny_path, quantize):
+def test_weight_memory_matches_loaded_tiny_checkpoint(tiny_path, tiny, quantize):
     from olmo2kit.loading import load
 
     model, _ = load(str(tiny_path), device="cpu", quantize=quantize)
-    size = _tiny_size(model.config)
-    assert size.params == sum(p.numel() for p in load(str(tiny_path), device="cpu")[0].parameters())
+    size = Size.from_config("tiny", model.config)
+    assert size.params == sum(p.numel() for p in tiny[0].parameters())
     estimate = weight_bytes(size, "fp32", quantize)
     assert estimate == pytest.approx(model.get_memory_footprint(), rel=0.10)
 

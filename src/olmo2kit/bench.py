@@ -61,10 +61,9 @@ def device_memory(device: str = "auto") -> tuple[str, int | None]:
     """(device name, bytes available to a model on it): the GPU's total memory, else the machine's RAM."""
     import torch
 
-    from olmo2kit.loading import DEVICE
+    from olmo2kit.loading import check_device
 
-    if not DEVICE.match(device):
-        raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    check_device(device)
     wants_gpu = device in ("auto", "cuda") or device.startswith("cuda:")
     if wants_gpu and torch.cuda.is_available():
         index = torch.device(device if device.startswith("cuda:") else "cuda").index or 0
@@ -206,8 +205,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         name = size or model
         if name not in SIZES and name != "tiny":
             raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries)")
-        dtype_name = dtype if dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-        loaded, tokenizer = load_random(name, dtype_name, quantize, device)
+        loaded, tokenizer = load_random(name, dtype, quantize, device)
         label = f"{name} (random init)"
     else:
         label = model or size or "1b"
@@ -234,11 +232,11 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     ttft_s = statistics.median(ttft)
     decode_s = statistics.median(decode)
     decode_tps = batch_size * (new_tokens - 1) / decode_s
+    arch = size_for_model(loaded)
     weights = loaded.get_memory_footprint()
     if quantize in ("nf4", "fp4"):  # the footprint leaves out the fp32 block scales that decoding reads too
-        dtype_name = "fp32" if loaded.dtype == torch.float32 else "bf16"
-        weights = weight_bytes(size_for_model(loaded), dtype_name, quantize)
-    step_bytes = bytes_per_step(size_for_model(loaded), weights, loaded.dtype.itemsize, batch_size,
+        weights = weight_bytes(arch, "fp32" if loaded.dtype == torch.float32 else "bf16", quantize)
+    step_bytes = bytes_per_step(arch, weights, loaded.dtype.itemsize, batch_size,
                                 prompt_len + new_tokens / 2)
     bandwidth = measure_bandwidth(loaded.device)
     floor = bandwidth / step_bytes

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import write_atomic
 from olmo2kit.generation import Generation, SamplingOptions, normalize_options, stream_generate
 from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE
 
@@ -100,17 +100,9 @@ def save_transcript(path: str | os.PathLike, model: str, messages: Sequence[Mapp
         raise Olmo2KitError(f"cannot save to {path}: it is a directory; give a file name")
     text = json.dumps({"model": model, "messages": list(messages)}, indent=2, ensure_ascii=False) + "\n"
     try:
-        fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        return write_atomic(path, text.encode("utf-8"))
     except OSError as e:
         raise Olmo2KitError(f"cannot save to {path} ({e.strerror}): give a file you can write to") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class ChatSession:

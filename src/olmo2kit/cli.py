@@ -133,13 +133,7 @@ def generate(
 
       olmo2kit generate "Language modeling is " --compile
     """
-    from olmo2kit.generation import SamplingOptions
-
-    options = dict(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
-    )
-    SamplingOptions(**options)  # bad values fail before a model loads
+    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, stop or ())
     chat = chat or system is not None
     if compile and draft_model:
         raise Olmo2KitError("choose one of --compile and --draft-model")
@@ -168,11 +162,11 @@ def generate(
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     if any(not p.strip() for p in prompts):
         raise Olmo2KitError("empty prompt: give some text to continue")
+    if draft_model and len(prompts) > 1 and as_json:
+        raise Olmo2KitError("--draft-model takes one prompt at a time with --json")
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
     accelerate = {"compile": compile}
     if draft_model:
-        if len(prompts) > 1 and as_json:
-            raise Olmo2KitError("--draft-model takes one prompt at a time with --json")
         accelerate["draft_model"] = load_model(draft_model, None, dtype, None, device)[0]
 
     from olmo2kit.chat import user_messages
@@ -245,11 +239,9 @@ def tiny(
 
       olmo2kit tiny ./tiny-chat --instruct
     """
-    from transformers.utils import logging as hf_logging
-
     from olmo2kit.tiny import build_tiny
 
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     written = build_tiny(path, instruct=instruct, seed=seed)
     print(written)
 
@@ -296,16 +288,32 @@ def list_revisions_command(
 
 def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str):
     """Load through the library, with the load time on stderr and transformers' bars off."""
-    from transformers.utils import logging as hf_logging
-
     from olmo2kit.loading import load
 
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     start = time.perf_counter()
     loaded, tokenizer = load(model, revision=revision, dtype=dtype, quantize=quantize, device=device)
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
     info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}) in {time.perf_counter() - start:.1f} s")
     return loaded, tokenizer
+
+
+def sampling_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, greedy: bool,
+                     seed: int | None, stop=()) -> dict:
+    """The sampling options as generate takes them, checked before a model loads."""
+    from olmo2kit.generation import SamplingOptions
+
+    options = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, stop=tuple(stop))
+    SamplingOptions(**options)
+    return options
+
+
+def quiet_transformers() -> None:
+    """No download or loading bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def report(result) -> None:
@@ -323,6 +331,13 @@ def print_table(lines: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     for row in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def clock(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _gb(n: int) -> str:

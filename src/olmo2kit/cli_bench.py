@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, RevisionOpt, app, info, print_table
+from olmo2kit.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    _gb,
+    app,
+    info,
+    print_table,
+    quiet_transformers,
+)
 
 
 @app.command()
@@ -36,11 +47,9 @@ def bench(
 
       olmo2kit bench --model ./tiny --new-tokens 64
     """
-    from transformers.utils import logging as hf_logging
-
     from olmo2kit.bench import bench as run_bench
 
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     if not random_init and size:
         model = model or size
     result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
@@ -94,16 +103,16 @@ def estimate(
         print(json.dumps(result.to_dict(), indent=2))
         return
     fits = {True: "fits", False: "does NOT fit", None: "unknown"}[result.fits]
-    available = "unknown" if result.device_bytes is None else f"{result.device_bytes / 1e9:.2f} GB"
+    available = "unknown" if result.device_bytes is None else _gb(result.device_bytes)
     print_table([
         ("part", "memory"),
-        (f"weights ({dtype}{', ' + quantize if quantize else ''})", f"{result.weights_bytes / 1e9:.2f} GB"),
-        (f"KV cache ({context} tokens x {batch_size})", f"{result.kv_cache_bytes / 1e9:.2f} GB"),
-        ("working memory", f"{result.working_bytes / 1e9:.2f} GB"),
-        ("total", f"{result.total_bytes / 1e9:.2f} GB"),
+        (f"weights ({dtype}{', ' + quantize if quantize else ''})", _gb(result.weights_bytes)),
+        (f"KV cache ({context} tokens x {batch_size})", _gb(result.kv_cache_bytes)),
+        ("working memory", _gb(result.working_bytes)),
+        ("total", _gb(result.total_bytes)),
         (f"available on {result.device}", available),
     ])
-    info(f"{result.model}: {fits} ({result.total_bytes / 1e9:.2f} GB needed)")
+    info(f"{result.model}: {fits} ({_gb(result.total_bytes)} needed)")
 
 
 def _bytes(n: int) -> str:

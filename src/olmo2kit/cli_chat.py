@@ -28,8 +28,10 @@ from olmo2kit.cli import (
     TopKOpt,
     TopPOpt,
     app,
+    clock,
     info,
     load_model,
+    sampling_options,
 )
 from olmo2kit.errors import Olmo2KitError
 
@@ -77,13 +79,7 @@ def chat(
 
       printf 'Hi!\\n/save chat.json\\n' | olmo2kit chat --model ./tiny-chat --greedy
     """
-    from olmo2kit.generation import SamplingOptions
-
-    options = dict(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed,
-    )
-    SamplingOptions(**options)  # bad values fail before a model loads
+    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed)
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
     context = getattr(loaded.config, "max_position_embeddings", None)
     if context and max_new_tokens >= context:
@@ -284,11 +280,6 @@ class ProgressBar:
         bar = ("=" * filled + ">")[: cls.width].ljust(cls.width)
         rate = done / elapsed if done and elapsed > 0 else None
         speed = "-" if rate is None else f"{rate:.2f}"
-        eta = "?" if rate is None else _clock((total - done) / rate)
+        eta = "?" if rate is None else clock((total - done) / rate)
         return f"[{bar}] {done}/{total}  {speed} prompts/s  ETA {eta}"
 
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -19,10 +19,13 @@ from olmo2kit.cli import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    _dash,
     app,
+    clock,
     info,
     load_model,
     print_table,
+    quiet_transformers,
 )
 
 StrideOpt = Annotated[
@@ -131,7 +134,7 @@ def eval_command(
     for s in scores:
         metric = s.metric if s.filter == "none" else f"{s.metric} ({s.filter})"
         stderr = "-" if s.stderr is None else f"{s.stderr:.4f}"
-        lines.append((s.task, metric, f"{s.value:.4f}", stderr, "-" if s.samples is None else str(s.samples)))
+        lines.append((s.task, metric, f"{s.value:.4f}", stderr, _dash(s.samples)))
     print_table(lines)
 
 
@@ -200,8 +203,6 @@ def sweep_command(
 
       olmo2kit sweep --data wiki.txt --revisions stage1-step10000-tokens21B,stage1-step20000-tokens42B
     """
-    from transformers.utils import logging as hf_logging
-
     from olmo2kit.revisions import parse_revision, training_order
     from olmo2kit.sweep import Sweep
 
@@ -213,14 +214,14 @@ def sweep_command(
     )
     already = len(sweep.revisions) - len(sweep.todo)
     info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     for step in sweep.run():
         row = step.row
         freed = f", freed {_size(step.freed_bytes)}" if delete_after else ""
         info(
             f"{_bar(step.index, step.total)} {step.index}/{step.total} {row['revision']}: {metric} {row['value']:.4f} "
             f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed}) "
-            f"elapsed {_clock(step.elapsed_s)}, ETA {_clock(step.eta_s)}"
+            f"elapsed {clock(step.elapsed_s)}, ETA {clock(step.eta_s)}"
         )
     lines = [("revision", "tokens", metric)]
     for row in sorted(sweep.done, key=lambda r: training_order(parse_revision(r["revision"]))):
@@ -238,8 +239,3 @@ def _bar(done: int, total: int, width: int = 20) -> str:
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -12,7 +12,18 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import DeviceOpt, JsonOpt, ModelOpt, QuantizeOpt, RevisionOpt, app, info, print_table
+from olmo2kit.cli import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    app,
+    info,
+    print_table,
+    quiet_transformers,
+)
+from olmo2kit.errors import Olmo2KitError
 
 
 @app.command("prepare-data")
@@ -115,7 +126,6 @@ def finetune_command(
 
       olmo2kit generate "Hello" --model out/1b-sft
     """
-    from olmo2kit.errors import Olmo2KitError
     from olmo2kit.finetune import FinetuneConfig, finetune, load_config
 
     given = dict(
@@ -151,7 +161,5 @@ def _quiet_transformers() -> None:
     """No loading bars, and no warnings about transformers APIs that peft, not the user, calls."""
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     warnings.filterwarnings("ignore", message=".* is deprecated and will be removed in v6", category=FutureWarning)

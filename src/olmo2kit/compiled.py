@@ -21,7 +21,7 @@ depends only on the distance between positions).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,6 @@ class StaticDecoder:
         else:
             self.step = self._step
         self.compiled = compile
-        self.tuning = tuning
 
     def current(self) -> bool:
         """Whether this decoder still decodes the model as it is now (not moved, weights not replaced)."""
@@ -148,8 +147,11 @@ class _TransformersForward:
     def __init__(self, model, batch_size: int, max_cache_len: int):
         from transformers import StaticCache
 
+        from olmo2kit.generation import cache_keyword
+
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache_keyword = cache_keyword()
         self.mask = torch.ones(batch_size, max_cache_len, dtype=torch.long, device=model.device)
 
     def current(self) -> bool:
@@ -162,18 +164,18 @@ class _TransformersForward:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions[None],
-                          cache=self.cache, use_cache=True).logits[:, -1]
+                          use_cache=True, **{self.cache_keyword: self.cache}).logits[:, -1]
 
 
 class FusedOlmo2:
-    """The OLMo 2 forward written out for decoding, over the weights of a transformers `Olmo2ForCausalLM`.
+    """The OLMo 2 forward written out for decoding, over a transformers `Olmo2ForCausalLM`.
 
-    The same arithmetic as transformers' modeling_olmo2 (post-norm blocks, RMSNorm over the whole
-    q and k projections, rotary embeddings in fp32), with fewer and larger kernels per layer: q, k
-    and v are one matrix, gate and up are one matrix, and the keys and values go to a static cache
-    of this object's own. The fused matrices are built once and the model's Linear weights become
-    views into them, so they cost no extra memory and the model stays the same model (it saves,
-    trains and generates as before).
+    It runs the model's own norms, rotary embeddings and attention function in transformers' order
+    (post-norm blocks, RMSNorm over the whole q and k projections), with fewer and larger kernels
+    per layer: q, k and v are one matrix, gate and up are one matrix, and the keys and values go to
+    a static cache of this object's own. The fused matrices are built once and the model's Linear
+    weights become views into them, so they cost no extra memory and the model stays the same
+    model (it saves, trains and generates as before).
     """
 
     def __init__(self, model, batch_size: int, max_cache_len: int):
@@ -181,7 +183,6 @@ class FusedOlmo2:
         self.model = model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.eps = config.rms_norm_eps
         device, dtype = model.device, model.dtype
         with torch.inference_mode(False), torch.no_grad():  # the model's weights must stay trainable
             self.layers = [_fuse_layer(layer) for layer in model.model.layers]
@@ -190,13 +191,11 @@ class FusedOlmo2:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.valid = torch.ones(batch_size, max_cache_len, dtype=torch.bool, device=device)
         self.slots = torch.arange(max_cache_len, device=device)
-        inv_freq = model.model.rotary_emb.inv_freq.to(device=device, dtype=torch.float)
-        freqs = self.slots[:, None].float() * inv_freq  # as Olmo2RotaryEmbedding, one row per position
-        angles = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = angles.cos(), angles.sin()
-        weights = [getattr(layer, f.name) for layer in self.layers for f in fields(layer) if f.name != "attention"]
-        weights += [model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight]
-        for tensor in (*weights, *self.k_cache, *self.v_cache, self.valid, self.slots, self.cos, self.sin):
+        cos, sin = model.model.rotary_emb(self.valid, self.slots[None])  # fp32, one row per position
+        self.cos, self.sin = cos[0], sin[0]
+        fused = [t for layer in self.layers for t in (layer.qkv, layer.gate_up)]
+        for tensor in (*model.parameters(), *fused, *self.k_cache, *self.v_cache, self.valid, self.slots, self.cos,
+                       self.sin):
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs read these in place, no copies
 
     @staticmethod
@@ -212,7 +211,7 @@ class FusedOlmo2:
 
     def current(self) -> bool:
         """False once the model's weights were moved or replaced (the decoder must then be rebuilt)."""
-        return all(layer.qkv.data_ptr() == layer.attention.q_proj.weight.data_ptr() for layer in self.layers)
+        return all(layer.qkv.data_ptr() == layer.block.self_attn.q_proj.weight.data_ptr() for layer in self.layers)
 
     def reset(self, attention_mask: torch.Tensor) -> None:
         for cache in (*self.k_cache, *self.v_cache):
@@ -220,68 +219,50 @@ class FusedOlmo2:
         self.valid.fill_(True)
         self.valid[:, :attention_mask.shape[1]] = attention_mask.bool()
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Olmo2RMSNorm: in fp32, the weight applied before the cast back."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (weight * h).to(x.dtype)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return ((x * cos) + (rotated * sin)).to(x.dtype)
-
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocab] of the last position; tokens [batch, T] go to cache slots `positions` [T]."""
+        from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb
+
         batch, length = tokens.shape
-        x = F.embedding(tokens, self.model.model.embed_tokens.weight)
-        cos, sin = self.cos[positions], self.sin[positions]
+        x = self.model.model.embed_tokens(tokens)
+        cos, sin = self.cos[positions][None], self.sin[positions][None]
         # a slot is visible to a query if it is at or before it and holds a real token; a pad query sees
         # itself, so that no row is fully masked (that would give NaNs)
         seen = self.slots <= positions[:, None]
         mask = (seen & (self.valid[:, None, :] | (self.slots == positions[:, None])))[:, None]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            attention, mlp = layer.block.self_attn, layer.block.mlp
             q, k, v = F.linear(x, layer.qkv).split((q_size, kv_size, kv_size), dim=-1)
-            q = self._norm(q, layer.q_norm).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-            k = self._norm(k, layer.k_norm).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = attention.q_norm(q).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+            k = attention.k_norm(k).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k_cache.index_copy_(2, positions, k)
             v_cache.index_copy_(2, positions, v)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.head_dim ** -0.5,
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attention.scaling,
                                                enable_gqa=self.heads != self.kv_heads)
-            y = F.linear(y.transpose(1, 2).reshape(batch, length, q_size), layer.o_proj)
-            x = x + self._norm(y, layer.post_attention_norm)
+            y = attention.o_proj(y.transpose(1, 2).reshape(batch, length, q_size))
+            x = x + layer.block.post_attention_layernorm(y)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, layer.down_proj)
-            x = x + self._norm(y, layer.post_feedforward_norm)
-        x = self._norm(x[:, -1], self.model.model.norm.weight)
-        return F.linear(x, self.model.lm_head.weight)
+            y = mlp.down_proj(mlp.act_fn(gate) * up)
+            x = x + layer.block.post_feedforward_layernorm(y)
+        return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
 
 @dataclass
 class _FusedLayer:
-    attention: torch.nn.Module
+    block: torch.nn.Module  # the transformers decoder layer
     qkv: torch.Tensor
     gate_up: torch.Tensor
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
-    o_proj: torch.Tensor
-    down_proj: torch.Tensor
-    post_attention_norm: torch.Tensor
-    post_feedforward_norm: torch.Tensor
 
 
 def _fuse_layer(layer) -> _FusedLayer:
-    """One decoder layer's weights, with q/k/v and gate/up each made one matrix that the model's
-    Linear weights then view (no copy is left behind). A layer fused before is reused as it is."""
+    """One decoder layer, with q/k/v and gate/up each made one matrix that the model's Linear
+    weights then view (no copy is left behind). A layer fused before is reused as it is."""
     attention, mlp = layer.self_attn, layer.mlp
-    qkv = _fused((attention.q_proj, attention.k_proj, attention.v_proj))
-    gate_up = _fused((mlp.gate_proj, mlp.up_proj))
-    return _FusedLayer(attention, qkv, gate_up, attention.q_norm.weight, attention.k_norm.weight,
-                       attention.o_proj.weight, mlp.down_proj.weight, layer.post_attention_layernorm.weight,
-                       layer.post_feedforward_layernorm.weight)
+    return _FusedLayer(layer, _fused((attention.q_proj, attention.k_proj, attention.v_proj)),
+                       _fused((mlp.gate_proj, mlp.up_proj)))
 
 
 def _fused(linears) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from olmo2kit.errors import Olmo2KitError, make_output_dir
+from olmo2kit.files import write_atomic
 from olmo2kit.sizes import DEFAULT_MODEL
 
 log = logging.getLogger("olmo2kit")
@@ -106,17 +106,13 @@ def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) 
     ids: list[int] = []
     mask: list[bool] = []
     start = 0
-    for span_start, span_end in spans:
+    for span_start, span_end in [*spans, (len(text), len(text))]:  # the end: the text after the last reply
         for segment, learn in ((text[start:span_start], False), (text[span_start:span_end], True)):
             if segment:
                 piece = tokenizer.encode(segment, add_special_tokens=False)
                 ids += piece
                 mask += [learn] * len(piece)
         start = span_end
-    if text[start:]:
-        piece = tokenizer.encode(text[start:], add_special_tokens=False)
-        ids += piece
-        mask += [False] * len(piece)
     return ids, mask
 
 
@@ -297,17 +293,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON so readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is a data file like the others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def _tokenizer_name(model: str, revision: str | None) -> str:

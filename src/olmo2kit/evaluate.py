@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.loading import DropMessages
+from olmo2kit.loading import drop_messages
 
 
 @dataclass
@@ -264,8 +263,5 @@ def _task_manager(tasks: tuple[str, ...], include_path: str | None):
 
 def _quiet_lm_eval() -> None:
     """Drop lm-eval's warnings about being handed a loaded model: olmo2kit does that on purpose."""
-    logger = logging.getLogger("lm_eval.models.huggingface")
-    if not any(isinstance(f, DropMessages) for f in logger.filters):
-        logger.addFilter(
-            DropMessages("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized")
-        )
+    drop_messages("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`",
+                  "Passed an already-initialized")

@@ -39,7 +39,9 @@ import numpy as np
 
 from olmo2kit.data import PreparedData, load_prepared, write_json_atomic
 from olmo2kit.errors import Olmo2KitError, make_output_dir
+from olmo2kit.files import write_atomic
 from olmo2kit.generation import peak_memory_gb
+from olmo2kit.loading import QUANTIZATIONS, resolve_device
 from olmo2kit.sizes import DEFAULT_MODEL
 
 log = logging.getLogger("olmo2kit")
@@ -107,7 +109,7 @@ class FinetuneConfig:
                 f"quantized weights cannot be trained directly: add --lora to train an adapter on the "
                 f"{self.quantize} model (QLoRA)"
             )
-        if self.quantize not in (None, "nf4", "fp4", "int8"):
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise Olmo2KitError(f"unknown quantization {self.quantize!r}: use nf4 (QLoRA), fp4 or int8")
         if self.merge and not self.lora:
             raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
@@ -216,7 +218,7 @@ def finetune(
     finished = _finished(output, config)
     if finished is not None:
         return finished
-    device = _device(config.device)
+    device = resolve_device(config.device)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
     main = accelerator.is_main_process
@@ -344,15 +346,6 @@ def _length(mask: np.ndarray) -> int:
     return max(2, int(labelled[-1]) + 1) if len(labelled) else 2
 
 
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise Olmo2KitError("device 'cuda' asked for, but no CUDA GPU is visible: use --device cpu")
-    return device
-
 
 def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
     """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
@@ -417,12 +410,13 @@ def _identity(config: FinetuneConfig, data: PreparedData, global_batch: int, seq
 def _finished(output: Path, config: FinetuneConfig) -> FinetuneResult | None:
     """The result of a finished run in `output` when resuming it, an error when not; None if unfinished."""
     if not (output / RESULT).exists():
-        if not config.resume and _checkpoints(output):
+        checkpoints = _checkpoints(output)
+        if not config.resume and checkpoints:
             raise Olmo2KitError(
                 f"{output} holds checkpoints of an earlier run: add --resume to continue it, or pick another --output"
             )
         others = sorted(p.name for p in output.iterdir() if p.name not in _OWN) if output.is_dir() else []
-        if others and not (config.resume and _checkpoints(output)):  # a kill while saving the result leaves some
+        if others and not (config.resume and checkpoints):  # a kill while saving the result leaves some
             raise Olmo2KitError(f"{output} is not empty ({', '.join(others[:3])}, ...): pick a new --output directory")
         return None
     if not config.resume:
@@ -564,9 +558,7 @@ def _trim_log(path: Path, step: int) -> None:
         if not line.endswith("\n") or entry.get("step", step + 1) > step:
             break
         kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept).encode())
 
 
 def _append_line(file, entry: dict) -> None:

@@ -116,9 +116,7 @@ def generate(
     _seed(sampling.seed)
     start = time.perf_counter()
     if compile:
-        rows = _compiled_decoder(model, inputs, sampling).decode(
-            inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
-            pad_id=tokenizer.pad_token_id, **_device_sampling(sampling)).tokens.tolist()
+        rows = _decode_compiled(model, tokenizer, inputs, sampling, eos_ids).tokens.tolist()
     else:
         extra = {"assistant_model": draft_model} if draft_model is not None else {}
         with torch.inference_mode():
@@ -181,7 +179,7 @@ def stream_generate(
     if cache is not None:
         if cache.get_seq_length() >= prompt_tokens:
             raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, not fewer than the prompt's")
-        inputs[_cache_keyword()] = cache
+        inputs[cache_keyword()] = cache
     tokens: queue.Queue = queue.Queue()
     cancel = threading.Event()
 
@@ -215,9 +213,7 @@ def stream_generate(
     def run() -> None:
         try:
             if compile:
-                _compiled_decoder(model, inputs, sampling).decode(
-                    inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
-                    pad_id=tokenizer.pad_token_id, check_every=8, on_tokens=feed_chunk, **_device_sampling(sampling))
+                _decode_compiled(model, tokenizer, inputs, sampling, eos_ids, check_every=8, on_tokens=feed_chunk)
                 tokens.put(None)
                 return
             extra = {"assistant_model": draft_model} if draft_model is not None else {}
@@ -249,9 +245,7 @@ def stream_generate(
             now = time.perf_counter()
             if prompt_tps is None:
                 prompt_tps = prompt_tokens / max(now - start, 1e-9)
-            end = next((i for i, token in enumerate(new) if token in eos_ids), None)
-            if end is not None:  # the compiled path hands over tokens past the end of text as padding
-                new = new[: end + 1]
+            new = _trim(new, eos_ids, None)  # the compiled path hands over tokens past the end of text as padding
             ids += new
             pending += new
             text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
@@ -353,16 +347,17 @@ def _check_acceleration(compile: bool, draft_model, batch: int) -> None:
         raise Olmo2KitError("speculative decoding (a draft model) takes one prompt at a time")
 
 
-def _compiled_decoder(model, inputs: dict, sampling: SamplingOptions):
+def _decode_compiled(model, tokenizer, inputs: dict, sampling: SamplingOptions, eos_ids: set[int], **kwargs):
+    """Decode `inputs` on the compiled path, sampling on the device; the model's decoder is reused."""
     from olmo2kit.compiled import decoder_for
 
     batch, length = inputs["input_ids"].shape
-    return decoder_for(model, batch, length + sampling.max_new_tokens, compile=True)
-
-
-def _device_sampling(sampling: SamplingOptions) -> dict:
-    return dict(greedy=not sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k,
-                top_p=sampling.top_p)
+    decoder = decoder_for(model, batch, length + sampling.max_new_tokens, compile=True)
+    return decoder.decode(
+        inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
+        pad_id=tokenizer.pad_token_id, greedy=not sampling.do_sample, temperature=sampling.temperature,
+        top_k=sampling.top_k, top_p=sampling.top_p, **kwargs,
+    )
 
 
 def _ids_through_stop(tokenizer, ids: list[int], stop: Sequence[str]) -> list[int]:
@@ -373,7 +368,7 @@ def _ids_through_stop(tokenizer, ids: list[int], stop: Sequence[str]) -> list[in
     return ids
 
 
-def _cache_keyword() -> str:
+def cache_keyword() -> str:
     """generate's keyword for a KV cache: `cache` since transformers renamed it, `past_key_values` before."""
     from transformers.generation import utils
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.revisions import offline_mode
 from olmo2kit.sizes import DEFAULT_MODEL, aliases, resolve_alias
 
 log = logging.getLogger("olmo2kit")
@@ -71,12 +72,17 @@ def resolve_model(model: str, revision: str | None = None) -> ModelRef:
     )
 
 
-def resolve_device(device: str = "auto") -> str:
-    """'auto' is cuda when a GPU is visible, else cpu; anything else is checked and kept."""
-    import torch
-
+def check_device(device: str) -> None:
+    """Olmo2KitError unless `device` is auto, cpu, cuda, cuda:N or mps."""
     if not DEVICE.match(device):
         raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' is cuda when a GPU is visible, else cpu; anything else is checked and kept."""
+    check_device(device)
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -136,13 +142,15 @@ def quiet_bitsandbytes() -> None:
     The int8 matmul logs that it casts its inputs to fp16 on every call, and the CPU
     backend logs that the optional Hub-downloaded `kernels` package is missing.
     """
-    for name, prefix in (
-        ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
-        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
-    ):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropMessages) for f in logger.filters):
-            logger.addFilter(DropMessages(prefix))
+    drop_messages("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
+    drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+
+
+def drop_messages(logger_name: str, *prefixes: str) -> None:
+    """Drop the records of a logger whose message starts with one of `prefixes` (once per logger)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, DropMessages) for f in logger.filters):
+        logger.addFilter(DropMessages(*prefixes))
 
 
 def load(
@@ -180,7 +188,7 @@ def load(
         kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
     # device="auto" on a GPU lets accelerate spread a model that does not fit one device.
     kwargs["device_map"] = "auto" if device == "cuda" else device
-    if not ref.local and not _offline():
+    if not ref.local and not offline_mode():
         if _hub_reachable(ref):
             if ref.revision:
                 from olmo2kit.revisions import check_revision
@@ -267,12 +275,6 @@ def _cached(ref: ModelRef) -> bool:
     return isinstance(found, str)
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE
-
-
 def explain_load_error(ref: ModelRef, error: OSError) -> str:
     message = str(error)
     if ref.local:
@@ -282,6 +284,6 @@ def explain_load_error(ref: ModelRef, error: OSError) -> str:
         return f"{ref} has no safetensors weights; olmo2kit loads safetensors only"
     return (
         f"{ref} is neither in the local cache nor reachable on the Hub "
-        f"({'offline mode' if _offline() else 'check the network, HF_ENDPOINT and HF_TOKEN'}); "
+        f"({'offline mode' if offline_mode() else 'check the network, HF_ENDPOINT and HF_TOKEN'}); "
         "for an offline try, build a tiny checkpoint with `olmo2kit tiny ./tiny` and pass --model ./tiny"
     )

@@ -17,12 +17,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import write_atomic
 from olmo2kit.sizes import resolve_alias
 
 CACHE_TTL_S = 3600  # how long a cached refs list is trusted while online
@@ -142,7 +142,7 @@ def check_revision(repo_id: str, revision: str) -> None:
     """
     if _UNLISTED.fullmatch(revision):
         return
-    if _offline():
+    if offline_mode():
         refs = _read_cache(repo_id, max_age=None)
         if refs is None:
             return  # nothing to check against: the download cache decides
@@ -204,7 +204,7 @@ def _nearest(
 
 def _refs(repo_id: str, *, refresh: bool) -> list[tuple[str, str]]:
     """(name, commit) of every branch and tag of `repo_id`, from the cache when it is fresh enough."""
-    if _offline():
+    if offline_mode():
         if refresh:
             raise Olmo2KitError("--refresh asks the Hub, but HF_HUB_OFFLINE is set: unset one of them")
         cached = _read_cache(repo_id, max_age=None)
@@ -269,7 +269,7 @@ def _needs_token(repo_id: str) -> str:
     )
 
 
-def _offline() -> bool:
+def offline_mode() -> bool:
     from huggingface_hub import constants
 
     return constants.is_offline_mode()
@@ -313,12 +313,6 @@ def _write_cache(repo_id: str, refs: list[tuple[str, str]]) -> None:
     data = {"endpoint": _endpoint(), "repo_id": repo_id, "refs": refs}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".refs-", suffix=".tmp")
+        write_atomic(path, json.dumps(data).encode())
     except OSError:
-        return  # an unwritable cache only costs the next call another request
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)  # readers see the old list or the new one, never half of one
-    except OSError:
-        os.unlink(tmp)
+        pass  # an unwritable cache only costs the next call another request

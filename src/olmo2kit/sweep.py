@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import gc
 import hashlib
+import io
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError, make_output_dir
-from olmo2kit.evaluate import check_task_options, check_tasks, check_window
+from olmo2kit.evaluate import check_task_options, check_tasks, check_window, evaluate_tasks, perplexity
+from olmo2kit.files import write_atomic
 from olmo2kit.revisions import Revision, check_revision, list_revisions, training_order
 
 PERPLEXITY = "perplexity"
@@ -213,12 +215,8 @@ class Sweep:
 
     def _measure(self, model, tokenizer) -> tuple[float, dict]:
         if self.task == PERPLEXITY:
-            from olmo2kit.evaluate import perplexity
-
             result = perplexity(model, tokenizer, self.text, **self.metric_options)
             return result.perplexity, result.to_dict()
-        from olmo2kit.evaluate import evaluate_tasks
-
         scores = evaluate_tasks(model, tokenizer, [self.task], **self.metric_options)
         wanted = [s for s in scores if s.task == self.task and (s.metric == self.task_metric or not self.task_metric)]
         if not wanted:
@@ -263,7 +261,9 @@ def drop_torn_line(path: str | os.PathLike) -> bool:
     _, kept = _parse_results(path)
     if not path.exists() or kept == path.stat().st_size:
         return False
-    _write_atomically(path, path.read_bytes()[:kept])
+    with path.open("r+b") as f:
+        f.truncate(kept)
+        os.fsync(f.fileno())
     return True
 
 
@@ -370,14 +370,9 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> Path:
     if series:
         axes.legend()
     axes.grid(alpha=0.3)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        tmp = Path(f.name)
-    try:
-        figure.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
+    return write_atomic(path, png.getvalue())
 
 
 def _check_writable(path: Path, option: str) -> None:
@@ -389,19 +384,6 @@ def _check_writable(path: Path, option: str) -> None:
         tempfile.TemporaryFile(dir=path.parent).close()
     except OSError as e:
         raise Olmo2KitError(f"cannot write {option} {path} ({e.strerror}): give a place you can write to") from None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _free_memory() -> None:
