@@ -90,3 +90,19 @@ def test_bytes_per_step_leaves_out_the_input_embeddings_and_adds_the_kv_cache():
     assert bytes_per_step(one_b, weights, 2, 1, 100) == weights - embeddings + 100 * kv_per_token
     assert bytes_per_step(one_b, weights, 2, 16, 100) == weights - embeddings + 16 * 100 * kv_per_token
 
+
+@pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
+def test_estimate_weights_match_loaded_tiny_footprint_in_bf16(tiny_path, quantize):
+    model, _ = load(str(tiny_path), device="cpu", dtype="bf16", quantize=quantize)
+    weights = estimate(str(tiny_path), dtype="bf16", quantize=quantize).weights_bytes
+    assert weights == pytest.approx(model.get_memory_footprint(), rel=0.10)
+
+
+def test_bench_refuses_what_cannot_fit_before_allocating(cli):
+    # 32B in fp32 with a 64 x 4096-token cache: over 260 GB, more than any machine running these tests
+    with pytest.raises(Olmo2KitError, match=r"32b in fp32 needs about \d+\.\d GB but CPU has"):
+        bench(size="32b", random_init=True, device="cpu", dtype="fp32", batch_size=64, prompt_len=2048,
+              new_tokens=2048)
+    code, out, err = cli("bench", "--size", "32b", "--random-init", "--device", "cpu", "--dtype", "fp32",
+                         "--batch-size", "64", "--prompt-len", "2048", "--new-tokens", "2048")
+    assert code == 2 and out == "" and err.startswith("error: 32b in fp32 needs about") and err.count("\n") == 1

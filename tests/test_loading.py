@@ -158,6 +158,14 @@ def test_unreachable_hub_fails_at_once_without_a_cached_copy(hub_env, monkeypatc
     assert time.perf_counter() - start < 10  # no retry loop
 
 
+def test_unreachable_hub_says_a_repo_shaped_name_is_no_directory_either(hub_env, monkeypatch):
+    _hub_down(monkeypatch)
+    with pytest.raises(Olmo2KitError, match=r"pass --model \./tiny \(nor is there a local directory out/1b-sft\)$"):
+        load("out/1b-sft", device="cpu")
+    with pytest.raises(Olmo2KitError, match=r"pass --model \./tiny$"):  # an alias is never a directory
+        load("1b", device="cpu")
+
+
 def test_unreachable_hub_loads_the_cached_copy(hub_env, monkeypatch, caplog):
     first, _ = load("org/repo", device="cpu")
     _hub_down(monkeypatch)

@@ -198,17 +198,18 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     if batch_size < 1 or prompt_len < 1 or new_tokens < 2 or repeat < 1:
         raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
     device = resolve_device(device)
+    name = (size or model) if random_init else (model or size or "1b")
+    if random_init and name not in SIZES and name != "tiny":
+        raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries)")
+    _check_fit(name, dtype, quantize, device, prompt_len + new_tokens, batch_size)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if random_init:
-        name = size or model
-        if name not in SIZES and name != "tiny":
-            raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries)")
         loaded, tokenizer = load_random(name, dtype, quantize, device)
         label = f"{name} (random init)"
     else:
-        label = model or size or "1b"
+        label = name
         loaded, tokenizer = load(label, revision=revision, dtype=dtype, quantize=quantize, device=device)
     sync(loaded.device)
     load_s = time.perf_counter() - start
@@ -257,6 +258,25 @@ def bytes_per_step(size: Size, weights: int, element_bytes: int, batch_size: int
     embeddings = size.vocab_size * size.hidden_size * element_bytes
     kv = size.kv_bytes_per_token(element_bytes) * batch_size * mean_context
     return int(weights - embeddings + kv)
+
+
+def _check_fit(model: str, dtype: str, quantize: str | None, device: str, context: int, batch_size: int) -> None:
+    """Olmo2KitError before any download or allocation when the estimate says the model cannot fit."""
+    from olmo2kit.loading import resolve_dtype
+
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    dtype_name = names[str(resolve_dtype(dtype, device)).removeprefix("torch.")]
+    try:
+        need = estimate(model, dtype=dtype_name, quantize=quantize, context=context, batch_size=batch_size,
+                        device=device)
+    except Olmo2KitError:
+        return  # an architecture only loading can tell: no estimate to check against
+    if need.fits is False:
+        raise Olmo2KitError(
+            f"{model} in {dtype_name}{' ' + quantize if quantize else ''} needs about {need.total_bytes / 1e9:.1f} GB "
+            f"but {need.device} has {need.device_bytes / 1e9:.1f} GB: try --quantize nf4, a smaller size or a GPU "
+            f"(`olmo2kit estimate {model} --dtype {dtype_name}`)"
+        )
 
 
 def size_for_model(model) -> Size:

@@ -198,10 +198,12 @@ def load(
             log.warning(f"cannot reach the Hub: loading the cached copy of {ref}")
             kwargs["local_files_only"] = True
         else:
+            # a name like out/1b-sft may have been meant as a directory: say it is not one
+            nowhere = "" if resolve_alias(model.split("@")[0]) else f" (nor is there a local directory {ref.source})"
             raise Olmo2KitError(
                 f"{ref} is not in the local cache and the Hub cannot be reached (check the network and "
                 "HF_ENDPOINT); for an offline try, build a tiny checkpoint with `olmo2kit tiny ./tiny` "
-                "and pass --model ./tiny"
+                f"and pass --model ./tiny{nowhere}"
             )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
