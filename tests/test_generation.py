@@ -62,12 +62,24 @@ def test_stream_pieces_add_up_to_generate(tiny):
     assert chunks[-1].prompt_tps > 0 and chunks[-1].peak_memory_gb > 0
 
 
-def test_stream_closed_early_stops_generation(tiny):
+def test_stream_closed_early_stops_generation(tiny, monkeypatch):
     model, tokenizer = tiny
+    produced = []
+    plain_generate = model.generate
+
+    def counting_generate(*args, **kwargs):
+        out = plain_generate(*args, **kwargs)
+        produced.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    uncut = len(generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=500).token_ids)
     stream = stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=500)
     first = next(stream)
     stream.close()  # joins the generation thread; must not hang
     assert first.new_tokens < 500
+    assert produced[0] == uncut == 500  # left alone, generation runs to the limit
+    assert produced[1] < uncut // 2  # closed, it stops at the next token, not at the limit
 
 
 def test_stop_string_ends_text(tiny):
