@@ -1,3 +1,3 @@
-from olmo2kit.cli import main
+from olmo2kit.cli.app import main
 
 main()

@@ -1,10 +1,15 @@
-"""Writing files so that a crash or kill never leaves half of one."""
+"""Files that a crash or kill never leaves half-written: atomic writes, output directories, and the
+append-only JSONL store that batch jobs, sweeps and the fine-tuning log share."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
@@ -23,3 +28,117 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented JSON, whole or not at all."""
+    return write_atomic(path, json.dumps(data, indent=2).encode())
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the directory `path` (and its parents) for output and return it.
+
+    Raises Olmo2KitError, saying why, where it cannot be: a file is in the way, or the
+    place is not writable (a read-only or virtual file system such as /proc).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise Olmo2KitError(f"{path} is a file, not a directory: give a directory to write to")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Olmo2KitError(f"cannot create the directory {path} ({e.strerror}): give one you can write to") from None
+    return path
+
+
+class JsonlStore:
+    """An append-only file of JSON objects, one a line, that survives a kill at any moment.
+
+    Each append is one write of whole lines, flushed and synced before it returns, so a kill
+    can only cut the last line short. The one torn-line rule: a last line without its newline,
+    or one that does not parse as a record, is torn; `read` leaves it out and `repair` cuts it
+    off the file. A bad line before the last is an Olmo2KitError naming it: the file is not
+    one this store wrote. Blank lines are skipped.
+
+    `is_record(row)` says whether a parsed object is a record of this store; `what` names a
+    record and `hint` what to do about a file that is not this store's, for the error message.
+
+    >>> store = JsonlStore("results.jsonl", what="result line", hint="give another --output")  # doctest: +SKIP
+    >>> store.append([{"id": 1}]); store.read()  # doctest: +SKIP
+    [{'id': 1}]
+    """
+
+    def __init__(self, path: str | os.PathLike, *, what: str = "JSON line", hint: str = "give another file",
+                 is_record: Callable[[dict], bool] | None = None) -> None:
+        self.path = Path(path).expanduser()
+        self.what = what
+        self.hint = hint
+        self.is_record = is_record or (lambda row: True)
+
+    def read(self) -> list[dict]:
+        """The records, in file order, less a torn last line; [] when there is no file."""
+        return self._scan()[0]
+
+    def torn(self) -> bool:
+        """Whether the file ends with a torn line."""
+        rows, kept = self._scan()
+        return self.path.exists() and kept < self.path.stat().st_size
+
+    def repair(self) -> bool:
+        """Cut a torn last line off the file; True if there was one."""
+        _, kept = self._scan()
+        if not self.path.exists() or kept == self.path.stat().st_size:
+            return False
+        with self.path.open("r+b") as f:
+            f.truncate(kept)
+            os.fsync(f.fileno())
+        return True
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Append `records`, on disk before this returns (one write, flush, fsync)."""
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        if not text:
+            return
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise Olmo2KitError(f"cannot write {self.path} ({e.strerror}): give a file you can write to") from None
+
+    def rewrite(self, records: Iterable[dict]) -> None:
+        """Replace the whole file with `records`, atomically."""
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        write_atomic(self.path, text.encode("utf-8"))
+
+    def _scan(self) -> tuple[list[dict], int]:
+        """(records, bytes up to the end of the last good line)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return [], 0
+        except IsADirectoryError:
+            raise Olmo2KitError(f"{self.path} is a directory: give a file name") from None
+        lines = data.split(b"\n")
+        tail = lines.pop()  # what follows the last newline: empty unless the last write was cut short
+        rows, kept = [], 0
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                row = self._parse(line)
+                if row is None:
+                    if number == len(lines) and not tail:
+                        break  # the last line, newline and all, but garbled: torn as well
+                    raise Olmo2KitError(
+                        f"{self.path} line {number} is not a {self.what}: fix or remove it, or {self.hint}"
+                    )
+                rows.append(row)
+            kept += len(line) + 1
+        return rows, kept
+
+    def _parse(self, line: bytes) -> dict | None:
+        try:
+            row = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included
+            return None
+        return row if isinstance(row, dict) and self.is_record(row) else None

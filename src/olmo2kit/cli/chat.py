@@ -1,20 +1,14 @@
-"""CLI: chat and batch-job commands (the chat capability).
-
-Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
-the command functions so `olmo2kit --help` stays fast.
-"""
+"""`olmo2kit chat`: a conversation with an instruct model, from a terminal or piped input."""
 
 from __future__ import annotations
 
-import math
 import sys
-import time
-from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import (
+from olmo2kit.cli.common import load_model, sampling_options
+from olmo2kit.cli.options import (
     CompileOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,13 +21,11 @@ from olmo2kit.cli import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
-    app,
-    clock,
-    info,
-    load_model,
-    sampling_options,
 )
+from olmo2kit.cli.output import info
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.sampling import DEFAULTS
+from olmo2kit.model.sizes import check_context
 
 CHAT_HELP = """\
   /help            this list
@@ -46,7 +38,6 @@ CHAT_HELP = """\
 _SET_PARSERS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
 
 
-@app.command("chat")
 def chat(
     model: ModelOpt = "1b-instruct",
     revision: RevisionOpt = None,
@@ -56,10 +47,10 @@ def chat(
     quantize: QuantizeOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    max_new_tokens: MaxNewTokensOpt = 100,
-    temperature: TemperatureOpt = 1.0,
-    top_k: TopKOpt = 50,
-    top_p: TopPOpt = 0.95,
+    max_new_tokens: MaxNewTokensOpt = DEFAULTS.max_new_tokens,
+    temperature: TemperatureOpt = DEFAULTS.temperature,
+    top_k: TopKOpt = DEFAULTS.top_k,
+    top_p: TopPOpt = DEFAULTS.top_p,
     greedy: GreedyOpt = False,
     seed: SeedOpt = None,
     compile: CompileOpt = False,
@@ -81,13 +72,13 @@ def chat(
     """
     options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed)
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
-    context = getattr(loaded.config, "max_position_embeddings", None)
-    if context and max_new_tokens >= context:
-        raise Olmo2KitError(f"--max-new-tokens {max_new_tokens} leaves no room for the conversation in the model's "
-                            f"{context}-token context: lower it")
+    from olmo2kit.inference.chat import ChatSession
+    from olmo2kit.model.chat_template import chat_template
+    from olmo2kit.model.loading import resolve_model
+    from olmo2kit.model.sizes import context_length
 
-    from olmo2kit.chat import ChatSession, chat_template
-    from olmo2kit.loading import resolve_model
+    # a conversation is at least one token: the room for a reply is checked before the first message
+    check_context(1, max_new_tokens, context_length(loaded.config), prompt="the conversation", new="--max-new-tokens")
 
     chat_template(tokenizer)  # the warning for a model without one, before the first message
     name = str(resolve_model(model, revision))
@@ -201,85 +192,3 @@ def _chat_set(session, argument: str) -> None:
             raise Olmo2KitError(f"cannot set {key!r}: use {', '.join([*_SET_PARSERS, 'greedy'])}")
     session.set_options(**changes)
     info("set " + argument)
-
-
-def run_job_command(
-    input_path: str, output_path: str, *, model: str, revision: str | None, quantize: str | None, dtype: str,
-    device: str, batch_size: int, strict: bool, chat: bool, system: str | None, **options,
-) -> None:
-    """`generate --input FILE --output FILE`: load, run the job with a progress bar, say what was done."""
-    from olmo2kit.loading import resolve_model
-
-    if not Path(input_path).expanduser().is_file():
-        raise Olmo2KitError(f"no such input file: {input_path}")
-    if batch_size < 1:
-        raise Olmo2KitError(f"--batch-size must be at least 1, got {batch_size}")
-    ref = resolve_model(model, revision)
-    model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
-
-    from olmo2kit.jobs import read_job, run_job
-
-    if strict:  # a malformed line stops the job before the model loads
-        read_job(input_path, chat=chat, system=system, strict=True, **options)
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
-
-    bar = ProgressBar()
-    try:
-        summary = run_job(
-            loaded, tokenizer, input_path, output_path, batch_size=batch_size, chat=chat, system=system,
-            strict=strict, model_name=model_name, revision=ref.revision, progress=bar.update,
-            on_warning=lambda message: info(f"warning: {message}"), **options,
-        )
-    finally:
-        bar.close()
-    done = f"{summary.written} result(s) appended to {output_path}"
-    if summary.already_done:
-        done += f", {summary.already_done} already there"
-    if summary.skipped:
-        done += f"; {len(summary.skipped)} line(s) skipped, see the warnings above"
-    info(done)
-
-
-class ProgressBar:
-    """`[=====>      ] 12/40  2.10 prompts/s  ETA 0:00:13` on stderr.
-
-    Redrawn in place on a terminal; elsewhere (a log file, a pipe) a line at most every
-    `interval` seconds, and one at the end.
-    """
-
-    width = 24
-
-    def __init__(self, stream: TextIO | None = None, interval: float = 10.0) -> None:
-        self.stream = stream or sys.stderr
-        self.live = self.stream.isatty()
-        self.interval = interval
-        self.start = time.perf_counter()
-        self.shown = -math.inf
-        self.drawn = False
-
-    def update(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done == 0:
-            self.start = now
-        if total == 0 or (not self.live and now - self.shown < self.interval and done < total):
-            return
-        self.shown = now
-        line = self.render(done, total, now - self.start)
-        self.stream.write(f"\r{line}\x1b[K" if self.live else line + "\n")
-        self.stream.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.live and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    @classmethod
-    def render(cls, done: int, total: int, elapsed: float) -> str:
-        filled = cls.width * done // total
-        bar = ("=" * filled + ">")[: cls.width].ljust(cls.width)
-        rate = done / elapsed if done and elapsed > 0 else None
-        speed = "-" if rate is None else f"{rate:.2f}"
-        eta = "?" if rate is None else clock((total - done) / rate)
-        return f"[{bar}] {done}/{total}  {speed} prompts/s  ETA {eta}"
-

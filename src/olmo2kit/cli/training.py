@@ -1,8 +1,4 @@
-"""CLI: fine-tuning commands: prepare-data, finetune.
-
-Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
-the command functions so `olmo2kit --help` stays fast.
-"""
+"""`olmo2kit prepare-data` and `finetune`: training data in OLMo's layout, and fine-tuning on it."""
 
 from __future__ import annotations
 
@@ -12,21 +8,11 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import (
-    DeviceOpt,
-    JsonOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RevisionOpt,
-    app,
-    info,
-    print_table,
-    quiet_transformers,
-)
+from olmo2kit.cli.options import DeviceOpt, JsonOpt, ModelOpt, QuantizeOpt, RevisionOpt
+from olmo2kit.cli.output import ProgressBar, format_bytes, info, print_table
 from olmo2kit.errors import Olmo2KitError
 
 
-@app.command("prepare-data")
 def prepare_data_command(
     source: Annotated[str, typer.Argument(help='JSONL of {"messages": [...]} or {"text": ...}, or a dataset name.')],
     outdir: Annotated[str, typer.Argument(help="Directory for input_ids.npy, label_mask.npy and manifest.json.")],
@@ -56,11 +42,16 @@ def prepare_data_command(
 
       olmo2kit prepare-data allenai/tulu-3-sft-olmo-2-mixture data/tulu
     """
-    from olmo2kit.data import prepare_data
+    from olmo2kit.compat import quiet_transformers
+    from olmo2kit.training.data import prepare_data
 
-    _quiet_transformers()
-    manifest = prepare_data(source, outdir, model=model, revision=revision, seq_len=seq_len, format=data_format,
-                            split=split, progress=True)
+    quiet_transformers()
+    bar = ProgressBar("examples")
+    try:
+        manifest = prepare_data(source, outdir, model=model, revision=revision, seq_len=seq_len, format=data_format,
+                                split=split, progress=bar.update)
+    finally:
+        bar.close()
     if as_json:
         print(json.dumps(manifest, indent=2))
         return
@@ -72,7 +63,6 @@ def prepare_data_command(
     info(f"wrote {outdir}/input_ids.npy, label_mask.npy, manifest.json (tokenizer {manifest['tokenizer']})")
 
 
-@app.command("finetune")
 def finetune_command(
     data: Annotated[str | None, typer.Option("--data", help="Directory written by prepare-data.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Directory for the result.")] = None,
@@ -126,7 +116,8 @@ def finetune_command(
 
       olmo2kit generate "Hello" --model out/1b-sft
     """
-    from olmo2kit.finetune import FinetuneConfig, finetune, load_config
+    from olmo2kit.compat import quiet_transformers
+    from olmo2kit.training.finetune import FinetuneConfig, finetune, load_config
 
     given = dict(
         data=data, output=output, model=model, revision=revision, lora=lora, quantize=quantize, epochs=epochs,
@@ -141,9 +132,14 @@ def finetune_command(
     for required in ("data", "output"):
         if not values.get(required):
             raise Olmo2KitError(f"--{required} is required (on the command line or in the --config file)")
-    _quiet_transformers()
+    quiet_transformers()
     settings = FinetuneConfig(**values)
-    result = finetune(settings, progress=True, say=info)
+    bar = ProgressBar("steps")
+    try:
+        result = finetune(settings, say=info, progress=lambda step, total, loss: bar.update(
+            step, total, "loss -" if loss is None else f"loss {loss:.4f}"))
+    finally:
+        bar.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
@@ -153,13 +149,5 @@ def finetune_command(
     print_table([
         ("steps", "tokens", "last loss", "tokens/s", "peak memory", "saved"),
         (str(result.steps), f"{result.tokens:,}", loss, f"{result.tokens_per_s:,.0f}",
-         f"{result.peak_memory_gb:.2f} GB", f"{result.saved} in {result.output}"),
+         format_bytes(result.peak_memory_gb * 1e9), f"{result.saved} in {result.output}"),
     ])
-
-
-def _quiet_transformers() -> None:
-    """No loading bars, and no warnings about transformers APIs that peft, not the user, calls."""
-    import warnings
-
-    quiet_transformers()
-    warnings.filterwarnings("ignore", message=".* is deprecated and will be removed in v6", category=FutureWarning)

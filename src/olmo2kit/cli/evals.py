@@ -1,8 +1,4 @@
-"""CLI: evaluation commands: perplexity, eval, scores, sweep.
-
-Registered on `olmo2kit.cli.app` when cli.py imports this module. Heavy imports stay inside
-the command functions so `olmo2kit --help` stays fast.
-"""
+"""`olmo2kit perplexity`, `eval`, `scores` and `sweep`: how good a model or a checkpoint is."""
 
 from __future__ import annotations
 
@@ -12,37 +8,23 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import (
+from olmo2kit.cli.common import load_model
+from olmo2kit.cli.options import (
+    BatchSizeOpt,
     DeviceOpt,
     DtypeOpt,
+    FewshotOpt,
+    IncludePathOpt,
     JsonOpt,
+    LimitOpt,
+    MaxLengthOpt,
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
-    _dash,
-    app,
-    clock,
-    info,
-    load_model,
-    print_table,
-    quiet_transformers,
+    StrideOpt,
 )
+from olmo2kit.cli.output import ProgressBar, dash, format_bytes, info, print_table
 
-StrideOpt = Annotated[
-    int | None, typer.Option(help="Tokens each window moves on by (default: half of --max-length).")
-]
-MaxLengthOpt = Annotated[
-    int | None, typer.Option("--max-length", help="Tokens per window (default: the model's context).")
-]
-LimitOpt = Annotated[int | None, typer.Option(help="Evaluate the first N documents of each task (a quick look).")]
-FewshotOpt = Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples (default: the task's).")]
-IncludePathOpt = Annotated[
-    Path | None, typer.Option("--include-path", help="A directory of your own lm-eval task YAML files.")
-]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Requests per forward pass.")]
-
-
-@app.command("perplexity")
 def perplexity_command(
     files: Annotated[list[str], typer.Argument(help="UTF-8 text files; - reads stdin.")],
     model: ModelOpt = "1b",
@@ -67,8 +49,7 @@ def perplexity_command(
 
       olmo2kit perplexity wiki.txt --model 1b@stage1-step140000-tokens294B --max-length 2048 --stride 512
     """
-    from olmo2kit.evaluate import check_window, combine_perplexities, perplexity
-    from olmo2kit.sweep import read_text
+    from olmo2kit.evals.perplexity import check_window, combine_perplexities, perplexity, read_text
 
     check_window(max_length, stride)
     texts = [read_text(f) for f in files]
@@ -87,7 +68,6 @@ def perplexity_command(
     print_table(lines)
 
 
-@app.command("eval")
 def eval_command(
     tasks: Annotated[str, typer.Option("--tasks", "-t", help="lm-eval tasks, comma-separated (lm-eval ls tasks).")],
     model: ModelOpt = "1b",
@@ -117,7 +97,7 @@ def eval_command(
 
       olmo2kit eval --tasks my_task --include-path ./my_tasks --json
     """
-    from olmo2kit.evaluate import check_task_options, check_tasks, evaluate_tasks, parse_tasks
+    from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks, parse_tasks
 
     names = parse_tasks(tasks)
     check_task_options(limit, num_fewshot, batch_size)
@@ -134,11 +114,10 @@ def eval_command(
     for s in scores:
         metric = s.metric if s.filter == "none" else f"{s.metric} ({s.filter})"
         stderr = "-" if s.stderr is None else f"{s.stderr:.4f}"
-        lines.append((s.task, metric, f"{s.value:.4f}", stderr, _dash(s.samples)))
+        lines.append((s.task, metric, f"{s.value:.4f}", stderr, dash(s.samples)))
     print_table(lines)
 
 
-@app.command("scores")
 def scores_command(as_json: JsonOpt = False) -> None:
     """The OLMo 2 1B model card's published scores of instruct models, to put your own beside.
 
@@ -148,7 +127,7 @@ def scores_command(as_json: JsonOpt = False) -> None:
 
       olmo2kit scores --json
     """
-    from olmo2kit.scores import published_scores
+    from olmo2kit.evals.scores import published_scores
 
     table = published_scores()
     if as_json:
@@ -163,7 +142,6 @@ def scores_command(as_json: JsonOpt = False) -> None:
     print(", ".join(f"{c}: {name}" for c, name in table["column_names"].items() if c != name) + ".")
 
 
-@app.command("sweep")
 def sweep_command(
     out: Annotated[Path, typer.Option(help="Results, one JSON line per revision; an existing file is resumed.")],
     model: ModelOpt = "1b",
@@ -203,8 +181,9 @@ def sweep_command(
 
       olmo2kit sweep --data wiki.txt --revisions stage1-step10000-tokens21B,stage1-step20000-tokens42B
     """
-    from olmo2kit.revisions import parse_revision, training_order
-    from olmo2kit.sweep import Sweep
+    from olmo2kit.compat import quiet_transformers
+    from olmo2kit.evals.sweep import Sweep
+    from olmo2kit.model.revisions import parse_revision, training_order
 
     names = [r.strip() for r in revisions.split(",") if r.strip()] if revisions else None
     sweep = Sweep(
@@ -215,27 +194,16 @@ def sweep_command(
     already = len(sweep.revisions) - len(sweep.todo)
     info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")
     quiet_transformers()
+    bar = ProgressBar("revisions", interval=0, first=0)  # a line per revision, each worth reading
     for step in sweep.run():
         row = step.row
-        freed = f", freed {_size(step.freed_bytes)}" if delete_after else ""
-        info(
-            f"{_bar(step.index, step.total)} {step.index}/{step.total} {row['revision']}: {metric} {row['value']:.4f} "
-            f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed}) "
-            f"elapsed {clock(step.elapsed_s)}, ETA {clock(step.eta_s)}"
-        )
+        freed = f", freed {format_bytes(step.freed_bytes)}" if delete_after else ""
+        bar.update(step.index, step.total, f"{row['revision']}: {metric} {row['value']:.4f} "
+                                           f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed})")
+    bar.close()
     lines = [("revision", "tokens", metric)]
     for row in sorted(sweep.done, key=lambda r: training_order(parse_revision(r["revision"]))):
         tokens = "-" if row["train_tokens_b"] is None else f"{row['train_tokens_b']}B"
         lines.append((row["revision"], tokens, f"{row['value']:.4f}"))
     print_table(lines)
     info(f"results: {out}" + ("" if plot is None else f", plot: {plot}"))
-
-
-def _bar(done: int, total: int, width: int = 20) -> str:
-    filled = round(width * done / total)
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from olmo2kit.data import PreparedData, load_prepared, write_json_atomic
-from olmo2kit.errors import Olmo2KitError, make_output_dir
-from olmo2kit.files import write_atomic
-from olmo2kit.generation import peak_memory_gb
-from olmo2kit.loading import QUANTIZATIONS, resolve_device
-from olmo2kit.sizes import DEFAULT_MODEL
+from olmo2kit.compat import quiet_bitsandbytes
+from olmo2kit.devices import check_device, peak_memory_gb, resolve_device
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import JsonlStore, make_output_dir, write_json_atomic
+from olmo2kit.model.loading import load, resolve_model
+from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
+from olmo2kit.training.data import PreparedData, load_prepared
 
 log = logging.getLogger("olmo2kit")
 
@@ -81,7 +83,7 @@ class FinetuneConfig:
     resume: bool = False
     merge: bool = False  # LoRA: also write the adapter merged into the base weights
     seed: int = 0
-    device: str = "auto"  # auto, cpu or cuda
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -113,8 +115,7 @@ class FinetuneConfig:
             raise Olmo2KitError(f"unknown quantization {self.quantize!r}: use nf4 (QLoRA), fp4 or int8")
         if self.merge and not self.lora:
             raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise Olmo2KitError(f"unknown device {self.device!r}: use auto, cpu or cuda (processes pick their GPU)")
+        check_device(self.device)
 
 
 @dataclass
@@ -145,18 +146,20 @@ def load_config(path: str | os.PathLike) -> dict:
         raise Olmo2KitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise Olmo2KitError(f"{path} must be a mapping of option: value")
-    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(values) - set(fields))
+    types = typing.get_type_hints(FinetuneConfig)
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise Olmo2KitError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    return {key: _coerce(path, key, value, fields[key].type) for key, value in values.items()}
+        raise Olmo2KitError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(types)}")
+    return {key: _coerce(path, key, value, types[key]) for key, value in values.items()}
 
 
-def _coerce(path: Path, key: str, value, annotation: str):
+def _coerce(path: Path, key: str, value, annotation):
+    """`value` as the field's type: str, int, float or bool, or None where the field allows it."""
     # PyYAML reads 2e-5 (no dot) as a string; recipes should not have to know that.
-    if value is None or annotation.startswith("str"):
+    kinds = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    kind = kinds[0]
+    if value is None or kind is str:
         return value
-    kind = float if annotation.startswith("float") else int if annotation.startswith("int") else bool
     if kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool):
         try:
             return kind(value)
@@ -200,13 +203,14 @@ class DataOrder:
 def finetune(
     config: FinetuneConfig,
     *,
-    progress: bool = False,
+    progress: Callable[[int, int, float | None], None] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `config.model` on `config.data` and save the result in `config.output`.
 
     Runs in every process of `accelerate launch` / `torchrun`; only the first one writes logs,
-    checkpoints and the result. `say` receives progress messages (first process only).
+    checkpoints and the result. `say` receives messages, and `progress(step, total, loss)` is called after
+    each optimizer step (first process only).
 
     >>> finetune(FinetuneConfig(data="data/sft", output="out/1b-sft", model="1b", epochs=2))  # doctest: +SKIP
     """
@@ -219,7 +223,9 @@ def finetune(
     if finished is not None:
         return finished
     device = resolve_device(config.device)
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(device)  # one process on the GPU asked for; under torchrun each takes its own
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
     main = accelerator.is_main_process
     say = say if (say and main) else (lambda message: None)
@@ -249,39 +255,32 @@ def finetune(
     elif not ref.local and ref.revision:
         say(f"starting from {ref}: Hub checkpoints hold weights only, so the optimizer starts fresh "
             "(OLMo's --reset_trainer_state)")
+    train_log = _log_store(output)
     if main:
-        _trim_log(output / LOG, start_step)
+        train_log.rewrite(e for e in train_log.read() if e["step"] <= start_step)  # a resumed run logs them again
     say(f"{data.rows} rows of {seq_len} tokens, global batch {order.global_batch} rows, "
         f"{order.steps_per_epoch} steps per epoch, {total} steps, {world} process(es)"
         + (", bf16 autocast" if bf16 else ""))
 
     model.train()
-    log = open(output / LOG, "a") if main else None  # noqa: SIM115 (closed below, kept open across steps)
-    bar = _progress_bar(progress and main, start_step, total)
+    progress = progress if main else None
+    if progress is not None:
+        progress(start_step, total, None)
     loss_value = None
     begin, tokens_at_start = time.perf_counter(), tokens
-    try:
-        for step in range(start_step, total):
-            rows = order.batch(step)
-            lr = learning_rate(step, total, config.lr, config.warmup)
-            loss_value, step_tokens = _train_step(
-                model, optimizer, accelerator, data, rows, seq_len, lr, config
-            )
-            tokens += step_tokens
-            if main:
-                _append_line(log, {"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens})
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "-", lr=f"{lr:.2e}")
-                bar.update(1)
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total:
-                _save_checkpoint(output, step + 1, tokens, identity, model, optimizer, accelerator, config)
-    finally:
-        if log is not None:
-            log.close()
-        if bar is not None:
-            bar.close()
+    for step in range(start_step, total):
+        rows = order.batch(step)
+        lr = learning_rate(step, total, config.lr, config.warmup)
+        loss_value, step_tokens = _train_step(model, optimizer, accelerator, data, rows, seq_len, lr, config)
+        tokens += step_tokens
+        if main:
+            train_log.append([{"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens}])
+        if progress is not None:
+            progress(step + 1, total, loss_value)
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total:
+            _save_checkpoint(output, step + 1, tokens, identity, model, optimizer, accelerator, config)
     elapsed = time.perf_counter() - begin
-    peak = peak_memory_gb(accelerator.unwrap_model(model))
+    peak = peak_memory_gb(accelerator.device)
 
     saved = _save_result(output, model, tokenizer, accelerator, config, ref, say)
     result = FinetuneResult(
@@ -349,8 +348,6 @@ def _length(mask: np.ndarray) -> int:
 
 def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
     """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
-    from olmo2kit.loading import load, quiet_bitsandbytes, resolve_model
-
     ref = resolve_model(config.model, config.revision)
     device = _process_device(accelerator)
     # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen base can be bf16.
@@ -545,26 +542,10 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Keep the log's whole lines up to `step`: a resumed run logs its later steps again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            break  # a line torn by a kill ends the log
-        if not line.endswith("\n") or entry.get("step", step + 1) > step:
-            break
-        kept.append(line)
-    write_atomic(path, "".join(kept).encode())
-
-
-def _append_line(file, entry: dict) -> None:
-    file.write(json.dumps(entry) + "\n")
-    file.flush()
-    os.fsync(file.fileno())
+def _log_store(output: Path) -> JsonlStore:
+    """The loss log: {"step", "loss", "lr", "tokens"} a line."""
+    return JsonlStore(output / LOG, what="training log line", hint="pick another --output",
+                      is_record=lambda row: isinstance(row.get("step"), int))
 
 
 def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneConfig, ref, say) -> str:
@@ -606,8 +587,6 @@ def _merge(ref, adapter_dir: Path, staging: Path, accelerator) -> None:
     import torch
     from peft import PeftModel
 
-    from olmo2kit.loading import load
-
     base, _ = load(ref.source, revision=ref.revision, dtype="fp32", device=_process_device(accelerator))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.use_cache = True
@@ -615,11 +594,3 @@ def _merge(ref, adapter_dir: Path, staging: Path, accelerator) -> None:
     del base, merged
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _progress_bar(enabled: bool, initial: int, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="finetune", disable=None)

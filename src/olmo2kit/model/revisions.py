@@ -23,7 +23,8 @@ from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_atomic
-from olmo2kit.sizes import resolve_alias
+from olmo2kit.compat import hub_endpoint, hub_network_errors, offline_mode
+from olmo2kit.model.sizes import resolve_alias
 
 CACHE_TTL_S = 3600  # how long a cached refs list is trusted while online
 
@@ -177,9 +178,14 @@ def _did_you_mean(revision: str, names: list[str]) -> list[str]:
     return difflib.get_close_matches(revision, names, n=2, cutoff=0.6)
 
 
-def _check_filters(stage, ingredient, step, tokens, limit) -> None:
+def check_stage(stage: int | None) -> None:
+    """Olmo2KitError unless `stage` is None, 1 or 2."""
     if stage not in (None, 1, 2):
         raise Olmo2KitError(f"no stage {stage}: OLMo 2 trained in stage 1 (pretraining) and 2 (mid-training)")
+
+
+def _check_filters(stage, ingredient, step, tokens, limit) -> None:
+    check_stage(stage)
     if ingredient is not None and stage == 1:
         raise Olmo2KitError("--ingredient picks a stage-2 run: drop --stage 1 or use --stage 2")
     if step is not None and tokens is not None:
@@ -222,7 +228,6 @@ def _refs(repo_id: str, *, refresh: bool) -> list[tuple[str, str]]:
 
 
 def _fetch_refs(repo_id: str) -> list[tuple[str, str]]:
-    import httpx2  # huggingface_hub's HTTP client: its request errors mean the Hub is out of reach
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -231,7 +236,7 @@ def _fetch_refs(repo_id: str) -> list[tuple[str, str]]:
         RepositoryNotFoundError,
     )
 
-    endpoint = _endpoint()
+    endpoint = hub_endpoint()
     try:
         refs = HfApi().list_repo_refs(repo_id)
     except HFValidationError:
@@ -250,7 +255,7 @@ def _fetch_refs(repo_id: str) -> list[tuple[str, str]]:
         if status in (401, 403):
             raise Olmo2KitError(_needs_token(repo_id)) from None
         raise Olmo2KitError(f"cannot list the revisions of {repo_id}: {endpoint} answered {status}") from None
-    except (httpx2.RequestError, httpx2.InvalidURL, ValueError, KeyError) as e:
+    except (*hub_network_errors(), ValueError, KeyError) as e:
         # ValueError and KeyError: something answered, but not with the Hub's refs JSON.
         raise Olmo2KitError(
             f"cannot reach the Hub at {endpoint} ({type(e).__name__}): check the network and HF_ENDPOINT, "
@@ -269,18 +274,6 @@ def _needs_token(repo_id: str) -> str:
     )
 
 
-def offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
 def cache_dir() -> Path:
     """Where olmo2kit keeps its own small caches: $OLMO2KIT_CACHE_DIR, else $XDG_CACHE_HOME/olmo2kit."""
     if override := os.environ.get("OLMO2KIT_CACHE_DIR"):
@@ -291,7 +284,7 @@ def cache_dir() -> Path:
 
 def refs_cache_path(repo_id: str) -> Path:
     """The cache file of `repo_id`'s refs at the current HF_ENDPOINT."""
-    key = hashlib.sha256(f"{_endpoint()}\n{repo_id}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{hub_endpoint()}\n{repo_id}".encode()).hexdigest()[:24]
     return cache_dir() / "refs" / f"{key}.json"
 
 
@@ -301,7 +294,7 @@ def _read_cache(repo_id: str, *, max_age: float | None) -> list[tuple[str, str]]
         if max_age is not None and time.time() - path.stat().st_mtime >= max_age:
             return None
         data = json.loads(path.read_text())
-        if data["endpoint"] != _endpoint() or data["repo_id"] != repo_id:
+        if data["endpoint"] != hub_endpoint() or data["repo_id"] != repo_id:
             return None  # a hash collision, however unlikely, must not serve another repo's list
         return [(name, commit) for name, commit in data["refs"]]
     except (OSError, ValueError, KeyError, TypeError):
@@ -310,7 +303,7 @@ def _read_cache(repo_id: str, *, max_age: float | None) -> list[tuple[str, str]]
 
 def _write_cache(repo_id: str, refs: list[tuple[str, str]]) -> None:
     path = refs_cache_path(repo_id)
-    data = {"endpoint": _endpoint(), "repo_id": repo_id, "refs": refs}
+    data = {"endpoint": hub_endpoint(), "repo_id": repo_id, "refs": refs}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(data).encode())

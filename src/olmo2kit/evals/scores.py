@@ -17,4 +17,4 @@ def published_scores() -> dict:
     >>> published_scores()["rows"][-1]["scores"]["GSM8K"]
     68.3
     """
-    return json.loads(resources.files("olmo2kit").joinpath("published_scores.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("olmo2kit.evals").joinpath("published_scores.json").read_text(encoding="utf-8"))

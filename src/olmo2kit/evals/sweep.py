@@ -29,10 +29,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from olmo2kit.errors import Olmo2KitError, make_output_dir
-from olmo2kit.evaluate import check_task_options, check_tasks, check_window, evaluate_tasks, perplexity
-from olmo2kit.files import write_atomic
-from olmo2kit.revisions import Revision, check_revision, list_revisions, training_order
+from olmo2kit.devices import resolve_device, resolve_dtype
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.evals.perplexity import check_window, perplexity, read_text
+from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks
+from olmo2kit.files import JsonlStore, make_output_dir, write_atomic
+from olmo2kit.model.loading import load, resolve_model
+from olmo2kit.model.revisions import Revision, check_revision, check_stage, list_revisions, training_order
 
 PERPLEXITY = "perplexity"
 
@@ -82,8 +85,6 @@ class Sweep:
         include_path: str | os.PathLike | None = None,
         batch_size: int = 1,
     ) -> None:
-        from olmo2kit.loading import resolve_device, resolve_dtype, resolve_model
-
         ref = resolve_model(model)
         if ref.local or ref.revision:
             raise Olmo2KitError(
@@ -152,8 +153,7 @@ class Sweep:
                     check_revision(self.repo_id, name)  # raises, naming the nearest branches
                     raise Olmo2KitError(f"{self.repo_id} lists no revision {name!r}")
             return sorted({by_name[n] for n in names}, key=training_order)
-        if stage not in (None, 1, 2):
-            raise Olmo2KitError(f"no stage {stage}: OLMo 2 trained in stage 1 (pretraining) and 2 (mid-training)")
+        check_stage(stage)
         if every is not None and every < 1:
             raise Olmo2KitError(f"--every must be 1 or more, not {every}")
         checkpoints = [r for r in everything if r.stage is not None and (stage is None or r.stage == stage)]
@@ -178,14 +178,13 @@ class Sweep:
 
     def run(self) -> Iterator[SweepStep]:
         """Measure the revisions not yet in the results file, in training order, one step each."""
-        import olmo2kit
-
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        drop_torn_line(self.out)
+        store = results_store(self.out)
+        store.repair()
         start = time.perf_counter()
         for index, revision in enumerate(self.todo, 1):
             load_start = time.perf_counter()
-            model, tokenizer = olmo2kit.load(self.repo_id, revision=revision.name, **self.load_options)
+            model, tokenizer = load(self.repo_id, revision=revision.name, **self.load_options)
             eval_start = time.perf_counter()
             value, details = self._measure(model, tokenizer)
             row = {
@@ -202,7 +201,7 @@ class Sweep:
             }
             del model, tokenizer
             _free_memory()
-            append_line(self.out, row)
+            store.append([row])
             self.done.append(row)
             freed = delete_cached_revision(self.repo_id, revision) if self.delete_after else 0
             if self.plot_path is not None:
@@ -230,78 +229,15 @@ class Sweep:
         return revision.tokens_b + (self.stage2_start_b if revision.stage == 2 else 0)
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A text file's contents; `-` reads stdin. Olmo2KitError if it is missing, empty or not UTF-8."""
-    if str(path) == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise Olmo2KitError(f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise Olmo2KitError(f"{path} is a directory: pass text files") from None
-        except UnicodeDecodeError as e:
-            raise Olmo2KitError(f"{path} is not UTF-8 text (byte {e.start}): convert it first") from None
-        except OSError as e:
-            raise Olmo2KitError(f"cannot read {path}: {e.strerror}") from None
-    if not text.strip():
-        raise Olmo2KitError(f"{path} is empty: there is nothing to measure")
-    return text
+def results_store(path: str | os.PathLike) -> JsonlStore:
+    """The results file of a sweep: one JSON line per revision measured."""
+    return JsonlStore(path, what="sweep results line", hint="pass another --out",
+                      is_record=lambda row: "revision" in row)
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
     """The lines of a results file, in file order; a torn last line is left out. [] if there is no file."""
-    return _parse_results(Path(path))[0]
-
-
-def drop_torn_line(path: str | os.PathLike) -> bool:
-    """Cut a torn last line (left by a kill mid-write) off a results file; True if there was one."""
-    path = Path(path)
-    _, kept = _parse_results(path)
-    if not path.exists() or kept == path.stat().st_size:
-        return False
-    with path.open("r+b") as f:
-        f.truncate(kept)
-        os.fsync(f.fileno())
-    return True
-
-
-def _parse_results(path: Path) -> tuple[list[dict], int]:
-    """(rows, bytes they take): every complete line parsed; a bad last line is torn, a bad earlier one an error."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    lines = data.split(b"\n")
-    tail = lines.pop()  # what follows the last newline: empty unless the last write was cut short
-    rows, kept = [], 0
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "revision" not in row:
-                raise ValueError("not a results line")
-        except ValueError:
-            if number == len(lines) and not tail:
-                break  # the last line, newline and all, but garbled: torn as well
-            raise Olmo2KitError(
-                f"{path} line {number} is not a sweep results line: fix or remove it, or pass another --out"
-            ) from None
-        rows.append(row)
-        kept += len(line) + 1
-    return rows, kept
-
-
-def append_line(path: str | os.PathLike, row: dict) -> None:
-    """Append `row` as one JSON line, on disk before this returns (flush and fsync).
-
-    The line goes out in one write ending with its newline, so a kill mid-write leaves a last
-    line without one, which `read_results` leaves out and `drop_torn_line` removes.
-    """
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    return results_store(path).read()
 
 
 def delete_cached_revision(repo_id: str, revision: Revision) -> int:

@@ -1,141 +1,18 @@
-"""Evaluation of a loaded model: perplexity over text, and benchmark tasks through lm-eval.
+"""Benchmark tasks through EleutherAI's lm-evaluation-harness (`pip install 'olmo2kit[eval]'`).
 
-Perplexity slides a window over the tokens, as in transformers' perplexity guide: each
-window holds up to `max_length` tokens, moves on by `stride`, and scores only the tokens
-the previous window did not, so every token is scored once, with at least
-`max_length - stride` tokens of context once the first window is full. The text is preceded by the
-tokenizer's beginning-of-text token (OLMo 2's `<|endoftext|>`) so that its first token is
-scored too, as lm-eval does for rolling log-likelihoods; bits per byte then covers every byte.
-
-Tasks run through EleutherAI's lm-evaluation-harness (`pip install 'olmo2kit[eval]'`): the
-model olmo2kit loaded, quantized or not, is handed to lm-eval's HFLM as it is.
+The model olmo2kit loaded, quantized or not, is handed to lm-eval's HFLM as it is.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from olmo2kit.compat import drop_messages
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.loading import drop_messages
-
-
-@dataclass
-class PerplexityResult:
-    """Perplexity of one text (or, from `combine_perplexities`, of several pooled)."""
-
-    perplexity: float  # exp(nll / tokens)
-    bits_per_byte: float  # nll / ln 2 / bytes
-    nll: float  # summed over the scored tokens, in nats
-    tokens: int  # tokens scored
-    bytes: int  # UTF-8 bytes of the text
-    windows: int  # forward passes
-    elapsed_s: float
-    tokens_per_s: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def perplexity(
-    model,
-    tokenizer,
-    texts: str | Sequence[str],
-    *,
-    max_length: int | None = None,
-    stride: int | None = None,
-) -> PerplexityResult | list[PerplexityResult]:
-    """Token-level perplexity and bits per byte of a text, or of each of a list of texts.
-
-    `max_length` (tokens per window) defaults to the model's context, `stride` to half of
-    `max_length`. Works on any dtype or quantization `olmo2kit.load` gives.
-
-    >>> perplexity(model, tokenizer, open("wiki.txt").read()).perplexity  # doctest: +SKIP
-    """
-    context = model.config.max_position_embeddings
-    max_length, stride = check_window(max_length, stride, context)
-    single = isinstance(texts, str)
-    texts = [texts] if single else list(texts)
-    for i, text in enumerate(texts):
-        if not text:
-            raise Olmo2KitError(f"text {i + 1} is empty: there is nothing to score")
-    results = [_perplexity(model, tokenizer, text, max_length, stride) for text in texts]
-    return results[0] if single else results
-
-
-def check_window(max_length: int | None, stride: int | None, context: int | None = None) -> tuple[int, int]:
-    """(max_length, stride), the defaults filled in where the model's `context` is known.
-
-    Olmo2KitError if either is out of range; without `context`, what can be checked is.
-    """
-    if max_length is None:
-        max_length = context
-    if max_length is not None:
-        if max_length < 2:
-            raise Olmo2KitError(f"--max-length must be 2 or more, not {max_length}")
-        if context is not None and max_length > context:
-            raise Olmo2KitError(f"--max-length must be at most the model's context ({context}), not {max_length}")
-        if stride is None:
-            stride = max_length // 2
-    if stride is not None and stride < 1:
-        raise Olmo2KitError(f"--stride must be 1 or more, not {stride}")
-    if stride is not None and max_length is not None and stride >= max_length:
-        raise Olmo2KitError(
-            f"--stride must be less than --max-length ({max_length}), not {stride}: "
-            "each window needs a token of context before the first one it scores"
-        )
-    return max_length, stride
-
-
-def _perplexity(model, tokenizer, text: str, max_length: int, stride: int) -> PerplexityResult:
-    import torch
-    import torch.nn.functional as F
-
-    start = time.perf_counter()
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    # verbose=False: a text longer than the context is the point here, not something to warn about.
-    encoded = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    ids = torch.tensor([[prefix, *encoded]], device=model.device)
-    length = ids.shape[1]
-    nll = torch.zeros((), dtype=torch.float64, device=model.device)
-    windows = 0
-    scored_to = 1  # position 0 is the prefix, which is context only
-    with torch.inference_mode():
-        for begin in range(0, length, stride):
-            end = min(begin + max_length, length)
-            new = end - scored_to
-            # Only the logits that predict new tokens: the rest of the window is context.
-            logits = model(input_ids=ids[:, begin:end], use_cache=False, logits_to_keep=new + 1).logits
-            nll += F.cross_entropy(logits[0, :-1].float(), ids[0, scored_to:end], reduction="sum")
-            windows += 1
-            scored_to = end
-            if end == length:
-                break
-    total = nll.item()
-    tokens = length - 1
-    elapsed = time.perf_counter() - start
-    n_bytes = len(text.encode("utf-8"))
-    return PerplexityResult(
-        perplexity=math.exp(total / tokens), bits_per_byte=total / math.log(2) / n_bytes, nll=total,
-        tokens=tokens, bytes=n_bytes, windows=windows, elapsed_s=elapsed, tokens_per_s=tokens / elapsed,
-    )
-
-
-def combine_perplexities(results: Sequence[PerplexityResult]) -> PerplexityResult:
-    """The pooled perplexity of several texts: their summed NLL over their summed tokens and bytes."""
-    nll = sum(r.nll for r in results)
-    tokens = sum(r.tokens for r in results)
-    n_bytes = sum(r.bytes for r in results)
-    elapsed = sum(r.elapsed_s for r in results)
-    return PerplexityResult(
-        perplexity=math.exp(nll / tokens), bits_per_byte=nll / math.log(2) / n_bytes, nll=nll, tokens=tokens,
-        bytes=n_bytes, windows=sum(r.windows for r in results), elapsed_s=elapsed, tokens_per_s=tokens / elapsed,
-    )
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Honest numbers before a download: `estimate` (memory) and `bench` (speed) for any OLMo 2 size.
+"""Honest speed numbers: `bench` for any OLMo 2 size or checkpoint.
 
-`estimate` needs no weights and imports torch only to look at the device. `bench` loads a model,
+`bench` loads a model,
 or with `random_init=True` builds the exact architecture of a size with random weights, and
 measures load time, time to first token, prefill and decode rates, peak memory, and how close
 decoding comes to the memory-bandwidth floor: each decode step must read every weight it uses once
@@ -10,98 +10,17 @@ cached so far, and can go no faster than the device's measured bandwidth allows.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from olmo2kit.devices import dtype_name, peak_memory_gb, resolve_device, resolve_dtype, sync
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.sizes import SIZES, Size, get_size, size_of, weight_bytes
-
-_KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-CUDA_CONTEXT_BYTES = 500_000_000  # CUDA context and allocator slack, measured roughly on H100/H200
-
-
-@dataclass
-class Estimate:
-    model: str
-    dtype: str
-    quantize: str | None
-    context: int
-    batch_size: int
-    weights_bytes: int
-    kv_cache_bytes: int
-    working_bytes: int
-    total_bytes: int
-    device: str
-    device_bytes: int | None
-    fits: bool | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def size_for(model: str) -> Size:
-    """The architecture of a size alias, an official repo id, or a local checkpoint directory."""
-    known = SIZES.get(model.strip().lower()) or size_of(model.split("@")[0])
-    if known:
-        return known
-    config_path = Path(model).expanduser() / "config.json"
-    if not config_path.exists():
-        raise Olmo2KitError(
-            f"cannot tell the architecture of {model!r}: give a size ({', '.join(SIZES)}), an OLMo 2 alias or "
-            "repo id, or a local checkpoint directory"
-        )
-    return Size.from_config(model, json.loads(config_path.read_text()))
-
-
-def device_memory(device: str = "auto") -> tuple[str, int | None]:
-    """(device name, bytes available to a model on it): the GPU's total memory, else the machine's RAM."""
-    import torch
-
-    from olmo2kit.loading import check_device
-
-    check_device(device)
-    wants_gpu = device in ("auto", "cuda") or device.startswith("cuda:")
-    if wants_gpu and torch.cuda.is_available():
-        index = torch.device(device if device.startswith("cuda:") else "cuda").index or 0
-        return torch.cuda.get_device_name(index), torch.cuda.get_device_properties(index).total_memory
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return "CPU", int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return "CPU", None
-
-
-def estimate(model: str, *, dtype: str = "bf16", quantize: str | None = None, context: int = 4096,
-             batch_size: int = 1, device: str = "auto") -> Estimate:
-    """Memory needed to run `model` at `context` tokens and `batch_size`, and whether it fits.
-
-    >>> estimate("7b", quantize="nf4").weights_bytes / 1e9  # doctest: +ELLIPSIS
-    5.28...
-    """
-    if context < 1 or batch_size < 1:
-        raise Olmo2KitError("context and batch size must be at least 1")
-    size = size_for(model)
-    if dtype not in _KV_BYTES:
-        raise Olmo2KitError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
-    weights = weight_bytes(size, dtype, quantize)
-    element = _KV_BYTES[dtype]
-    kv = size.kv_bytes_per_token(element) * context * batch_size
-    # Prefill activations of one layer at a time (hidden states, q/k/v, the MLP's two wide
-    # projections) plus fp32 logits of the last position.
-    working = batch_size * context * (4 * size.hidden_size + 2 * size.intermediate_size) * element
-    working += batch_size * size.vocab_size * 4
-    name, available = device_memory(device)
-    if name != "CPU":
-        working += CUDA_CONTEXT_BYTES
-    total = weights + kv + working
-    return Estimate(model, dtype, quantize, context, batch_size, weights, kv, working, total, name, available,
-                    None if available is None else total <= available)
+from olmo2kit.evals.estimate import estimate
+from olmo2kit.model.loading import load
+from olmo2kit.model.sizes import SIZES, Size, check_context, context_length, get_size, hf_config, weight_bytes
+from olmo2kit.model.tiny import TINY_ARCH, build_tokenizer
 
 
 @dataclass
@@ -149,22 +68,10 @@ def measure_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / min(times)
 
 
-def sync(device) -> None:
-    """Wait for the device's queued work (a no-op off CUDA): call it around anything timed."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def load_random(size: str, dtype: str, quantize: str | None, device: str):
     """The exact architecture of `size` with random weights; quantized through a temporary checkpoint."""
     import torch
     from transformers import Olmo2ForCausalLM
-
-    from olmo2kit.loading import load, resolve_device, resolve_dtype
-    from olmo2kit.sizes import hf_config
-    from olmo2kit.tiny import TINY_ARCH, build_tokenizer
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -192,9 +99,6 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     """Measure one configuration. Medians over `repeat` runs after one warm-up run."""
     import torch
 
-    from olmo2kit.generation import peak_memory_gb
-    from olmo2kit.loading import load, resolve_device
-
     if batch_size < 1 or prompt_len < 1 or new_tokens < 2 or repeat < 1:
         raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
     device = resolve_device(device)
@@ -213,12 +117,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         loaded, tokenizer = load(label, revision=revision, dtype=dtype, quantize=quantize, device=device)
     sync(loaded.device)
     load_s = time.perf_counter() - start
-    context = loaded.config.max_position_embeddings
-    if prompt_len + new_tokens > context:
-        raise Olmo2KitError(
-            f"--prompt-len {prompt_len} plus --new-tokens {new_tokens} passes the model's {context}-token context: "
-            "lower one of them"
-        )
+    check_context(prompt_len, new_tokens, context_length(loaded.config), prompt="--prompt-len", new="--new-tokens")
 
     vocab = min(loaded.config.vocab_size, len(tokenizer))
     generator = torch.Generator().manual_seed(0)
@@ -233,10 +132,10 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     ttft_s = statistics.median(ttft)
     decode_s = statistics.median(decode)
     decode_tps = batch_size * (new_tokens - 1) / decode_s
-    arch = size_for_model(loaded)
+    arch = Size.from_config(label, loaded.config)
     weights = loaded.get_memory_footprint()
     if quantize in ("nf4", "fp4"):  # the footprint leaves out the fp32 block scales that decoding reads too
-        weights = weight_bytes(arch, "fp32" if loaded.dtype == torch.float32 else "bf16", quantize)
+        weights = weight_bytes(arch, dtype_name(loaded.dtype), quantize)
     step_bytes = bytes_per_step(arch, weights, loaded.dtype.itemsize, batch_size,
                                 prompt_len + new_tokens / 2)
     bandwidth = measure_bandwidth(loaded.device)
@@ -246,7 +145,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         dtype=str(loaded.dtype).removeprefix("torch."), quantize=quantize, compile=compile, batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, load_s=load_s, ttft_s=ttft_s,
         prefill_tokens_per_s=batch_size * prompt_len / ttft_s, decode_tokens_per_s=decode_tps,
-        ms_per_token=1000 * decode_s / (new_tokens - 1), peak_memory_gb=peak_memory_gb(loaded),
+        ms_per_token=1000 * decode_s / (new_tokens - 1), peak_memory_gb=peak_memory_gb(loaded.device),
         weight_bytes=weights, bytes_per_step=step_bytes, bandwidth_gbps=bandwidth / 1e9, floor_tokens_per_s=floor,
         floor_fraction=(decode_tps / batch_size) / floor,
     )
@@ -262,25 +161,18 @@ def bytes_per_step(size: Size, weights: int, element_bytes: int, batch_size: int
 
 def _check_fit(model: str, dtype: str, quantize: str | None, device: str, context: int, batch_size: int) -> None:
     """Olmo2KitError before any download or allocation when the estimate says the model cannot fit."""
-    from olmo2kit.loading import resolve_dtype
-
-    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    dtype_name = names[str(resolve_dtype(dtype, device)).removeprefix("torch.")]
+    name = dtype_name(resolve_dtype(dtype, device))
     try:
-        need = estimate(model, dtype=dtype_name, quantize=quantize, context=context, batch_size=batch_size,
+        need = estimate(model, dtype=name, quantize=quantize, context=context, batch_size=batch_size,
                         device=device)
     except Olmo2KitError:
         return  # an architecture only loading can tell: no estimate to check against
     if need.fits is False:
         raise Olmo2KitError(
-            f"{model} in {dtype_name}{' ' + quantize if quantize else ''} needs about {need.total_bytes / 1e9:.1f} GB "
+            f"{model} in {name}{' ' + quantize if quantize else ''} needs about {need.total_bytes / 1e9:.1f} GB "
             f"but {need.device} has {need.device_bytes / 1e9:.1f} GB: try --quantize nf4, a smaller size or a GPU "
-            f"(`olmo2kit estimate {model} --dtype {dtype_name}`)"
+            f"(`olmo2kit estimate {model} --dtype {name}`)"
         )
-
-
-def size_for_model(model) -> Size:
-    return Size.from_config("loaded", model.config)
 
 
 def _timed_run(model, tokenizer, input_ids, mask, new_tokens: int, compile: bool) -> tuple[float, float]:
@@ -288,7 +180,7 @@ def _timed_run(model, tokenizer, input_ids, mask, new_tokens: int, compile: bool
     import torch
 
     if compile:
-        from olmo2kit.compiled import decoder_for
+        from olmo2kit.inference.compiled import decoder_for
 
         decoder = decoder_for(model, input_ids.shape[0], input_ids.shape[1] + new_tokens, compile=True)
         result = decoder.decode(input_ids, mask, new_tokens, eos_ids={-1}, pad_id=tokenizer.pad_token_id,

@@ -8,20 +8,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from olmo2kit.compat import hub_network_errors, offline_mode, quiet_bitsandbytes
+from olmo2kit.devices import resolve_device, resolve_dtype
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.revisions import offline_mode
-from olmo2kit.sizes import DEFAULT_MODEL, aliases, resolve_alias
+from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS, aliases, resolve_alias
 
 log = logging.getLogger("olmo2kit")
 
-DTYPES = {
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "fp32": "float32", "float32": "float32",
-}
-QUANTIZATIONS = ("int8", "nf4", "fp4")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -72,41 +66,6 @@ def resolve_model(model: str, revision: str | None = None) -> ModelRef:
     )
 
 
-def check_device(device: str) -> None:
-    """Olmo2KitError unless `device` is auto, cpu, cuda, cuda:N or mps."""
-    if not DEVICE.match(device):
-        raise Olmo2KitError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' is cuda when a GPU is visible, else cpu; anything else is checked and kept."""
-    check_device(device)
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Olmo2KitError(f"device {device!r} asked for, but no CUDA GPU is visible: use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise Olmo2KitError("device 'mps' asked for, but MPS is not available: use --device cpu")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    """The torch dtype for a name. 'auto' is bf16 on a CUDA device that supports it, else fp32."""
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise Olmo2KitError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32")
-    if DTYPES[dtype] == "float16":
-        log.warning("fp16 asked for: OLMo 2 was trained in bf16 and its activations can overflow fp16")
-    return getattr(torch, DTYPES[dtype])
-
-
 def quantization_config(quantize: str, compute_dtype):
     """The BitsAndBytesConfig for int8, nf4 or fp4 (the model card's load_in_8bit=True is gone)."""
     if quantize not in QUANTIZATIONS:
@@ -125,32 +84,6 @@ def quantization_config(quantize: str, compute_dtype):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype
     )
-
-
-class DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-def quiet_bitsandbytes() -> None:
-    """Drop two bitsandbytes log lines that carry no news for the user.
-
-    The int8 matmul logs that it casts its inputs to fp16 on every call, and the CPU
-    backend logs that the optional Hub-downloaded `kernels` package is missing.
-    """
-    drop_messages("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
-    drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
-
-
-def drop_messages(logger_name: str, *prefixes: str) -> None:
-    """Drop the records of a logger whose message starts with one of `prefixes` (once per logger)."""
-    logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, DropMessages) for f in logger.filters):
-        logger.addFilter(DropMessages(*prefixes))
 
 
 def load(
@@ -191,7 +124,7 @@ def load(
     if not ref.local and not offline_mode():
         if _hub_reachable(ref):
             if ref.revision:
-                from olmo2kit.revisions import check_revision
+                from olmo2kit.model.revisions import check_revision
 
                 check_revision(ref.source, ref.revision)
         elif _cached(ref):
@@ -223,6 +156,17 @@ def load(
     return loaded, tokenizer
 
 
+def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
+    """The tokenizer of a model (alias, repo id, repo@revision or local directory), without its weights."""
+    from transformers import AutoTokenizer
+
+    ref = resolve_model(model, revision)
+    try:
+        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
+    except OSError as e:
+        raise Olmo2KitError(explain_load_error(ref, e)) from e
+
+
 def _load_adapter(path: Path, **options):
     """A LoRA adapter directory (from `olmo2kit finetune --lora`): its base model, then the adapter."""
     import json
@@ -250,7 +194,6 @@ def _hub_reachable(ref: ModelRef) -> bool:
     failure returns False, so that a cached copy can load at once instead of after
     huggingface_hub's retries (about 45 s).
     """
-    import httpx2  # huggingface_hub's HTTP client: its request errors mean the Hub is out of reach
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -265,7 +208,7 @@ def _hub_reachable(ref: ModelRef) -> bool:
         ) from None
     except HfHubHTTPError:
         return True  # the Hub answered; the download reports what is wrong
-    except (httpx2.RequestError, httpx2.InvalidURL):
+    except hub_network_errors():
         return False
     return True
 

@@ -28,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from olmo2kit.chat import check_messages, user_messages
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.generation import Generation, SamplingOptions, generate, normalize_options
+from olmo2kit.files import JsonlStore
+from olmo2kit.inference.generation import Generation, generate
+from olmo2kit.inference.sampling import SamplingOptions, normalize_options
+from olmo2kit.model.chat_template import check_messages, user_messages
 
 log = logging.getLogger("olmo2kit")
 
@@ -87,9 +89,7 @@ def read_job(
     have no system message. A malformed line is reported through `on_warning` with its line
     number and skipped (and added to `skipped`), or with `strict` raises an Olmo2KitError.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise Olmo2KitError(f"no such input file: {path} (one JSON object a line, with a prompt or messages)")
+    path = _check_input(path)
     warn = on_warning or log.warning
     items: list[JobItem] = []
     seen: dict[str, int] = {}
@@ -140,23 +140,15 @@ def run_job(
     """
     import torch
 
-    if batch_size < 1:
-        raise Olmo2KitError(f"batch size must be at least 1, got {batch_size}")
-    SamplingOptions(**normalize_options(options))  # bad job options fail before any line is read
-    input_path, output_path = Path(input_path).expanduser(), Path(output_path).expanduser()
-    if output_path.exists() and input_path.exists() and output_path.samefile(input_path):
-        raise Olmo2KitError("the output file is the input file: give another --output")
-    if not output_path.parent.is_dir():
-        raise Olmo2KitError(f"cannot write {output_path}: there is no directory {output_path.parent}")
-    if output_path.is_dir():
-        raise Olmo2KitError(f"cannot write {output_path}: it is a directory; give a file name")
+    input_path, output_path = check_job(input_path, output_path, batch_size, **options)
     warn = on_warning or log.warning
     model_name = model_name or model.name_or_path
     skipped: list[tuple[int, str]] = []
     items = read_job(
         input_path, chat=chat, system=system, strict=strict, on_warning=warn, skipped=skipped, **options
     )
-    done = _finished_ids(output_path, model_name, revision, warn)
+    store = _results_store(output_path)
+    done = _finished_ids(store, model_name, revision, warn)
     pending = [item for item in items if id_key(item.id) not in done]
     summary = JobSummary(total=len(items), already_done=len(items) - len(pending), written=0, skipped=skipped)
     if progress:
@@ -168,32 +160,45 @@ def run_job(
         warn(f"line {item.line} of {input_path}: {error}; skipped")
         skipped.append((item.line, str(error)))
 
-    try:
-        out = output_path.open("a", encoding="utf-8")
-    except OSError as e:
-        raise Olmo2KitError(f"cannot write {output_path} ({e.strerror}): give a file you can write to") from None
-    with out:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            try:
-                results = _generate_batch(model, tokenizer, batch, fail)
-            except torch.OutOfMemoryError:
-                raise Olmo2KitError(
-                    f"out of memory with batches of {batch_size}: rerun with a smaller --batch-size "
-                    "(the job resumes where it stopped)"
-                ) from None
-            lines = [
-                json.dumps(_record(item, results[item.line], model_name, revision), ensure_ascii=False) + "\n"
-                for item in batch
-                if item.line in results
-            ]
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
-            summary.written += len(lines)
-            if progress:
-                progress(start + len(batch), len(pending))
+    for start in range(0, len(pending), batch_size):
+        batch = pending[start : start + batch_size]
+        try:
+            results = _generate_batch(model, tokenizer, batch, fail)
+        except torch.OutOfMemoryError:
+            raise Olmo2KitError(
+                f"out of memory with batches of {batch_size}: rerun with a smaller --batch-size "
+                "(the job resumes where it stopped)"
+            ) from None
+        records = [_record(item, results[item.line], model_name, revision) for item in batch if item.line in results]
+        store.append(records)
+        summary.written += len(records)
+        if progress:
+            progress(start + len(batch), len(pending))
     return summary
+
+
+def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, batch_size: int,
+              **options) -> tuple[Path, Path]:
+    """The job's two paths, after checking what can be checked before a model loads: the input file is
+    there, the output can be written, the batch size and the job's sampling options are valid."""
+    if batch_size < 1:
+        raise Olmo2KitError(f"--batch-size must be at least 1, got {batch_size}")
+    SamplingOptions(**normalize_options(options))  # bad job options fail before any line is read
+    input_path, output_path = _check_input(input_path), Path(output_path).expanduser()
+    if output_path.exists() and output_path.samefile(input_path):
+        raise Olmo2KitError("the output file is the input file: give another --output")
+    if not output_path.parent.is_dir():
+        raise Olmo2KitError(f"cannot write {output_path}: there is no directory {output_path.parent}")
+    if output_path.is_dir():
+        raise Olmo2KitError(f"cannot write {output_path}: it is a directory; give a file name")
+    return input_path, output_path
+
+
+def _check_input(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise Olmo2KitError(f"no such input file: {path} (one JSON object a line, with a prompt or messages)")
+    return path
 
 
 def id_key(value: str | int) -> str:
@@ -233,40 +238,23 @@ def _parse_line(number: int, raw: bytes, defaults: dict, *, chat: bool, system: 
     return JobItem(number, item_id, {k: v for k, v in line.items() if k != "id"}, request, sampling)
 
 
-def _finished_ids(output: Path, model_name: str, revision: str | None, warn: Callable[[str], None]) -> set[str]:
-    """The ids already in `output`; a torn last line (a write cut short) is cut off the file."""
-    if not output.exists():
-        return set()
-    ids: set[str] = set()
-    good_end = 0  # bytes up to the end of the last whole line
-    with output.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                break
-            good_end += len(raw)
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or "id" not in record:
-                raise Olmo2KitError(
-                    f"line {number} of {output} is not a result line, so the job cannot resume into it: "
-                    "give another --output"
-                )
-            if (record.get("model"), record.get("revision")) != (model_name, revision):
-                raise Olmo2KitError(
-                    f"{output} holds results from {_label(record.get('model'), record.get('revision'))}, and this "
-                    f"job runs {_label(model_name, revision)}: give another --output, or the same model to resume"
-                )
-            ids.add(id_key(record["id"]))
-    if good_end < output.stat().st_size:
-        warn(f"{output}: dropping an incomplete last line (the run that wrote it was cut short)")
-        with output.open("r+b") as f:
-            f.truncate(good_end)
-            os.fsync(f.fileno())
-    return ids
+def _results_store(path: Path) -> JsonlStore:
+    return JsonlStore(path, what="result line, so the job cannot resume into it",
+                      hint="give another --output", is_record=lambda row: "id" in row)
+
+
+def _finished_ids(store: JsonlStore, model_name: str, revision: str | None, warn: Callable[[str], None]) -> set[str]:
+    """The ids already in the results; a torn last line (a write cut short) is cut off the file."""
+    records = store.read()
+    for record in records:
+        if (record.get("model"), record.get("revision")) != (model_name, revision):
+            raise Olmo2KitError(
+                f"{store.path} holds results from {_label(record.get('model'), record.get('revision'))}, and this "
+                f"job runs {_label(model_name, revision)}: give another --output, or the same model to resume"
+            )
+    if store.repair():
+        warn(f"{store.path}: dropping an incomplete last line (the run that wrote it was cut short)")
+    return {id_key(record["id"]) for record in records}
 
 
 def _generate_batch(model, tokenizer, batch: list[JobItem], fail) -> dict[int, Generation]:

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from olmo2kit.errors import Olmo2KitError, make_output_dir
-from olmo2kit.files import write_atomic
-from olmo2kit.sizes import DEFAULT_MODEL
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import make_output_dir, write_json_atomic
+from olmo2kit.model.chat_template import chat_template_of, check_messages
+from olmo2kit.model.loading import load_tokenizer, resolve_model
+from olmo2kit.model.sizes import DEFAULT_MODEL
 
 log = logging.getLogger("olmo2kit")
 
@@ -36,7 +38,6 @@ INPUT_IDS = "input_ids.npy"
 LABEL_MASK = "label_mask.npy"
 MANIFEST = "manifest.json"
 FORMATS = ("chat", "text")
-ROLES = ("system", "user", "assistant")
 LAYOUT_VERSION = 1
 _PROGRESS = ".prepare-progress.json"
 _PARTIAL = {INPUT_IDS: ".input_ids.npy.partial", LABEL_MASK: ".label_mask.npy.partial"}
@@ -59,32 +60,6 @@ class PreparedData:
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
-
-
-def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
-    """The tokenizer of a model (alias, repo id, repo@revision or local directory), without its weights."""
-    from transformers import AutoTokenizer
-
-    from olmo2kit.loading import explain_load_error, resolve_model
-
-    ref = resolve_model(model, revision)
-    try:
-        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
-    except OSError as e:
-        raise Olmo2KitError(explain_load_error(ref, e)) from e
-
-
-def chat_template_of(tokenizer) -> tuple[str, str]:
-    """(template, where it came from): the tokenizer's own, else the official OLMo 2 one.
-
-    The base OLMo 2 repos may ship a tokenizer without a template; SFT data for them is
-    written in the instruct models' format so the result chats like OLMo 2 Instruct.
-    """
-    from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE
-
-    if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
-        return tokenizer.chat_template, "tokenizer"
-    return OLMO2_CHAT_TEMPLATE, "olmo2"
 
 
 def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) -> tuple[list[int], list[bool]]:
@@ -154,13 +129,14 @@ def prepare_data(
     seq_len: int = 4096,
     format: str | None = None,
     split: str = "train",
-    progress: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Tokenize `source` into OLMo's layout in `outdir` and return the manifest.
 
     `source` is a JSONL file of {"messages": [...]} (chat) or {"text": ...} (text) objects, or a
     dataset name or directory for `datasets.load_dataset` (the `datasets` extra). `format` is
-    guessed from the first example when not given. Examples with no token to learn are dropped;
+    guessed from the first example when not given. `progress(examples read)` is called as examples
+    are read (from the resumed position on). Examples with no token to learn are dropped;
     longer ones are cut to `seq_len`; both are counted in the manifest. A bad line raises
     Olmo2KitError naming its line number, and leaves no file that looks complete.
 
@@ -200,7 +176,8 @@ def prepare_data(
             files[LABEL_MASK].truncate(counts["rows"] * seq_len)
             for f in files.values():
                 f.seek(0, os.SEEK_END)
-        bar = _progress_bar(progress, done)
+        if progress is not None:
+            progress(done)
         for number, record in records(done):
             fmt = fmt or _guess_format(record, origin, number)
             ids, mask = _tokenize_record(tokenizer, record, fmt, template, origin, number)
@@ -224,12 +201,10 @@ def prepare_data(
                 row_mask[: len(mask)] = mask
                 files[LABEL_MASK].write(row_mask.tobytes())
             done = number
-            if bar is not None:
-                bar.update(1)
+            if progress is not None:
+                progress(number)
             if counts["examples"] % _SYNC_EVERY == 0:
                 _write_progress(outdir, files, settings, fmt, done, counts)
-        if bar is not None:
-            bar.close()
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -291,14 +266,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     return PreparedData(path, arrays[INPUT_IDS], arrays[LABEL_MASK], manifest)
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON so readers see the old file or the new one, never half of one."""
-    write_atomic(path, json.dumps(data, indent=2).encode())
-
-
 def _tokenizer_name(model: str, revision: str | None) -> str:
-    from olmo2kit.loading import resolve_model
-
     ref = resolve_model(model, revision)
     return str(Path(ref.source).resolve()) if ref.local else str(ref)
 
@@ -365,16 +333,14 @@ def _tokenize_record(tokenizer, record: dict, fmt: str, template: str, origin: d
             raise Olmo2KitError(f"{where}: 'text' must be a string, got {_kind(text)}")
         return tokenize_text(tokenizer, text)
     messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise Olmo2KitError(f"{where}: 'messages' must be a non-empty list, got {_kind(messages)}")
-    for k, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise Olmo2KitError(f"{where}: message {k} needs a role of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise Olmo2KitError(f"{where}: message {k} needs its content as a string")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not isinstance(messages, list):
+        raise Olmo2KitError(f"{where}: 'messages' must be a list, got {_kind(messages)}")
+    try:
+        turns = check_messages(messages, need_user=False)
+    except Olmo2KitError as e:
+        raise Olmo2KitError(f"{where}: {e}") from None
+    if not any(m["role"] == "assistant" for m in turns):
         return [], []  # nothing to learn: dropped and counted
-    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     try:
         return tokenize_chat(tokenizer, turns, template)
     except ValueError as e:
@@ -417,11 +383,3 @@ def _write_progress(outdir: Path, files: dict, settings: dict, fmt: str, positio
 def _discard_partial(outdir: Path) -> None:
     for name in (*_PARTIAL.values(), _PROGRESS):
         (outdir / name).unlink(missing_ok=True)
-
-
-def _progress_bar(enabled: bool, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(initial=initial, unit=" examples", desc="prepare-data", disable=None)

@@ -9,9 +9,7 @@ so it needs no `multinomial` sync either.
 
 The step is `FusedOlmo2` wherever the model is a plain OLMo 2 on one device: the architecture written
 out for decoding over the model's own weights, with q/k/v and gate/up each one matrix. Quantized,
-PEFT-wrapped or other models step through transformers with a `StaticCache`. Figures (H200, bf16,
-batch 1, docs/benchmarks.md): 1B 717 tokens/s through transformers, 804 fused; 7B 195 and 212,
-which is 72% of the memory-bandwidth floor.
+PEFT-wrapped or other models step through transformers with a `StaticCache`.
 
 Greedy output equals the plain path's in fp32. Padded batches work: pads are masked, and each row
 keeps the slot index as its position, which changes nothing under rotary embeddings (attention
@@ -21,12 +19,16 @@ depends only on the distance between positions).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from olmo2kit.bench import sync
+from olmo2kit.compat import cache_keyword
+from olmo2kit.devices import sync
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.model.sizes import context_length
 
 
 def _pick(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: torch.Tensor,
@@ -96,49 +98,55 @@ class StaticDecoder:
         logits = self.forward(token, self.position)
         return _pick(logits, temperature, top_k, top_p, greedy)
 
-    @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                eos_ids: set[int], pad_id: int, greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, check_every: int = 16, on_tokens=None) -> DecodeResult:
-        batch, length = input_ids.shape
-        if batch != self.batch_size or length + max_new_tokens > self.max_cache_len:
-            raise ValueError("StaticDecoder was built for another batch size or a shorter cache")
-        self.forward.reset(attention_mask)
-        temperature_t = torch.tensor(float(temperature), device=self.device)
-        top_p_t = torch.tensor(float(top_p), device=self.device)
-        eos = torch.tensor(sorted(eos_ids), device=self.device)
-        out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-
+               top_p: float = 1.0, check_every: int = 16) -> DecodeResult:
+        """All new tokens at once, with the time of the prefill and of the decode loop."""
+        steps = self.steps(input_ids, attention_mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
+                           temperature=temperature, top_k=top_k, top_p=top_p, check_every=check_every)
         start = time.perf_counter()
-        logits = self.forward(input_ids, torch.arange(length, device=self.device))
-        token = _pick(logits, temperature_t, top_k, top_p_t, greedy)
+        chunks = [next(steps)]  # the prefill's token
         sync(self.device)
         prefill_s = time.perf_counter() - start
-
         start = time.perf_counter()
-        produced = max_new_tokens
+        chunks += list(steps)
+        sync(self.device)
+        return DecodeResult(torch.cat(chunks, dim=1), prefill_s, time.perf_counter() - start)
+
+    def steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+              eos_ids: set[int], pad_id: int, greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
+              top_p: float = 1.0, check_every: int = 16) -> Iterator[torch.Tensor]:
+        """Yield the new tokens [batch, k]: the prefill's first, then every `check_every` tokens (the only
+        host syncs), until every row has ended or `max_new_tokens` are out. A row that has ended is padded
+        with `pad_id`. Closing the generator stops decoding."""
+        batch, length = input_ids.shape
+        if batch != self.batch_size or length + max_new_tokens > self.max_cache_len:
+            raise Olmo2KitError(
+                f"this decoder was built for batches of {self.batch_size} and {self.max_cache_len} tokens, not "
+                f"{batch} of {length} + {max_new_tokens}: get one from decoder_for"
+            )
+        with torch.inference_mode():
+            self.forward.reset(attention_mask)
+            temperature_t = torch.tensor(float(temperature), device=self.device)
+            top_p_t = torch.tensor(float(top_p), device=self.device)
+            eos = torch.tensor(sorted(eos_ids), device=self.device)
+            out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+            done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            logits = self.forward(input_ids, torch.arange(length, device=self.device))
+            token = _pick(logits, temperature_t, top_k, top_p_t, greedy)
         reported = 0
         for i in range(max_new_tokens):
-            out[:, i] = torch.where(done, pad_id, token)
-            done |= torch.isin(token, eos)
-            if i + 1 == max_new_tokens:
-                break
-            if (i + 1) % check_every == 0:  # the only host syncs: every check_every tokens
-                if on_tokens is not None:
-                    on_tokens(out[:, reported: i + 1])
-                    reported = i + 1
-                if bool(done.all()):
-                    produced = i + 1
-                    break
-            self.position.fill_(length + i)
-            token = self.step(token[:, None].clone(), temperature_t, top_k, top_p_t, greedy).clone()
-        sync(self.device)
-        decode_s = time.perf_counter() - start
-        if on_tokens is not None and reported < produced:
-            on_tokens(out[:, reported:produced])
-        return DecodeResult(out[:, :produced], prefill_s, decode_s)
-
+            with torch.inference_mode():
+                out[:, i] = torch.where(done, pad_id, token)
+                done |= torch.isin(token, eos)
+            if i == 0 or i + 1 == max_new_tokens or (i + 1) % check_every == 0:
+                yield out[:, reported: i + 1].clone()
+                reported = i + 1
+                if i + 1 == max_new_tokens or bool(done.all()):
+                    return
+            with torch.inference_mode():
+                self.position.fill_(length + i)
+                token = self.step(token[:, None].clone(), temperature_t, top_k, top_p_t, greedy).clone()
 
 
 class _TransformersForward:
@@ -146,8 +154,6 @@ class _TransformersForward:
 
     def __init__(self, model, batch_size: int, max_cache_len: int):
         from transformers import StaticCache
-
-        from olmo2kit.generation import cache_keyword
 
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
@@ -291,7 +297,7 @@ def decoder_for(model, batch_size: int, needed_len: int, compile: bool | None = 
     key = (batch_size, compile, fused, tuning)
     decoder = decoders.get(key)
     if decoder is None or decoder.max_cache_len < needed_len or not decoder.current():
-        limit = getattr(model.config, "max_position_embeddings", None) or needed_len
+        limit = context_length(model.config) or needed_len
         length = min(max(256, 1 << (needed_len - 1).bit_length()), max(limit, needed_len))
         decoders.clear()  # one decoder a model: a cache for each batch size met would pile up memory
         decoder = decoders[key] = StaticDecoder(model, batch_size, length, compile, fused, tuning)

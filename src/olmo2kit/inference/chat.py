@@ -1,9 +1,4 @@
-"""Chat with the OLMo 2 instruct models: messages, the chat template, and multi-turn sessions.
-
-A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}` dicts,
-rendered with the tokenizer's chat template. The -SFT, -DPO and -Instruct tokenizers carry
-the official OLMo 2 template; a tokenizer without one (a base model's) gets that same
-template, with a warning that the model was not trained to chat.
+"""Multi-turn chat sessions with the OLMo 2 instruct models, and their transcripts.
 
     >>> session = ChatSession(model, tokenizer, system="Be brief.", do_sample=False)  # doctest: +SKIP
     >>> session.reply("What is the capital of France?").text  # doctest: +SKIP
@@ -12,83 +7,15 @@ template, with a warning that the model was not trained to chat.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_atomic
-from olmo2kit.generation import Generation, SamplingOptions, normalize_options, stream_generate
-from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE
-
-log = logging.getLogger("olmo2kit")
-
-ROLES = ("system", "user", "assistant")
-
-_warned_no_template: weakref.WeakSet = weakref.WeakSet()
-
-
-def check_messages(messages: Sequence[Mapping]) -> list[dict]:
-    """The conversation as plain `{"role", "content"}` dicts, or an Olmo2KitError saying what is wrong."""
-    if isinstance(messages, str | Mapping) or not isinstance(messages, Sequence):
-        raise Olmo2KitError('messages must be a list of {"role": ..., "content": ...} dicts')
-    if not messages:
-        raise Olmo2KitError("no messages given: a conversation needs at least one message")
-    checked = []
-    for i, message in enumerate(messages, 1):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise Olmo2KitError(f'message {i} is not a {{"role": ..., "content": ...}} dict')
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise Olmo2KitError(f"message {i} has role {role!r}: the OLMo 2 template knows {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise Olmo2KitError(f"message {i}'s content must be a string")
-        checked.append({"role": role, "content": content})
-    if not any(m["role"] == "user" and m["content"].strip() for m in checked):
-        raise Olmo2KitError("the conversation has no user message with text")
-    return checked
-
-
-def user_messages(prompt: str, system: str | None = None) -> list[dict]:
-    """`prompt` as a user message, after `system` as a system message when given."""
-    head = [{"role": "system", "content": system}] if system else []
-    return [*head, {"role": "user", "content": prompt}]
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def chat_template(tokenizer) -> str | None:
-    """The template to render with: None for the tokenizer's own, else the official OLMo 2 one (warned once)."""
-    if has_chat_template(tokenizer):
-        return None
-    if tokenizer not in _warned_no_template:
-        _warned_no_template.add(tokenizer)
-        log.warning(
-            f"{tokenizer.name_or_path or 'this tokenizer'} has no chat template, so the official OLMo 2 one is used; "
-            "a base model was not trained to chat: use an -SFT, -DPO or -Instruct model (e.g. 1b-instruct)"
-        )
-    return OLMO2_CHAT_TEMPLATE
-
-
-def render_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> str:
-    """The conversation as the model reads it, ending with the assistant's header by default.
-
-    >>> render_chat(tokenizer, [{"role": "user", "content": "Hi"}])  # doctest: +SKIP
-    '<|endoftext|><|user|>\\nHi\\n<|assistant|>\\n'
-    """
-    return tokenizer.apply_chat_template(
-        check_messages(messages), chat_template=chat_template(tokenizer),
-        add_generation_prompt=add_generation_prompt, tokenize=False,
-    )
-
-
-def encode_chat(tokenizer, messages: Sequence[Mapping]) -> list[int]:
-    """Token ids of the rendered conversation; the template writes the special tokens itself."""
-    return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+from olmo2kit.inference.generation import Generation, join_chunks, stream_generate
+from olmo2kit.inference.sampling import SamplingOptions, normalize_options
+from olmo2kit.model.chat_template import encode_chat
 
 
 def save_transcript(path: str | os.PathLike, model: str, messages: Sequence[Mapping]) -> Path:
@@ -156,14 +83,7 @@ class ChatSession:
 
     def reply(self, text: str) -> Generation:
         """Send `text` and return the whole reply as one Generation."""
-        chunks = list(self.send(text))
-        last = chunks[-1]
-        ids = [i for c in chunks for i in c.token_ids]
-        return Generation(
-            text="".join(c.text for c in chunks), token_ids=ids, prompt_tokens=last.prompt_tokens,
-            new_tokens=last.new_tokens, finish_reason=last.finish_reason, tokens_per_s=last.tokens_per_s,
-            elapsed_s=last.elapsed_s, prompt_tps=last.prompt_tps, peak_memory_gb=last.peak_memory_gb,
-        )
+        return join_chunks(list(self.send(text)))
 
     def send(self, text: str) -> Iterator[Generation]:
         """Stream the reply to the user message `text`; the history keeps both messages.

@@ -13,21 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from olmo2kit.errors import Olmo2KitError, make_output_dir
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import make_output_dir
+from olmo2kit.model.chat_template import OLMO2_CHAT_TEMPLATE
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-
-# The chat template of the OLMo 2 instruct models, verbatim from
-# allenai/OLMo-2-1124-7B-SFT (and -DPO, -Instruct, OLMo-2-0425-1B-*) tokenizer_config.json.
-OLMO2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
-    "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
-    "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
-    "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
-)
 
 # Architecture of the tiny model: OLMo 2's layout (post-norm blocks, QK-norm, untied
 # embeddings) at toy width, with grouped-query attention as in the 32B.
@@ -104,7 +95,7 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
     import torch
     from transformers import GenerationConfig, Olmo2ForCausalLM
 
-    from olmo2kit.sizes import hf_config
+    from olmo2kit.model.sizes import hf_config
 
     path = Path(path).expanduser()
     if path.exists() and not (path.is_dir() and ((path / "config.json").is_file() or not any(path.iterdir()))):

@@ -1,4 +1,4 @@
-"""CLI: `bench` and `estimate`, the speed and memory numbers to check before a download."""
+"""`olmo2kit bench` and `estimate`: the speed and memory numbers to check before a download."""
 
 from __future__ import annotations
 
@@ -7,21 +7,10 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import (
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    QuantizeOpt,
-    RevisionOpt,
-    _gb,
-    app,
-    info,
-    print_table,
-    quiet_transformers,
-)
+from olmo2kit.cli.options import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, RevisionOpt
+from olmo2kit.cli.output import format_bytes, info, print_table
 
 
-@app.command()
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Alias, repo id, repo@rev or directory.")] = None,
     size: Annotated[str | None, typer.Option(help="With --random-init: 1b, 7b, 13b or 32b.")] = None,
@@ -47,7 +36,8 @@ def bench(
 
       olmo2kit bench --model ./tiny --new-tokens 64
     """
-    from olmo2kit.bench import bench as run_bench
+    from olmo2kit.compat import quiet_transformers
+    from olmo2kit.evals.bench import bench as run_bench
 
     quiet_transformers()
     if not random_init and size:
@@ -68,8 +58,8 @@ def bench(
         ("prefill", f"{result.prefill_tokens_per_s:,.0f} tokens/s"),
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
         ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)", f"{result.peak_memory_gb:.2f} GB"),
-        ("weights in memory", _bytes(result.weight_bytes)),
-        ("bytes read per decode step", _bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),
+        ("weights in memory", format_bytes(result.weight_bytes)),
+        ("bytes read per decode step", format_bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),
         ("memory bandwidth (measured)", f"{result.bandwidth_gbps:,.0f} GB/s"),
         ("bandwidth floor (per sequence)", f"{result.floor_tokens_per_s:,.0f} tokens/s"),
         ("reached (per sequence)", f"{100 * result.floor_fraction:.0f}% of the floor"),
@@ -77,7 +67,6 @@ def bench(
     print_table(rows)
 
 
-@app.command()
 def estimate(
     model: Annotated[str, typer.Argument(help="A size (1b ... 32b), OLMo 2 alias or repo id, or local directory.")],
     dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
@@ -95,7 +84,7 @@ def estimate(
 
       olmo2kit estimate 32b --quantize nf4 --context 8192 --json
     """
-    from olmo2kit.bench import estimate as run_estimate
+    from olmo2kit.evals.estimate import estimate as run_estimate
 
     result = run_estimate(model, dtype=dtype, quantize=quantize, context=context, batch_size=batch_size,
                           device=device)
@@ -103,17 +92,13 @@ def estimate(
         print(json.dumps(result.to_dict(), indent=2))
         return
     fits = {True: "fits", False: "does NOT fit", None: "unknown"}[result.fits]
-    available = "unknown" if result.device_bytes is None else _gb(result.device_bytes)
+    available = "unknown" if result.device_bytes is None else formatformat_bytes(result.device_bytes)
     print_table([
         ("part", "memory"),
-        (f"weights ({dtype}{', ' + quantize if quantize else ''})", _gb(result.weights_bytes)),
-        (f"KV cache ({context} tokens x {batch_size})", _gb(result.kv_cache_bytes)),
-        ("working memory", _gb(result.working_bytes)),
-        ("total", _gb(result.total_bytes)),
+        (f"weights ({dtype}{', ' + quantize if quantize else ''})", formatformat_bytes(result.weights_bytes)),
+        (f"KV cache ({context} tokens x {batch_size})", formatformat_bytes(result.kv_cache_bytes)),
+        ("working memory", formatformat_bytes(result.working_bytes)),
+        ("total", formatformat_bytes(result.total_bytes)),
         (f"available on {result.device}", available),
     ])
-    info(f"{result.model}: {fits} ({_gb(result.total_bytes)} needed)")
-
-
-def _bytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+    info(f"{result.model}: {fits} ({formatformat_bytes(result.total_bytes)} needed)")

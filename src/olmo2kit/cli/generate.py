@@ -1,0 +1,183 @@
+"""`olmo2kit generate`: prompts on the command line, streamed, or a batch job over a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from olmo2kit.cli.common import load_model, sampling_options
+from olmo2kit.cli.options import (
+    CompileOpt,
+    DeviceOpt,
+    DraftOpt,
+    DtypeOpt,
+    GreedyOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+)
+from olmo2kit.cli.output import ProgressBar, info, report
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.generation import check_acceleration
+from olmo2kit.inference.sampling import DEFAULTS
+
+
+def generate(
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Text to continue; several for several; - reads stdin.")
+    ] = None,
+    model: ModelOpt = "1b",
+    revision: RevisionOpt = None,
+    quantize: QuantizeOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    max_new_tokens: MaxNewTokensOpt = DEFAULTS.max_new_tokens,
+    temperature: TemperatureOpt = DEFAULTS.temperature,
+    top_k: TopKOpt = DEFAULTS.top_k,
+    top_p: TopPOpt = DEFAULTS.top_p,
+    greedy: GreedyOpt = False,
+    seed: SeedOpt = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End the text at this string (repeatable).")] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Send each prompt as a user message, in the model's chat template.")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message (implies --chat).")] = None,
+    input_path: Annotated[
+        str | None,
+        typer.Option("--input", help='Batch job: a JSONL file, one {"id", "prompt" or "messages"} a line.'),
+    ] = None,
+    output_path: Annotated[
+        str | None, typer.Option("--output", help="Where a batch job appends its results (JSONL); a rerun resumes.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Prompts per model call in a batch job (default 8).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop a batch job at a malformed line instead of skipping it.")
+    ] = False,
+    compile: CompileOpt = False,
+    draft_model: DraftOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue one or more prompts; text streams to stdout, timings go to stderr.
+
+    --chat (or --system): each prompt is a user message to an instruct model.
+    --input/--output: a batch job over a JSONL file, results appended in order;
+    the same command run again resumes where it stopped.
+
+    Examples:
+
+      olmo2kit generate "Language modeling is "
+
+      olmo2kit generate "The capital of France is" --model 7b --quantize nf4 --greedy
+
+      olmo2kit generate "Hello" --model allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B
+
+      echo "Once upon a time" | olmo2kit generate - --json
+
+      olmo2kit generate --chat "What is OLMo?" -m 1b-instruct --system "Be brief."
+
+      olmo2kit generate --input prompts.jsonl --output results.jsonl -m 1b-instruct --chat
+
+      olmo2kit generate "Language modeling is " -m 7b --draft-model 1b --greedy
+
+      olmo2kit generate "Language modeling is " --compile
+    """
+    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, stop or ())
+    chat = chat or system is not None
+    check_acceleration(compile, draft_model, 1)
+    if (input_path or output_path) and (compile or draft_model):
+        raise Olmo2KitError("--compile and --draft-model apply to prompts given on the command line, not batch jobs")
+    if input_path or output_path:
+        if prompts:
+            raise Olmo2KitError("give prompts or --input FILE, not both")
+        if not (input_path and output_path):
+            raise Olmo2KitError("a batch job needs both --input FILE and --output FILE")
+        if as_json:
+            raise Olmo2KitError("--json does not apply to a batch job: its --output is JSONL already")
+        run_job_command(
+            input_path, output_path, model=model, revision=revision, quantize=quantize, dtype=dtype, device=device,
+            batch_size=8 if batch_size is None else batch_size, strict=strict, chat=chat, system=system, **options,
+        )
+        return
+    if batch_size is not None or strict:
+        raise Olmo2KitError("--batch-size and --strict apply to a batch job (--input FILE --output FILE)")
+    if not prompts:
+        # A usage error, as when the argument was required: the usage line, then the message, exit code 2.
+        raise typer.BadParameter("Missing argument: give text to continue, or --input FILE --output FILE",
+                                 param_hint="'PROMPTS...'")
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    if any(not p.strip() for p in prompts):
+        raise Olmo2KitError("empty prompt: give some text to continue")
+    if as_json:
+        check_acceleration(compile, draft_model, len(prompts))
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    accelerate = {"compile": compile}
+    if draft_model:
+        accelerate["draft_model"] = load_model(draft_model, None, dtype, None, device)[0]
+
+    from olmo2kit.inference.generation import generate as run_generate
+    from olmo2kit.inference.generation import stream_generate
+    from olmo2kit.model.chat_template import user_messages
+
+    if as_json:
+        given = {"messages": [user_messages(p, system) for p in prompts]} if chat else {"prompt": prompts}
+        results = run_generate(loaded, tokenizer, **given, **accelerate, **options)
+        for prompt, result in zip(prompts, results, strict=True):
+            row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
+                   "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+            report(result)
+        return
+    for prompt in prompts:
+        if sys.stdout.isatty() and not chat:
+            typer.secho(prompt, bold=True, nl=False)
+        given = {"messages": user_messages(prompt, system)} if chat else {"prompt": prompt}
+        last = None
+        for last in stream_generate(loaded, tokenizer, **given, **accelerate, **options):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        report(last)
+
+
+def run_job_command(
+    input_path: str, output_path: str, *, model: str, revision: str | None, quantize: str | None, dtype: str,
+    device: str, batch_size: int, strict: bool, chat: bool, system: str | None, **options,
+) -> None:
+    """`generate --input FILE --output FILE`: load, run the job with a progress bar, say what was done."""
+    from olmo2kit.inference.jobs import check_job, read_job, run_job
+    from olmo2kit.model.loading import resolve_model
+
+    check_job(input_path, output_path, batch_size, **options)
+    ref = resolve_model(model, revision)
+    model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
+    if strict:  # a malformed line stops the job before the model loads
+        read_job(input_path, chat=chat, system=system, strict=True, **options)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+
+    bar = ProgressBar()
+    try:
+        summary = run_job(
+            loaded, tokenizer, input_path, output_path, batch_size=batch_size, chat=chat, system=system,
+            strict=strict, model_name=model_name, revision=ref.revision, progress=bar.update,
+            on_warning=lambda message: info(f"warning: {message}"), **options,
+        )
+    finally:
+        bar.close()
+    done = f"{summary.written} result(s) appended to {output_path}"
+    if summary.already_done:
+        done += f", {summary.already_done} already there"
+    if summary.skipped:
+        done += f"; {len(summary.skipped)} line(s) skipped, see the warnings above"
+    info(done)

@@ -1,0 +1,61 @@
+"""Option types shared by the commands, as `Annotated` aliases (huggingface_hub's CLI does the same).
+
+Defaults live where the library keeps them: sampling defaults are `olmo2kit.inference.sampling.DEFAULTS`.
+This module imports no command module and nothing heavy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# Options shared by every command that loads a model.
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Size alias (1b, 7b-instruct, 13b-dpo, ...), Hub repo id, repo@revision, or local directory.",
+    ),
+]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", "-r", help="Hub branch, tag or commit, e.g. stage1-step140000-tokens294B.")
+]
+QuantizeOpt = Annotated[
+    str | None, typer.Option("--quantize", "-q", help="bitsandbytes quantization: int8, nf4 or fp4.")
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (bf16 on a capable GPU, fp32 on CPU), bf16, fp16 or fp32.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="Static KV cache and a compiled decode step (CUDA graphs on a GPU).")
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option("--draft-model", help="Speculative decoding with this smaller OLMo 2 as draft (e.g. 1b)."),
+]
+
+# Sampling options, shared by generate and chat.
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")]
+
+# Evaluation options, shared by perplexity, eval and sweep.
+StrideOpt = Annotated[
+    int | None, typer.Option(help="Tokens each window moves on by (default: half of --max-length).")
+]
+MaxLengthOpt = Annotated[
+    int | None, typer.Option("--max-length", help="Tokens per window (default: the model's context).")
+]
+LimitOpt = Annotated[int | None, typer.Option(help="Evaluate the first N documents of each task (a quick look).")]
+FewshotOpt = Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples (default: the task's).")]
+IncludePathOpt = Annotated[
+    Path | None, typer.Option("--include-path", help="A directory of your own lm-eval task YAML files.")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Requests per forward pass.")]

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, lm-eval tasks, sweeps over checkpoints, published scores, bench and estimate."""

@@ -1,0 +1,198 @@
+"""Engines: where token ids come from. Everything above an engine (stop strings, text, metrics, chat,
+batch jobs) is the same whichever engine runs.
+
+An engine takes encoded requests (the token ids of each prompt, unpadded) and sampling options, and
+yields the new token ids of every row as they are decided: a list per row, possibly empty, in each
+step it yields. Tokens a row gets after its end of text are ignored above. Closing the iterator stops
+the engine at its next token.
+
+    >>> engine = TransformersEngine(model, tokenizer)  # doctest: +SKIP
+    >>> for step in engine.tokens([[1, 2, 3]], SamplingOptions(do_sample=False), {0}, stream=True):  # doctest: +SKIP
+    ...     print(step[0])
+
+A new engine subclasses `Engine`, lives in its own module (imported only when it is chosen, so that
+its package stays optional), and is what `generate(..., engine=...)` and `stream_generate` run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from olmo2kit.compat import cache_keyword
+from olmo2kit.devices import peak_memory_gb
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.sampling import SamplingOptions
+from olmo2kit.model.sizes import context_length
+
+
+class Engine:
+    """A token source over one model and its tokenizer."""
+
+    name = "engine"
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens the model can attend to (prompt and new tokens together); None if unknown."""
+        return context_length(self.model.config)
+
+    def eos_ids(self) -> set[int]:
+        """The token ids that end a row: the generation config's end of text and the tokenizer's."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def peak_memory_gb(self) -> float | None:
+        return peak_memory_gb(self.model.device)
+
+    def tokens(self, prompts: list[list[int]], sampling: SamplingOptions, eos_ids: set[int], *,
+               stream: bool) -> Iterator[list[list[int]]]:
+        """Yield each row's new token ids. `stream=False` lets the engine hand them over in as few steps
+        as it likes (all at the end, say); `stream=True` asks for them as soon as they are decided."""
+        raise NotImplementedError
+
+    def _padded(self, prompts: list[list[int]]) -> dict:
+        """The prompts padded on the left, on the device of the model's first layer."""
+        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+
+class TransformersEngine(Engine):
+    """transformers' `generate`: on the calling thread for whole results, on a worker thread when streamed.
+
+    `draft_model` (a smaller OLMo 2 with the same tokenizer) turns on assisted generation, for one
+    prompt at a time; `cache`, a DynamicCache holding the keys and values of the first tokens of the
+    one prompt, saves computing them again (it is extended in place).
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, draft_model=None, cache=None) -> None:
+        super().__init__(model, tokenizer)
+        self.draft_model = draft_model
+        self.cache = cache
+
+    def tokens(self, prompts, sampling, eos_ids, *, stream):
+        import torch
+
+        inputs = self._padded(prompts)
+        if self.cache is not None:
+            if len(prompts) != 1 or self.cache.get_seq_length() >= len(prompts[0]):
+                raise Olmo2KitError(
+                    f"the cache holds {self.cache.get_seq_length()} tokens: it must hold fewer than the prompt's, "
+                    "for one prompt"
+                )
+            inputs[cache_keyword()] = self.cache
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.do_sample,
+            use_cache=True,  # the instruct configs ship use_cache: false
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if sampling.do_sample:
+            kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if self.draft_model is not None:
+            kwargs["assistant_model"] = self.draft_model
+        _seed(sampling.seed)
+        if not stream:
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **kwargs)
+            yield output[:, inputs["input_ids"].shape[1]:].tolist()
+            return
+        yield from _on_worker_thread(self.model, inputs, kwargs)
+
+
+def _on_worker_thread(model, inputs: dict, kwargs: dict) -> Iterator[list[list[int]]]:
+    """model.generate on a worker thread, its tokens handed over step by step through a queue."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    steps: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    failure: list[BaseException] = []
+    rows = inputs["input_ids"].shape[0]
+
+    class Feed(BaseStreamer):
+        first = True
+
+        def put(self, value):
+            if self.first:  # generate hands the prompt over first
+                self.first = False
+                return
+            steps.put(value.reshape(rows, -1).tolist())
+
+        def end(self):
+            steps.put(None)
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**inputs, **kwargs, streamer=Feed(), stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        except BaseException as e:  # re-raised in the consumer's thread
+            failure.append(e)
+            steps.put(None)
+
+    worker = threading.Thread(target=run, name="olmo2kit-generate", daemon=True)
+    worker.start()
+    try:
+        while (step := steps.get()) is not None:
+            yield step
+        if failure:
+            raise failure[0]
+    finally:
+        cancel.set()
+        worker.join()
+
+
+class CompiledEngine(Engine):
+    """The static-cache decoder of `olmo2kit.inference.compiled`, sampling on the device; the model's
+    decoder is reused from call to call. It hands tokens over every 8 tokens when streamed."""
+
+    name = "compiled"
+
+    def tokens(self, prompts, sampling, eos_ids, *, stream):
+        from olmo2kit.inference.compiled import decoder_for
+
+        inputs = self._padded(prompts)
+        _seed(sampling.seed)
+        batch, length = inputs["input_ids"].shape
+        decoder = decoder_for(self.model, batch, length + sampling.max_new_tokens, compile=True)
+        steps = decoder.steps(
+            inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
+            pad_id=self.tokenizer.pad_token_id, greedy=not sampling.do_sample, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p, check_every=8 if stream else 16,
+        )
+        for chunk in steps:
+            yield chunk.tolist()
+
+
+def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cache=None) -> Engine:
+    """The engine for `generate`'s options: compiled, or transformers with a draft model or a cache."""
+    if compile and draft_model is not None:
+        raise Olmo2KitError("choose one of compile and a draft model: speculative decoding runs on the plain path")
+    if compile and cache is not None:
+        raise Olmo2KitError("the compiled path keeps its own static cache: pass no cache with compile=True")
+    if compile:
+        return CompiledEngine(model, tokenizer)
+    return TransformersEngine(model, tokenizer, draft_model=draft_model, cache=cache)
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)

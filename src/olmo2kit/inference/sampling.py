@@ -1,0 +1,57 @@
+"""Sampling options and their defaults: the one source the library and the CLI read them from.
+
+The defaults are the model card's: sampling with top_k 50 and top_p 0.95, 100 new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from olmo2kit.errors import Olmo2KitError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 100
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50  # 0: off
+    top_p: float = 0.95
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise Olmo2KitError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample:
+            if not 0.0 < self.top_p <= 1.0:
+                raise Olmo2KitError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise Olmo2KitError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+            if not self.temperature > 0.0:
+                raise Olmo2KitError(f"temperature must be positive (use greedy decoding for 0), got {self.temperature}")
+        if self.seed is not None and self.seed < 0:
+            raise Olmo2KitError(f"seed must be 0 or positive, got {self.seed}")
+        if any(not s for s in self.stop):
+            raise Olmo2KitError("a stop string cannot be empty")
+
+    @classmethod
+    def from_options(cls, options: dict) -> SamplingOptions:
+        """Options as `generate` takes them (`stop` may be one string; None means the default)."""
+        return cls(**normalize_options(options))
+
+
+DEFAULTS = SamplingOptions()
+
+
+def normalize_options(options: dict) -> dict:
+    """`options` with `stop` as a tuple and None values left out; Olmo2KitError for an unknown name."""
+    stop = options.get("stop")
+    if isinstance(stop, str):
+        options = {**options, "stop": (stop,)}
+    elif stop is not None:
+        options = {**options, "stop": tuple(stop)}
+    unknown = set(options) - set(SamplingOptions.__dataclass_fields__)
+    if unknown:
+        raise Olmo2KitError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    return {k: v for k, v in options.items() if v is not None}

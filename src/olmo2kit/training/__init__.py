@@ -1,0 +1,1 @@
+"""Training: data preparation in OLMo's layout, and fine-tuning."""
