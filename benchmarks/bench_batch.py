@@ -5,7 +5,7 @@
 
 Each way runs the same prompts (of mixed lengths), greedy, after a warm-up, --repeat times in
 shuffled order; the median wall time over the number of prompts is the time per prompt.
-  job        olmo2kit.jobs.run_job: read the JSONL, batch, generate, append and fsync the results
+  job        olmo2kit.inference.jobs.run_job: read the JSONL, batch, generate, append and fsync the results
   raw        the direct transformers loop: tokenize a batch (left padding), model.generate, batch_decode
 Reported: time per prompt for each way and batch size, job / raw at the same batch size (the job's
 overhead), and batch 1 / batch B (what batching gains; above 1 means batched is faster per prompt).
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import add_model_args, device_name, setup_model, time_interleaved
-from olmo2kit.jobs import run_job
+from olmo2kit.inference.jobs import run_job
 
 SENTENCES = [
     "Language modeling is the task of predicting the next word in a sequence of text.",

@@ -1,4 +1,4 @@
-"""Training speed and memory of olmo2kit.finetune against a minimal direct torch/transformers loop.
+"""Training speed and memory of olmo2kit.training.finetune against a minimal direct torch/transformers loop.
 
     python benchmarks/bench_finetune.py                                  # tiny checkpoint, CPU
     python benchmarks/bench_finetune.py --device cuda --size 1b          # OLMo 2 1B architecture, random weights
@@ -7,7 +7,7 @@ Both ways run the same optimizer steps on the same prepared rows (full fine-tuni
 gradient clipping, bf16 autocast on a GPU that has it, fp32 master weights):
   direct     AutoModelForCausalLM.from_pretrained, then per step model(input_ids, labels=...).loss,
              backward, clip, step: the bare loop, no logging, no checkpoints
-  olmo2kit   olmo2kit.finetune.finetune(...) with its loss log (one fsynced line a step)
+  olmo2kit   olmo2kit.training.finetune.finetune(...) with its loss log (one fsynced line a step)
 Each run is its own process (so peak RSS on a CPU is its own), the two alternate --repeat times,
 and the median is reported. Tokens/s counts positions run through the model; MFU on a GPU is
 6 N tokens/s over --peak-flops, with N all the model's parameters (attention FLOPs not counted).
@@ -32,13 +32,13 @@ def build(args, work: Path) -> tuple[Path, Path, int]:
     """A checkpoint and prepared data in `work`: (model dir, data dir, parameter count)."""
     import torch
 
-    from olmo2kit.data import prepare_data
-    from olmo2kit.tiny import build_tiny, build_tokenizer
+    from olmo2kit.model.tiny import build_tiny, build_tokenizer
+    from olmo2kit.training.data import prepare_data
 
     if args.size:
         from transformers import Olmo2ForCausalLM
 
-        from olmo2kit.sizes import hf_config
+        from olmo2kit.model.sizes import hf_config
 
         tokenizer = build_tokenizer()
         with torch.device(args.device):
@@ -72,7 +72,7 @@ def run_variant(args) -> dict:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.variant == "olmo2kit":
-        from olmo2kit.finetune import FinetuneConfig, finetune
+        from olmo2kit.training.finetune import FinetuneConfig, finetune
 
         result = finetune(FinetuneConfig(
             data=str(work / "data"), output=str(work / f"out-{os.getpid()}"), model=str(work / "model"),
@@ -88,10 +88,9 @@ def direct_loop(args, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from olmo2kit.bench import sync
-    from olmo2kit.data import load_prepared
-    from olmo2kit.finetune import DataOrder
-    from olmo2kit.generation import peak_memory_gb
+    from olmo2kit.devices import peak_memory_gb, sync
+    from olmo2kit.training.data import load_prepared
+    from olmo2kit.training.finetune import DataOrder
 
     device = args.device
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
@@ -119,7 +118,7 @@ def direct_loop(args, work: Path) -> dict:
         loss.item()  # the step's loss reaches the host, as olmo2kit's log line needs it
         tokens += ids.numel()
     sync(device)
-    return {"tokens": tokens, "seconds": time.perf_counter() - start, "peak_memory_gb": peak_memory_gb(model)}
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "peak_memory_gb": peak_memory_gb(model.device)}
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import add_model_args, device_name, setup_model, time_interleaved
-from olmo2kit.generation import generate
+from olmo2kit.inference.generation import generate
 
 PROMPT = "Language modeling is the task of predicting the next word in a sequence of text. " * 2
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import add_model_args, device_name, setup_model, time_interleaved
-from olmo2kit.evaluate import perplexity
+from olmo2kit.evals.perplexity import perplexity
 
 SENTENCES = [
     "Language modeling is the task of predicting the next word in a sequence of text.",

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from olmo2kit.bench import load_random, sync
-from olmo2kit.loading import load
-from olmo2kit.sizes import SIZES
-from olmo2kit.tiny import build_tiny
+from olmo2kit.devices import sync
+from olmo2kit.evals.bench import load_random
+from olmo2kit.model.loading import load
+from olmo2kit.model.sizes import SIZES
+from olmo2kit.model.tiny import build_tiny
 
 
 def add_model_args(parser, dtype: str = "auto") -> None:

@@ -24,7 +24,7 @@ import traceback
 import torch
 
 from gpu_decode import PROMPT, compiled, parse_args, plain, random_model, recorder
-from olmo2kit.bench import measure_bandwidth
+from olmo2kit.evals.bench import measure_bandwidth
 
 
 def main() -> None:

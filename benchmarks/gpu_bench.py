@@ -20,7 +20,8 @@ import traceback
 import torch
 
 from gpu_decode import parse_args, recorder
-from olmo2kit.bench import bench, load_random, sync
+from olmo2kit.devices import sync
+from olmo2kit.evals.bench import bench, load_random
 
 BUDGET_S = 420  # by default start no new row after this, so the call ends inside 8 minutes
 
@@ -86,7 +87,7 @@ def main() -> None:
 
 def agreement(size: str, device: str, new: int) -> dict:
     """Greedy tokens of the compiled path against the plain path, same model and prompts."""
-    from olmo2kit.compiled import decoder_for
+    from olmo2kit.inference.compiled import decoder_for
 
     model, tokenizer = load_random(size, "bf16", None, device)
     ids = torch.randint(2, 500, (4, 32), generator=torch.Generator().manual_seed(1)).to(model.device)

@@ -27,9 +27,10 @@ import torch
 import transformers
 
 from common import device_name
-from olmo2kit.bench import bytes_per_step, load_random, measure_bandwidth, size_for_model, sync
-from olmo2kit.compiled import StaticDecoder
-from olmo2kit.sizes import weight_bytes
+from olmo2kit.devices import sync
+from olmo2kit.evals.bench import bytes_per_step, load_random, measure_bandwidth
+from olmo2kit.inference.compiled import StaticDecoder
+from olmo2kit.model.sizes import Size, weight_bytes
 
 PROMPT, NEW, PROMPTS = 32, 128, 4
 VARIANTS = [  # (name, fused, tuning), most telling first
@@ -68,7 +69,7 @@ def random_model(size: str, device: str, new: int, bandwidth: float):
     model, tokenizer = load_random(size, "bf16", None, device)
     prompts = torch.randint(2, 50_000 if size != "tiny" else 200, (PROMPTS, PROMPT),
                             generator=torch.Generator().manual_seed(1)).to(model.device)
-    arch = size_for_model(model)
+    arch = Size.from_config("loaded", model.config)
     step_bytes = bytes_per_step(arch, weight_bytes(arch, "bf16"), 2, 1, PROMPT + new / 2)
     return model, tokenizer, prompts, step_bytes, bandwidth / step_bytes
 
@@ -191,7 +192,7 @@ def batched(model, tokenizer, new: int, device: str, bandwidth: float, batch: in
     runs = [decoder.decode(ids, torch.ones_like(ids), new, eos_ids={-1}, pad_id=tokenizer.pad_token_id,
                            check_every=new).decode_s for _ in range(4)]
     decode_s = statistics.median(runs[1:])
-    size = size_for_model(model)
+    size = Size.from_config("loaded", model.config)
     floor = bandwidth / bytes_per_step(size, weight_bytes(size, "bf16"), 2, batch, PROMPT + new / 2)
     torch._dynamo.reset()
     return {"fused": decoder.fused, "batch_size": batch, "decode_tokens_per_s": batch * (new - 1) / decode_s,

@@ -53,10 +53,10 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
 
-    from olmo2kit.generation import generate, stream_generate
-    from olmo2kit.loading import load
-    from olmo2kit.sizes import SIZES, Size, hf_config, weight_bytes
-    from olmo2kit.tiny import build_tiny, build_tokenizer
+    from olmo2kit.inference.generation import generate, stream_generate
+    from olmo2kit.model.loading import load
+    from olmo2kit.model.sizes import SIZES, Size, hf_config, weight_bytes
+    from olmo2kit.model.tiny import build_tiny, build_tokenizer
 
     @section("auto", results)
     def auto():

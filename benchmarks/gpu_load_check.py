@@ -18,9 +18,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from olmo2kit.bench import load_random, sync
-from olmo2kit.generation import generate
-from olmo2kit.loading import load
+from olmo2kit.devices import sync
+from olmo2kit.evals.bench import load_random
+from olmo2kit.inference.generation import generate
+from olmo2kit.model.loading import load
 
 
 def decode_rate(model, tokenizer, device: str) -> tuple[float, str]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["hub"]  # the loopback Hub's fixtures: hub_server, hub, hub_env
+
 # No test reaches the network: anything that tries to resolve a Hub model goes offline.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -17,14 +19,14 @@ OLMO2KIT = Path(sys.executable).with_name("olmo2kit")
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory) -> Path:
-    from olmo2kit.tiny import build_tiny
+    from olmo2kit.model.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_instruct_path(tmp_path_factory) -> Path:
-    from olmo2kit.tiny import build_tiny
+    from olmo2kit.model.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-instruct", instruct=True, seed=1)
 
@@ -32,7 +34,7 @@ def tiny_instruct_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_path):
     """(model, tokenizer) loaded through olmo2kit in fp32 on the CPU."""
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     return load(str(tiny_path), device="cpu")
 
@@ -40,7 +42,7 @@ def tiny(tiny_path):
 @pytest.fixture(scope="session")
 def tiny_instruct(tiny_instruct_path):
     """(model, tokenizer) of the tiny instruct checkpoint, loaded through olmo2kit in fp32 on the CPU."""
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     return load(str(tiny_instruct_path), device="cpu")
 
@@ -63,7 +65,7 @@ def offline_hub(tmp_path, monkeypatch):
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run the CLI in this process: cli("generate", "x") -> (exit code, stdout, stderr)."""
-    from olmo2kit import cli as cli_module
+    from olmo2kit.cli import app as cli_module
 
     def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
         if stdin is not None:

@@ -301,8 +301,8 @@ def _tree_entry(path: str, content: bytes) -> dict:
     return entry
 
 
-# Pytest fixtures. A test module imports the functions (`from hub import hub_env_fixture`); pytest
-# registers them under their fixture names (hub_server, hub, hub_env), which tests then ask for.
+# Pytest fixtures: this module is a pytest plugin (conftest.py names it in `pytest_plugins`), so every
+# test can ask for hub_server, hub and hub_env.
 
 # Revisions of org/repo, each a tiny checkpoint with its own seed (so its own weights).
 REPO = "org/repo"
@@ -315,7 +315,7 @@ MISSING = "org/missing"
 @pytest.fixture(scope="session", name="hub_server")
 def hub_server_fixture(tmp_path_factory) -> Iterator[LoopbackHub]:
     """The loopback Hub for the whole run: org/repo (loadable), org/big (1,000 names), org/gated."""
-    from olmo2kit.tiny import build_tiny
+    from olmo2kit.model.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("hub-checkpoints")
     checkpoints = {seed: build_tiny(root / f"seed{seed}", seed=seed) for seed in set(REPO_REVISIONS.values())}

@@ -55,10 +55,11 @@ class JsonlStore:
     """An append-only file of JSON objects, one a line, that survives a kill at any moment.
 
     Each append is one write of whole lines, flushed and synced before it returns, so a kill
-    can only cut the last line short. The one torn-line rule: a last line without its newline,
-    or one that does not parse as a record, is torn; `read` leaves it out and `repair` cuts it
-    off the file. A bad line before the last is an Olmo2KitError naming it: the file is not
-    one this store wrote. Blank lines are skipped.
+    can only cut the last line short. The one torn-line rule: what follows the last newline, if
+    it begins a JSON object but is not a whole record, is torn; `read` leaves it out and `repair`
+    cuts it off the file. (A whole record that lost only its newline is kept, and `repair` ends
+    it.) Any other line that is not a record is an Olmo2KitError naming it: the file is not one
+    this store wrote, and nothing in it is cut. Blank lines are skipped.
 
     `is_record(row)` says whether a parsed object is a record of this store; `what` names a
     record and `hint` what to do about a file that is not this store's, for the error message.
@@ -81,16 +82,19 @@ class JsonlStore:
 
     def torn(self) -> bool:
         """Whether the file ends with a torn line."""
-        rows, kept = self._scan()
-        return self.path.exists() and kept < self.path.stat().st_size
+        return self._scan()[1] is not None
 
     def repair(self) -> bool:
-        """Cut a torn last line off the file; True if there was one."""
-        _, kept = self._scan()
-        if not self.path.exists() or kept == self.path.stat().st_size:
+        """Cut a torn last line off the file, or end a last record that lacks its newline; True if either."""
+        _, kept, whole = self._scan()
+        if kept is None and not whole:
             return False
         with self.path.open("r+b") as f:
-            f.truncate(kept)
+            if kept is not None:
+                f.truncate(kept)
+            else:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
             os.fsync(f.fileno())
         return True
 
@@ -112,29 +116,34 @@ class JsonlStore:
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         write_atomic(self.path, text.encode("utf-8"))
 
-    def _scan(self) -> tuple[list[dict], int]:
-        """(records, bytes up to the end of the last good line)."""
+    def _scan(self) -> tuple[list[dict], int | None, bool]:
+        """(records, bytes to keep when the tail is torn else None, whether the last record lacks its newline)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return [], 0
+            return [], None, False
         except IsADirectoryError:
             raise Olmo2KitError(f"{self.path} is a directory: give a file name") from None
         lines = data.split(b"\n")
         tail = lines.pop()  # what follows the last newline: empty unless the last write was cut short
-        rows, kept = [], 0
+        rows = []
         for number, line in enumerate(lines, 1):
             if line.strip():
-                row = self._parse(line)
-                if row is None:
-                    if number == len(lines) and not tail:
-                        break  # the last line, newline and all, but garbled: torn as well
-                    raise Olmo2KitError(
-                        f"{self.path} line {number} is not a {self.what}: fix or remove it, or {self.hint}"
-                    )
-                rows.append(row)
-            kept += len(line) + 1
-        return rows, kept
+                rows.append(self._record(line, number))
+        if not tail.strip():
+            return rows, (len(data) - len(tail) if tail else None), False
+        whole = self._parse(tail)
+        if whole is not None:
+            return [*rows, whole], None, True
+        if not tail.lstrip().startswith(b"{"):
+            self._record(tail, len(lines) + 1)  # raises: not a line this store wrote
+        return rows, len(data) - len(tail), False
+
+    def _record(self, line: bytes, number: int) -> dict:
+        row = self._parse(line)
+        if row is None:
+            raise Olmo2KitError(f"{self.path} line {number} is not a {self.what}: fix or remove it, or {self.hint}")
+        return row
 
     def _parse(self, line: bytes) -> dict | None:
         try:

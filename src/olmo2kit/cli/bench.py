@@ -59,7 +59,8 @@ def bench(
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
         ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)", f"{result.peak_memory_gb:.2f} GB"),
         ("weights in memory", format_bytes(result.weight_bytes)),
-        ("bytes read per decode step", format_bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),
+        ("bytes read per decode step",
+         format_bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),
         ("memory bandwidth (measured)", f"{result.bandwidth_gbps:,.0f} GB/s"),
         ("bandwidth floor (per sequence)", f"{result.floor_tokens_per_s:,.0f} tokens/s"),
         ("reached (per sequence)", f"{100 * result.floor_fraction:.0f}% of the floor"),
@@ -92,13 +93,13 @@ def estimate(
         print(json.dumps(result.to_dict(), indent=2))
         return
     fits = {True: "fits", False: "does NOT fit", None: "unknown"}[result.fits]
-    available = "unknown" if result.device_bytes is None else formatformat_bytes(result.device_bytes)
+    available = "unknown" if result.device_bytes is None else format_bytes(result.device_bytes)
     print_table([
         ("part", "memory"),
-        (f"weights ({dtype}{', ' + quantize if quantize else ''})", formatformat_bytes(result.weights_bytes)),
-        (f"KV cache ({context} tokens x {batch_size})", formatformat_bytes(result.kv_cache_bytes)),
-        ("working memory", formatformat_bytes(result.working_bytes)),
-        ("total", formatformat_bytes(result.total_bytes)),
+        (f"weights ({dtype}{', ' + quantize if quantize else ''})", format_bytes(result.weights_bytes)),
+        (f"KV cache ({context} tokens x {batch_size})", format_bytes(result.kv_cache_bytes)),
+        ("working memory", format_bytes(result.working_bytes)),
+        ("total", format_bytes(result.total_bytes)),
         (f"available on {result.device}", available),
     ])
-    info(f"{result.model}: {fits} ({formatformat_bytes(result.total_bytes)} needed)")
+    info(f"{result.model}: {fits} ({format_bytes(result.total_bytes)} needed)")

@@ -25,6 +25,7 @@ from olmo2kit.cli.options import (
 )
 from olmo2kit.cli.output import ProgressBar, dash, format_bytes, info, print_table
 
+
 def perplexity_command(
     files: Annotated[list[str], typer.Argument(help="UTF-8 text files; - reads stdin.")],
     model: ModelOpt = "1b",

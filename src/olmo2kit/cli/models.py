@@ -35,7 +35,7 @@ def sizes(as_json: JsonOpt = False) -> None:
         lines.append((
             r["size"], f"{r['params']:,}", str(r["layers"]), str(r["hidden"]), str(r["heads"]),
             str(r["kv_heads"]), str(r["ffn"]), f"{r['training_tokens'] / 1e12:.2f}T",
-            f"{r['flops_6nd']:.2e}", format_bytes(w["bf16"]), format_bytes(w["int8"]), format_bytes(w["nf4"]), r["repo"],
+            f"{r['flops_6nd']:.2e}", *(format_bytes(w[k]) for k in ("bf16", "int8", "nf4")), r["repo"],
         ))
     print_table(lines)
     print("\nVariants: append -sft, -dpo or -instruct to a size (e.g. 7b-instruct). Memory is weights only.")

@@ -53,8 +53,9 @@ class ProgressBar:
 
     Redrawn in place on a terminal; elsewhere (a log file, a pipe) a line at most every
     `interval` seconds, and one at the end. The rate counts from `first`, or from the first update
-    (a library reports where a resumed run starts before its first item). Without a total (a stream of unknown length) it shows
-    the count and the rate. The library reports progress through callbacks; this draws it.
+    (a library reports where a resumed run starts before its first item). Without a total (a stream
+    of unknown length) it shows the count and the rate. The library reports progress through
+    callbacks; this draws it.
     """
 
     width = 24

@@ -20,9 +20,7 @@ import datetime
 import gc
 import hashlib
 import io
-import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator

@@ -141,7 +141,8 @@ def _on_worker_thread(model, inputs: dict, kwargs: dict) -> Iterator[list[list[i
     def run() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**inputs, **kwargs, streamer=Feed(), stopping_criteria=StoppingCriteriaList([Cancelled()]))
+                model.generate(**inputs, **kwargs, streamer=Feed(),
+                               stopping_criteria=StoppingCriteriaList([Cancelled()]))
         except BaseException as e:  # re-raised in the consumer's thread
             failure.append(e)
             steps.put(None)

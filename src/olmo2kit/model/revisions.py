@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from olmo2kit.compat import hub_endpoint, hub_network_errors, offline_mode
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_atomic
-from olmo2kit.compat import hub_endpoint, hub_network_errors, offline_mode
 from olmo2kit.model.sizes import resolve_alias
 
 CACHE_TTL_S = 3600  # how long a cached refs list is trusted while online

@@ -11,10 +11,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import OLMO2KIT
-from olmo2kit.chat import ChatSession, check_messages, encode_chat, render_chat
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.generation import generate, stream_generate
-from olmo2kit.tiny import build_tokenizer
+from olmo2kit.inference.chat import ChatSession
+from olmo2kit.inference.generation import generate, stream_generate
+from olmo2kit.model.chat_template import check_messages, encode_chat, render_chat
+from olmo2kit.model.tiny import build_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -270,5 +271,6 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat_model, tiny_instruct_p
 def test_chat_refuses_a_reply_longer_than_the_context(cli, tiny_instruct_path):
     code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "100000", stdin="Hi\n")
     assert code == 2 and out == ""
-    assert err.strip().splitlines()[-1] == ("error: --max-new-tokens 100000 leaves no room for the conversation in "
-                                            "the model's 1024-token context: lower it")
+    assert err.strip().splitlines()[-1] == ("error: the conversation (1 tokens) plus --max-new-tokens (100000) passes "
+                                            "the model's 1024-token context: lower --max-new-tokens to 1023 or "
+                                            "shorten the conversation")

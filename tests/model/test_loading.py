@@ -6,9 +6,8 @@ import sys
 import pytest
 import torch
 
-from hub import hub_env_fixture, hub_fixture, hub_server_fixture  # noqa: F401
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.loading import load, resolve_model
+from olmo2kit.model.loading import load, resolve_model
 
 
 def test_resolve_aliases_repos_revisions_and_directories(tiny_path):
@@ -121,7 +120,7 @@ def test_model_neither_cached_nor_reachable(offline_hub):
 def test_lora_adapter_directory_loads_on_its_base(tiny_path, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from olmo2kit.generation import generate
+    from olmo2kit.inference.generation import generate
 
     base, tokenizer = load(str(tiny_path), device="cpu")
     before = generate(base, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from olmo2kit.compiled import decoder_for
+from olmo2kit.inference.compiled import decoder_for
 
 PROMPTS = ["Language modeling is ", "Hello", "The quick brown fox jumps over the lazy"]
 
@@ -50,13 +50,31 @@ def test_decoder_is_reused_while_the_cache_is_long_enough(tiny):
 def test_end_of_text_stops_and_pads(tiny):
     model, tokenizer = tiny
     enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
-    first = plain_greedy(model, tokenizer, enc, 1)[0, 0].item()
+    greedy = plain_greedy(model, tokenizer, enc, 3)[0].tolist()
     decoder = decoder_for(model, 1, enc["input_ids"].shape[1] + 64, compile=False)
-    result = decoder.decode(enc["input_ids"], enc["attention_mask"], 64, eos_ids={first},
+    # The prefill's token is handed over (and checked) at once: an end of text there ends decoding.
+    result = decoder.decode(enc["input_ids"], enc["attention_mask"], 64, eos_ids={greedy[0]},
                             pad_id=tokenizer.pad_token_id, check_every=8)
-    assert result.tokens.shape[1] == 8  # stopped at the first check after the end of text
-    assert result.tokens[0, 0].item() == first
-    assert (result.tokens[0, 1:] == tokenizer.pad_token_id).all()
+    assert result.tokens[0].tolist() == greedy[:1]
+    # Later, decoding stops at the first check after the end of text; what follows it is padding.
+    end = next(t for t in greedy[1:] if t != greedy[0])
+    result = decoder.decode(enc["input_ids"], enc["attention_mask"], 64, eos_ids={end},
+                            pad_id=tokenizer.pad_token_id, check_every=8)
+    stop = greedy.index(end) + 1
+    assert result.tokens.shape[1] == 8
+    assert result.tokens[0, :stop].tolist() == greedy[:stop]
+    assert (result.tokens[0, stop:] == tokenizer.pad_token_id).all()
+
+
+def test_steps_hand_over_tokens_as_they_are_checked(tiny):
+    model, tokenizer = tiny
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
+    decoder = decoder_for(model, 1, enc["input_ids"].shape[1] + 20, compile=False)
+    steps = decoder.steps(enc["input_ids"], enc["attention_mask"], 20, eos_ids={-1}, pad_id=tokenizer.pad_token_id,
+                          check_every=8)
+    chunks = list(steps)
+    assert [c.shape[1] for c in chunks] == [1, 7, 8, 4]  # the first token, then every 8, then the rest
+    assert torch.equal(torch.cat(chunks, dim=1), plain_greedy(model, tokenizer, enc, 20))
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
@@ -78,7 +96,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
 
 def test_fused_logits_match_transformers_fp32(tiny):
     """Prefill, then one-token steps over a padded batch: the logits of transformers on the whole text."""
-    from olmo2kit.compiled import FusedOlmo2
+    from olmo2kit.inference.compiled import FusedOlmo2
 
     model, tokenizer = tiny
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, return_token_type_ids=False)
@@ -99,7 +117,7 @@ def test_fused_logits_match_transformers_fp32(tiny):
 
 
 def test_fusing_keeps_the_model_and_costs_no_memory(tiny_path, tmp_path):
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     model, tokenizer = load(str(tiny_path), device="cpu", dtype="fp32")
     before = {name: p.clone() for name, p in model.state_dict().items()}
@@ -123,7 +141,7 @@ def test_fusing_keeps_the_model_and_costs_no_memory(tiny_path, tmp_path):
 
 
 def test_decoder_is_rebuilt_when_the_weights_are_replaced(tiny_path):
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     model, tokenizer = load(str(tiny_path), device="cpu", dtype="fp32")
     enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
@@ -139,7 +157,7 @@ def test_decoder_is_rebuilt_when_the_weights_are_replaced(tiny_path):
 
 
 def test_quantized_model_decodes_through_transformers(tiny_path):
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     model, tokenizer = load(str(tiny_path), device="cpu", quantize="nf4")
     enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
@@ -150,7 +168,7 @@ def test_quantized_model_decodes_through_transformers(tiny_path):
 
 
 def test_fusing_under_inference_mode_leaves_the_model_trainable(tiny_path):
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     model, tokenizer = load(str(tiny_path), device="cpu", dtype="fp32")
     with torch.inference_mode():

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from olmo2kit import data as data_module
-from olmo2kit.data import load_prepared, prepare_data, tokenize_chat
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.training import data as data_module
+from olmo2kit.training.data import load_prepared, prepare_data, tokenize_chat
 
 CHATS = [
     [{"role": "system", "content": "You are a helpful assistant."},
@@ -40,7 +40,7 @@ def spans(ids, mask):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_instruct_path):
-    from olmo2kit.data import load_tokenizer
+    from olmo2kit.model.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_instruct_path))
 
@@ -136,10 +136,11 @@ def test_base_tokenizer_without_template_gets_the_olmo2_one(tmp_path, tiny_path,
     [
         ("{not json", "line 3: not JSON"),
         ('["a list"]', "line 3: expected a JSON object, got list"),
-        ('{"messages": "hi"}', "line 3: 'messages' must be a non-empty list"),
-        ('{"messages": [{"role": "bot", "content": "x"}]}', "line 3: message 0 needs a role"),
-        ('{"messages": [{"role": "user", "content": 5}]}', "line 3: message 0 needs its content as a string"),
-        ('{"prompt": "x"}', "line 3: 'messages' must be a non-empty list, got nothing"),
+        ('{"messages": "hi"}', "line 3: 'messages' must be a list, got str"),
+        ('{"messages": []}', "line 3: no messages given"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "line 3: message 1 has role 'bot'"),
+        ('{"messages": [{"role": "user", "content": 5}]}', "line 3: message 1's content must be a string"),
+        ('{"prompt": "x"}', "line 3: 'messages' must be a list, got nothing"),
     ],
 )
 def test_bad_line_is_reported_with_its_number_and_writes_nothing(tmp_path, tiny_instruct_path, line, message):

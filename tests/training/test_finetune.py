@@ -15,18 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import OLMO2KIT, run_olmo2kit
-from hub import (  # noqa: F401  (the *_fixture functions register the hub_server, hub and hub_env fixtures)
-    REPO,
-    hub_env_fixture,
-    hub_fixture,
-    hub_server_fixture,
-)
-from olmo2kit.data import prepare_data, write_json_atomic
+from hub import REPO
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.finetune import FinetuneConfig, finetune, learning_rate, load_config
-from olmo2kit.loading import load
+from olmo2kit.files import write_json_atomic
+from olmo2kit.model.loading import load
+from olmo2kit.training.data import prepare_data
+from olmo2kit.training.finetune import FinetuneConfig, finetune, learning_rate, load_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "finetune"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("Write a short poem about the sea.", "The sea is wide, the sea is deep."),
       ("Say hello.", "Hello, world!"),
@@ -101,7 +97,7 @@ def test_overfitting_a_few_chats_drives_the_loss_down(cli, chat_data, tiny_instr
     model, tokenizer = load(str(out), device="cpu")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QA[0][0]}], tokenize=False,
                                            add_generation_prompt=True)
-    from olmo2kit.generation import generate
+    from olmo2kit.inference.generation import generate
 
     assert generate(model, tokenizer, prompt, do_sample=False, max_new_tokens=12).text.startswith("The capital")
 

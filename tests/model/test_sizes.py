@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from olmo2kit import sizes
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.sizes import SIZES, Size, hf_config, weight_bytes
+from olmo2kit.model import sizes
+from olmo2kit.model.sizes import SIZES, Size, hf_config, weight_bytes
 
 EXPECTED_PARAMS = {"1b": 1_484_916_736, "7b": 7_298_617_344, "13b": 13_716_198_400, "32b": 32_234_279_936}
 
@@ -92,7 +92,7 @@ def test_weight_memory_matches_published_footprints():
 
 @pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
 def test_weight_memory_matches_loaded_tiny_checkpoint(tiny_path, tiny, quantize):
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     model, _ = load(str(tiny_path), device="cpu", quantize=quantize)
     size = Size.from_config("tiny", model.config)

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from olmo2kit.bench import bench, estimate
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.loading import load
+from olmo2kit.evals.bench import bench
+from olmo2kit.evals.estimate import estimate
+from olmo2kit.model.loading import load
 
 
 def test_bench_reports_consistent_figures(tiny_path, tiny):
@@ -75,13 +76,12 @@ def test_bench_cli(cli, tiny_path):
     code, _, err = cli("bench", "--model", str(tiny_path), "--prompt-len", "100000", "--new-tokens", "2")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in err
-    assert lines[-1] == ("error: --prompt-len 100000 plus --new-tokens 2 passes the model's 1024-token context: "
-                         "lower one of them")
+    assert lines[-1] == "error: --prompt-len is 100000 tokens, which fills the model's 1024-token context"
 
 
 def test_bytes_per_step_leaves_out_the_input_embeddings_and_adds_the_kv_cache():
-    from olmo2kit.bench import bytes_per_step
-    from olmo2kit.sizes import get_size, weight_bytes
+    from olmo2kit.evals.bench import bytes_per_step
+    from olmo2kit.model.sizes import get_size, weight_bytes
 
     one_b = get_size("1b")
     weights = weight_bytes(one_b, "bf16")

@@ -33,7 +33,7 @@ def test_generate_json_one_object_per_prompt(cli, tiny_path):
 
 
 def test_greedy_cli_equals_library(cli, tiny, tiny_path):
-    from olmo2kit.generation import generate
+    from olmo2kit.inference.generation import generate
 
     model, tokenizer = tiny
     expected = generate(model, tokenizer, "Hello", do_sample=False, max_new_tokens=10).text
@@ -58,7 +58,7 @@ def test_sampling_options_and_seed(cli, tiny_path):
 
 
 def test_stop_option(cli, tiny, tiny_path):
-    from olmo2kit.generation import generate
+    from olmo2kit.inference.generation import generate
 
     model, tokenizer = tiny
     full = generate(model, tokenizer, "Hello", do_sample=False, max_new_tokens=30).text
@@ -180,7 +180,7 @@ def test_tiny_never_replaces_what_is_not_a_checkpoint(cli, tmp_path):
 def test_help_lists_commands_without_importing_torch():
     code = (
         "import sys\n"
-        "from olmo2kit.cli import main\n"
+        "from olmo2kit.cli.app import main\n"
         "sys.argv = ['olmo2kit', '--help']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
@@ -194,7 +194,7 @@ def test_help_lists_commands_without_importing_torch():
 def test_sizes_imports_neither_torch_nor_transformers():
     code = (
         "import sys\n"
-        "from olmo2kit.cli import main\n"
+        "from olmo2kit.cli.app import main\n"
         "sys.argv = ['olmo2kit', 'sizes', '--json']\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
@@ -209,7 +209,7 @@ def test_python_dash_m():
 
 
 def test_compile_and_draft_model_options(cli, tiny_path, tmp_path):
-    from olmo2kit.tiny import build_tiny
+    from olmo2kit.model.tiny import build_tiny
 
     args = ("generate", "Hello", "--model", str(tiny_path), "-n", "12", "--greedy", "--json")
     plain = json.loads(cli(*args)[1])["text"]
@@ -219,7 +219,7 @@ def test_compile_and_draft_model_options(cli, tiny_path, tmp_path):
     code, out, _ = cli(*args, "--draft-model", str(draft))
     assert code == 0 and json.loads(out)["text"] == plain
     code, _, err = cli(*args, "--compile", "--draft-model", str(draft))
-    one_line_error(code, err, "choose one of --compile and --draft-model")
+    one_line_error(code, err, "choose one of compile and a draft model")
 
 
 def test_chat_compile_gives_the_same_replies(cli, tiny_instruct_path):

@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from olmo2kit.tiny import OLMO2_CHAT_TEMPLATE, build_tiny
+from olmo2kit.model.chat_template import OLMO2_CHAT_TEMPLATE
+from olmo2kit.model.tiny import build_tiny
 
 
 def test_plain_auto_classes_load_it(tiny_path):

@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.generation import Generation, generate, stream_generate
-from olmo2kit.loading import load
+from olmo2kit.inference.generation import Generation, generate, stream_generate
+from olmo2kit.model.loading import load
 
 PROMPT = "Language modeling is "
 
@@ -177,7 +177,7 @@ def test_compiled_stream_and_stop_strings(tiny):
 
 
 def test_draft_model_keeps_greedy_output(tiny, tmp_path):
-    from olmo2kit.tiny import build_tiny
+    from olmo2kit.model.tiny import build_tiny
 
     model, tokenizer = tiny
     draft, _ = load(str(build_tiny(tmp_path / "draft", seed=9)), device="cpu")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import OLMO2KIT
-from olmo2kit.cli_chat import ProgressBar
+from olmo2kit.cli.output import ProgressBar
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.generation import generate
-from olmo2kit.jobs import run_job
+from olmo2kit.inference.generation import generate
+from olmo2kit.inference.jobs import run_job
 
 GENERATION_FIELDS = {"text", "token_ids", "prompt_tokens", "new_tokens", "finish_reason", "tokens_per_s",
                      "elapsed_s", "prompt_tps", "peak_memory_gb"}
@@ -137,7 +137,7 @@ def test_resume_drops_a_torn_line_and_skips_done_ids(chat_model, tmp_path):
     with pytest.raises(Olmo2KitError, match="holds results from m, and this job runs other"):
         run_job(model, tokenizer, source, out, model_name="other")
     garbage = write_lines(tmp_path / "garbage.jsonl", ["hello"])
-    with pytest.raises(Olmo2KitError, match="line 1 of .* is not a result line"):
+    with pytest.raises(Olmo2KitError, match="line 1 is not a result line"):
         run_job(model, tokenizer, source, garbage)
 
 

@@ -1,6 +1,6 @@
 """Perplexity against transformers' own loss, the lm-eval path on a local task, and the published scores.
 
-All on the tiny checkpoint, offline; lm-eval runs for real on tests/lm_eval_tasks/olmo2kit_tiny_mc."""
+All on the tiny checkpoint, offline; lm-eval runs for real on tests/evals/lm_eval_tasks/olmo2kit_tiny_mc."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.evaluate import PerplexityResult, combine_perplexities, evaluate_tasks, perplexity
-from olmo2kit.loading import load
-from olmo2kit.scores import published_scores
+from olmo2kit.evals.perplexity import PerplexityResult, combine_perplexities, perplexity
+from olmo2kit.evals.scores import published_scores
+from olmo2kit.evals.tasks import evaluate_tasks
+from olmo2kit.model.loading import load
 
 TASKS = Path(__file__).with_name("lm_eval_tasks")
 TEXT = "Language modeling is the task of predicting the next word in a sequence of text. Ünïcödé: 東京."

@@ -4,20 +4,17 @@ torn lines, the plot, cache deletion, and a task metric through lm-eval. Real do
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from hub import (  # noqa: F401  (the *_fixture functions register the hub_server, hub and hub_env fixtures)
-    commit_for,
-    hub_env_fixture,
-    hub_fixture,
-    hub_server_fixture,
-)
+from hub import commit_for
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.evaluate import evaluate_tasks, perplexity
-from olmo2kit.loading import load
-from olmo2kit.sweep import Sweep, append_line, curve_series, drop_torn_line, plot_results, read_results
+from olmo2kit.evals.perplexity import perplexity
+from olmo2kit.evals.sweep import Sweep, curve_series, plot_results, read_results, results_store
+from olmo2kit.evals.tasks import evaluate_tasks
+from olmo2kit.model.loading import load
 
 SWEEP = "org/sweep"
 # Branch -> seed of the tiny checkpoint it serves: four checkpoints, two stages, and main.
@@ -36,7 +33,7 @@ TEXT = "Language modeling is the task of predicting the next word in a sequence 
 @pytest.fixture(scope="module")
 def checkpoints(hub_server, tmp_path_factory) -> dict[int, Path]:
     """org/sweep on the loopback Hub; returns the local copy of each seed's checkpoint."""
-    from olmo2kit.tiny import build_tiny
+    from olmo2kit.model.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("sweep-checkpoints")
     built = {seed: build_tiny(root / f"seed{seed}", seed=seed) for seed in sorted(set(BRANCHES.values()))}
@@ -84,11 +81,12 @@ def test_interrupted_sweep_resumes_with_one_line_per_revision(checkpoints, hub, 
     assert code == 0, stderr
     assert f"{SWEEP}: 4 revisions, 2 already in {out}, 2 to measure" in stderr
     progress = [line for line in stderr.splitlines() if "ETA" in line]
-    assert [line.split("] ")[1].split(":")[0] for line in progress] == [f"1/2 {ORDER[2]}", f"2/2 {ORDER[3]}"]
-    assert progress[-1].rstrip().endswith("ETA 0:00:00")
+    shown = [re.match(r"\[[=> ]+\] (\d/2) .* ETA (\d:\d\d:\d\d)  (\S+): perplexity ", line) for line in progress]
+    assert [(m[1], m[3]) for m in shown] == [("1/2", ORDER[2]), ("2/2", ORDER[3])], progress
+    assert shown[-1][2] == "0:00:00"
     # Each freed its own weights; the config and tokenizer files it shares with cached revisions stay.
     weights = (checkpoints[1] / "model.safetensors").stat().st_size
-    assert all(f", freed {weights / 1e6:.1f} MB)" in line for line in progress), progress
+    assert all(f", freed {weights / 1e6:.2f} MB)" in line for line in progress), progress
 
     lines = out.read_bytes().split(b"\n")
     assert lines[-1] == b""  # the torn piece is gone, every line is whole
@@ -186,7 +184,7 @@ def test_unwritable_out_or_plot_fails_before_any_download(checkpoints, hub, hub_
 def test_resuming_with_another_setup_is_refused(checkpoints, hub, hub_env, data, tmp_path, cli):
     out = tmp_path / "r.jsonl"
     setup = Sweep(SWEEP, data=data, out=out, device="cpu").setup
-    append_line(out, {"revision": ORDER[0], "setup": {**setup, "data_sha256": "0" * 64}})
+    results_store(out).append([{"revision": ORDER[0], "setup": {**setup, "data_sha256": "0" * 64}}])
     code, stdout, stderr = cli("sweep", "--model", SWEEP, "--data", str(data), "--out", str(out), "--device", "cpu")
     assert code == 2 and stdout == ""
     assert stderr.startswith(f"error: {out} holds results of another setup (data_sha256 '000") and "--out" in stderr
@@ -204,20 +202,6 @@ def test_cli_sweep_of_a_local_directory_is_one_line(cli, tiny_path, data, tmp_pa
 
 def row(name: str, value: float = 1.0) -> dict:
     return {"revision": name, "value": value}
-
-
-def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path):
-    out = tmp_path / "r.jsonl"
-    for name in ORDER[:2]:
-        append_line(out, row(name))
-    whole = out.read_bytes()
-    assert drop_torn_line(out) is False and out.read_bytes() == whole
-    for torn in (b'{"revision": "x", "va', b'{"revision": "x", "va\n', b"\x00\x00\x00\n"):
-        out.write_bytes(whole + torn)
-        assert read_results(out) == [row(ORDER[0]), row(ORDER[1])]
-        assert drop_torn_line(out) is True
-        assert out.read_bytes() == whole
-    assert read_results(tmp_path / "none.jsonl") == []
 
 
 def test_a_bad_line_before_the_last_is_an_error(tmp_path):

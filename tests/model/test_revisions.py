@@ -17,19 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hub import (  # noqa: F401  (the *_fixture functions register the hub_server, hub and hub_env fixtures)
-    BIG,
-    GATED,
-    MISSING,
-    REPO,
-    TOKEN,
-    commit_for,
-    hub_env_fixture,
-    hub_fixture,
-    hub_server_fixture,
-)
+from hub import BIG, GATED, MISSING, REPO, TOKEN, commit_for
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.revisions import (
+from olmo2kit.model.revisions import (
     Revision,
     cache_dir,
     check_revision,
@@ -388,7 +378,7 @@ def test_list_revisions_imports_neither_torch_nor_transformers(hub, hub_env):
         f"""
         import json, sys
         sys.argv = ["olmo2kit", "list-revisions", "{REPO}", "--json"]
-        from olmo2kit.cli import main
+        from olmo2kit.cli.app import main
         try:
             main()
         finally:
@@ -538,7 +528,7 @@ def test_two_revisions_download_different_weights(hub, hub_env):
 def test_load_a_revision_through_olmo2kit(hub, hub_env):
     import torch
 
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     early, _ = load(f"{REPO}@{EARLY}", device="cpu")
     late, tokenizer = load(REPO, revision=LATE, device="cpu")
@@ -551,7 +541,7 @@ def test_load_a_revision_through_olmo2kit(hub, hub_env):
 
 
 def test_unknown_revision_fails_before_any_download(hub, hub_env):
-    from olmo2kit.loading import load
+    from olmo2kit.model.loading import load
 
     with pytest.raises(Olmo2KitError, match=f"did you mean {EARLY}\\?"):
         load(f"{REPO}@stage1-step1001-tokens3B", device="cpu")

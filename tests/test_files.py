@@ -1,0 +1,116 @@
+"""The shared leaves: atomic writes and the one JSONL store that jobs, sweeps and the fine-tuning log use."""
+
+import json
+
+import pytest
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.evals.sweep import results_store
+from olmo2kit.files import JsonlStore, write_atomic
+from olmo2kit.inference.jobs import _results_store
+from olmo2kit.training.finetune import _log_store
+
+# Every store of the package, each with a record it accepts: the torn-line rule must be the same for all.
+STORES = {
+    "jobs": (lambda path: _results_store(path), {"id": "q1", "text": "x"}),
+    "sweep": (lambda path: results_store(path), {"revision": "stage1-step1-tokens1B", "value": 1.0}),
+    "finetune-log": (lambda path: _log_store(path.parent), {"step": 1, "loss": 2.0}),
+}
+
+
+@pytest.fixture(params=list(STORES))
+def store_and_record(request, tmp_path):
+    make, record = STORES[request.param]
+    return make(tmp_path / "train_log.jsonl"), record
+
+
+def test_append_then_read_back(store_and_record):
+    store, record = store_and_record
+    assert store.read() == []
+    store.append([record, {**record}])
+    store.append([])
+    assert store.read() == [record, record]
+    assert store.path.read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("torn", [b'{"step": 9, "va', b"{", b'{"id": "q9", "revision": "stage1-step9-tokens9B"'])
+def test_a_torn_last_line_is_left_out_and_cut_off(store_and_record, torn):
+    store, record = store_and_record
+    store.append([record, record])
+    whole = store.path.read_bytes()
+    assert store.repair() is False and store.path.read_bytes() == whole
+    store.path.write_bytes(whole + torn)
+    assert store.torn()
+    assert store.read() == [record, record]
+    assert store.path.read_bytes() == whole + torn  # reading changes nothing
+    assert store.repair() is True
+    assert store.path.read_bytes() == whole
+    store.append([record])
+    assert store.read() == [record] * 3
+
+
+@pytest.mark.parametrize("bad", [b"not json\n", b'{"step": 9, "va\n', b"\x00\x00\x00\n", b"\xff\xfe\n", b"[1, 2]\n"])
+@pytest.mark.parametrize("last", [False, True], ids=["before-the-last", "last"])
+def test_a_whole_line_that_is_no_record_is_an_error_and_nothing_is_cut(store_and_record, bad, last):
+    store, record = store_and_record
+    store.append([record])
+    with store.path.open("ab") as f:
+        f.write(bad)
+    if not last:
+        store.append([record])
+    before = store.path.read_bytes()
+    with pytest.raises(Olmo2KitError, match=r"line 2 is not a .*: fix or remove it, or "):
+        store.read()
+    with pytest.raises(Olmo2KitError, match="line 2"):
+        store.repair()
+    assert store.path.read_bytes() == before
+
+
+def test_a_foreign_file_is_never_cut(tmp_path):
+    """Text that does not begin a JSON object, even without a final newline, is not a torn record."""
+    store = JsonlStore(tmp_path / "notes.txt", what="result line")
+    store.path.write_bytes(b"my notes\nmore notes")
+    with pytest.raises(Olmo2KitError, match="line 1 is not a result line"):
+        store.repair()
+    store.path.write_bytes(b"only line")
+    with pytest.raises(Olmo2KitError, match="line 1"):
+        store.repair()
+    assert store.path.read_bytes() == b"only line"
+
+
+def test_a_last_record_without_its_newline_is_kept_and_ended(store_and_record):
+    store, record = store_and_record
+    store.append([record])
+    with store.path.open("ab") as f:
+        f.write(json.dumps(record).encode())
+    assert store.read() == [record, record]
+    assert store.repair() is True
+    store.append([record])
+    assert store.read() == [record] * 3
+
+
+def test_a_line_of_another_kind_is_not_a_record(tmp_path):
+    store = JsonlStore(tmp_path / "r.jsonl", what="result line", is_record=lambda row: "id" in row)
+    store.path.write_bytes(b'{"id": 1}\n["a list"]\n{"id": 2}\n')
+    with pytest.raises(Olmo2KitError, match="line 2 is not a result line"):
+        store.read()
+    store.path.write_bytes(b'{"id": 1}\n\n{"id": 2}\n')  # blank lines are skipped
+    assert store.read() == [{"id": 1}, {"id": 2}]
+
+
+def test_rewrite_replaces_the_file_whole(tmp_path):
+    store = JsonlStore(tmp_path / "r.jsonl")
+    store.append([{"a": 1}, {"a": 2}])
+    store.rewrite(r for r in store.read() if r["a"] < 2)
+    assert store.read() == [{"a": 1}]
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    path = write_atomic(tmp_path / "f.bin", b"data")
+    assert path.read_bytes() == b"data" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_store_that_cannot_be_written_says_so(tmp_path):
+    store = JsonlStore(tmp_path / "missing-dir" / "r.jsonl")
+    with pytest.raises(Olmo2KitError, match="cannot write"):
+        store.append([{"a": 1}])
