@@ -1,9 +1,12 @@
-# make install: .venv with the package and its dev extras (CPU torch where there is no CUDA)
+# make install: .venv with the package and its dev extras (torch's CPU build on a machine without a GPU, where
+#               PyTorch's CPU index can be reached)
 # make test:    the test suite        make demo: a tiny checkpoint, then generate on it (no network)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR := $(VENV)/tiny-demo
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: install test lint demo bench clean
 
@@ -12,9 +15,16 @@ install: $(BIN)/olmo2kit
 $(BIN)/olmo2kit: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: on a machine without CUDA this takes the CPU wheel; an
-	# unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first, pinned. From PyPI on Linux, `pip install torch==...` resolves to the CUDA build (several GB
+	# with its CUDA libraries), GPU or not. Without a GPU, PyTorch's CPU index gives the CPU build, when it
+	# answers; where it does not (offline, or only PyPI reachable), plain pip is the fallback, which gets a CPU
+	# build only where one is already on disk or in a local index, and the CUDA build otherwise.
+	if ! command -v nvidia-smi >/dev/null 2>&1 && $(BIN)/python -c "import urllib.request as u; \
+	    u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+	  $(BIN)/pip install --quiet --index-url $(TORCH_CPU_INDEX) $(TORCH); \
+	else \
+	  $(BIN)/pip install --quiet $(TORCH); \
+	fi
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets]'
 	touch $(BIN)/olmo2kit
