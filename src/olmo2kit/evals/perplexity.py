@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.model.sizes import context_length
+from olmo2kit.model.sizes import CONTEXT_LENGTH, context_length
 
 
 @dataclass
@@ -49,12 +49,15 @@ def perplexity(
 ) -> PerplexityResult | list[PerplexityResult]:
     """Token-level perplexity and bits per byte of a text, or of each of a list of texts.
 
-    `max_length` (tokens per window) defaults to the model's context, `stride` to half of
+    `max_length` (tokens per window) defaults to the model's context (4096 tokens for a model that
+    gives none), `stride` to half of
     `max_length`. Works on any dtype or quantization `olmo2kit.load` gives.
 
     >>> perplexity(model, tokenizer, open("wiki.txt").read()).perplexity  # doctest: +SKIP
     """
     context = context_length(model.config)
+    if max_length is None and context is None:
+        max_length = CONTEXT_LENGTH  # a model that gives no context: windows of OLMo 2's
     max_length, stride = check_window(max_length, stride, context)
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
