@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -228,3 +229,36 @@ def test_chat_compile_gives_the_same_replies(cli, tiny_instruct_path):
     compiled = cli(*args, "--compile", stdin="Hi\nAnd again?\n")
     assert plain[0] == compiled[0] == 0
     assert compiled[1] == plain[1] and plain[1].strip()
+
+
+def without_context(checkpoint, directory):
+    """A copy of `checkpoint` whose config says max_position_embeddings: -1, as OLMo-core's exporter writes it."""
+    shutil.copytree(checkpoint, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": -1}))
+    return directory
+
+
+def test_checkpoint_without_a_context_length_runs(cli, tiny_path, tiny_instruct_path, tmp_path):
+    base = without_context(tiny_path, tmp_path / "base")
+    code, out, err = cli("generate", "Hello", "--model", str(base), "-n", "5", "--greedy")
+    assert code == 0 and out.strip(), err
+    assert [line for line in err.splitlines() if "context" in line] == [
+        f"warning: {base} gives no context length (max_position_embeddings -1): prompt lengths are not checked"
+    ]
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    code, out, err = cli("perplexity", str(tmp_path / "text.txt"), "--model", str(base), "--device", "cpu")
+    assert code == 0 and "perplexity" in out, err
+    instruct = without_context(tiny_instruct_path, tmp_path / "instruct")
+    code, out, err = cli("chat", "--model", str(instruct), "-n", "4", "--greedy", stdin="Hi\n")
+    assert code == 0 and out.strip(), err
+
+
+def test_warnings_are_one_line_however_often_main_runs(cli, tiny_path):
+    """The in-process CLI runs main() once per call: the warning handler must be added once, not once a call."""
+    for _ in range(3):
+        code, _, err = cli("generate", "Hi", "--model", str(tiny_path), "-n", "2", "--dtype", "fp16", "--device", "cpu")
+        assert code == 0, err
+        assert [line for line in err.splitlines() if "fp16" in line] == [
+            "warning: fp16 asked for: OLMo 2 was trained in bf16 and its activations can overflow fp16"
+        ]

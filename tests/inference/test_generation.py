@@ -17,6 +17,24 @@ def raw_greedy(model, tokenizer, prompts, max_new_tokens=20):
     return [tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
 
 
+def raw_new_ids(model, tokenizer, prompts, max_new_tokens, **options):
+    """Each row's new token ids from plain transformers generate on a left-padded greedy batch, pads kept."""
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", return_token_type_ids=False)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, **options)
+    return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def early_token_of_one_row(rows):
+    """(row, token): a token first met at position 2, 3 or 4 of one row and nowhere in the other rows."""
+    for r, row in enumerate(rows):
+        others = {t for o, other in enumerate(rows) if o != r for t in other}
+        for i in range(2, 5):
+            if row.index(row[i]) == i and row[i] not in others:
+                return r, row[i]
+    raise AssertionError(f"no token ends one row early: {rows}")
+
+
 def test_greedy_matches_raw_transformers_fp32(tiny, tiny_path):
     model, tokenizer = tiny
     raw_model = AutoModelForCausalLM.from_pretrained(tiny_path)
@@ -104,6 +122,30 @@ def test_end_of_text_token_finishes_with_stop(tiny_path):
     assert chunks[-1].finish_reason == "stop" and chunks[-1].new_tokens == 1
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_batch_row_ending_early_keeps_its_tokens_through_end_of_text(tiny, compile):
+    model, tokenizer = tiny
+    prompts = [PROMPT, "Hello", "The quick brown fox jumps over"]
+    row, end = early_token_of_one_row(raw_new_ids(model, tokenizer, prompts, 12))
+    eos = [tokenizer.eos_token_id, end]
+    expected = raw_new_ids(model, tokenizer, prompts, 12, eos_token_id=eos)
+    kept = expected[row][: expected[row].index(end) + 1]
+    assert expected[row][len(kept):] == [tokenizer.pad_token_id] * (12 - len(kept))  # transformers pads the rest
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos  # the session model: restored below
+    try:
+        results = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=12, compile=compile)
+    finally:
+        model.generation_config.eos_token_id = saved
+    hit = results[row]
+    assert hit.token_ids == kept and hit.token_ids[-1] == end and 3 <= len(kept) <= 5
+    assert (hit.new_tokens, hit.finish_reason) == (len(kept), "stop")
+    assert hit.text == tokenizer.decode(kept, skip_special_tokens=True)
+    for result, raw in zip(results, expected, strict=True):
+        if result is not hit:
+            assert (result.token_ids, result.new_tokens, result.finish_reason) == (raw, 12, "length")
+
+
 def test_seed_makes_sampling_repeatable(tiny):
     model, tokenizer = tiny
     a = generate(model, tokenizer, PROMPT, seed=7, max_new_tokens=20).token_ids
@@ -147,6 +189,28 @@ def test_empty_prompt(tiny):
         generate(model, tokenizer, "   ")
     with pytest.raises(Olmo2KitError, match="no prompt"):
         generate(model, tokenizer, [])
+
+
+def test_cache_as_long_as_the_prompt_is_a_user_error(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer(PROMPT, return_tensors="pt", return_token_type_ids=False)["input_ids"]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert cache.get_seq_length() == ids.shape[1]
+    with pytest.raises(Olmo2KitError, match="must hold fewer than the prompt's"):
+        list(stream_generate(model, tokenizer, PROMPT, cache=cache, do_sample=False, max_new_tokens=4))
+
+
+def test_decoder_for_another_batch_size_is_a_user_error(tiny):
+    from olmo2kit.inference.compiled import decoder_for
+
+    model, tokenizer = tiny
+    batch = tokenizer([PROMPT, "Hello"], return_tensors="pt", padding=True, padding_side="left",
+                      return_token_type_ids=False)
+    decoder = decoder_for(model, 1, 40, compile=False)
+    with pytest.raises(Olmo2KitError, match="built for batches of 1 .* not 2 of"):
+        decoder.decode(batch["input_ids"], batch["attention_mask"], 8, eos_ids={tokenizer.eos_token_id},
+                       pad_id=tokenizer.pad_token_id)
 
 
 def test_compiled_generate_equals_plain_greedy(tiny):

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -66,6 +67,73 @@ def test_size_of_repo_and_alias():
     assert sizes.size_of("allenai/OLMo-2-1124-13B-DPO").name == "13b"
     assert sizes.size_of("32b-instruct").name == "32b"
     assert sizes.size_of("someone/else") is None
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("1b", "1b"),
+        ("7B", "7b"),
+        (" 13b-dpo ", "13b"),
+        ("32b-instruct@main", "32b"),
+        ("allenai/OLMo-2-0425-1B", "1b"),
+        ("allenai/OLMo-2-1124-7B-SFT", "7b"),
+        ("ALLENAI/olmo-2-1124-13b-instruct", "13b"),
+        ("allenai/OLMo-2-0325-32B-DPO@stage2-ingredient1-step11921-tokens101B", "32b"),
+        ("8b", None),
+        ("allenai/OLMo-2-0425-1B2", None),  # a repo id that only begins like a size's
+        ("allenai/OLMo-2-1124-1B", None),
+        ("someone/OLMo-2-0425-1B", None),
+    ],
+)
+def test_size_of_names_aliases_and_repo_ids(model, name):
+    found = sizes.size_of(model)
+    assert (found.name if found else None) == name
+
+
+def test_get_size_and_architecture(tiny_path, tmp_path):
+    with pytest.raises(Olmo2KitError, match="unknown size '8b': use one of 1b, 7b, 13b, 32b"):
+        sizes.get_size("8b")
+    assert sizes.architecture("allenai/OLMo-2-1124-7B-Instruct") is SIZES["7b"]
+    config = json.loads((tiny_path / "config.json").read_text())
+    tiny = sizes.architecture(str(tiny_path))
+    assert (tiny.num_hidden_layers, tiny.hidden_size, tiny.num_key_value_heads, tiny.vocab_size) == (
+        config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"], config["vocab_size"])
+    with pytest.raises(Olmo2KitError, match="cannot tell the architecture"):
+        sizes.architecture(str(tmp_path / "nonexistent-dir"))
+
+
+def test_32b_has_three_stage2_runs():
+    assert SIZES["32b"].stage2_runs == (100_000_000_000, 100_000_000_000, 300_000_000_000)
+    assert SIZES["32b"].training_tokens == 6_500_000_000_000
+
+
+def test_context_length_of_configs_that_give_none(tiny_path, monkeypatch, caplog):
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(sizes, "_warned_context", set())  # what earlier tests warned about
+    exported = hf_config("1b", max_position_embeddings=-1)  # as OLMo-core's exporter writes it
+    unknown = AutoConfig.from_pretrained(tiny_path, max_position_embeddings=0)  # no OLMo 2 size
+    with caplog.at_level(logging.WARNING, logger="olmo2kit"):
+        assert sizes.context_length(exported) == 4096
+        assert sizes.context_length(exported) == 4096
+        assert sizes.context_length(unknown) is None
+        assert sizes.context_length(hf_config("7b", max_position_embeddings=8192)) == 8192
+    assert [r.getMessage() for r in caplog.records if r.name == "olmo2kit"] == [
+        "the model gives no context length (max_position_embeddings -1): using 1b's 4096 tokens",
+        f"{tiny_path} gives no context length (max_position_embeddings 0): prompt lengths are not checked",
+    ]
+
+
+def test_check_context_messages():
+    with pytest.raises(Olmo2KitError, match="the prompt is 10 tokens, which fills the model's 10-token context"):
+        sizes.check_context(10, 1, 10)
+    with pytest.raises(Olmo2KitError, match="passes the model's 10-token context: lower max_new_tokens to 4 or"):
+        sizes.check_context(6, 5, 10)
+    with pytest.raises(Olmo2KitError, match="lower --max-new-tokens to 4 or shorten the conversation$"):
+        sizes.check_context(6, 5, 10, prompt="the conversation", new="--max-new-tokens")
+    assert sizes.check_context(6, 4, 10) is None  # exactly fills it
+    assert sizes.check_context(10**6, 10**6, None) is None
 
 
 def test_6nd_is_close_to_published_flops():

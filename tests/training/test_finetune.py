@@ -310,3 +310,30 @@ def test_config_values_are_coerced_and_checked(tmp_path):
     (tmp_path / "r.yaml").write_text("batch_size: two\n")
     with pytest.raises(Olmo2KitError, match="batch_size must be int, got 'two'"):
         load_config(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("epochs: 2.5\n")  # not cut to 2 behind the user's back
+    with pytest.raises(Olmo2KitError, match="epochs must be int, got 2.5"):
+        load_config(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("epochs: 2.0\n")
+    assert load_config(tmp_path / "r.yaml") == {"epochs": 2}
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_config_takes_every_device_spelling(device):
+    assert FinetuneConfig(data="d", output="o", device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU"])
+def test_config_refuses_unknown_devices(device):
+    with pytest.raises(Olmo2KitError, match=f"unknown device '{device}'"):
+        FinetuneConfig(data="d", output="o", device=device)
+
+
+def test_config_optional_and_string_fields(tmp_path):
+    # PyYAML reads 2e-5 (no dot) as a string; epochs and seq_len may be null; model stays a string.
+    (tmp_path / "r.yaml").write_text("lr: 2e-5\nepochs: 2\nseq_len: null\nlora: true\nmodel: 1b\n")
+    values = load_config(tmp_path / "r.yaml")
+    assert values == {"lr": 2e-5, "epochs": 2, "seq_len": None, "lora": True, "model": "1b"}
+    assert type(values["lr"]) is float and type(values["epochs"]) is int
+    (tmp_path / "r.yaml").write_text("epochs: two\n")
+    with pytest.raises(Olmo2KitError, match="epochs must be int, got 'two'"):
+        load_config(tmp_path / "r.yaml")

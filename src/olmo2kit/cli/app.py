@@ -55,11 +55,27 @@ for name, command in COMMANDS:
     app.command(name)(command)
 
 
+class _Warnings(logging.StreamHandler):
+    """The library's warnings as `warning: ...` lines on whatever sys.stderr is at the time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("warning: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the property reads sys.stderr instead
+        pass
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    logging.getLogger("olmo2kit").addHandler(handler)
+    logger = logging.getLogger("olmo2kit")
+    if not any(isinstance(h, _Warnings) for h in logger.handlers):  # once, however often main() runs
+        logger.addHandler(_Warnings())
     try:
         app()  # usage errors: click prints them with the usage line and exits 2
     except Olmo2KitError as e:

@@ -149,13 +149,8 @@ def prepare_data(
     outdir = Path(outdir)
     records, origin = _open_source(str(source), split)
     make_output_dir(outdir)
-    tokenizer = load_tokenizer(model, revision)
-    if tokenizer.eos_token_id is None:
-        raise Olmo2KitError(f"the tokenizer of {model} has no end-of-text token: it cannot mark where examples end")
+    tokenizer = _checked_tokenizer(model, revision, seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context = getattr(tokenizer, "model_max_length", None)
-    if context and context < 1_000_000 and seq_len > context:  # tokenizers without a limit report ~1e30
-        log.warning(f"--seq-len {seq_len} is longer than the model's {context}-token context")
     template, template_origin = chat_template_of(tokenizer)
     settings = {
         "layout_version": LAYOUT_VERSION, "source": origin, "tokenizer": _tokenizer_name(model, revision),
@@ -165,10 +160,42 @@ def prepare_data(
     state = _read_progress(outdir, settings)
     if state is None:  # progress of other settings must not vouch for the files this run writes
         (outdir / _PROGRESS).unlink(missing_ok=True)
+    fmt, counts = _write_rows(outdir, records, tokenizer, template, pad_id, settings, state, progress)
+    if counts["rows"] == 0:
+        _discard_partial(outdir)
+        raise Olmo2KitError(
+            f"no example in {source} has a token to learn ({counts['examples']} read, {counts['dropped']} dropped): "
+            "chat examples need an assistant turn, and --seq-len must leave room for it"
+        )
+    manifest = _manifest(tokenizer, settings, fmt, counts, pad_id, template_origin)
+    _publish(outdir, manifest)
+    return manifest
+
+
+def _checked_tokenizer(model: str, revision: str | None, seq_len: int):
+    """The model's tokenizer, refused without an end-of-text token; warns when `seq_len` passes its context."""
+    tokenizer = load_tokenizer(model, revision)
+    if tokenizer.eos_token_id is None:
+        raise Olmo2KitError(f"the tokenizer of {model} has no end-of-text token: it cannot mark where examples end")
+    context = getattr(tokenizer, "model_max_length", None)
+    if context and context < 1_000_000 and seq_len > context:  # tokenizers without a limit report ~1e30
+        log.warning(f"--seq-len {seq_len} is longer than the model's {context}-token context")
+    return tokenizer
+
+
+def _write_rows(outdir: Path, records: Callable[[int], Iterator[tuple[int, dict]]], tokenizer, template: str,
+                pad_id: int, settings: dict, state: dict | None,
+                progress: Callable[[int], None] | None) -> tuple[str | None, dict]:
+    """Tokenize the records after `state`'s position into the partial files: (format, counts), all rows synced.
+
+    Without `state` the partial files start empty. A progress record is written every `_SYNC_EVERY`
+    examples, after the rows it counts are on disk. An Olmo2KitError discards the partial files.
+    """
+    origin, seq_len = settings["source"], settings["seq_len"]
     counts = state["counts"] if state else {"examples": 0, "rows": 0, "truncated": 0, "dropped": 0, "tokens": 0,
                                              "label_tokens": 0}
-    done = state["position"] if state else 0
-    fmt = state["format"] if state else format
+    position = state["position"] if state else 0
+    fmt = state["format"] if state else settings["format"]
     files = {name: open(outdir / partial, "r+b" if state else "wb") for name, partial in _PARTIAL.items()}
     try:
         if state:  # drop anything written after the last progress record
@@ -177,69 +204,68 @@ def prepare_data(
             for f in files.values():
                 f.seek(0, os.SEEK_END)
         if progress is not None:
-            progress(done)
-        for number, record in records(done):
+            progress(position)
+        for number, record in records(position):
             fmt = fmt or _guess_format(record, origin, number)
             ids, mask = _tokenize_record(tokenizer, record, fmt, template, origin, number)
-            counts["examples"] += 1
-            if len(ids) > seq_len:
-                ids, mask = ids[:seq_len], mask[:seq_len]
-                truncated = True
-            else:
-                truncated = False
-            if not any(mask[1:]):  # the first token has no context to be predicted from
-                counts["dropped"] += 1
-            else:
-                counts["rows"] += 1
-                counts["truncated"] += truncated
-                counts["tokens"] += len(ids)
-                counts["label_tokens"] += sum(mask[1:])
-                row = np.full(seq_len, pad_id, dtype=np.uint32)
-                row[: len(ids)] = ids
-                files[INPUT_IDS].write(row.tobytes())
-                row_mask = np.zeros(seq_len, dtype=np.bool_)
-                row_mask[: len(mask)] = mask
-                files[LABEL_MASK].write(row_mask.tobytes())
-            done = number
+            _append_example(files, counts, ids, mask, seq_len, pad_id)
             if progress is not None:
                 progress(number)
             if counts["examples"] % _SYNC_EVERY == 0:
-                _write_progress(outdir, files, settings, fmt, done, counts)
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
+                _write_progress(outdir, files, settings, fmt, number, counts)
+        _sync(files)
     except Olmo2KitError:
         _discard_partial(outdir)  # a bad example comes back on a rerun: nothing here is worth resuming
         raise
     finally:
         for f in files.values():
             f.close()
-    if counts["rows"] == 0:
-        _discard_partial(outdir)
-        raise Olmo2KitError(
-            f"no example in {source} has a token to learn ({counts['examples']} read, {counts['dropped']} dropped): "
-            "chat examples need an assistant turn, and --seq-len must leave room for it"
-        )
+    return fmt, counts
 
-    manifest = {
+
+def _append_example(files: dict, counts: dict, ids: list[int], mask: list[bool], seq_len: int, pad_id: int) -> None:
+    """Count one tokenized example and write it as a row cut or padded to `seq_len`, unless it has nothing to learn."""
+    counts["examples"] += 1
+    truncated = len(ids) > seq_len
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    if not any(mask[1:]):  # the first token has no context to be predicted from
+        counts["dropped"] += 1
+        return
+    counts["rows"] += 1
+    counts["truncated"] += truncated
+    counts["tokens"] += len(ids)
+    counts["label_tokens"] += sum(mask[1:])
+    row = np.full(seq_len, pad_id, dtype=np.uint32)
+    row[: len(ids)] = ids
+    files[INPUT_IDS].write(row.tobytes())
+    row_mask = np.zeros(seq_len, dtype=np.bool_)
+    row_mask[: len(mask)] = mask
+    files[LABEL_MASK].write(row_mask.tobytes())
+
+
+def _manifest(tokenizer, settings: dict, fmt: str, counts: dict, pad_id: int, template_origin) -> dict:
+    return {
         "layout": "olmo", "layout_version": LAYOUT_VERSION,
         "files": {"input_ids": INPUT_IDS, "label_mask": LABEL_MASK},
-        "dtype": "uint32", "label_mask_dtype": "bool", "seq_len": seq_len, "rows": counts["rows"],
+        "dtype": "uint32", "label_mask_dtype": "bool", "seq_len": settings["seq_len"], "rows": counts["rows"],
         "format": fmt, "tokenizer": settings["tokenizer"], "vocab_size": len(tokenizer),
         "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
         "chat_template": template_origin if fmt == "chat" else None,
-        "source": origin, "split": settings["split"],
+        "source": settings["source"], "split": settings["split"],
         "examples": counts["examples"], "truncated": counts["truncated"], "dropped": counts["dropped"],
         "tokens": counts["tokens"], "label_tokens": counts["label_tokens"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _publish(outdir: Path, manifest: dict) -> None:
+    """Rename the synced partial files into place, then write the manifest: the mark of a complete run."""
     # A directory that held an earlier run stops looking complete before its files change.
     (outdir / MANIFEST).unlink(missing_ok=True)
     for name, partial in _PARTIAL.items():
         os.replace(outdir / partial, outdir / name)
     write_json_atomic(outdir / MANIFEST, manifest)
     (outdir / _PROGRESS).unlink(missing_ok=True)
-    return manifest
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
@@ -373,11 +399,15 @@ def _read_progress(outdir: Path, settings: dict) -> dict | None:
 
 
 def _write_progress(outdir: Path, files: dict, settings: dict, fmt: str, position: int, counts: dict) -> None:
-    for f in files.values():  # the rows a record counts are on disk before the record is
-        f.flush()
-        os.fsync(f.fileno())
+    _sync(files)  # the rows a record counts are on disk before the record is
     write_json_atomic(outdir / _PROGRESS, {"settings": settings, "format": fmt, "position": position,
                                            "counts": counts})
+
+
+def _sync(files: dict) -> None:
+    for f in files.values():
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _discard_partial(outdir: Path) -> None:

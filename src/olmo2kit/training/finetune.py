@@ -46,6 +46,9 @@ from olmo2kit.model.loading import load, resolve_model
 from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
 from olmo2kit.training.data import PreparedData, load_prepared
 
+if typing.TYPE_CHECKING:
+    from accelerate import Accelerator
+
 log = logging.getLogger("olmo2kit")
 
 LOG = "train_log.jsonl"
@@ -160,7 +163,8 @@ def _coerce(path: Path, key: str, value, annotation):
     kind = kinds[0]
     if value is None or kind is str:
         return value
-    if kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool):
+    whole = not (kind is int and isinstance(value, float) and not value.is_integer())  # 2.5 epochs is no int
+    if (kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool)) and whole:
         try:
             return kind(value)
         except (TypeError, ValueError):
@@ -200,6 +204,27 @@ class DataOrder:
         return self._epoch(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
 
 
+@dataclass
+class _Run:
+    """A run as set up before the model loads: its processes, data order and length, and the checkpoint it resumes."""
+
+    accelerator: Accelerator
+    bf16: bool  # autocast, on a GPU that has it
+    data: PreparedData
+    output: Path
+    seq_len: int  # positions of a row that train: config.seq_len, at most the data's
+    order: DataOrder
+    total: int  # optimizer steps, counting those of the run being resumed
+    checkpoint: Path | None
+    identity: dict  # what a resumed run must share with this one
+    train_log: JsonlStore
+    say: Callable[[str], None]  # silent outside the first process
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def finetune(
     config: FinetuneConfig,
     *,
@@ -214,87 +239,121 @@ def finetune(
 
     >>> finetune(FinetuneConfig(data="data/sft", output="out/1b-sft", model="1b", epochs=2))  # doctest: +SKIP
     """
-    import torch
-    from accelerate import Accelerator
-
     data = load_prepared(config.data)
     output = Path(config.output)
     finished = _finished(output, config)
     if finished is not None:
         return finished
+    run = _set_up_run(config, data, output, say)
+    if run.main:
+        make_output_dir(output)  # before the model loads, so a bad --output fails fast
+    model, optimizer, tokenizer, ref = _model_to_train(config, run)
+    start_step, start_tokens = _starting_point(run, model, optimizer, ref)
+    run.say(f"{data.rows} rows of {run.seq_len} tokens, global batch {run.order.global_batch} rows, "
+            f"{run.order.steps_per_epoch} steps per epoch, {run.total} steps, "
+            f"{run.accelerator.num_processes} process(es)" + (", bf16 autocast" if run.bf16 else ""))
+
+    loss, tokens, elapsed = _train(config, run, model, optimizer, start_step, start_tokens, progress)
+    peak = peak_memory_gb(run.accelerator.device)
+    saved = _save_result(output, model, tokenizer, run.accelerator, config, ref, run.say)
+    result = FinetuneResult(
+        output=output, steps=run.total, tokens=tokens, loss=loss, elapsed_s=elapsed,
+        tokens_per_s=(tokens - start_tokens) / elapsed if elapsed > 0 else 0.0, peak_memory_gb=peak, saved=saved,
+    )
+    if run.main:
+        _record_result(config, run, ref, result)
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def _set_up_run(config: FinetuneConfig, data: PreparedData, output: Path, say: Callable[[str], None] | None) -> _Run:
+    """Start this process's accelerator, fix the data order and find the checkpoint to resume, if any."""
+    import torch
+    from accelerate import Accelerator
+
     device = resolve_device(config.device)
     if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # one process on the GPU asked for; under torchrun each takes its own
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
-    main = accelerator.is_main_process
-    say = say if (say and main) else (lambda message: None)
-
     seq_len = min(config.seq_len or data.seq_len, data.seq_len)
-    world = accelerator.num_processes
-    order = DataOrder(data.rows, config.batch_size * config.grad_accum * world, config.seed)
-    total = config.max_steps or (config.epochs or 1) * order.steps_per_epoch
+    order = DataOrder(data.rows, config.batch_size * config.grad_accum * accelerator.num_processes, config.seed)
     checkpoint = _checkpoint_to_resume(output, config)
     identity = _identity(config, data, order.global_batch, seq_len)
     if checkpoint is not None:
         _check_same_run(checkpoint, identity)
+    return _Run(
+        accelerator=accelerator, bf16=bf16, data=data, output=output, seq_len=seq_len, order=order,
+        total=config.max_steps or (config.epochs or 1) * order.steps_per_epoch, checkpoint=checkpoint,
+        identity=identity, train_log=_log_store(output),
+        say=say if (say and accelerator.is_main_process) else (lambda message: None),
+    )
 
-    if main:
-        make_output_dir(output)  # before the model loads, so a bad --output fails fast
+
+def _model_to_train(config: FinetuneConfig, run: _Run):
+    """The model and its AdamW optimizer, prepared for this run's processes; also the tokenizer and ModelRef."""
+    import torch
+
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
-    model, tokenizer, ref = _load_model(config, accelerator, bf16, data)
+    model, tokenizer, ref = _load_model(config, run.accelerator, run.bf16, run.data)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    torch.manual_seed(config.seed + accelerator.process_index)  # dropout differs between processes
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    torch.manual_seed(config.seed + run.accelerator.process_index)  # dropout differs between processes
+    return model, optimizer, tokenizer, ref
 
+
+def _starting_point(run: _Run, model, optimizer, ref) -> tuple[int, int]:
+    """(step, tokens) to start from: the checkpoint's, loaded into `model` and `optimizer`, else (0, 0).
+
+    The training log keeps the lines of the steps up to there.
+    """
     start_step, tokens = 0, 0
-    if checkpoint is not None:
-        start_step, tokens = _load_checkpoint(checkpoint, model, optimizer, accelerator)
-        say(f"resuming from {checkpoint} (step {start_step} of {total})")
+    if run.checkpoint is not None:
+        start_step, tokens = _load_checkpoint(run.checkpoint, model, optimizer, run.accelerator)
+        run.say(f"resuming from {run.checkpoint} (step {start_step} of {run.total})")
     elif not ref.local and ref.revision:
-        say(f"starting from {ref}: Hub checkpoints hold weights only, so the optimizer starts fresh "
-            "(OLMo's --reset_trainer_state)")
-    train_log = _log_store(output)
-    if main:
-        train_log.rewrite(e for e in train_log.read() if e["step"] <= start_step)  # a resumed run logs them again
-    say(f"{data.rows} rows of {seq_len} tokens, global batch {order.global_batch} rows, "
-        f"{order.steps_per_epoch} steps per epoch, {total} steps, {world} process(es)"
-        + (", bf16 autocast" if bf16 else ""))
+        run.say(f"starting from {ref}: Hub checkpoints hold weights only, so the optimizer starts fresh "
+                "(OLMo's --reset_trainer_state)")
+    if run.main:  # the steps after it are trained, and logged, again
+        run.train_log.rewrite(e for e in run.train_log.read() if e["step"] <= start_step)
+    return start_step, tokens
 
+
+def _train(config: FinetuneConfig, run: _Run, model, optimizer, start_step: int, tokens: int,
+           progress: Callable[[int, int, float | None], None] | None) -> tuple[float | None, int, float]:
+    """Train from `start_step` to the last step, logging each and saving checkpoints on the way.
+
+    Returns the last step's loss, the tokens of the whole run so far, and the seconds the steps took.
+    """
     model.train()
-    progress = progress if main else None
+    progress = progress if run.main else None
     if progress is not None:
-        progress(start_step, total, None)
+        progress(start_step, run.total, None)
     loss_value = None
-    begin, tokens_at_start = time.perf_counter(), tokens
-    for step in range(start_step, total):
-        rows = order.batch(step)
-        lr = learning_rate(step, total, config.lr, config.warmup)
-        loss_value, step_tokens = _train_step(model, optimizer, accelerator, data, rows, seq_len, lr, config)
+    begin = time.perf_counter()
+    for step in range(start_step, run.total):
+        rows = run.order.batch(step)
+        lr = learning_rate(step, run.total, config.lr, config.warmup)
+        loss_value, step_tokens = _train_step(model, optimizer, run.accelerator, run.data, rows, run.seq_len, lr,
+                                              config)
         tokens += step_tokens
-        if main:
-            train_log.append([{"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens}])
+        if run.main:
+            run.train_log.append([{"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens}])
         if progress is not None:
-            progress(step + 1, total, loss_value)
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total:
-            _save_checkpoint(output, step + 1, tokens, identity, model, optimizer, accelerator, config)
-    elapsed = time.perf_counter() - begin
-    peak = peak_memory_gb(accelerator.device)
+            progress(step + 1, run.total, loss_value)
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < run.total:
+            _save_checkpoint(run.output, step + 1, tokens, run.identity, model, optimizer, run.accelerator, config)
+    return loss_value, tokens, time.perf_counter() - begin
 
-    saved = _save_result(output, model, tokenizer, accelerator, config, ref, say)
-    result = FinetuneResult(
-        output=output, steps=total, tokens=tokens, loss=loss_value, elapsed_s=elapsed,
-        tokens_per_s=(tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0, peak_memory_gb=peak, saved=saved,
-    )
-    if main:
-        write_json_atomic(output / RESULT, {
-            "config": dataclasses.asdict(config), "base": str(ref), "data_manifest": data.manifest,
-            "result": result.to_dict(), "processes": world,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
-    accelerator.wait_for_everyone()
-    return result
+
+def _record_result(config: FinetuneConfig, run: _Run, ref, result: FinetuneResult) -> None:
+    """Write finetune.json, the settings and results; last, so it marks a finished run."""
+    write_json_atomic(run.output / RESULT, {
+        "config": dataclasses.asdict(config), "base": str(ref), "data_manifest": run.data.manifest,
+        "result": result.to_dict(), "processes": run.accelerator.num_processes,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
 
 
 def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndarray, seq_len: int, lr: float,
@@ -343,7 +402,6 @@ def _length(mask: np.ndarray) -> int:
     """Positions worth running: up to the last labelled token (later ones cannot change the loss)."""
     labelled = np.flatnonzero(mask.any(axis=0))
     return max(2, int(labelled[-1]) + 1) if len(labelled) else 2
-
 
 
 def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
