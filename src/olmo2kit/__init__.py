@@ -40,6 +40,7 @@ _EXPORTS = {
     "PreparedData": "olmo2kit.training.data",
     "FinetuneConfig": "olmo2kit.training.finetune",
     "FinetuneResult": "olmo2kit.training.finetune",
+    "finetune": "olmo2kit.training.finetune",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,7 +28,7 @@ from olmo2kit.cli.options import (
 )
 from olmo2kit.cli.output import ProgressBar, info, report
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.generation import check_acceleration
+from olmo2kit.inference.engines import check_acceleration
 from olmo2kit.inference.sampling import DEFAULTS
 
 

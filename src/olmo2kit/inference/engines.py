@@ -182,14 +182,23 @@ class CompiledEngine(Engine):
 
 
 def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cache=None) -> Engine:
-    """The engine for `generate`'s options: compiled, or transformers with a draft model or a cache."""
-    if compile and draft_model is not None:
-        raise Olmo2KitError("choose one of compile and a draft model: speculative decoding runs on the plain path")
+    """The engine for `generate`'s options: compiled, or transformers with a draft model or a cache
+    (`check_acceleration` first says which options go together)."""
+    check_acceleration(compile, draft_model, 1)
     if compile and cache is not None:
         raise Olmo2KitError("the compiled path keeps its own static cache: pass no cache with compile=True")
     if compile:
         return CompiledEngine(model, tokenizer)
     return TransformersEngine(model, tokenizer, draft_model=draft_model, cache=cache)
+
+
+def check_acceleration(compile: bool, draft_model, batch: int) -> None:
+    """Olmo2KitError for options that cannot go together: compile with a draft model, or a draft model
+    with more than one prompt."""
+    if compile and draft_model:
+        raise Olmo2KitError("choose one of compile and a draft model: speculative decoding runs on the plain path")
+    if draft_model and batch > 1:
+        raise Olmo2KitError("speculative decoding (a draft model) takes one prompt at a time")
 
 
 def _seed(seed: int | None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.engines import Engine, engine_for
+from olmo2kit.inference.engines import Engine, check_acceleration, engine_for
 from olmo2kit.inference.sampling import SamplingOptions
 from olmo2kit.model.chat_template import check_messages, encode_chat
 from olmo2kit.model.sizes import check_context
@@ -198,15 +198,6 @@ class Detokenizer:
         self.emitted, self.pending = text, []
         self.finished = finish_reason is not None
         return chunk
-
-
-def check_acceleration(compile: bool, draft_model, batch: int) -> None:
-    """Olmo2KitError for options that cannot go together: compile with a draft model, or a draft model
-    with more than one prompt."""
-    if compile and draft_model:
-        raise Olmo2KitError("choose one of compile and a draft model: speculative decoding runs on the plain path")
-    if draft_model and batch > 1:
-        raise Olmo2KitError("speculative decoding (a draft model) takes one prompt at a time")
 
 
 def _requests(prompt, messages) -> tuple[list, bool]:
