@@ -114,3 +114,43 @@ def test_a_store_that_cannot_be_written_says_so(tmp_path):
     store = JsonlStore(tmp_path / "missing-dir" / "r.jsonl")
     with pytest.raises(Olmo2KitError, match="cannot write"):
         store.append([{"a": 1}])
+
+
+def test_an_output_is_locked_for_one_run_at_a_time(tmp_path):
+    from olmo2kit.files import output_lock
+
+    out = tmp_path / "results.jsonl"
+    with output_lock(out, option="--output") as lock_file:
+        assert lock_file == tmp_path / ".results.jsonl.lock"
+        with pytest.raises(Olmo2KitError, match=r"results.jsonl is in use by another olmo2kit run \(pid \d+ on .*\): "
+                                                r"wait for it to end, or give another --output"):
+            with output_lock(out, option="--output"):
+                pass
+    with output_lock(out, option="--output"):  # released when the block ends
+        pass
+    with output_lock(tmp_path, option="--output") as lock_file:  # a directory holds its own lock file
+        assert lock_file == tmp_path / ".olmo2kit.lock"
+
+
+def test_a_lock_is_held_across_processes_and_dies_with_its_holder(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from olmo2kit.files import output_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom olmo2kit.files import output_lock\n"
+        f"with output_lock({str(tmp_path)!r}, option='--output'):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Olmo2KitError, match=f"pid {holder.pid} "):
+            with output_lock(tmp_path, option="--output"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with output_lock(tmp_path, option="--output"):  # a killed holder leaves no lock behind
+        pass

@@ -3,10 +3,14 @@ append-only JSONL store that batch jobs, sweeps and the fine-tuning log share.""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
@@ -49,6 +53,44 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise Olmo2KitError(f"cannot create the directory {path} ({e.strerror}): give one you can write to") from None
     return path
+
+
+LOCK_NAME = ".olmo2kit.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, *, option: str) -> Iterator[Path]:
+    """Hold an exclusive lock on an output that a long-running command owns, for as long as the block runs.
+
+    `path` is the output: a directory (the lock file goes inside it, which must exist) or a file (the
+    lock file goes beside it, `.NAME.lock`). A second run on the same output gets an Olmo2KitError
+    naming the process that holds it and `option`, the command-line option that chose the output.
+    The lock is the kernel's (flock): it goes with the process, so a killed run leaves none behind.
+
+    >>> with output_lock("results.jsonl", option="--output"):  # doctest: +SKIP
+    ...     run_the_job()
+    """
+    path = Path(path).expanduser()
+    lock_file = path / LOCK_NAME if path.is_dir() else path.parent / f".{path.name}.lock"
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise Olmo2KitError(f"cannot write in {lock_file.parent} ({e.strerror}): give an {option} you can write to") \
+            from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise Olmo2KitError(
+                f"{path} is in use by another olmo2kit run ({holder}): wait for it to end, or give another {option}"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+        yield lock_file
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class JsonlStore:
