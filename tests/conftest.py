@@ -91,3 +91,14 @@ def run_olmo2kit(*args: str, env: dict | None = None, stdin: str | None = None) 
         [str(OLMO2KIT), *args], capture_output=True, text=True, input=stdin,
         env={**os.environ, **(env or {})}, timeout=300,
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread; on a shared 2-core machine two threads can be 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

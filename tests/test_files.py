@@ -12,7 +12,7 @@ from olmo2kit.training.finetune import _log_store
 
 # Every store of the package, each with a record it accepts: the torn-line rule must be the same for all.
 STORES = {
-    "jobs": (lambda path: _results_store(path), {"id": "q1", "text": "x"}),
+    "jobs": (lambda path: _results_store(path), {"id": "q1", "model": "m", "text": "x"}),
     "sweep": (lambda path: results_store(path), {"revision": "stage1-step1-tokens1B", "value": 1.0}),
     "finetune-log": (lambda path: _log_store(path.parent), {"step": 1, "loss": 2.0}),
 }

@@ -64,11 +64,12 @@ def quiet_bitsandbytes() -> None:
 
 
 def quiet_transformers() -> None:
-    """No download or loading bars from transformers, and no warnings about transformers APIs that
-    peft, not the user, calls."""
+    """No download or loading bars from transformers, no warnings about transformers APIs that peft, not
+    the user, calls, and no load report table: olmo2kit reports missing or unexpected weights as one error."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    drop_messages("transformers.modeling_utils", "\x1b[1mOlmo2ForCausalLM LOAD REPORT", "Olmo2ForCausalLM LOAD REPORT")
     warnings.filterwarnings("ignore", message=".* is deprecated and will be removed in v6", category=FutureWarning)

@@ -3,12 +3,15 @@ append-only JSONL store that batch jobs, sweeps and the fine-tuning log share.""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,18 +21,28 @@ from olmo2kit.errors import Olmo2KitError
 
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` through a temporary file in the same directory, synced, then renamed
-    into place: readers see the old file or the new one, never part of one."""
+    into place: readers see the old file or the new one, never part of one.
+
+    Only regular files are written: a directory, device, fifo or socket at `path` is an
+    Olmo2KitError and stays as it is. A failed write (a full disk, say) is an Olmo2KitError naming
+    `path`, and leaves the old file, if any, and no temporary file.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _refuse_special(path, "give the name of a regular file to write")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp makes it private
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise cannot_write(path, e, "give a place you can write to") from None
         raise
     return path
 
@@ -53,6 +66,34 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise Olmo2KitError(f"cannot create the directory {path} ({e.strerror}): give one you can write to") from None
     return path
+
+
+def numbered_lines(f, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """Each line of the binary file `f` with its number (from 1), or None for a line over `max_bytes`: such a
+    line is read past a piece at a time, so no line is ever held whole beyond the cap."""
+    number = 0
+    while raw := f.readline(max_bytes + 1):
+        number += 1
+        if len(raw) <= max_bytes:
+            yield number, raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(max_bytes)
+        yield number, None
+
+
+def read_stdin() -> str:
+    """All of stdin as text, decoded strictly as UTF-8; Olmo2KitError naming the first bad byte."""
+    import sys
+
+    if hasattr(sys.stdin, "buffer"):
+        data = sys.stdin.buffer.read()
+    else:  # a text stream put in place of stdin (tests, embedding programs)
+        data = sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Olmo2KitError(f"stdin is not UTF-8 text (byte {e.start}): convert it first") from None
 
 
 LOCK_NAME = ".olmo2kit.lock"
@@ -93,15 +134,51 @@ def output_lock(path: str | os.PathLike, *, option: str) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
+def _kind(mode: int) -> str | None:
+    """What a file is, when it is not a regular file (None when it is)."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISFIFO, "fifo (named pipe)"), (stat.S_ISSOCK, "socket")]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _refuse_special(path: Path, hint: str, mode: int | None = None) -> None:
+    """Raise Olmo2KitError if `path` is there and is not a regular file (`mode`: its st_mode, if known)."""
+    if mode is None:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return  # nothing there, or nothing to see: the write that follows says why if it fails
+    kind = _kind(mode)
+    if kind:
+        raise Olmo2KitError(f"{path} is a {kind}, not a regular file: {hint}")
+
+
+def cannot_write(path: Path, error: OSError, hint: str) -> Olmo2KitError:
+    """The Olmo2KitError for a failed write to `path`: a full disk needs space, anything else `hint`."""
+    what_next = "free some space, then run again" if error.errno in (errno.ENOSPC, errno.EDQUOT) else hint
+    return Olmo2KitError(f"cannot write {path} ({error.strerror}): {what_next}")
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
 class JsonlStore:
     """An append-only file of JSON objects, one a line, that survives a kill at any moment.
 
-    Each append is one write of whole lines, flushed and synced before it returns, so a kill
-    can only cut the last line short. The one torn-line rule: what follows the last newline, if
-    it begins a JSON object but is not a whole record, is torn; `read` leaves it out and `repair`
-    cuts it off the file. (A whole record that lost only its newline is kept, and `repair` ends
-    it.) Any other line that is not a record is an Olmo2KitError naming it: the file is not one
-    this store wrote, and nothing in it is cut. Blank lines are skipped.
+    Each append is one write of whole lines, synced before it returns, so a kill (or a full
+    disk) can only cut the last line short. The one torn-line rule: what follows the last
+    newline, if it begins a JSON object and does not parse, is torn; `read` leaves it out and
+    `repair` cuts it off the file. (A whole record that lost only its newline is kept, and
+    `repair` ends it.) Any other line that is not a record, a whole line or JSON that parses
+    included, is an Olmo2KitError naming it: the file is not one this store wrote, and nothing in
+    it is cut. Blank lines are skipped.
+
+    The file is read a line at a time, so memory stays bounded: a line longer than
+    `max_line_bytes` (its newline included) is an Olmo2KitError, and so is anything at the path
+    that is not a regular file (a directory, a device such as /dev/zero, a fifo).
 
     `is_record(row)` says whether a parsed object is a record of this store; `what` names a
     record and `hint` what to do about a file that is not this store's, for the error message.
@@ -112,28 +189,38 @@ class JsonlStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, what: str = "JSON line", hint: str = "give another file",
-                 is_record: Callable[[dict], bool] | None = None) -> None:
+                 is_record: Callable[[dict], bool] | None = None, max_line_bytes: int = 64 << 20) -> None:
         self.path = Path(path).expanduser()
         self.what = what
         self.hint = hint
         self.is_record = is_record or (lambda row: True)
+        self.max_line_bytes = max_line_bytes
+
+    def check(self) -> None:
+        """Raise Olmo2KitError if something that is not a regular file is at the path (nothing there is fine)."""
+        _refuse_special(self.path, self.hint)
 
     def read(self) -> list[dict]:
         """The records, in file order, less a torn last line; [] when there is no file."""
-        return self._scan()[0]
+        return list(self.records())
+
+    def records(self) -> Iterator[dict]:
+        """The records one at a time, in file order, less a torn last line; none when there is no file."""
+        return (row for row, _, _ in self._scan() if row is not None)
 
     def torn(self) -> bool:
         """Whether the file ends with a torn line."""
-        return self._scan()[1] is not None
+        return any(row is None for row, _, _ in self._scan())
 
     def repair(self) -> bool:
         """Cut a torn last line off the file, or end a last record that lacks its newline; True if either."""
-        _, kept, whole = self._scan()
-        if kept is None and not whole:
+        last = collections.deque(self._scan(), maxlen=1)  # the scan checks every line on the way
+        if not last or last[0][2]:
             return False
+        row, start, _ = last[0]
         with self.path.open("r+b") as f:
-            if kept is not None:
-                f.truncate(kept)
+            if row is None:
+                f.truncate(start)
             else:
                 f.seek(0, os.SEEK_END)
                 f.write(b"\n")
@@ -141,45 +228,83 @@ class JsonlStore:
         return True
 
     def append(self, records: Iterable[dict]) -> None:
-        """Append `records`, on disk before this returns (one write, flush, fsync)."""
-        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        if not text:
+        """Append `records`, on disk before this returns (written whole, then fsync).
+
+        A failed write (a full disk) is an Olmo2KitError; what it wrote of the last line is a torn line.
+        """
+        data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+        if not data:
             return
+        self.check()
         try:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            # O_NONBLOCK: a fifo made in the meantime fails here instead of waiting for a reader
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
         except OSError as e:
-            raise Olmo2KitError(f"cannot write {self.path} ({e.strerror}): give a file you can write to") from None
+            raise Olmo2KitError(f"cannot write {self.path} ({e.strerror}): {self.hint}") from None
+        try:
+            _refuse_special(self.path, self.hint, os.fstat(fd).st_mode)
+            view = memoryview(data)
+            while view:  # a write may take only part of the bytes
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            raise cannot_write(self.path, e, self.hint) from None
+        finally:
+            os.close(fd)
 
     def rewrite(self, records: Iterable[dict]) -> None:
         """Replace the whole file with `records`, atomically."""
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         write_atomic(self.path, text.encode("utf-8"))
 
-    def _scan(self) -> tuple[list[dict], int | None, bool]:
-        """(records, bytes to keep when the tail is torn else None, whether the last record lacks its newline)."""
+    def _scan(self) -> Iterator[tuple[dict | None, int, bool]]:
+        """(record, where its line starts, whether it ends with a newline) for each record, in file order;
+        (None, where it starts, False) for a torn last line."""
+        f = self._open()
+        if f is None:
+            return
+        with f:
+            start, number = 0, 0
+            while line := f.readline(self.max_line_bytes + 1):
+                number += 1
+                if len(line) > self.max_line_bytes:
+                    raise Olmo2KitError(f"{self.path} line {number} is longer than {_size(self.max_line_bytes)}, "
+                                        f"so it is not a {self.what}: {self.hint}")
+                if line.endswith(b"\n"):
+                    if line.strip():
+                        yield self._record(line, number), start, True
+                elif line.strip():  # the last line, and its newline was never written
+                    yield self._tail(line, number), start, False
+                else:
+                    yield None, start, False  # blanks after the last newline: torn too
+                start += len(line)
+
+    def _open(self):
+        """The file for reading, or None when there is none."""
         try:
-            data = self.path.read_bytes()
+            # O_NONBLOCK: a fifo opens at once (to be refused below) instead of waiting for a writer
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
-            return [], None, False
-        except IsADirectoryError:
-            raise Olmo2KitError(f"{self.path} is a directory: give a file name") from None
-        lines = data.split(b"\n")
-        tail = lines.pop()  # what follows the last newline: empty unless the last write was cut short
-        rows = []
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                rows.append(self._record(line, number))
-        if not tail.strip():
-            return rows, (len(data) - len(tail) if tail else None), False
-        whole = self._parse(tail)
-        if whole is not None:
-            return [*rows, whole], None, True
-        if not tail.lstrip().startswith(b"{"):
-            self._record(tail, len(lines) + 1)  # raises: not a line this store wrote
-        return rows, len(data) - len(tail), False
+            return None
+        except OSError as e:
+            raise Olmo2KitError(f"cannot read {self.path} ({e.strerror}): {self.hint}") from None
+        try:
+            _refuse_special(self.path, self.hint, os.fstat(fd).st_mode)
+        except Olmo2KitError:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "rb")
+
+    def _tail(self, line: bytes, number: int) -> dict | None:
+        """A last line without its newline: the record it holds whole, or None when it is torn, the start of
+        an object cut short (no part of a record short of all of it parses). Anything else raises, JSON that
+        is no record included: it is not a line this store wrote."""
+        try:
+            json.loads(line)
+        except ValueError:  # UnicodeDecodeError included: a cut can split a character
+            if line.lstrip().startswith(b"{"):
+                return None
+        return self._record(line, number)
 
     def _record(self, line: bytes, number: int) -> dict:
         row = self._parse(line)

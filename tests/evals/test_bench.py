@@ -37,10 +37,10 @@ def test_estimate_weights_match_loaded_tiny_footprint(tiny_path, quantize):
 
 
 def test_estimate_published_sizes_and_fit():
-    assert estimate("1b").weights_bytes / 1e9 == pytest.approx(2.97, rel=0.01)
-    assert estimate("allenai/OLMo-2-0425-1B-Instruct", quantize="int8").weights_bytes / 1e9 == pytest.approx(1.90,
-                                                                                                            rel=0.02)
-    small = estimate("1b", context=128, device="cpu")
+    assert estimate("1b", dtype="bf16").weights_bytes / 1e9 == pytest.approx(2.97, rel=0.01)
+    assert estimate("allenai/OLMo-2-0425-1B-Instruct", dtype="bf16", quantize="int8").weights_bytes / 1e9 == \
+        pytest.approx(1.90, rel=0.02)
+    small = estimate("1b", dtype="bf16", context=128, device="cpu")
     assert small.kv_cache_bytes == 2 * 16 * 16 * 128 * 128 * 2  # k and v, layers, kv heads, head dim, tokens, bf16
     assert small.total_bytes == small.weights_bytes + small.kv_cache_bytes + small.working_bytes
     huge = estimate("32b", dtype="fp32", context=4096, batch_size=64, device="cpu")
@@ -52,8 +52,9 @@ def test_estimate_cli_json_and_errors(cli):
     assert code == 0
     row = json.loads(out)
     assert row["weights_bytes"] == estimate("7b", quantize="nf4").weights_bytes and row["quantize"] == "nf4"
-    code, out, err = cli("estimate", "13b")
-    assert code == 0 and "KV cache" in out and "13b: " in err and "fit" in err
+    code, out, err = cli("estimate", "13b", "--dtype", "bf16", "--device", "cpu")
+    assert code == 0 and "KV cache" in out and "weights (bf16)" in out
+    assert err.startswith("13b in bf16 on CPU: ") and "fit" in err
     code, _, err = cli("estimate", "nothing-like-this")
     assert code == 2 and err.startswith("error: cannot tell the architecture")
     code, _, err = cli("estimate", "1b", "--device", "tpu")
@@ -77,6 +78,27 @@ def test_bench_cli(cli, tiny_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in err
     assert lines[-1] == "error: --prompt-len is 100000 tokens, which fills the model's 1024-token context"
+
+
+def test_bench_reports_progress_through_its_callback(tiny_path):
+    heard = []
+    bench(str(tiny_path), device="cpu", new_tokens=4, prompt_len=4, repeat=2,
+          progress=lambda *event: heard.append(event))
+    assert heard == [("load", 0, 1), ("runs", 0, 3), ("runs", 1, 3), ("runs", 2, 3), ("runs", 3, 3),
+                     ("bandwidth", 0, 1)]
+
+
+def test_bench_cli_shows_progress_on_stderr_and_keeps_stdout_clean(cli, tiny_path):
+    code, out, err = cli("bench", "--model", str(tiny_path), "--new-tokens", "4", "--prompt-len", "4", "--repeat", "2",
+                         "--json")
+    assert code == 0 and json.loads(out)["repeat"] == 2
+    lines = err.splitlines()
+    assert lines[0] == f"loading {tiny_path}" and lines[-1] == "measuring memory bandwidth"
+    bars = [line.split("]")[1].split()[0] for line in lines[1:-1]]
+    assert bars == ["0/3", "1/3", "2/3", "3/3"] and "a warm-up run, then the timed runs" in lines[1]
+    code, _, err = cli("bench", "--size", "tiny", "--random-init", "--device", "cpu", "--new-tokens", "2",
+                       "--prompt-len", "2", "--repeat", "1")
+    assert code == 0 and err.splitlines()[0] == "loading tiny with random weights"
 
 
 def test_bytes_per_step_leaves_out_the_input_embeddings_and_adds_the_kv_cache():

@@ -200,7 +200,8 @@ def test_chat_piped(cli, chat_model, tiny_instruct_path, tmp_path):
     assert after_reset[2]["content"] == sampled.reply("Write a short poem about the sea.").text
     replies = [saved["messages"][1]["content"], saved["messages"][3]["content"], after_reset[2]["content"]]
     assert out == "".join(reply + "\n" for reply in replies)
-    assert "max_new_tokens=6 temperature=0.5 top_k=3 top_p=0.95 seed=7 greedy=off" in err
+    assert ("max_new_tokens=6 temperature=0.5 top_k=3 top_p=0.95 min_p=0.0 repetition_penalty=1.0 seed=7 "
+            "greedy=off") in err
     assert "conversation cleared" in err and err.count("saved ") == 2
 
 
@@ -214,7 +215,7 @@ def test_chat_commands_and_mistakes(cli, tiny_instruct_path, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 6 and "Traceback" not in err
     for error, needle in zip(errors, ("unknown command /bogus", "top_p must be in (0, 1]", "top_k takes a number",
-                                      "/save needs a file", "there is no directory", "cannot save to /proc/x.json"),
+                                      "/save needs a file", "there is no directory", "cannot write /proc/x.json"),
                              strict=True):
         assert needle in error
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from olmo2kit.inference.compiled import decoder_for
+from olmo2kit.inference.compiled import _pick, decoder_for
 
 PROMPTS = ["Language modeling is ", "Hello", "The quick brown fox jumps over the lazy"]
 
@@ -92,6 +92,35 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     greedy = plain_greedy(model, tokenizer, enc, 20)
     assert torch.equal(sample(3, top_k=1), greedy)
     assert torch.equal(sample(4, top_p=1e-6), greedy)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "transformers-step"])
+def test_repetition_penalty_equals_transformers_greedy_fp32(tiny, fused):
+    """Over a padded batch, stepping twice through one decoder: the penalty counts the prompt, not its pads."""
+    model, tokenizer = tiny
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, return_token_type_ids=False)
+    out = model.generate(**enc, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         repetition_penalty=1.3)
+    expected = out[:, enc["input_ids"].shape[1]:]
+    decoder = decoder_for(model, len(PROMPTS), enc["input_ids"].shape[1] + 30, compile=False, fused=fused)
+    for penalty, wanted in ((1.3, expected), (1.0, plain_greedy(model, tokenizer, enc, 30)), (1.3, expected)):
+        result = decoder.decode(enc["input_ids"], enc["attention_mask"], 30, eos_ids={-1},
+                                pad_id=tokenizer.pad_token_id, repetition_penalty=penalty)
+        assert torch.equal(result.tokens, wanted)
+    assert not torch.equal(expected, plain_greedy(model, tokenizer, enc, 30))
+    assert (enc["attention_mask"] == 0).any() and not decoder.seen[:, tokenizer.pad_token_id].any()  # pads unseen
+
+
+def test_pick_min_p_keeps_tokens_within_min_p_of_the_likeliest():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, -1)
+    one, off = torch.tensor(1.0), torch.tensor(1.0)
+    torch.manual_seed(0)
+    counts = torch.bincount(_pick(logits, one, 0, off, False, min_p=torch.tensor(0.4)), minlength=4)
+    assert counts[2:].sum() == 0  # below 0.4 * 0.5
+    assert 0.55 < counts[0] / 4000 < 0.7  # 0.5 / 0.8, renormalized over what is left
+    unfiltered = torch.bincount(_pick(logits, one, 0, off, False), minlength=4)
+    assert (unfiltered > 0).all()
 
 
 def test_fused_logits_match_transformers_fp32(tiny):

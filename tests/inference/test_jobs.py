@@ -42,7 +42,7 @@ def test_job_results_in_input_order(chat_model, tmp_path):
         {"id": "a", "prompt": "Language modeling is "},
         {"id": 7, "messages": conversation, "max_new_tokens": 3},
         "",  # blank lines are skipped
-        {"prompt": "The quick brown fox", "tags": ["kept"]},  # no id: its line number
+        {"prompt": "The quick brown fox", "metadata": {"tags": ["kept"]}},  # no id: its line number
         {"id": "d", "prompt": "Hello", "stop": "zzz"},
     ])
     out = tmp_path / "out.jsonl"
@@ -55,7 +55,7 @@ def test_job_results_in_input_order(chat_model, tmp_path):
     assert [r["id"] for r in rows] == ["a", 7, 4, "d"]
     for row in rows:
         assert GENERATION_FIELDS <= set(row) and (row["model"], row["revision"]) == ("tiny-instruct", None)
-    assert rows[2]["input"] == {"prompt": "The quick brown fox", "tags": ["kept"]}
+    assert rows[2]["input"] == {"prompt": "The quick brown fox", "metadata": {"tags": ["kept"]}}
     assert rows[1]["input"]["messages"] == conversation
     assert [r["new_tokens"] for r in rows] == [6, 3, 6, 6] and rows[1]["options"]["max_new_tokens"] == 3
     assert rows[3]["options"]["stop"] == ["zzz"]
@@ -197,7 +197,7 @@ def test_cli_job_reports_progress_and_bad_lines(cli, tiny_path, tmp_path):
         (("--input", "in.jsonl", "--output", "o.jsonl", "--batch-size", "0"), "at least 1"),
         (("--input", "missing.jsonl", "--output", "o.jsonl"), "no such input file"),
         (("--input", "in.jsonl", "--output", "o.jsonl", "--json"), "--json does not apply"),
-        (("--input", "in.jsonl", "--output", "."), "it is a directory; give a file name"),
+        (("--input", "in.jsonl", "--output", "."), ". is a directory, not a regular file: give another --output"),
         (("--input", "in.jsonl", "--output", "in.jsonl/o.jsonl"), "there is no directory in.jsonl"),
     ],
 )
@@ -223,6 +223,6 @@ def test_output_beside_input_is_refused(chat_model, tmp_path):
     with pytest.raises(Olmo2KitError, match="no directory"):
         run_job(model, tokenizer, source, tmp_path / "nowhere" / "out.jsonl")
     if Path("/proc/self").is_dir():  # a directory where nothing can be created, even by root
-        with pytest.raises(Olmo2KitError, match=r"cannot write /proc/x \(No such file or directory\)"):
+        with pytest.raises(Olmo2KitError, match=r"cannot write in /proc \(No such file or directory\)"):
             run_job(model, tokenizer, source, "/proc/x")
     assert os.path.getsize(source) > 0

@@ -103,6 +103,30 @@ def test_get_size_and_architecture(tiny_path, tmp_path):
         sizes.architecture(str(tmp_path / "nonexistent-dir"))
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(num_hidden_layers=-1), "gives num_hidden_layers -1: it must be a positive whole number"),
+        (dict(hidden_size=0), "gives hidden_size 0: it must be a positive whole number"),
+        (dict(vocab_size=True), "gives vocab_size True: it must be a positive whole number"),
+        (dict(intermediate_size=2.5), "gives intermediate_size 2.5: it must be a positive whole number"),
+        (dict(num_key_value_heads=3), "gives num_attention_heads 16, not a multiple of its num_key_value_heads 3"),
+    ],
+)
+def test_from_config_refuses_sizes_that_are_not_positive_whole_numbers(changes, message):
+    config = {**hf_config("1b").to_dict(), **changes}
+    with pytest.raises(Olmo2KitError, match=f"^the config of x {message} \\(fix its config.json\\)$"):
+        Size.from_config("x", config)
+    assert Size.from_config("x", hf_config("1b")).same_architecture(SIZES["1b"])  # an Olmo2Config is read as well
+
+
+def test_checkpoint_architecture_refuses_other_model_types():
+    config = hf_config("1b").to_dict()
+    assert sizes.checkpoint_architecture("x", config).same_architecture(SIZES["1b"])
+    with pytest.raises(Olmo2KitError, match="^x is not an OLMo 2 checkpoint: its config.json gives model_type 'gpt2'"):
+        sizes.checkpoint_architecture("x", {**config, "model_type": "gpt2"})
+
+
 def test_32b_has_three_stage2_runs():
     assert SIZES["32b"].stage2_runs == (100_000_000_000, 100_000_000_000, 300_000_000_000)
     assert SIZES["32b"].training_tokens == 6_500_000_000_000

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import LOCK_NAME
 from olmo2kit.training import data as data_module
 from olmo2kit.training.data import load_prepared, prepare_data, tokenize_chat
 
@@ -24,6 +25,11 @@ CHATS = [
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def written(outdir):
+    """The files a run left in `outdir`, less the lock file that marks the directory as an output."""
+    return sorted(p.name for p in outdir.iterdir() if p.name != LOCK_NAME)
 
 
 def spans(ids, mask):
@@ -140,7 +146,7 @@ def test_base_tokenizer_without_template_gets_the_olmo2_one(tmp_path, tiny_path,
         ('{"messages": []}', "line 3: no messages given"),
         ('{"messages": [{"role": "bot", "content": "x"}]}', "line 3: message 1 has role 'bot'"),
         ('{"messages": [{"role": "user", "content": 5}]}', "line 3: message 1's content must be a string"),
-        ('{"prompt": "x"}', "line 3: 'messages' must be a list, got nothing"),
+        ('{"prompt": "x"}', "line 3: has no 'messages' field, which every example needs in chat format"),
     ],
 )
 def test_bad_line_is_reported_with_its_number_and_writes_nothing(tmp_path, tiny_instruct_path, line, message):
@@ -149,7 +155,7 @@ def test_bad_line_is_reported_with_its_number_and_writes_nothing(tmp_path, tiny_
     source.write_text(f"{good}\n\n{line}\n{good}\n")  # the blank line 2 is skipped but counted
     with pytest.raises(Olmo2KitError, match=message):
         prepare_data(source, tmp_path / "out", model=str(tiny_instruct_path), seq_len=64)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert written(tmp_path / "out") == []
 
 
 def test_interrupted_run_leaves_nothing_complete_and_resumes(tmp_path, tiny_instruct_path, monkeypatch):
@@ -182,8 +188,7 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes(tmp_path, tiny_inst
         assert resumed[key] == expected[key]
     for name in ("input_ids.npy", "label_mask.npy"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["input_ids.npy", "label_mask.npy",
-                                                                      "manifest.json"]
+    assert written(tmp_path / "out") == ["input_ids.npy", "label_mask.npy", "manifest.json"]
 
 
 def test_nothing_to_learn_is_an_error(tmp_path, tiny_instruct_path):

@@ -22,6 +22,8 @@ from olmo2kit.model.loading import load
 from olmo2kit.training.data import prepare_data
 from olmo2kit.training.finetune import FinetuneConfig, finetune, learning_rate, load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("Write a short poem about the sea.", "The sea is wide, the sea is deep."),
@@ -32,15 +34,6 @@ QA = [("What is the capital of France?", "The capital of France is Paris."),
 def chats(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in (QA * n)[:n]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; on a shared 2-core machine two threads can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from olmo2kit.cli.options import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, RevisionOpt
-from olmo2kit.cli.output import format_bytes, info, print_table
+from olmo2kit.cli.output import ProgressBar, format_bytes, info, print_table
 
 
 def bench(
@@ -42,9 +42,10 @@ def bench(
     quiet_transformers()
     if not random_init and size:
         model = model or size
+    what = f"{size or model} with random weights" if random_init else model or "1b"
     result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
                        batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
-                       repeat=repeat, revision=revision)
+                       repeat=repeat, revision=revision, progress=_progress(what))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -68,9 +69,28 @@ def bench(
     print_table(rows)
 
 
+def _progress(what: str):
+    """bench's progress on stderr: a line as loading starts, a bar over the runs, a line for the bandwidth."""
+    bar = None
+
+    def show(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if stage == "load":
+            info(f"loading {what}")
+        elif stage == "runs":
+            bar = bar or ProgressBar("runs", interval=0, first=0)
+            bar.update(done, total, "a warm-up run, then the timed runs" if done == 0 else "")
+        else:
+            if bar:
+                bar.close()
+            info("measuring memory bandwidth")
+
+    return show
+
+
 def estimate(
     model: Annotated[str, typer.Argument(help="A size (1b ... 32b), OLMo 2 alias or repo id, or local directory.")],
-    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
     context: Annotated[int, typer.Option(help="Tokens per sequence (prompt + generation).")] = 4096,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences at once.")] = 1,
@@ -78,6 +98,9 @@ def estimate(
     as_json: JsonOpt = False,
 ) -> None:
     """Memory for weights, KV cache and working space, and whether it fits this machine's device.
+
+    It answers for what `generate` would load: the same dtype (auto: bf16 on a capable GPU, fp32 on CPU)
+    on the same device.
 
     Examples:
 
@@ -96,10 +119,11 @@ def estimate(
     available = "unknown" if result.device_bytes is None else format_bytes(result.device_bytes)
     print_table([
         ("part", "memory"),
-        (f"weights ({dtype}{', ' + quantize if quantize else ''})", format_bytes(result.weights_bytes)),
+        (f"weights ({result.dtype}{', ' + quantize if quantize else ''})", format_bytes(result.weights_bytes)),
         (f"KV cache ({context} tokens x {batch_size})", format_bytes(result.kv_cache_bytes)),
         ("working memory", format_bytes(result.working_bytes)),
         ("total", format_bytes(result.total_bytes)),
         (f"available on {result.device}", available),
     ])
-    info(f"{result.model}: {fits} ({format_bytes(result.total_bytes)} needed)")
+    info(f"{result.model} in {result.dtype}{', ' + quantize if quantize else ''} on {result.device}: {fits} "
+         f"({format_bytes(result.total_bytes)} needed)")

@@ -14,8 +14,10 @@ from olmo2kit.cli.options import (
     DtypeOpt,
     GreedyOpt,
     MaxNewTokensOpt,
+    MinPOpt,
     ModelOpt,
     QuantizeOpt,
+    RepetitionPenaltyOpt,
     RevisionOpt,
     SeedOpt,
     TemperatureOpt,
@@ -29,13 +31,19 @@ from olmo2kit.model.sizes import check_context
 
 CHAT_HELP = """\
   /help            this list
+  /undo            drop your last message and its reply
+  /retry           drop the last reply and generate it again
   /reset           forget the conversation (the system message stays)
   /system TEXT     set the system message; /system alone removes it
-  /set KEY=VALUE   temperature, top_p, top_k, max_new_tokens, seed, greedy; /set alone shows them
+  /set KEY=VALUE   temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, greedy;
+                   /set alone shows them
   /save FILE       write the transcript as JSON
-  /exit            leave (Ctrl-D too); Ctrl-C stops a reply"""
+  /load FILE       continue a transcript written by /save (it replaces this conversation)
+  /exit            leave (Ctrl-D too); Ctrl-C stops a reply
+  When the conversation outgrows the model's context, its oldest turns are dropped, with a warning."""
 
-_SET_PARSERS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
+_SET_PARSERS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+                "max_new_tokens": int, "seed": int}
 
 
 def chat(
@@ -53,12 +61,14 @@ def chat(
     top_p: TopPOpt = DEFAULTS.top_p,
     greedy: GreedyOpt = False,
     seed: SeedOpt = None,
+    min_p: MinPOpt = DEFAULTS.min_p,
+    repetition_penalty: RepetitionPenaltyOpt = DEFAULTS.repetition_penalty,
     compile: CompileOpt = False,
 ) -> None:
     """Chat with an instruct model: replies stream to stdout, the conversation is kept.
 
-    One message a line from stdin, on a terminal or piped.
-    Commands: /help, /reset, /system TEXT, /set KEY=VALUE, /save FILE, /exit.
+    One message a line from stdin, on a terminal or piped; a line that is not text is skipped with an error.
+    Commands: /help, /undo, /retry, /reset, /system TEXT, /set KEY=VALUE, /save FILE, /load FILE, /exit.
     Ctrl-D (or the end of piped input) leaves; Ctrl-C stops a reply.
     A base model (no chat template) gets the official OLMo 2 one, with a warning.
 
@@ -70,7 +80,10 @@ def chat(
 
       printf 'Hi!\\n/save chat.json\\n' | olmo2kit chat --model ./tiny-chat --greedy
     """
-    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed)
+    if sys.stdin is None:  # started with its standard input closed
+        raise Olmo2KitError("the chat reads its messages from stdin, and there is none: run it on a terminal or pipe")
+    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, min_p=min_p,
+                               repetition_penalty=repetition_penalty)
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
     from olmo2kit.inference.chat import ChatSession
     from olmo2kit.model.chat_template import chat_template
@@ -84,6 +97,12 @@ def chat(
     name = str(resolve_model(model, revision))
     session = ChatSession(loaded, tokenizer, system=system, compile=compile, **options)
     info(f"chatting with {name}: /help for commands, Ctrl-D to leave")
+    _converse(session, name)
+
+
+def _converse(session, name: str) -> None:
+    """Read lines until the input ends or /exit: a message gets a streamed reply, a /command runs. An error
+    in one line is one line on stderr, and the session goes on with its conversation and options."""
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -91,18 +110,16 @@ def chat(
         except ImportError:  # not on every platform; input() works without it
             pass
     while True:
-        if interactive:
-            sys.stderr.write(">>> ")
-            sys.stderr.flush()
         try:
-            line = input().strip()
-        except EOFError:
-            if interactive:
-                sys.stderr.write("\n")
-            return
+            line = _read_line(interactive)
         except KeyboardInterrupt:
             info("\n(Ctrl-D or /exit leaves)")
             continue
+        except UnicodeDecodeError as e:  # one line that is not text: the conversation goes on
+            info(f"error: that line is not {e.encoding} text: skipped")
+            continue
+        if line is None:
+            return
         if not line:
             continue
         try:
@@ -110,14 +127,37 @@ def chat(
                 if _chat_command(session, line, name):
                     return
             else:
-                _stream_reply(session, line)
+                _stream_reply(session.send(line))
         except Olmo2KitError as e:
             info(f"error: {e}")
 
 
-def _stream_reply(session, text: str) -> None:
-    """Stream the reply to stdout. Ctrl-C stops it; the conversation keeps what was shown."""
-    stream = session.send(text)
+def _read_line(interactive: bool) -> str | None:
+    """The next line of input, stripped; None at its end. A line that does not decode raises
+    UnicodeDecodeError, and the next one reads as usual; stdin that cannot be read is an Olmo2KitError."""
+    if interactive:
+        sys.stderr.write(">>> ")
+        sys.stderr.flush()
+    try:
+        if interactive or not hasattr(sys.stdin, "buffer"):
+            line = input()
+        else:  # byte lines, decoded one by one: a bad line costs that line, not the rest of the read buffer
+            raw = sys.stdin.buffer.readline()
+            if not raw:
+                raise EOFError
+            line = raw.decode(sys.stdin.encoding or "utf-8")
+    except EOFError:
+        if interactive:
+            sys.stderr.write("\n")
+        return None
+    except OSError as e:
+        raise Olmo2KitError(f"cannot read the chat's input ({e.strerror or e})") from None
+    return line.strip()
+
+
+def _stream_reply(stream) -> None:
+    """Stream a reply (`session.send` or `session.retry`) to stdout. Ctrl-C stops it; the conversation
+    keeps what was shown."""
     last = None
     try:
         for last in stream:
@@ -130,8 +170,11 @@ def _stream_reply(session, text: str) -> None:
             sys.stdout.flush()
         info("[stopped]")
         return
-    except Olmo2KitError as e:
-        raise Olmo2KitError(f"{e} (/reset starts a new conversation)") from None
+    except Olmo2KitError:
+        if last is not None:  # the error goes on a line of its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     sys.stdout.flush()
     if last is not None and last.finish_reason == "length":
@@ -146,6 +189,11 @@ def _chat_command(session, line: str, name: str) -> bool:
         return True
     if command == "/help":
         info(CHAT_HELP)
+    elif command == "/undo":
+        dropped = session.undo()
+        info(f"dropped your last message{' and its reply' if len(dropped) > 1 else ''}")
+    elif command == "/retry":
+        _stream_reply(session.retry())
     elif command == "/reset":
         session.reset()
         info("conversation cleared")
@@ -159,6 +207,12 @@ def _chat_command(session, line: str, name: str) -> bool:
             raise Olmo2KitError("/save needs a file name, e.g. /save chat.json")
         path = session.save(argument, name)
         info(f"saved {len(session.messages)} messages to {path}")
+    elif command == "/load":
+        if not argument:
+            raise Olmo2KitError("/load needs a file name, e.g. /load chat.json")
+        saved_with = session.load(argument)
+        other = f" (saved with {saved_with})" if saved_with and saved_with != name else ""
+        info(f"loaded {len(session.messages)} messages from {argument}{other}")
     else:
         raise Olmo2KitError(f"unknown command {command}: /help lists them")
     return False
@@ -170,7 +224,8 @@ def _chat_set(session, argument: str) -> None:
         s = session.sampling
         seed = "none" if s.seed is None else s.seed
         info(f"max_new_tokens={s.max_new_tokens} temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} "
-             f"seed={seed} greedy={'on' if not s.do_sample else 'off'}")
+             f"min_p={s.min_p} repetition_penalty={s.repetition_penalty} seed={seed} "
+             f"greedy={'on' if not s.do_sample else 'off'}")
         return
     changes: dict = {}
     for pair in argument.split():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from olmo2kit.cli.output import info
+from olmo2kit.inference.sampling import DEFAULTS, SamplingOptions
 
 
 def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str):
@@ -24,11 +25,10 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
 
 
 def sampling_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, greedy: bool,
-                     seed: int | None, stop=()) -> dict:
+                     seed: int | None, stop=(), *, min_p: float = DEFAULTS.min_p,
+                     repetition_penalty: float = DEFAULTS.repetition_penalty) -> dict:
     """The sampling options as generate takes them, checked before a model loads."""
-    from olmo2kit.inference.sampling import SamplingOptions
-
     options = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed, stop=tuple(stop))
+                   top_p=top_p, seed=seed, stop=tuple(stop), min_p=min_p, repetition_penalty=repetition_penalty)
     SamplingOptions(**options)
     return options

@@ -186,7 +186,7 @@ def sweep_command(
     from olmo2kit.evals.sweep import Sweep
     from olmo2kit.model.revisions import parse_revision, training_order
 
-    names = [r.strip() for r in revisions.split(",") if r.strip()] if revisions else None
+    names = None if revisions is None else revisions.split(",")
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,

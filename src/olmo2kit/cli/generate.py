@@ -18,8 +18,10 @@ from olmo2kit.cli.options import (
     GreedyOpt,
     JsonOpt,
     MaxNewTokensOpt,
+    MinPOpt,
     ModelOpt,
     QuantizeOpt,
+    RepetitionPenaltyOpt,
     RevisionOpt,
     SeedOpt,
     TemperatureOpt,
@@ -28,6 +30,7 @@ from olmo2kit.cli.options import (
 )
 from olmo2kit.cli.output import ProgressBar, info, report
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import read_stdin
 from olmo2kit.inference.engines import check_acceleration
 from olmo2kit.inference.sampling import DEFAULTS
 
@@ -47,6 +50,8 @@ def generate(
     top_p: TopPOpt = DEFAULTS.top_p,
     greedy: GreedyOpt = False,
     seed: SeedOpt = None,
+    min_p: MinPOpt = DEFAULTS.min_p,
+    repetition_penalty: RepetitionPenaltyOpt = DEFAULTS.repetition_penalty,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="End the text at this string (repeatable).")] = None,
     chat: Annotated[
         bool, typer.Option("--chat", help="Send each prompt as a user message, in the model's chat template.")
@@ -93,15 +98,19 @@ def generate(
 
       olmo2kit generate "Language modeling is " --compile
     """
-    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, stop or ())
+    options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, stop or (), min_p=min_p,
+                               repetition_penalty=repetition_penalty)
     chat = chat or system is not None
     check_acceleration(compile, draft_model, 1)
     if (input_path or output_path) and (compile or draft_model):
         raise Olmo2KitError("--compile and --draft-model apply to prompts given on the command line, not batch jobs")
     if input_path or output_path:
+        if not input_path:
+            raise Olmo2KitError("--output is for a batch job, which reads its prompts from --input FILE (JSONL); "
+                                "prompts given here print to stdout")
         if prompts:
             raise Olmo2KitError("give prompts or --input FILE, not both")
-        if not (input_path and output_path):
+        if not output_path:
             raise Olmo2KitError("a batch job needs both --input FILE and --output FILE")
         if as_json:
             raise Olmo2KitError("--json does not apply to a batch job: its --output is JSONL already")
@@ -116,7 +125,7 @@ def generate(
         # A usage error, as when the argument was required: the usage line, then the message, exit code 2.
         raise typer.BadParameter("Missing argument: give text to continue, or --input FILE --output FILE",
                                  param_hint="'PROMPTS...'")
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    prompts = [read_stdin() if p == "-" else p for p in prompts]
     if any(not p.strip() for p in prompts):
         raise Olmo2KitError("empty prompt: give some text to continue")
     if as_json:
@@ -156,25 +165,27 @@ def run_job_command(
     device: str, batch_size: int, strict: bool, chat: bool, system: str | None, **options,
 ) -> None:
     """`generate --input FILE --output FILE`: load, run the job with a progress bar, say what was done."""
+    from olmo2kit.files import output_lock
     from olmo2kit.inference.jobs import check_job, read_job, run_job
     from olmo2kit.model.loading import resolve_model
 
-    check_job(input_path, output_path, batch_size, **options)
-    ref = resolve_model(model, revision)
-    model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
-    if strict:  # a malformed line stops the job before the model loads
-        read_job(input_path, chat=chat, system=system, strict=True, **options)
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    _, output = check_job(input_path, output_path, batch_size, **options)
+    with output_lock(output, option="--output"):  # before the model loads: a second job stops at once
+        ref = resolve_model(model, revision)
+        model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
+        if strict:  # a malformed line stops the job before the model loads
+            read_job(input_path, chat=chat, system=system, strict=True, **options)
+        loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
 
-    bar = ProgressBar()
-    try:
-        summary = run_job(
-            loaded, tokenizer, input_path, output_path, batch_size=batch_size, chat=chat, system=system,
-            strict=strict, model_name=model_name, revision=ref.revision, progress=bar.update,
-            on_warning=lambda message: info(f"warning: {message}"), **options,
-        )
-    finally:
-        bar.close()
+        bar = ProgressBar()
+        try:
+            summary = run_job(
+                loaded, tokenizer, input_path, output_path, batch_size=batch_size, chat=chat, system=system,
+                strict=strict, model_name=model_name, revision=ref.revision, progress=bar.update,
+                on_warning=lambda message: info(f"warning: {message}"), lock=False, **options,
+            )
+        finally:
+            bar.close()
     done = f"{summary.written} result(s) appended to {output_path}"
     if summary.already_done:
         done += f", {summary.already_done} already there"

@@ -44,7 +44,14 @@ TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed (0 to 4294967295), for repeatable samples.")]
+MinPOpt = Annotated[
+    float, typer.Option("--min-p", help="Sample only tokens at least this fraction as likely as the top one (0: off).")
+]
+RepetitionPenaltyOpt = Annotated[
+    float,
+    typer.Option("--repetition-penalty", help="Above 1 makes tokens already in the text less likely (1: off)."),
+]
 
 # Evaluation options, shared by perplexity, eval and sweep.
 StrideOpt = Annotated[

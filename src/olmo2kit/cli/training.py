@@ -1,4 +1,5 @@
-"""`olmo2kit prepare-data` and `finetune`: training data in OLMo's layout, and fine-tuning on it."""
+"""`olmo2kit prepare-data`, `finetune` and `merge`: training data in OLMo's layout, fine-tuning on it, and
+merging a LoRA adapter into its base."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def prepare_data_command(
     learn: assistant content and its end-of-text for chat, every token for
     text) and manifest.json, last. OLMo's own trainer reads the same files.
     Examples with nothing to learn are dropped and counted; an interrupted
-    run continues where it stopped.
+    run continues where it stopped, and a second run into OUTDIR while one
+    is going is refused. Progress goes to stderr.
 
     Examples:
 
@@ -71,10 +73,18 @@ def finetune_command(
     config: Annotated[str | None, typer.Option("--config", help="YAML recipe, e.g. configs/finetune/NAME.yaml; "
                                                                 "options given here override it.")] = None,
     lora: Annotated[bool | None, typer.Option("--lora/--no-lora", help="Train a LoRA adapter (peft).")] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (default 16).")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA scaling alpha (default 32).")] = None,
     quantize: QuantizeOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data (default 1).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps, instead of --epochs.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    warmup: Annotated[
+        float | None, typer.Option(help="Share of the steps with a linear warm-up, then linear decay (default 0.03).")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="AdamW weight decay (default 0).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Rows per process per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Cut rows to this many tokens.")] = None,
@@ -83,6 +93,12 @@ def finetune_command(
                                   help="Recompute activations in the backward pass: less memory, slower.")
     ] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help="Steps between checkpoints.")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option("--val-fraction", help="Share of the rows held out to evaluate, never trained on.")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", help="Steps between evaluations of the held-out rows (and the end).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
     merge: Annotated[
         bool | None,
@@ -95,9 +111,11 @@ def finetune_command(
     """Fine-tune a model or checkpoint on prepared data: full, LoRA or QLoRA.
 
     Runs unchanged under torchrun and accelerate launch (configs/accelerate/).
-    The loss log is DIR/train_log.jsonl. --save-every N writes
+    The loss log is DIR/train_log.jsonl; with --val-fraction it also holds
+    the loss on the held-out rows. --save-every N writes
     DIR/checkpoints/step-N; --resume continues from the last one, with the
-    same data order. A run from a Hub revision starts a fresh optimizer: Hub
+    same data order. A loss that becomes NaN stops the run and keeps the
+    checkpoints. A run from a Hub revision starts a fresh optimizer: Hub
     checkpoints hold weights only (OLMo's --reset_trainer_state).
 
     Examples:
@@ -105,8 +123,11 @@ def finetune_command(
       olmo2kit finetune --config configs/finetune/olmo2-1b-sft.yaml \\
         --data data/sft --output out/1b-sft
 
-      olmo2kit finetune --model 7b --lora --quantize nf4 \\
+      olmo2kit finetune --model 7b --lora --quantize nf4 --lora-r 64 \\
         --data data/sft --output out/7b-qlora --max-steps 500
+
+      olmo2kit finetune --model 1b --data data/sft --output out/1b \\
+        --val-fraction 0.05 --eval-every 100
 
       olmo2kit finetune --model 1b --revision stage1-step140000-tokens294B \\
         --data data/sft --output out/early --resume
@@ -120,9 +141,10 @@ def finetune_command(
     from olmo2kit.training.finetune import FinetuneConfig, finetune, load_config
 
     given = dict(
-        data=data, output=output, model=model, revision=revision, lora=lora, quantize=quantize, epochs=epochs,
-        max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing, save_every=save_every, merge=merge, seed=seed, device=device,
+        data=data, output=output, model=model, revision=revision, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+        quantize=quantize, epochs=epochs, max_steps=max_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+        batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+        save_every=save_every, val_fraction=val_fraction, eval_every=eval_every, merge=merge, seed=seed, device=device,
     )
     values = load_config(config) if config else {}
     values.update({key: value for key, value in given.items() if value is not None})
@@ -146,8 +168,35 @@ def finetune_command(
         print(json.dumps(result.to_dict(), indent=2))
         return
     loss = "-" if result.loss is None else f"{result.loss:.4f}"
+    eval_loss = "-" if result.eval_loss is None else f"{result.eval_loss:.4f}"
     print_table([
-        ("steps", "tokens", "last loss", "tokens/s", "peak memory", "saved"),
-        (str(result.steps), f"{result.tokens:,}", loss, f"{result.tokens_per_s:,.0f}",
+        ("steps", "tokens", "last loss", "eval loss", "tokens/s", "peak memory", "saved"),
+        (str(result.steps), f"{result.tokens:,}", loss, eval_loss, f"{result.tokens_per_s:,.0f}",
          format_bytes(result.peak_memory_gb * 1e9), f"{result.saved} in {result.output}"),
     ])
+
+
+def merge_command(
+    adapter: Annotated[str, typer.Argument(help="A LoRA adapter directory, as finetune --lora writes.")],
+    out: Annotated[str, typer.Argument(help="A new (or empty) directory for the merged model.")],
+    device: DeviceOpt = "auto",
+) -> None:
+    """Merge a LoRA adapter into a full-precision copy of its base model.
+
+    The base is the one the adapter records (a local directory, or a Hub
+    repo at a revision), loaded unquantized even for a QLoRA adapter. OUT
+    must be new or empty; it appears whole or not at all.
+
+    Examples:
+
+      olmo2kit merge out/7b-qlora out/7b-merged
+
+      olmo2kit generate "Hello" --model out/7b-merged
+    """
+    from olmo2kit.compat import quiet_transformers
+    from olmo2kit.training.finetune import merge_adapter
+
+    quiet_transformers()
+    info(f"merging {adapter} into its base model")
+    merged = merge_adapter(adapter, out, device=device)
+    info(f"wrote the merged model to {merged}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from olmo2kit.devices import dtype_name, peak_memory_gb, resolve_device, resolve_dtype, sync
@@ -93,12 +94,23 @@ def load_random(size: str, dtype: str, quantize: str | None, device: str):
         return load(tmp, dtype=dtype, quantize=quantize, device=device)
 
 
+# progress(stage, done, total): "load" (0 of 1, as loading starts), "runs" (done of the warm-up run and the
+# timed runs, from 0 before the first), "bandwidth" (0 of 1, as the measurement starts).
+Progress = Callable[[str, int, int], None]
+
+
 def bench(model: str | None = None, *, size: str | None = None, random_init: bool = False, dtype: str = "auto",
           quantize: str | None = None, device: str = "auto", batch_size: int = 1, prompt_len: int = 32,
-          new_tokens: int = 128, compile: bool = False, repeat: int = 3, revision: str | None = None) -> BenchResult:
-    """Measure one configuration. Medians over `repeat` runs after one warm-up run."""
+          new_tokens: int = 128, compile: bool = False, repeat: int = 3, revision: str | None = None,
+          progress: Progress | None = None) -> BenchResult:
+    """Measure one configuration. Medians over `repeat` runs after one warm-up run.
+
+    `progress(stage, done, total)`, if given, hears of each stage as it starts and of each run as it
+    ends (see `Progress`): on a CPU a 1B takes minutes.
+    """
     import torch
 
+    progress = progress or _no_progress
     if batch_size < 1 or prompt_len < 1 or new_tokens < 2 or repeat < 1:
         raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
     device = resolve_device(device)
@@ -108,6 +120,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     _check_fit(name, dtype, quantize, device, prompt_len + new_tokens, batch_size)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    progress("load", 0, 1)
     start = time.perf_counter()
     if random_init:
         loaded, tokenizer = load_random(name, dtype, quantize, device)
@@ -119,18 +132,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     load_s = time.perf_counter() - start
     check_context(prompt_len, new_tokens, context_length(loaded.config), prompt="--prompt-len", new="--new-tokens")
 
-    vocab = min(loaded.config.vocab_size, len(tokenizer))
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(2, vocab, (batch_size, prompt_len), generator=generator).to(loaded.device)
-    mask = torch.ones_like(input_ids)
-    ttft, decode = [], []
-    for run in range(repeat + 1):  # the first run warms up (and compiles)
-        first, rest = _timed_run(loaded, tokenizer, input_ids, mask, new_tokens, compile)
-        if run:
-            ttft.append(first)
-            decode.append(rest)
-    ttft_s = statistics.median(ttft)
-    decode_s = statistics.median(decode)
+    ttft_s, decode_s = _median_runs(loaded, tokenizer, batch_size, prompt_len, new_tokens, compile, repeat, progress)
     decode_tps = batch_size * (new_tokens - 1) / decode_s
     arch = Size.from_config(label, loaded.config)
     weights = loaded.get_memory_footprint()
@@ -138,6 +140,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         weights = weight_bytes(arch, dtype_name(loaded.dtype), quantize)
     step_bytes = bytes_per_step(arch, weights, loaded.dtype.itemsize, batch_size,
                                 prompt_len + new_tokens / 2)
+    progress("bandwidth", 0, 1)
     bandwidth = measure_bandwidth(loaded.device)
     floor = bandwidth / step_bytes
     return BenchResult(
@@ -151,6 +154,30 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     )
 
 
+def _median_runs(model, tokenizer, batch_size: int, prompt_len: int, new_tokens: int, compile: bool, repeat: int,
+                 progress: Progress) -> tuple[float, float]:
+    """(time to first token, time for the rest) of a random prompt, medians of `repeat` runs after a warm-up."""
+    import torch
+
+    vocab = min(model.config.vocab_size, len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(2, vocab, (batch_size, prompt_len), generator=generator).to(model.device)
+    mask = torch.ones_like(input_ids)
+    ttft, decode = [], []
+    progress("runs", 0, repeat + 1)
+    for run in range(repeat + 1):  # the first run warms up (and compiles)
+        first, rest = _timed_run(model, tokenizer, input_ids, mask, new_tokens, compile)
+        if run:
+            ttft.append(first)
+            decode.append(rest)
+        progress("runs", run + 1, repeat + 1)
+    return statistics.median(ttft), statistics.median(decode)
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
 def bytes_per_step(size: Size, weights: int, element_bytes: int, batch_size: int, mean_context: float) -> int:
     """Bytes one decode step must read at least: the weights less the input embedding table (a step
     reads one row of it per sequence), plus each sequence's cached keys and values."""
@@ -161,17 +188,15 @@ def bytes_per_step(size: Size, weights: int, element_bytes: int, batch_size: int
 
 def _check_fit(model: str, dtype: str, quantize: str | None, device: str, context: int, batch_size: int) -> None:
     """Olmo2KitError before any download or allocation when the estimate says the model cannot fit."""
-    name = dtype_name(resolve_dtype(dtype, device))
     try:
-        need = estimate(model, dtype=name, quantize=quantize, context=context, batch_size=batch_size,
-                        device=device)
+        need = estimate(model, dtype=dtype, quantize=quantize, context=context, batch_size=batch_size, device=device)
     except Olmo2KitError:
         return  # an architecture only loading can tell: no estimate to check against
     if need.fits is False:
         raise Olmo2KitError(
-            f"{model} in {name}{' ' + quantize if quantize else ''} needs about {need.total_bytes / 1e9:.1f} GB "
+            f"{model} in {need.dtype}{' ' + quantize if quantize else ''} needs about {need.total_bytes / 1e9:.1f} GB "
             f"but {need.device} has {need.device_bytes / 1e9:.1f} GB: try --quantize nf4, a smaller size or a GPU "
-            f"(`olmo2kit estimate {model} --dtype {name}`)"
+            f"(`olmo2kit estimate {model} --dtype {need.dtype}`)"
         )
 
 

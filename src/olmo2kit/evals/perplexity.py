@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import read_stdin
 from olmo2kit.model.sizes import CONTEXT_LENGTH, context_length
 
 
@@ -141,7 +141,7 @@ def combine_perplexities(results: Sequence[PerplexityResult]) -> PerplexityResul
 def read_text(path: str | os.PathLike) -> str:
     """A text file's contents; `-` reads stdin. Olmo2KitError if it is missing, empty or not UTF-8."""
     if str(path) == "-":
-        text = sys.stdin.read()
+        text = read_stdin()
     else:
         try:
             text = Path(path).read_text(encoding="utf-8")

@@ -31,7 +31,8 @@ from olmo2kit.devices import resolve_device, resolve_dtype
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.perplexity import check_window, perplexity, read_text
 from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks
-from olmo2kit.files import JsonlStore, make_output_dir, write_atomic
+from olmo2kit.files import JsonlStore, make_output_dir, output_lock, write_atomic
+from olmo2kit.model.hub_cache import delete_cached_revision
 from olmo2kit.model.loading import load, resolve_model
 from olmo2kit.model.revisions import Revision, check_revision, check_stage, list_revisions, training_order
 
@@ -100,6 +101,7 @@ class Sweep:
         self.metric = metric
         self.task, _, self.task_metric = metric.partition(":")
         self.text = self._check_metric(data, stride, max_length, limit, num_fewshot, include_path, batch_size)
+        names = _revision_names(revisions)
         self.metric_options = (
             dict(stride=stride, max_length=max_length) if self.task == PERPLEXITY
             else dict(limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size)
@@ -113,10 +115,14 @@ class Sweep:
             "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."), "quantize": quantize,
         }
         everything = list_revisions(self.repo_id)
-        self.revisions = self._select(everything, stage, every, revisions)
+        self.revisions = self._select(everything, stage, every, names)
         # Stage-2 branches count their tokens from the start of stage 2, which began where stage 1 ended.
         self.stage2_start_b = max((r.tokens_b for r in everything if r.stage == 1), default=0)
-        self.done = read_results(self.out)
+        self._read_done(read_results(self.out))
+
+    def _read_done(self, rows: list[dict]) -> None:
+        """Take the results file's rows as done (same setup only) and the rest of the revisions as to do."""
+        self.done = rows
         self._check_setup()
         measured = {row["revision"] for row in self.done}
         self.todo = [r for r in self.revisions if r.name not in measured]
@@ -142,7 +148,7 @@ class Sweep:
     def _select(
         self, everything: list[Revision], stage: int | None, every: int | None, names: list[str] | None
     ) -> list[Revision]:
-        if names:
+        if names is not None:
             if stage is not None or every is not None:
                 raise Olmo2KitError("give --revisions, or --stage and --every, not both")
             by_name = {r.name: r for r in everything}
@@ -175,10 +181,20 @@ class Sweep:
                 )
 
     def run(self) -> Iterator[SweepStep]:
-        """Measure the revisions not yet in the results file, in training order, one step each."""
+        """Measure the revisions not yet in the results file, in training order, one step each.
+
+        The results file is locked for the whole run (`files.output_lock`): a second sweep on the same
+        `out` is an Olmo2KitError naming the run that holds it. The file is read again under the lock,
+        so what another run added since this Sweep was built is not measured twice.
+        """
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(self.out, option="--out"):
+            yield from self._run_locked()
+
+    def _run_locked(self) -> Iterator[SweepStep]:
         store = results_store(self.out)
         store.repair()
+        self._read_done(store.read())
         start = time.perf_counter()
         for index, revision in enumerate(self.todo, 1):
             load_start = time.perf_counter()
@@ -201,7 +217,7 @@ class Sweep:
             _free_memory()
             store.append([row])
             self.done.append(row)
-            freed = delete_cached_revision(self.repo_id, revision) if self.delete_after else 0
+            freed = delete_cached_revision(self.repo_id, revision.commit, revision.name) if self.delete_after else 0
             if self.plot_path is not None:
                 plot_results(self.done, self.plot_path)
             elapsed = time.perf_counter() - start
@@ -227,6 +243,18 @@ class Sweep:
         return revision.tokens_b + (self.stage2_start_b if revision.stage == 2 else 0)
 
 
+def _revision_names(revisions: list[str] | None) -> list[str] | None:
+    """The names given, stripped, blanks left out; an Olmo2KitError when that leaves none (an empty
+    --revisions must not fall through to every checkpoint). None: no names given."""
+    if revisions is None:
+        return None
+    names = [name.strip() for name in revisions if name.strip()]
+    if not names:
+        raise Olmo2KitError("--revisions names no revision: give branch names, comma-separated, or leave it out "
+                            "to choose by --stage and --every")
+    return names
+
+
 def results_store(path: str | os.PathLike) -> JsonlStore:
     """The results file of a sweep: one JSON line per revision measured."""
     return JsonlStore(path, what="sweep results line", hint="pass another --out",
@@ -236,30 +264,6 @@ def results_store(path: str | os.PathLike) -> JsonlStore:
 def read_results(path: str | os.PathLike) -> list[dict]:
     """The lines of a results file, in file order; a torn last line is left out. [] if there is no file."""
     return results_store(path).read()
-
-
-def delete_cached_revision(repo_id: str, revision: Revision) -> int:
-    """Remove a revision's snapshot from the Hugging Face cache (files other revisions share stay).
-
-    Returns the bytes freed; 0 when the cache holds nothing of it.
-    """
-    from huggingface_hub import constants, scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        cache = scan_cache_dir(constants.HF_HUB_CACHE)
-    except CacheNotFound:
-        return 0
-    commits = [
-        cached.commit_hash
-        for repo in cache.repos if repo.repo_id == repo_id and repo.repo_type == "model"
-        for cached in repo.revisions if cached.commit_hash == revision.commit or revision.name in cached.refs
-    ]
-    if not commits:
-        return 0
-    strategy = cache.delete_revisions(*commits)
-    strategy.execute()
-    return strategy.expected_freed_size
 
 
 def curve_series(rows: list[dict]) -> tuple[dict[str, list[tuple[int, float]]], list[int]]:

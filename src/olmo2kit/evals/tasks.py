@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from olmo2kit.compat import drop_messages
+from olmo2kit.compat import drop_messages, offline_mode
 from olmo2kit.errors import Olmo2KitError
 
 
@@ -62,10 +62,24 @@ def evaluate_tasks(
 
     _quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=task_manager, limit=limit, num_fewshot=num_fewshot,
-        apply_chat_template=chat_template, log_samples=False,
-    )
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=task_manager, limit=limit, num_fewshot=num_fewshot,
+            apply_chat_template=chat_template, log_samples=False,
+        )
+    except ConnectionError as e:  # datasets' word for a dataset it could not fetch from the Hub
+        why = "HF_HUB_OFFLINE is set" if offline_mode() else "no network"
+        raise Olmo2KitError(
+            f"{', '.join(names)}: an lm-eval task needs its dataset, which cannot be downloaded ({why}: {e}); "
+            "tasks from --include-path with local data run offline"
+        ) from None
+    except ValueError as e:
+        if "Sample larger than population" not in str(e):  # random.sample, drawing the few-shot examples
+            raise
+        asked = "the task's own few-shot count" if num_fewshot is None else f"--num-fewshot {num_fewshot}"
+        raise Olmo2KitError(
+            f"{asked} is more examples than {', '.join(names)} has to draw them from: give a smaller --num-fewshot"
+        ) from None
     return _scores(output)
 
 

@@ -4,8 +4,8 @@ Read top to bottom, gpt-fast style: prefill the prompt into a static cache, then
 step that takes the last token, writes its keys/values in place and returns the next token. On
 CUDA the step is compiled with mode="reduce-overhead", so it replays as a CUDA graph: no Python per
 layer and no host sync per token (end of text is checked every `check_every` tokens). Sampling
-(temperature, top-k, top-p) happens on the device inside the step, by the exponential-race trick,
-so it needs no `multinomial` sync either.
+(repetition penalty, temperature, top-k, top-p, min-p, in transformers' order) happens on the device
+inside the step, by the exponential-race trick, so it needs no `multinomial` sync either.
 
 The step is `FusedOlmo2` wherever the model is a plain OLMo 2 on one device: the architecture written
 out for decoding over the model's own weights, with q/k/v and gate/up each one matrix. Quantized,
@@ -31,9 +31,18 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.sizes import context_length
 
 
-def _pick(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: torch.Tensor,
-          greedy: bool) -> torch.Tensor:
-    """The next token of each row, from logits [batch, vocab], on the device."""
+def _pick(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: torch.Tensor, greedy: bool,
+          min_p: torch.Tensor | None = None, seen: torch.Tensor | None = None,
+          penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row, from logits [batch, vocab], on the device.
+
+    `seen` [batch, vocab] marks the tokens of each row so far, whose logits `penalty` moves towards
+    less likely (divided if positive, multiplied if negative: transformers' repetition penalty); `min_p`
+    drops the tokens less likely than min_p times the likeliest, after top-k and top-p. None is off.
+    """
+    if seen is not None:
+        logits = logits.float()
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     if greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -45,6 +54,8 @@ def _pick(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: to
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     tail = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
     probs = probs.scatter(-1, order, sorted_probs.masked_fill(tail, 0.0))
+    if min_p is not None:  # a ratio of two probabilities: the same before and after normalizing
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     # argmax(p / E) with E ~ Exp(1) samples from p (up to normalization) without a host sync
     noise = torch.empty_like(probs).exponential_(1)
     return (probs / noise).argmax(dim=-1)
@@ -78,7 +89,9 @@ class StaticDecoder:
         else:
             self.forward = _TransformersForward(model, batch_size, max_cache_len)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
-        torch._dynamo.mark_static_address(self.position)
+        self.seen = torch.zeros(batch_size, model.config.vocab_size, dtype=torch.bool, device=self.device)
+        for tensor in (self.position, self.seen):
+            torch._dynamo.mark_static_address(tensor)  # updated between steps, read in place by the graph
         compile = self.device.type == "cuda" if compile is None else compile
         if compile:
             # every decoder compiles the same method anew (its guards hold `self`): allow more of them
@@ -94,16 +107,15 @@ class StaticDecoder:
         """Whether this decoder still decodes the model as it is now (not moved, weights not replaced)."""
         return self.model.device == self.device and self.forward.current()
 
-    def _step(self, token: torch.Tensor, temperature, top_k: int, top_p, greedy: bool) -> torch.Tensor:
+    def _step(self, token: torch.Tensor, *pick) -> torch.Tensor:
         logits = self.forward(token, self.position)
-        return _pick(logits, temperature, top_k, top_p, greedy)
+        return _pick(logits, *pick)
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-               eos_ids: set[int], pad_id: int, greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, check_every: int = 16) -> DecodeResult:
-        """All new tokens at once, with the time of the prefill and of the decode loop."""
-        steps = self.steps(input_ids, attention_mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
-                           temperature=temperature, top_k=top_k, top_p=top_p, check_every=check_every)
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *, eos_ids: set[int],
+               pad_id: int, **options) -> DecodeResult:
+        """All new tokens at once, with the time of the prefill and of the decode loop; `options` as `steps` takes
+        them."""
+        steps = self.steps(input_ids, attention_mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, **options)
         start = time.perf_counter()
         chunks = [next(steps)]  # the prefill's token
         sync(self.device)
@@ -115,10 +127,12 @@ class StaticDecoder:
 
     def steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
               eos_ids: set[int], pad_id: int, greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-              top_p: float = 1.0, check_every: int = 16) -> Iterator[torch.Tensor]:
+              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+              check_every: int = 16) -> Iterator[torch.Tensor]:
         """Yield the new tokens [batch, k]: the prefill's first, then every `check_every` tokens (the only
         host syncs), until every row has ended or `max_new_tokens` are out. A row that has ended is padded
-        with `pad_id`. Closing the generator stops decoding."""
+        with `pad_id`. Closing the generator stops decoding. The sampling options work as transformers'
+        (the repetition penalty counts the prompt's tokens, not its padding)."""
         batch, length = input_ids.shape
         if batch != self.batch_size or length + max_new_tokens > self.max_cache_len:
             raise Olmo2KitError(
@@ -127,18 +141,20 @@ class StaticDecoder:
             )
         with torch.inference_mode():
             self.forward.reset(attention_mask)
-            temperature_t = torch.tensor(float(temperature), device=self.device)
-            top_p_t = torch.tensor(float(top_p), device=self.device)
+            pick = self._pick_arguments(input_ids, attention_mask, greedy, temperature, top_k, top_p, min_p,
+                                        repetition_penalty)
             eos = torch.tensor(sorted(eos_ids), device=self.device)
             out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
             done = torch.zeros(batch, dtype=torch.bool, device=self.device)
             logits = self.forward(input_ids, torch.arange(length, device=self.device))
-            token = _pick(logits, temperature_t, top_k, top_p_t, greedy)
+            token = _pick(logits, *pick)
         reported = 0
         for i in range(max_new_tokens):
             with torch.inference_mode():
                 out[:, i] = torch.where(done, pad_id, token)
                 done |= torch.isin(token, eos)
+                if repetition_penalty != 1.0:
+                    self.seen.scatter_(1, token[:, None], True)
             if i == 0 or i + 1 == max_new_tokens or (i + 1) % check_every == 0:
                 yield out[:, reported: i + 1].clone()
                 reported = i + 1
@@ -146,7 +162,22 @@ class StaticDecoder:
                     return
             with torch.inference_mode():
                 self.position.fill_(length + i)
-                token = self.step(token[:, None].clone(), temperature_t, top_k, top_p_t, greedy).clone()
+                token = self.step(token[:, None].clone(), *pick).clone()
+
+    def _pick_arguments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy: bool,
+                        temperature: float, top_k: int, top_p: float, min_p: float,
+                        repetition_penalty: float) -> tuple:
+        """`_pick`'s arguments after the logits: values that change from call to call are tensors on the
+        device (a compiled step is not compiled again for them), and what is off is None."""
+        seen = penalty = None
+        if repetition_penalty != 1.0:
+            counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.device)
+            counts.scatter_add_(1, input_ids, attention_mask.to(torch.int32))  # the prompt's tokens, not its pads
+            seen = self.seen.copy_(counts > 0)
+            penalty = torch.tensor(float(repetition_penalty), device=self.device)
+        temperature_t, top_p_t = (torch.tensor(float(v), device=self.device) for v in (temperature, top_p))
+        min_p_t = torch.tensor(float(min_p), device=self.device) if min_p and not greedy else None
+        return temperature_t, top_k, top_p_t, greedy, min_p_t, seen, penalty
 
 
 class _TransformersForward:

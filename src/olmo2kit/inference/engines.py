@@ -98,6 +98,10 @@ class TransformersEngine(Engine):
         )
         if sampling.do_sample:
             kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+            if sampling.min_p:
+                kwargs["min_p"] = float(sampling.min_p)
+        if sampling.repetition_penalty != 1.0:  # left out at its default, so that a default call is unchanged
+            kwargs["repetition_penalty"] = float(sampling.repetition_penalty)  # transformers takes only a float
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if self.draft_model is not None:
@@ -175,7 +179,8 @@ class CompiledEngine(Engine):
         steps = decoder.steps(
             inputs["input_ids"], inputs["attention_mask"], sampling.max_new_tokens, eos_ids=eos_ids,
             pad_id=self.tokenizer.pad_token_id, greedy=not sampling.do_sample, temperature=sampling.temperature,
-            top_k=sampling.top_k, top_p=sampling.top_p, check_every=8 if stream else 16,
+            top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty, check_every=8 if stream else 16,
         )
         for chunk in steps:
             yield chunk.tolist()

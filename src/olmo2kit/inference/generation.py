@@ -62,7 +62,8 @@ def generate(
     none), or a list of conversations.
 
     Options: max_new_tokens (100), do_sample (True), temperature (1.0), top_k (50),
-    top_p (0.95), seed, stop (strings that end the text; not included in it).
+    top_p (0.95), min_p (0.0: off), repetition_penalty (1.0: off), seed (0 to 2**32 - 1),
+    stop (strings that end the text; not included in it). They work as transformers' `generate` options.
 
     `compile=True` decodes through the static-cache compiled path (`olmo2kit.inference.compiled`);
     `draft_model` (a smaller OLMo 2, same tokenizer) turns on speculative decoding through

@@ -5,22 +5,30 @@ Input, one JSON object a line (blank lines are skipped):
     {"id": "q1", "prompt": "Language modeling is "}
     {"id": "q2", "messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.7, "max_new_tokens": 50}
 
-A line may set its own sampling options (max_new_tokens, do_sample, temperature, top_k, top_p,
-seed, stop) over the job's; other keys are carried through to the output untouched. An id is a
-string or an integer; a line without one gets its line number (from 1).
+A line holds an id, a prompt or messages, its own sampling options over the job's (max_new_tokens,
+or its OpenAI-style alias max_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+seed, stop), and a
+`metadata` object carried through to the output untouched. Any other key is a mistake (a typo such
+as "temprature" would otherwise be ignored), so the line is reported and skipped, as is a line over
+1 MiB. An id is a string or an integer; a line without one gets its line number (from 1).
 
 Output, one JSON object a line, in input order: the id, the model and revision, the input line
-(less its id), the sampling options used, and the `Generation` fields (text, token_ids,
-prompt_tokens, new_tokens, finish_reason, tokens_per_s, elapsed_s, prompt_tps, peak_memory_gb;
-the speeds are those of the batched call that made the line).
+(less its id), the sampling options used, `request_sha256` (the hash of the request as sent: prompt
+or messages, and options), and the `Generation` fields (text, token_ids, prompt_tokens, new_tokens,
+finish_reason, tokens_per_s, elapsed_s, prompt_tps, peak_memory_gb; the speeds are those of the
+batched call that made the line).
 
 Running a job again with the same output skips the ids already there, so a job stopped at any
-point, even by SIGKILL, ends with every id exactly once. Lines are appended whole and synced to
-disk a batch at a time; a last line cut short by a kill is dropped when the job resumes.
+point, even by SIGKILL or a full disk, ends with every id exactly once. An id whose request changed
+since its result was written is an error. Lines are appended whole and synced to disk a batch at a
+time; a last line cut short is dropped when the job resumes. A job holds a lock on its output while
+it runs, so a second job on the same output stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import JsonlStore
+from olmo2kit.files import JsonlStore, numbered_lines, output_lock
 from olmo2kit.inference.generation import Generation, generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, user_messages
@@ -37,6 +45,11 @@ from olmo2kit.model.chat_template import check_messages, user_messages
 log = logging.getLogger("olmo2kit")
 
 OPTION_KEYS = tuple(SamplingOptions.__dataclass_fields__)
+# What a line may hold; `max_tokens` is the OpenAI-style name of max_new_tokens.
+LINE_KEYS = ("id", "prompt", "messages", "metadata", "max_tokens", *OPTION_KEYS)
+# The bytes of one input line, checked before it is parsed or tokenized: 1 MiB of text is some 250,000
+# tokens, far past OLMo 2's 4096-token context, so no line that could run is refused.
+MAX_LINE_BYTES = 1 << 20
 
 
 def _is_int(value) -> bool:
@@ -54,6 +67,11 @@ _OPTION_TYPES: dict[str, Callable[[object], bool]] = {
 }
 
 
+def _is_number(value) -> bool:
+    """The type of a sampling option missing from _OPTION_TYPES: the rest are numbers."""
+    return _is_int(value) or isinstance(value, float)
+
+
 @dataclass(frozen=True)
 class JobItem:
     """One valid input line: what to generate and with which options."""
@@ -63,6 +81,7 @@ class JobItem:
     input: dict  # the line as read, less its id
     request: str | list[dict]  # a prompt, or a conversation
     sampling: SamplingOptions
+    sha256: str  # of the request and the sampling options: what makes the result
 
 
 @dataclass
@@ -94,10 +113,12 @@ def read_job(
     items: list[JobItem] = []
     seen: dict[str, int] = {}
     with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
+        for number, raw in numbered_lines(f, MAX_LINE_BYTES):
+            if raw is not None and not raw.strip():
                 continue
             try:
+                if raw is None:
+                    raise Olmo2KitError(f"longer than {MAX_LINE_BYTES >> 20} MiB, the cap on a line: shorten it")
                 item = _parse_line(number, raw, options, chat=chat, system=system)
                 key = id_key(item.id)
                 if key in seen:
@@ -128,38 +149,53 @@ def run_job(
     revision: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    lock: bool = True,
     **options,
 ) -> JobSummary:
     """Generate for every line of `input_path` whose id is not yet in `output_path`, appending results in order.
 
     `options` are the job's sampling options (as for `generate`); `batch_size` prompts go to
     the model at once. `progress(done, total)` is called as batches finish; `model_name` and
-    `revision` are recorded on each line (default: the model's name_or_path).
+    `revision` are recorded on each line (default: the model's name_or_path). The job holds
+    `files.output_lock` on `output_path` while it runs; `lock=False` when the caller holds it.
 
     >>> run_job(model, tokenizer, "prompts.jsonl", "results.jsonl", do_sample=False)  # doctest: +SKIP
     """
-    import torch
-
     input_path, output_path = check_job(input_path, output_path, batch_size, **options)
     warn = on_warning or log.warning
     model_name = model_name or model.name_or_path
-    skipped: list[tuple[int, str]] = []
-    items = read_job(
-        input_path, chat=chat, system=system, strict=strict, on_warning=warn, skipped=skipped, **options
-    )
-    store = _results_store(output_path)
-    done = _finished_ids(store, model_name, revision, warn)
-    pending = [item for item in items if id_key(item.id) not in done]
-    summary = JobSummary(total=len(items), already_done=len(items) - len(pending), written=0, skipped=skipped)
+    with output_lock(output_path, option="--output") if lock else contextlib.nullcontext():
+        skipped: list[tuple[int, str]] = []
+        items = read_job(
+            input_path, chat=chat, system=system, strict=strict, on_warning=warn, skipped=skipped, **options
+        )
+        store = _results_store(output_path)
+        done = _finished_requests(store, model_name, revision, warn)
+        _check_unchanged(items, done, output_path)
+        pending = [item for item in items if id_key(item.id) not in done]
+        summary = JobSummary(total=len(items), already_done=len(items) - len(pending), written=0, skipped=skipped)
+
+        def fail(item: JobItem, error: Olmo2KitError) -> None:
+            if strict:
+                raise Olmo2KitError(f"line {item.line} of {input_path}: {error}") from None
+            warn(f"line {item.line} of {input_path}: {error}; skipped")
+            skipped.append((item.line, str(error)))
+
+        def record(item: JobItem, generation: Generation) -> dict:
+            return _record(item, generation, model_name, revision)
+
+        summary.written = _append_results(model, tokenizer, pending, store, batch_size, record, fail, progress)
+    return summary
+
+
+def _append_results(model, tokenizer, pending: list[JobItem], store: JsonlStore, batch_size: int, record, fail,
+                    progress: Callable[[int, int], None] | None) -> int:
+    """Generate `pending` a batch at a time, each batch's results appended before the next starts; how many."""
+    import torch
+
+    written = 0
     if progress:
         progress(0, len(pending))
-
-    def fail(item: JobItem, error: Olmo2KitError) -> None:
-        if strict:
-            raise Olmo2KitError(f"line {item.line} of {input_path}: {error}") from None
-        warn(f"line {item.line} of {input_path}: {error}; skipped")
-        skipped.append((item.line, str(error)))
-
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         try:
@@ -169,12 +205,12 @@ def run_job(
                 f"out of memory with batches of {batch_size}: rerun with a smaller --batch-size "
                 "(the job resumes where it stopped)"
             ) from None
-        records = [_record(item, results[item.line], model_name, revision) for item in batch if item.line in results]
+        records = [record(item, results[item.line]) for item in batch if item.line in results]
         store.append(records)
-        summary.written += len(records)
+        written += len(records)
         if progress:
             progress(start + len(batch), len(pending))
-    return summary
+    return written
 
 
 def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, batch_size: int,
@@ -189,8 +225,7 @@ def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, bat
         raise Olmo2KitError("the output file is the input file: give another --output")
     if not output_path.parent.is_dir():
         raise Olmo2KitError(f"cannot write {output_path}: there is no directory {output_path.parent}")
-    if output_path.is_dir():
-        raise Olmo2KitError(f"cannot write {output_path}: it is a directory; give a file name")
+    _results_store(output_path).check()  # a directory, a device such as /dev/zero, a fifo
     return input_path, output_path
 
 
@@ -207,6 +242,25 @@ def id_key(value: str | int) -> str:
 
 
 def _parse_line(number: int, raw: bytes, defaults: dict, *, chat: bool, system: str | None) -> JobItem:
+    line = _json_object(raw)
+    unknown = [key for key in line if key not in LINE_KEYS]
+    if unknown:
+        raise Olmo2KitError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: a line holds id, "
+            f"prompt or messages, metadata (an object, carried through) and sampling options ({', '.join(OPTION_KEYS)})"
+        )
+    item_id = line.get("id", number)
+    if isinstance(item_id, bool) or not isinstance(item_id, str | int) or item_id == "":
+        raise Olmo2KitError(f"the id must be a string or an integer, got {item_id!r}")
+    if "metadata" in line and not isinstance(line["metadata"], dict):
+        raise Olmo2KitError(f'"metadata" must be a JSON object, got {json.dumps(line["metadata"])[:40]}')
+    request = _request(line, chat=chat, system=system)
+    sampling = _sampling(line, defaults)
+    return JobItem(number, item_id, {k: v for k, v in line.items() if k != "id"}, request, sampling,
+                   _request_sha256(request, sampling))
+
+
+def _json_object(raw: bytes) -> dict:
     try:
         line = json.loads(raw)
     except UnicodeDecodeError:
@@ -215,9 +269,15 @@ def _parse_line(number: int, raw: bytes, defaults: dict, *, chat: bool, system: 
         raise Olmo2KitError(f"not JSON ({e})") from None
     if not isinstance(line, dict):
         raise Olmo2KitError('not a JSON object: write {"id": ..., "prompt": ...}')
-    item_id = line.get("id", number)
-    if isinstance(item_id, bool) or not isinstance(item_id, str | int) or item_id == "":
-        raise Olmo2KitError(f"the id must be a string or an integer, got {item_id!r}")
+    try:
+        json.dumps(line, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Olmo2KitError("holds a lone surrogate escape (\\ud800 to \\udfff), which is not text") from None
+    return line
+
+
+def _request(line: dict, *, chat: bool, system: str | None) -> str | list[dict]:
+    """The prompt, or the conversation, as the model will get it."""
     has_prompt, has_messages = "prompt" in line, "messages" in line
     if has_prompt == has_messages:
         raise Olmo2KitError('give either "prompt" or "messages"' + (", not both" if has_prompt else ""))
@@ -225,36 +285,69 @@ def _parse_line(number: int, raw: bytes, defaults: dict, *, chat: bool, system: 
         prompt = line["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise Olmo2KitError('"prompt" must be a string with some text')
-        request = user_messages(prompt, system) if chat else prompt
-    else:
-        request = check_messages(line["messages"])
-        if system and request[0]["role"] != "system":
-            request = [{"role": "system", "content": system}, *request]
+        return user_messages(prompt, system) if chat else prompt
+    request = check_messages(line["messages"])
+    if system and request[0]["role"] != "system":
+        request = [{"role": "system", "content": system}, *request]
+    return request
+
+
+def _sampling(line: dict, defaults: dict) -> SamplingOptions:
+    """The line's own sampling options over the job's `defaults`."""
     own = {k: line[k] for k in OPTION_KEYS if k in line}
+    if "max_tokens" in line:
+        if "max_new_tokens" in line:
+            raise Olmo2KitError("give max_new_tokens or its alias max_tokens, not both")
+        own["max_new_tokens"] = line["max_tokens"]
     for key, value in own.items():
-        if not _OPTION_TYPES[key](value):
-            raise Olmo2KitError(f"{key} has the wrong type: {value!r}")
-    sampling = SamplingOptions(**normalize_options({**defaults, **own}))
-    return JobItem(number, item_id, {k: v for k, v in line.items() if k != "id"}, request, sampling)
+        if not _OPTION_TYPES.get(key, _is_number)(value):
+            raise Olmo2KitError(f"{'max_tokens' if key not in line else key} has the wrong type: {value!r}")
+    return SamplingOptions(**normalize_options({**defaults, **own}))
+
+
+def _request_sha256(request: str | list[dict], sampling: SamplingOptions) -> str:
+    """The hash that, with the id, keys a result: of what makes it, the request as sent and the options."""
+    options = {**asdict(sampling), "stop": list(sampling.stop)}
+    text = json.dumps({"request": request, "options": options}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _results_store(path: Path) -> JsonlStore:
     return JsonlStore(path, what="result line, so the job cannot resume into it",
-                      hint="give another --output", is_record=lambda row: "id" in row)
+                      hint="give another --output", is_record=lambda row: "id" in row and "model" in row)
 
 
-def _finished_ids(store: JsonlStore, model_name: str, revision: str | None, warn: Callable[[str], None]) -> set[str]:
-    """The ids already in the results; a torn last line (a write cut short) is cut off the file."""
-    records = store.read()
-    for record in records:
+def _finished_requests(store: JsonlStore, model_name: str, revision: str | None,
+                       warn: Callable[[str], None]) -> dict[str, str | None]:
+    """The ids already in the results, each with the hash of the request that made it; a torn last line
+    (a write cut short) is cut off the file. Lines written before results carried `request_sha256` give
+    None: they match their id whatever the request, as resuming did when they were written."""
+    done: dict[str, str | None] = {}
+    for record in store.records():  # a line at a time: only the ids and hashes are kept
         if (record.get("model"), record.get("revision")) != (model_name, revision):
             raise Olmo2KitError(
                 f"{store.path} holds results from {_label(record.get('model'), record.get('revision'))}, and this "
                 f"job runs {_label(model_name, revision)}: give another --output, or the same model to resume"
             )
+        done[id_key(record["id"])] = record.get("request_sha256")
     if store.repair():
         warn(f"{store.path}: dropping an incomplete last line (the run that wrote it was cut short)")
-    return {id_key(record["id"]) for record in records}
+    return done
+
+
+def _check_unchanged(items: list[JobItem], done: dict[str, str | None], output: Path) -> None:
+    """Raise Olmo2KitError if an id's request changed since its result was written.
+
+    An error rather than a warning: keeping the old result would pass it off as the answer to the new
+    request, and generating again would leave two results for one id.
+    """
+    changed = [item.id for item in items if done.get(id_key(item.id)) not in (None, item.sha256)]
+    if changed:
+        shown = ", ".join(id_key(i) for i in changed[:5]) + (", ..." if len(changed) > 5 else "")
+        raise Olmo2KitError(
+            f"{len(changed)} id(s) changed their request (prompt, messages or options) since {output} was written "
+            f"({shown}): give another --output, or remove those lines from it"
+        )
 
 
 def _generate_batch(model, tokenizer, batch: list[JobItem], fail) -> dict[int, Generation]:
@@ -294,5 +387,6 @@ def _record(item: JobItem, generation: Generation, model_name: str, revision: st
         "revision": revision,
         "input": item.input,
         "options": options,
+        "request_sha256": item.sha256,
         **generation.to_dict(),
     }

@@ -5,9 +5,16 @@ The defaults are the model card's: sampling with top_k 50 and top_p 0.95, 100 ne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral
 
 from olmo2kit.errors import Olmo2KitError
+
+# Seeds go to transformers.set_seed, which seeds numpy as well as torch. In .venv, numpy 2.4.6's
+# np.random.seed takes 0 to 2**32 - 1 ("Seed must be between 0 and 2**32 - 1" past it), while torch 2.13's
+# manual_seed takes any 64-bit value: numpy's range is the one every seed must fit.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,8 @@ class SamplingOptions:
     top_p: float = 0.95
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0  # 1: off; above 1 makes tokens already in the text less likely
+    min_p: float = 0.0  # 0: off; drops tokens less likely than min_p times the likeliest (sampling only)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -30,8 +39,12 @@ class SamplingOptions:
                 raise Olmo2KitError(f"top_k must be 0 (off) or positive, got {self.top_k}")
             if not self.temperature > 0.0:
                 raise Olmo2KitError(f"temperature must be positive (use greedy decoding for 0), got {self.temperature}")
-        if self.seed is not None and self.seed < 0:
-            raise Olmo2KitError(f"seed must be 0 or positive, got {self.seed}")
+        if self.seed is not None and (not isinstance(self.seed, Integral) or not 0 <= self.seed < SEED_LIMIT):
+            raise Olmo2KitError(f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed}")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise Olmo2KitError(f"repetition_penalty must be positive (1 is off), got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise Olmo2KitError(f"min_p must be in [0, 1) (0 is off), got {self.min_p}")
         if any(not s for s in self.stop):
             raise Olmo2KitError("a stop string cannot be empty")
 

@@ -11,7 +11,14 @@ from pathlib import Path
 from olmo2kit.compat import hub_network_errors, offline_mode, quiet_bitsandbytes
 from olmo2kit.devices import resolve_device, resolve_dtype
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS, aliases, resolve_alias
+from olmo2kit.model.sizes import (
+    DEFAULT_MODEL,
+    QUANTIZATIONS,
+    aliases,
+    checkpoint_architecture,
+    read_config,
+    resolve_alias,
+)
 
 log = logging.getLogger("olmo2kit")
 
@@ -101,6 +108,10 @@ def load(
     The model is in eval mode with the KV cache on (instruct configs ship it off),
     and the tokenizer pads on the left for batched generation.
 
+    A checkpoint of another architecture (its config.json's model_type is not olmo2), and weights
+    that do not fill the architecture exactly (missing, unexpected or of another shape, which
+    transformers would leave random or drop), are an Olmo2KitError, as are unreadable files.
+
     >>> model, tokenizer = load("1b", quantize="nf4")  # doctest: +SKIP
     """
     quiet_bitsandbytes()  # peft and quantization import it
@@ -121,32 +132,12 @@ def load(
         kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
     # device="auto" on a GPU lets accelerate spread a model that does not fit one device.
     kwargs["device_map"] = "auto" if device == "cuda" else device
-    if not ref.local and not offline_mode():
-        if _hub_reachable(ref):
-            if ref.revision:
-                from olmo2kit.model.revisions import check_revision
+    # A Hub model: the Hub is asked once, and when it cannot be reached the cached copy loads, if there is one.
+    kwargs["local_files_only"] = not ref.local and not offline_mode() and _cached_instead(ref, model)
 
-                check_revision(ref.source, ref.revision)
-        elif _cached(ref):
-            log.warning(f"cannot reach the Hub: loading the cached copy of {ref}")
-            kwargs["local_files_only"] = True
-        else:
-            # a name like out/1b-sft may have been meant as a directory: say it is not one
-            nowhere = "" if resolve_alias(model.split("@")[0]) else f" (nor is there a local directory {ref.source})"
-            raise Olmo2KitError(
-                f"{ref} is not in the local cache and the Hub cannot be reached (check the network and "
-                "HF_ENDPOINT); for an offline try, build a tiny checkpoint with `olmo2kit tiny ./tiny` "
-                f"and pass --model ./tiny{nowhere}"
-            )
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False,
-                                                  local_files_only=kwargs.get("local_files_only", False))
-        loaded = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
-    except OSError as e:
-        raise Olmo2KitError(explain_load_error(ref, e)) from e
+    config = _checked_config(ref, kwargs["local_files_only"])
+    tokenizer = _load_tokenizer(ref, kwargs["local_files_only"])
+    loaded = _load_weights(ref, config, kwargs)
     loaded.eval()
     loaded.config.use_cache = True
     loaded.generation_config.use_cache = True
@@ -158,33 +149,210 @@ def load(
 
 def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
     """The tokenizer of a model (alias, repo id, repo@revision or local directory), without its weights."""
-    from transformers import AutoTokenizer
+    return _load_tokenizer(resolve_model(model, revision))
 
-    ref = resolve_model(model, revision)
+
+def _cached_instead(ref: ModelRef, model: str) -> bool:
+    """Whether a Hub model must load from the cache because the Hub cannot be reached (said on stderr);
+    an Olmo2KitError when the Hub is down and nothing is cached. Checks a revision the Hub lists."""
+    if _hub_reachable(ref):
+        if ref.revision:
+            from olmo2kit.model.revisions import check_revision
+
+            check_revision(ref.source, ref.revision)
+        return False
+    if _cached(ref):
+        log.warning(f"cannot reach the Hub: loading the cached copy of {ref}")
+        return True
+    # a name like out/1b-sft may have been meant as a directory: say it is not one
+    nowhere = "" if resolve_alias(model.split("@")[0]) else f" (nor is there a local directory {ref.source})"
+    raise Olmo2KitError(
+        f"{ref} is not in the local cache and the Hub cannot be reached (check the network and "
+        "HF_ENDPOINT); for an offline try, build a tiny checkpoint with `olmo2kit tiny ./tiny` "
+        f"and pass --model ./tiny{nowhere}"
+    )
+
+
+def _checked_config(ref: ModelRef, local_files_only: bool):
+    """The checkpoint's config, refused before any weight loads unless it is OLMo 2's with positive sizes."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    if ref.local:  # read here first, so that whatever is wrong with it is named in olmo2kit's words
+        checkpoint_architecture(ref.source, read_config(Path(ref.source) / "config.json"))
     try:
-        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False,
+                                            local_files_only=local_files_only)
     except OSError as e:
         raise Olmo2KitError(explain_load_error(ref, e)) from e
+    except (ValueError, StrictDataclassError) as e:  # a model_type transformers does not know, a value of a wrong type
+        raise Olmo2KitError(f"the config.json of {ref} is not one transformers can read ({_first_line(e)}): "
+                            "restore the checkpoint's own") from None
+    checkpoint_architecture(str(ref), config)
+    return config
+
+
+def _load_tokenizer(ref: ModelRef, local_files_only: bool = False):
+    from transformers import AutoTokenizer
+
+    if ref.local:
+        _check_tokenizer_files(Path(ref.source))
+    try:
+        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=False,
+                                             local_files_only=local_files_only)
+    except OSError as e:
+        raise Olmo2KitError(explain_load_error(ref, e)) from e
+    except ValueError as e:  # no tokenizer file it can use (missing, or one it cannot convert)
+        raise Olmo2KitError(f"cannot load the tokenizer of {ref} ({_first_line(e)}): a checkpoint needs its "
+                            "tokenizer.json and tokenizer_config.json, copy them from the model it came from") from None
+
+
+def _check_tokenizer_files(directory: Path) -> None:
+    """Olmo2KitError naming the file when a local checkpoint's tokenizer files cannot be parsed.
+
+    transformers reports each kind of damage by another exception (KeyError, TypeError,
+    AttributeError, ...) from deep inside; checked here, each is named by file.
+    """
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (directory / name).is_file():
+            read_config(directory / name)
+    tokenizer_json = directory / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers reports a file it cannot parse as a bare Exception
+            raise
+        raise Olmo2KitError(f"{tokenizer_json} is not a tokenizer file ({e}): copy it again from the model it "
+                            "came from") from None
+
+
+def _load_weights(ref: ModelRef, config, kwargs: dict):
+    """The model from its safetensors files, every weight of the architecture loaded from them."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # Mis-shaped weights come back in the report below instead of as transformers' RuntimeError.
+        loaded, report = AutoModelForCausalLM.from_pretrained(
+            ref.source, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except OSError as e:
+        raise Olmo2KitError(explain_load_error(ref, e)) from e
+    except SafetensorError as e:
+        raise Olmo2KitError(f"{_weights_files(ref)} truncated or not safetensors ({e}): "
+                            f"{_fetch_again(ref)}") from None
+    _check_loading_report(str(ref), report)
+    return loaded
+
+
+def _check_loading_report(name: str, report: dict) -> None:
+    """Olmo2KitError when transformers' loading report (`output_loading_info=True`) lists weights the
+    checkpoint lacks, has besides, or has in another shape: loading would leave them random or drop them."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape")):
+        names = sorted(k if isinstance(k, str) else k[0] for k in report.get(key, ()))
+        if names:
+            more = ", ..." if len(names) > 3 else ""
+            problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{more})")
+    if problems:
+        raise Olmo2KitError(f"the weights of {name} do not match its config.json: {'; '.join(problems)}; give the "
+                            "config.json that was saved with these weights")
+
+
+def _weights_files(ref: ModelRef) -> str:
+    """What holds a checkpoint's weights, for a message: 'DIR/model.safetensors is' or 'the ... are'."""
+    if ref.local:
+        files = sorted(Path(ref.source).glob("*.safetensors"))
+        if len(files) == 1:
+            return f"{files[0]} is"
+        return f"a *.safetensors file in {ref.source} is"
+    return f"the cached weights of {ref} are"
+
+
+def _fetch_again(ref: ModelRef) -> str:
+    if ref.local:
+        return "copy the checkpoint again from where it came, or save it again"
+    return f"remove them with `hf cache rm model/{ref.source}` and load again"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _load_adapter(path: Path, **options):
     """A LoRA adapter directory (from `olmo2kit finetune --lora`): its base model, then the adapter."""
-    import json
-
-    from peft import PeftModel
-
-    config = json.loads((path / "adapter_config.json").read_text())
-    base_name = config.get("base_model_name_or_path")
-    if not base_name:
-        raise Olmo2KitError(f"{path} holds a LoRA adapter without base_model_name_or_path: cannot tell its base model")
-    base, tokenizer = load(base_name, revision=config.get("revision"), **options)
-    adapted = PeftModel.from_pretrained(base, path).eval()
+    base_name, revision = _adapter_base(path)
+    base, tokenizer = load(base_name, revision=revision, **options)
+    adapted = _apply_adapter(base, path)
     if (path / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = _load_tokenizer(ModelRef(str(path), None, local=True))
         tokenizer.padding_side = "left"
     return adapted, tokenizer
+
+
+def _adapter_base(path: Path) -> tuple[str, str | None]:
+    """(base model, its revision) of a LoRA adapter directory, its adapter_config.json checked first."""
+    config_path = path / "adapter_config.json"
+    config = read_config(config_path)
+    base_name = config.get("base_model_name_or_path")
+    if not base_name or not isinstance(base_name, str):
+        raise Olmo2KitError(f"{path} holds a LoRA adapter without base_model_name_or_path: cannot tell its base model")
+    _check_adapter_base(config_path, base_name)
+    if config.get("peft_type") != "LORA":
+        raise Olmo2KitError(f"{config_path} gives peft_type {config.get('peft_type')!r}: olmo2kit loads LoRA "
+                            "adapters (peft_type 'LORA'), restore the adapter's own")
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise Olmo2KitError(f"{config_path} gives r {rank!r}: a LoRA rank is a positive whole number, restore the "
+                            "adapter's own")
+    revision = config.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise Olmo2KitError(f"{config_path} gives revision {revision!r}: a revision is a branch, tag or commit name")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise Olmo2KitError(f"{path} holds no adapter_model.safetensors: copy the adapter again, or save it again")
+    return base_name, revision
+
+
+def _apply_adapter(base, path: Path):
+    """The adapter of `path` on `base`, in eval mode."""
+    from peft import PeftModel
+    from peft.utils.error import NoMatchingPeftModuleError
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(base, str(path)).eval()
+    except SafetensorError as e:
+        raise Olmo2KitError(f"{path / 'adapter_model.safetensors'} is truncated or not safetensors ({e}): "
+                            "copy the adapter again, or save it again") from None
+    except NoMatchingPeftModuleError:
+        raise Olmo2KitError(f"the LoRA adapter {path} targets modules its base model lacks: it was made for "
+                            "another model, give that one as base_model_name_or_path") from None
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):  # torch's load_state_dict: the adapter's shapes are not its base's
+            raise
+        raise Olmo2KitError(f"the LoRA adapter {path} does not fit its base model (its weights have other shapes): "
+                            "it was made for another model or another r, give the right base or save it again") \
+            from None
+
+
+def _check_adapter_base(config_path: Path, base: str) -> None:
+    """Olmo2KitError when an adapter records its base as a relative path: that resolves against the folder
+    olmo2kit runs in, not the adapter's, and could load whatever lies there. Aliases and repo ids are fine."""
+    name = base.partition("@")[0]
+    local = Path(base).expanduser()
+    if local.is_absolute() or resolve_alias(name):
+        return
+    if _REPO_ID.match(name) and not local.exists():
+        return  # a Hub repo id, not a directory here
+    raise Olmo2KitError(
+        f"{config_path} records its base model as the relative path {base!r}, which depends on the folder olmo2kit "
+        "runs in: give the base's absolute path there (base_model_name_or_path), or save the adapter again"
+    )
 
 
 def _hub_reachable(ref: ModelRef) -> bool:

@@ -307,5 +307,5 @@ def _write_cache(repo_id: str, refs: list[tuple[str, str]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(data).encode())
-    except OSError:
+    except (OSError, Olmo2KitError):
         pass  # an unwritable cache only costs the next call another request

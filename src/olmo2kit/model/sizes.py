@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,11 @@ EOS_TOKEN_ID = 100257  # <|endoftext|>
 PAD_TOKEN_ID = 100277  # <|pad|>
 
 VARIANTS = ("base", "sft", "dpo", "instruct")
+MODEL_TYPE = "olmo2"  # config.json's model_type for every OLMo 2 checkpoint
+# The fields of config.json that fix the architecture's shapes.
+ARCHITECTURE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                       "intermediate_size", "vocab_size")
+CONFIG_MAX_BYTES = 16 << 20  # config files are KBs (a tokenizer_config.json at most a few MB): this is no config
 
 
 @dataclass(frozen=True)
@@ -53,19 +59,30 @@ class Size:
     @classmethod
     def from_config(cls, name: str, config) -> Size:
         """The architecture of any OLMo 2 config (an Olmo2Config or its config.json as a dict), for
-        parameter and memory figures; it carries no training budget."""
+        parameter and memory figures; it carries no training budget.
+
+        Each size must be a positive whole number, and the heads must divide the width: otherwise an
+        Olmo2KitError names the field (a negative layer count would give negative memory figures).
+        """
         c = config if isinstance(config, dict) else config.to_dict()
-        return cls(name=name, repo=name, num_hidden_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
-                   num_attention_heads=c["num_attention_heads"],
-                   num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                   intermediate_size=c["intermediate_size"], stage1_tokens=0, stage2_runs=(), tokens_per_step=None,
-                   published_flops=0.0, vocab_size=c["vocab_size"])
+        values = {field: c.get(field) for field in ARCHITECTURE_FIELDS}
+        if values["num_key_value_heads"] is None:  # absent: one key/value head per attention head
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        for field, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                given = "no value" if value is None else repr(value)
+                raise Olmo2KitError(f"the config of {name} gives {field} {given}: it must be a positive whole number "
+                                    "(fix its config.json)")
+        for wide, narrow in (("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads")):
+            if values[wide] % values[narrow]:
+                raise Olmo2KitError(f"the config of {name} gives {wide} {values[wide]}, not a multiple of its {narrow} "
+                                    f"{values[narrow]} (fix its config.json)")
+        return cls(name=name, repo=name, **values, stage1_tokens=0, stage2_runs=(), tokens_per_step=None,
+                   published_flops=0.0)
 
     def same_architecture(self, other: Size) -> bool:
         """Whether `other` has this size's layers, widths, heads and vocabulary."""
-        fields = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "vocab_size")
-        return all(getattr(self, f) == getattr(other, f) for f in fields)
+        return all(getattr(self, f) == getattr(other, f) for f in ARCHITECTURE_FIELDS)
 
     @property
     def head_dim(self) -> int:
@@ -210,10 +227,39 @@ def architecture(model: str) -> Size:
             f"cannot tell the architecture of {model!r}: give a size ({', '.join(SIZES)}), an OLMo 2 alias or "
             "repo id, or a local checkpoint directory"
         )
+    return checkpoint_architecture(model, read_config(config_path))
+
+
+def checkpoint_architecture(name: str, config) -> Size:
+    """The architecture of a checkpoint's config (an Olmo2Config or its config.json as a dict), or an
+    Olmo2KitError when it is not OLMo 2's: another model_type, or a size that is not positive."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type != MODEL_TYPE:
+        what = "gives no model_type" if model_type is None else f"gives model_type {model_type!r}"
+        raise Olmo2KitError(f"{name} is not an OLMo 2 checkpoint: its config.json {what}, and olmo2kit runs OLMo 2 "
+                            f"checkpoints (model_type {MODEL_TYPE!r}) only")
+    return Size.from_config(name, config)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A checkpoint's JSON config file (config.json, adapter_config.json) as a dict, or an Olmo2KitError
+    naming the file when it cannot be read or holds no JSON object."""
+    path = Path(path)
     try:
-        return Size.from_config(model, json.loads(config_path.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise Olmo2KitError(f"{config_path} is not an OLMo 2 config ({type(e).__name__}: {e})") from None
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise Olmo2KitError(f"cannot read {path} ({e.strerror}): check the file and its permissions") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise Olmo2KitError(f"{path} is over {CONFIG_MAX_BYTES >> 20} MB, too large for a config file: "
+                            "restore the checkpoint's own")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # invalid UTF-8 or invalid JSON
+        raise Olmo2KitError(f"{path} is not valid JSON ({e}): restore the checkpoint's own") from None
+    if not isinstance(config, dict):
+        raise Olmo2KitError(f"{path} holds a JSON {type(config).__name__}, not an object: restore the checkpoint's own")
+    return config
 
 
 def context_length(config) -> int | None:

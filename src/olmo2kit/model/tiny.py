@@ -8,17 +8,20 @@ chat template, so plain `AutoModelForCausalLM` / `AutoTokenizer` load it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import make_output_dir
+from olmo2kit.files import cannot_write, make_output_dir
 from olmo2kit.model.chat_template import OLMO2_CHAT_TEMPLATE
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# The file build_tiny leaves in each checkpoint: what it built, and the files it wrote.
+MARKER = "olmo2kit-tiny.json"
 
 # Architecture of the tiny model: OLMo 2's layout (post-norm blocks, QK-norm, untied
 # embeddings) at toy width, with grouped-query attention as in the 32B.
@@ -86,22 +89,46 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
     """Write a tiny random OLMo 2 checkpoint to `path` and return it.
 
     The same seed gives the same weights; a different seed gives different ones.
-    The directory appears whole or not at all (written beside it, then renamed). An existing
-    checkpoint (a directory with a config.json) or empty directory is replaced; anything else
-    at `path` is an Olmo2KitError, never deleted.
+    The directory appears whole or not at all (written beside it, then renamed), with a marker,
+    `olmo2kit-tiny.json`, naming what was built and its files. Only what this function can tell
+    it wrote is replaced: an empty directory, or one holding that marker and nothing but the files
+    it names. Anything else at `path` is an Olmo2KitError, never deleted.
 
     >>> build_tiny("/tmp/tiny-olmo2", instruct=True)  # doctest: +SKIP
     """
+    path = Path(path).expanduser()
+    _check_replaceable(path)
+    make_output_dir(path.parent)
+    tokenizer = build_tokenizer(instruct=instruct)
+    model = _tiny_model(tokenizer, seed)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise Olmo2KitError(
+            f"cannot write in {path.parent} ({e.strerror}): give a directory you can write to"
+        ) from None
+    try:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        files = sorted(p.name for p in staging.iterdir())
+        marker = {"built_by": "olmo2kit tiny", "instruct": instruct, "seed": seed, "files": files}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2))  # the directory is renamed in whole
+        _check_replaceable(path)  # again: the directory may have changed while the model was built
+        _swap_in(staging, path)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise cannot_write(path, e, "give a directory you can write to") from None
+        raise
+    return path
+
+
+def _tiny_model(tokenizer, seed: int):
     import torch
     from transformers import GenerationConfig, Olmo2ForCausalLM
 
     from olmo2kit.model.sizes import hf_config
 
-    path = Path(path).expanduser()
-    if path.exists() and not (path.is_dir() and ((path / "config.json").is_file() or not any(path.iterdir()))):
-        raise Olmo2KitError(f"{path} exists and is not a checkpoint, so it is not replaced: give a new directory")
-    make_output_dir(path.parent)
-    tokenizer = build_tokenizer(instruct=instruct)
     config = hf_config(
         "1b",
         **TINY_ARCH,
@@ -117,20 +144,65 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+    return model
 
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as e:
+
+def _check_replaceable(path: Path) -> None:
+    """Raise Olmo2KitError unless `path` is free, an empty directory, or a tiny checkpoint build_tiny wrote."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise Olmo2KitError(f"{path} exists and is not a checkpoint, so it is not replaced: give a new directory")
+    present = sorted(p.name for p in path.iterdir())
+    if not present:
+        return
+    ours = _marked_files(path)
+    if ours is None:
         raise Olmo2KitError(
-            f"cannot write in {path.parent} ({e.strerror}): give a directory you can write to"
-        ) from None
+            f"{path} exists and is not a checkpoint, so it is not replaced: olmo2kit tiny replaces only a tiny "
+            f"checkpoint it wrote (with its {MARKER}); give a new directory"
+        )
+    others = [name for name in present if name not in ours or not _plain_file(path / name)]
+    if others:
+        raise Olmo2KitError(
+            f"{path} holds files that are not part of a tiny checkpoint ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}), so it is not replaced: give a new directory"
+        )
+
+
+def _marked_files(path: Path) -> set[str] | None:
+    """The files a tiny checkpoint's marker names, marker included; None where there is no marker build_tiny wrote."""
+    marker = path / MARKER
+    if not _plain_file(marker):
+        return None
     try:
-        model.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
-        if path.exists():
-            shutil.rmtree(path)
+        with marker.open("rb") as f:
+            data = json.loads(f.read(1 << 16))  # a marker is small: a large file there is not one
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("built_by") == "olmo2kit tiny" and isinstance(data.get("files"), list)):
+        return None
+    files = data["files"]
+    if not all(isinstance(name, str) and name and "/" not in name and name not in (".", "..") for name in files):
+        return None
+    return {*files, MARKER}
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Rename `staging` to `path`; an old checkpoint there is moved aside first and removed last, so a crash
+    at any point leaves it (or the new one) whole under some name."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    old = staging.with_name(staging.name + ".old")
+    os.replace(path, old)
+    try:
         os.replace(staging, path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.replace(old, path)  # the old one back where it was
         raise
-    return path
+    shutil.rmtree(old, ignore_errors=True)  # what is left of it is out of sight, and no one's data

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from olmo2kit.compat import drop_messages
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import make_output_dir, write_json_atomic
+from olmo2kit.files import make_output_dir, numbered_lines, output_lock, write_json_atomic
 from olmo2kit.model.chat_template import chat_template_of, check_messages
 from olmo2kit.model.loading import load_tokenizer, resolve_model
 from olmo2kit.model.sizes import DEFAULT_MODEL
@@ -42,6 +44,14 @@ LAYOUT_VERSION = 1
 _PROGRESS = ".prepare-progress.json"
 _PARTIAL = {INPUT_IDS: ".input_ids.npy.partial", LABEL_MASK: ".label_mask.npy.partial"}
 _SYNC_EVERY = 2000  # examples between progress records: what a killed run loses at most
+# A row is one example; a million tokens is 250 times OLMo 2's context, and a row of it already takes 4 MB.
+MAX_SEQ_LEN = 1 << 20
+# An example is one line, cut to at most MAX_SEQ_LEN tokens, so a line past this many bytes is a mistake
+# (a file without newlines, say), refused before it is held in memory.
+MAX_LINE_BYTES = 256 << 20
+_CHECK_BYTES = 1 << 26  # how much of input_ids.npy load_prepared reads at a time to check the token ids
+# A JSON escape of half a surrogate pair (\ud800 to \udfff) makes a str no tokenizer can encode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -105,12 +115,12 @@ def _assistant_span(render: Callable, messages: list[dict], i: int, text: str) -
     content = messages[i]["content"]
     if not (text.startswith(before) and turn.startswith(before) and empty.startswith(before)
             and text.startswith(turn)):
-        raise ValueError("the chat template renders this assistant turn differently in context")
+        raise ValueError(f"message {i + 1}: the chat template renders this assistant turn differently in context")
     tail, empty_tail = turn[len(before):], empty[len(before):]
     for header in range(len(empty_tail) + 1):
         if empty_tail[:header] + content + empty_tail[header:] == tail:
             return len(before) + header, len(turn)
-    raise ValueError("the chat template does not render this assistant turn as header, content, end")
+    raise ValueError(f"message {i + 1}: the chat template does not render this assistant turn as header, content, end")
 
 
 def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[bool]]:
@@ -129,14 +139,15 @@ def prepare_data(
     seq_len: int = 4096,
     format: str | None = None,
     split: str = "train",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Tokenize `source` into OLMo's layout in `outdir` and return the manifest.
 
     `source` is a JSONL file of {"messages": [...]} (chat) or {"text": ...} (text) objects, or a
     dataset name or directory for `datasets.load_dataset` (the `datasets` extra). `format` is
-    guessed from the first example when not given. `progress(examples read)` is called as examples
-    are read (from the resumed position on). Examples with no token to learn are dropped;
+    guessed from the first example when not given. `progress(read, total)` is called as examples are
+    read (from the resumed position on; for a file, lines), and once with read == total at the end.
+    `outdir` is locked for the run. Examples with no token to learn are dropped;
     longer ones are cut to `seq_len`; both are counted in the manifest. A bad line raises
     Olmo2KitError naming its line number, and leaves no file that looks complete.
 
@@ -144,11 +155,22 @@ def prepare_data(
     """
     if seq_len < 2:
         raise Olmo2KitError(f"--seq-len must be at least 2, got {seq_len}")
+    if seq_len > MAX_SEQ_LEN:
+        raise Olmo2KitError(f"--seq-len must be at most {MAX_SEQ_LEN:,} tokens, got {seq_len:,}: a row holds one "
+                            "example, and OLMo 2's context is 4,096 tokens")
     if format is not None and format not in FORMATS:
         raise Olmo2KitError(f"unknown format {format!r}: use chat or text")
     outdir = Path(outdir)
-    records, origin = _open_source(str(source), split)
+    source = _open_source(str(source), split)
     make_output_dir(outdir)
+    with output_lock(outdir, option="OUTDIR"):  # two runs into one directory would interleave their rows
+        return _prepare(source, outdir, model, revision, seq_len, format, split, progress)
+
+
+def _prepare(source: _Source, outdir: Path, model: str, revision: str | None, seq_len: int, format: str | None,
+             split: str, progress: Callable[[int, int], None] | None) -> dict:
+    """prepare_data's work, in a locked `outdir`."""
+    origin = source.origin
     tokenizer = _checked_tokenizer(model, revision, seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template, template_origin = chat_template_of(tokenizer)
@@ -160,11 +182,12 @@ def prepare_data(
     state = _read_progress(outdir, settings)
     if state is None:  # progress of other settings must not vouch for the files this run writes
         (outdir / _PROGRESS).unlink(missing_ok=True)
-    fmt, counts = _write_rows(outdir, records, tokenizer, template, pad_id, settings, state, progress)
+    fmt, counts = _write_rows(outdir, source, tokenizer, template, pad_id, settings, state, progress)
     if counts["rows"] == 0:
         _discard_partial(outdir)
         raise Olmo2KitError(
-            f"no example in {source} has a token to learn ({counts['examples']} read, {counts['dropped']} dropped): "
+            f"no example in {source.name} has a token to learn "
+            f"({counts['examples']} read, {counts['dropped']} dropped): "
             "chat examples need an assistant turn, and --seq-len must leave room for it"
         )
     manifest = _manifest(tokenizer, settings, fmt, counts, pad_id, template_origin)
@@ -183,9 +206,8 @@ def _checked_tokenizer(model: str, revision: str | None, seq_len: int):
     return tokenizer
 
 
-def _write_rows(outdir: Path, records: Callable[[int], Iterator[tuple[int, dict]]], tokenizer, template: str,
-                pad_id: int, settings: dict, state: dict | None,
-                progress: Callable[[int], None] | None) -> tuple[str | None, dict]:
+def _write_rows(outdir: Path, source: _Source, tokenizer, template: str, pad_id: int, settings: dict,
+                state: dict | None, progress: Callable[[int, int], None] | None) -> tuple[str | None, dict]:
     """Tokenize the records after `state`'s position into the partial files: (format, counts), all rows synced.
 
     Without `state` the partial files start empty. A progress record is written every `_SYNC_EVERY`
@@ -194,8 +216,9 @@ def _write_rows(outdir: Path, records: Callable[[int], Iterator[tuple[int, dict]
     origin, seq_len = settings["source"], settings["seq_len"]
     counts = state["counts"] if state else {"examples": 0, "rows": 0, "truncated": 0, "dropped": 0, "tokens": 0,
                                              "label_tokens": 0}
-    position = state["position"] if state else 0
+    position = start = state["position"] if state else 0
     fmt = state["format"] if state else settings["format"]
+    report = progress or (lambda done, total: None)
     files = {name: open(outdir / partial, "r+b" if state else "wb") for name, partial in _PARTIAL.items()}
     try:
         if state:  # drop anything written after the last progress record
@@ -203,17 +226,17 @@ def _write_rows(outdir: Path, records: Callable[[int], Iterator[tuple[int, dict]
             files[LABEL_MASK].truncate(counts["rows"] * seq_len)
             for f in files.values():
                 f.seek(0, os.SEEK_END)
-        if progress is not None:
-            progress(position)
-        for number, record in records(position):
-            fmt = fmt or _guess_format(record, origin, number)
-            ids, mask = _tokenize_record(tokenizer, record, fmt, template, origin, number)
+        report(position, source.total)
+        for position, record in source.records(start):
+            fmt = fmt or _guess_format(record, origin, position)
+            ids, mask = _tokenize_record(tokenizer, record, fmt, template, origin, position)
             _append_example(files, counts, ids, mask, seq_len, pad_id)
-            if progress is not None:
-                progress(number)
+            report(position, source.total)
             if counts["examples"] % _SYNC_EVERY == 0:
-                _write_progress(outdir, files, settings, fmt, number, counts)
+                _write_progress(outdir, files, settings, fmt, position, counts)
         _sync(files)
+        if position != source.total:  # blank lines at the end: the count still reaches the total
+            report(source.total, source.total)
     except Olmo2KitError:
         _discard_partial(outdir)  # a bad example comes back on a rerun: nothing here is worth resuming
         raise
@@ -269,7 +292,8 @@ def _publish(outdir: Path, manifest: dict) -> None:
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
-    """Open a directory written by `prepare_data` (checked against its manifest)."""
+    """Open a directory written by `prepare_data`, checked against its manifest: shapes, and every token id
+    below the manifest's vocab_size (a larger one would fail deep in training)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
@@ -277,9 +301,11 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
         raise Olmo2KitError(f"{path} {what} (no {MANIFEST}): run `olmo2kit prepare-data INPUT {path}`")
     try:
         manifest = json.loads(manifest_path.read_text())
-        rows, seq_len = int(manifest["rows"]), int(manifest["seq_len"])
+        rows, seq_len, vocab_size = int(manifest["rows"]), int(manifest["seq_len"]), int(manifest["vocab_size"])
         if manifest["dtype"] != "uint32":
             raise ValueError(f"dtype {manifest['dtype']}")
+        if min(rows, seq_len, vocab_size) < 1:
+            raise ValueError("rows, seq_len and vocab_size must be positive")
     except (ValueError, KeyError, TypeError) as e:
         raise Olmo2KitError(f"{manifest_path} is damaged ({e}): run prepare-data again") from None
     arrays = {}
@@ -289,7 +315,26 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
         if not file.exists() or file.stat().st_size != expected:
             raise Olmo2KitError(f"{file} is missing or not the {expected:,} bytes {MANIFEST} says: prepare it again")
         arrays[name] = np.memmap(file, dtype=dtype, mode="r", shape=(rows, seq_len))
+    _check_token_ids(path / INPUT_IDS, rows, seq_len, vocab_size)
     return PreparedData(path, arrays[INPUT_IDS], arrays[LABEL_MASK], manifest)
+
+
+def _check_token_ids(file: Path, rows: int, seq_len: int, vocab_size: int) -> None:
+    """Olmo2KitError naming the first row of `file` with a token id of `vocab_size` or more.
+
+    Reads `_CHECK_BYTES` at a time into memory that is freed as it goes; pages of a memmap would stay
+    counted in the process's memory.
+    """
+    step = max(1, _CHECK_BYTES // (seq_len * 4))
+    with open(file, "rb") as f:
+        for start in range(0, rows, step):
+            chunk = np.frombuffer(f.read(step * seq_len * 4), dtype=np.uint32).reshape(-1, seq_len)
+            if chunk.max() >= vocab_size:
+                row, column = np.argwhere(chunk >= vocab_size)[0]
+                raise Olmo2KitError(
+                    f"{file} row {start + row + 1} of {rows} holds token id {chunk[row, column]}, beyond the "
+                    f"{vocab_size:,} tokens of its tokenizer ({MANIFEST}): the file is damaged; prepare it again"
+                )
 
 
 def _tokenizer_name(model: str, revision: str | None) -> str:
@@ -297,27 +342,21 @@ def _tokenizer_name(model: str, revision: str | None) -> str:
     return str(Path(ref.source).resolve()) if ref.local else str(ref)
 
 
-def _open_source(source: str, split: str) -> tuple[Callable[[int], Iterator[tuple[int, dict]]], dict]:
-    """A function giving (line number, record) from a position on, and what identifies the source."""
+@dataclass
+class _Source:
+    """Where examples come from: `records(after)` gives (number, record) from a position on, numbered from 1."""
+
+    name: str  # as the user gave it
+    origin: dict  # what identifies it, for resuming
+    total: int  # lines of a file, examples of a dataset
+    records: Callable[[int], Iterator[tuple[int, dict]]]
+
+
+def _open_source(source: str, split: str) -> _Source:
+    """A JSONL file or a dataset, opened to be read from any position."""
     path = Path(source).expanduser()
     if path.is_file():
-        stat = path.stat()
-        origin = {"kind": "jsonl", "path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-        def jsonl(after: int) -> Iterator[tuple[int, dict]]:
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
-                    if number <= after or not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError as e:
-                        raise Olmo2KitError(f"{source} line {number}: not JSON ({e}); fix or remove it") from None
-                    if not isinstance(record, dict):
-                        raise Olmo2KitError(f"{source} line {number}: expected a JSON object, got {_kind(record)}")
-                    yield number, record
-
-        return jsonl, origin
+        return _jsonl_source(source, path)
     if not path.is_dir() and (source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json"))):
         raise Olmo2KitError(f"no such file: {source}")
     try:
@@ -328,6 +367,8 @@ def _open_source(source: str, split: str) -> tuple[Callable[[int], Iterator[tupl
             "pip install 'olmo2kit[datasets]'"
         ) from None
     datasets.disable_progress_bars()
+    # datasets logs a JSON file it cannot parse, with pyarrow's message, before raising: the error below says it
+    drop_messages("datasets.packaged_modules.json.json", "Failed to load JSON")
     try:
         dataset = datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
@@ -340,7 +381,56 @@ def _open_source(source: str, split: str) -> tuple[Callable[[int], Iterator[tupl
     def rows(after: int) -> Iterator[tuple[int, dict]]:
         yield from enumerate(dataset.select(range(after, len(dataset))), start=after + 1)
 
-    return rows, origin
+    return _Source(source, origin, len(dataset), rows)
+
+
+def _jsonl_source(source: str, path: Path) -> _Source:
+    stat = path.stat()
+    origin = {"kind": "jsonl", "path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def jsonl(after: int) -> Iterator[tuple[int, dict]]:
+        with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is reported with its number
+            for number, line in numbered_lines(f, MAX_LINE_BYTES):
+                if line is None:
+                    raise Olmo2KitError(f"{source} line {number}: longer than {MAX_LINE_BYTES:,} bytes, the cap on "
+                                        "an example: split it")
+                if number > after and line.strip():
+                    yield number, _parse_line(source, number, line)
+
+    return _Source(source, origin, _count_lines(path), jsonl)
+
+
+def _parse_line(source: str, number: int, line: bytes) -> dict:
+    """One JSONL line as a dict of text a tokenizer can encode; Olmo2KitError naming the line otherwise."""
+    where = f"{source} line {number}"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Olmo2KitError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); convert the file to UTF-8") \
+            from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise Olmo2KitError(f"{where}: not JSON ({e}); fix or remove it") from None
+    if not isinstance(record, dict):
+        raise Olmo2KitError(f"{where}: expected a JSON object, got {_kind(record)}")
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Olmo2KitError(f"{where}: an escape \\uXXXX is half of a surrogate pair, which is no text; "
+                                "fix or remove it") from None
+    return record
+
+
+def _count_lines(path: Path) -> int:
+    """Lines in a file, a last one without its newline included."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
 
 
 def _guess_format(record: dict, origin: dict, number: int) -> str:
@@ -348,17 +438,21 @@ def _guess_format(record: dict, origin: dict, number: int) -> str:
         return "chat"
     if "text" in record:
         return "text"
-    raise Olmo2KitError(f"{_where(origin, number)}: has neither 'messages' (chat) nor 'text'")
+    raise Olmo2KitError(f"{_where(origin, number)}: has neither a 'messages' (chat) nor a 'text' (text) field")
 
 
 def _tokenize_record(tokenizer, record: dict, fmt: str, template: str, origin: dict, number: int):
     where = _where(origin, number)
+    field = "text" if fmt == "text" else "messages"
+    if field not in record:
+        raise Olmo2KitError(f"{where}: has no {field!r} field, which every example needs in {fmt} format; "
+                            "give each example 'messages' (chat) or each 'text' (text)")
     if fmt == "text":
-        text = record.get("text")
+        text = record["text"]
         if not isinstance(text, str):
             raise Olmo2KitError(f"{where}: 'text' must be a string, got {_kind(text)}")
         return tokenize_text(tokenizer, text)
-    messages = record.get("messages")
+    messages = record["messages"]
     if not isinstance(messages, list):
         raise Olmo2KitError(f"{where}: 'messages' must be a list, got {_kind(messages)}")
     try:

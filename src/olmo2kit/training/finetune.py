@@ -9,12 +9,15 @@ One optimizer step trains on one global batch: batch_size rows per process, time
 times the processes. Its loss is the mean over the labelled tokens of the whole global batch,
 so the same global batch gives the same update on one process or eight. Rows are visited in a
 seeded shuffle per epoch, a pure function of the step: a resumed run sees the same order.
+With a validation split, a seeded share of the rows is held out of every epoch and evaluated
+with the same loss (the mean over its labelled tokens).
 
 Output in DIR:
   config.json, model.safetensors, tokenizer   full fine-tune, or the merged model with --merge
   adapter_config.json, adapter_model...       a LoRA adapter (olmo2kit.load puts it on its base)
   adapter/                                     the adapter, when --merge put the merged model in DIR
-  train_log.jsonl                              {"step", "loss", "lr", "tokens"} per step
+  train_log.jsonl                              {"step", "loss", "lr", "tokens"} per step, and
+                                               {"step", "eval_loss"} per evaluation of the validation split
   checkpoints/step-N/                          trainable weights, optimizer, RNG, step (for --resume)
   finetune.json                                the settings and results; written last
 """
@@ -29,8 +32,8 @@ import os
 import shutil
 import time
 import typing
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -41,8 +44,8 @@ import numpy as np
 from olmo2kit.compat import quiet_bitsandbytes
 from olmo2kit.devices import check_device, peak_memory_gb, resolve_device
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import JsonlStore, make_output_dir, write_json_atomic
-from olmo2kit.model.loading import load, resolve_model
+from olmo2kit.files import LOCK_NAME, JsonlStore, make_output_dir, output_lock, write_json_atomic
+from olmo2kit.model.loading import ModelRef, load, resolve_model
 from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
 from olmo2kit.training.data import PreparedData, load_prepared
 
@@ -55,7 +58,9 @@ LOG = "train_log.jsonl"
 RESULT = "finetune.json"
 CHECKPOINTS = "checkpoints"
 _STAGING = ".result.tmp"
-_OWN = {LOG, CHECKPOINTS, _STAGING}  # what an unfinished run leaves in its output directory
+_OWN = {LOG, CHECKPOINTS, _STAGING, LOCK_NAME}  # what an unfinished run leaves in its output directory
+# Identity keys added after checkpoints were first written, with the value an older checkpoint implies.
+_IDENTITY_DEFAULTS = {"val_fraction": 0.0}
 
 
 @dataclass
@@ -85,6 +90,8 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     merge: bool = False  # LoRA: also write the adapter merged into the base weights
+    val_fraction: float = 0.0  # share of the rows held out for validation, never trained on
+    eval_every: int | None = None  # steps between evaluations of the validation split (always at the end)
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
 
@@ -94,7 +101,10 @@ class FinetuneConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise Olmo2KitError(f"{name} must be positive, got {value}")
-        for name in ("epochs", "max_steps", "save_every"):
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise Olmo2KitError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("epochs", "max_steps", "save_every", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise Olmo2KitError(f"{name} must be at least 1, got {value}")
@@ -107,6 +117,10 @@ class FinetuneConfig:
             raise Olmo2KitError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise Olmo2KitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise Olmo2KitError(f"val_fraction is a share of the rows, in [0, 1); got {self.val_fraction}")
+        if self.eval_every is not None and not self.val_fraction:
+            raise Olmo2KitError("--eval-every evaluates the validation split: add --val-fraction, e.g. 0.05")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise Olmo2KitError("weight_decay must be 0 or more and max_grad_norm positive")
         if self.quantize and not self.lora:
@@ -131,6 +145,7 @@ class FinetuneResult:
     tokens_per_s: float
     peak_memory_gb: float
     saved: str  # "full", "adapter" or "merged"
+    eval_loss: float | None = None  # on the validation split, after the last step; None without one
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "output": str(self.output)}
@@ -144,13 +159,19 @@ def load_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise Olmo2KitError(f"no such config file: {path} (recipes are in configs/finetune/)")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise Olmo2KitError(f"cannot read {path} ({e.strerror}): give a recipe file you can read") from None
+    except UnicodeDecodeError as e:
+        raise Olmo2KitError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8") from None
+    try:
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise Olmo2KitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise Olmo2KitError(f"{path} must be a mapping of option: value")
     types = typing.get_type_hints(FinetuneConfig)
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(str(key) for key in values if key not in types)  # YAML keys may be numbers too
     if unknown:
         raise Olmo2KitError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(types)}")
     return {key: _coerce(path, key, value, types[key]) for key, value in values.items()}
@@ -161,7 +182,7 @@ def _coerce(path: Path, key: str, value, annotation):
     # PyYAML reads 2e-5 (no dot) as a string; recipes should not have to know that.
     kinds = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
     kind = kinds[0]
-    if value is None or kind is str:
+    if value is None and type(None) in typing.get_args(annotation) or kind is str and isinstance(value, str):
         return value
     whole = not (kind is int and isinstance(value, float) and not value.is_integer())  # 2.5 epochs is no int
     if (kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool)) and whole:
@@ -183,21 +204,27 @@ def learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
 class DataOrder:
     """Which rows each optimizer step trains on: a seeded shuffle per epoch, cut into global batches.
 
-    The leftover rows of an epoch (fewer than a global batch) wait for the next shuffle.
+    The leftover rows of an epoch (fewer than a global batch) wait for the next shuffle. With a
+    `val_fraction`, a seeded share of the rows (at least one) is held out as `val_rows` and never trained on.
     """
 
-    def __init__(self, rows: int, global_batch: int, seed: int) -> None:
-        if rows < global_batch:
+    def __init__(self, rows: int, global_batch: int, seed: int, val_fraction: float = 0.0) -> None:
+        held_out = max(1, round(val_fraction * rows)) if val_fraction else 0
+        # A stream of its own: the epochs' shuffles draw from [seed, epoch].
+        self.val_rows = np.sort(np.random.default_rng([seed, 0, 1]).permutation(rows)[:held_out])
+        self.train_rows = np.setdiff1d(np.arange(rows), self.val_rows)
+        if len(self.train_rows) < global_batch:
+            held = f" ({held_out} held out for validation)" if held_out else ""
             raise Olmo2KitError(
-                f"the data has {rows} rows, fewer than one global batch of {global_batch} "
+                f"the data has {rows} rows{held}, fewer than one global batch of {global_batch} "
                 "(batch size x grad accum x processes): lower --batch-size or --grad-accum"
             )
         self.rows, self.global_batch, self.seed = rows, global_batch, seed
-        self.steps_per_epoch = rows // global_batch
+        self.steps_per_epoch = len(self.train_rows) // global_batch
 
     @lru_cache(maxsize=1)  # noqa: B019 (one order per run; the instance lives as long as the run)
     def _epoch(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        return self.train_rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_rows))]
 
     def batch(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.steps_per_epoch)
@@ -234,31 +261,43 @@ def finetune(
     """Fine-tune `config.model` on `config.data` and save the result in `config.output`.
 
     Runs in every process of `accelerate launch` / `torchrun`; only the first one writes logs,
-    checkpoints and the result. `say` receives messages, and `progress(step, total, loss)` is called after
-    each optimizer step (first process only).
+    checkpoints and the result, and it holds a lock on `config.output` for the whole run (a second
+    run on it gets an Olmo2KitError naming the first). `say` receives messages, and
+    `progress(step, total, loss)` is called after each optimizer step (first process only). A loss
+    that becomes NaN or infinite stops the run with an Olmo2KitError; its checkpoints are kept.
 
     >>> finetune(FinetuneConfig(data="data/sft", output="out/1b-sft", model="1b", epochs=2))  # doctest: +SKIP
     """
     data = load_prepared(config.data)
     output = Path(config.output)
-    finished = _finished(output, config)
-    if finished is not None:
-        return finished
-    run = _set_up_run(config, data, output, say)
-    if run.main:
-        make_output_dir(output)  # before the model loads, so a bad --output fails fast
+    accelerator, bf16 = _start_processes(config)
+    order = DataOrder(data.rows, config.batch_size * config.grad_accum * accelerator.num_processes, config.seed,
+                      config.val_fraction)
+    with _holding_output(output, accelerator):
+        finished = _finished(output, config)
+        if finished is not None:
+            return finished
+        run = _set_up_run(config, data, output, accelerator, bf16, order, say)
+        return _run(config, run, progress)
+
+
+def _run(config: FinetuneConfig, run: _Run, progress: Callable[[int, int, float | None], None] | None
+         ) -> FinetuneResult:
+    """Load the model, train it from the checkpoint or the start, save the result and record it in finetune.json."""
     model, optimizer, tokenizer, ref = _model_to_train(config, run)
     start_step, start_tokens = _starting_point(run, model, optimizer, ref)
-    run.say(f"{data.rows} rows of {run.seq_len} tokens, global batch {run.order.global_batch} rows, "
+    held_out = f" ({len(run.order.val_rows)} held out for validation)" if len(run.order.val_rows) else ""
+    run.say(f"{run.data.rows} rows of {run.seq_len} tokens{held_out}, global batch {run.order.global_batch} rows, "
             f"{run.order.steps_per_epoch} steps per epoch, {run.total} steps, "
             f"{run.accelerator.num_processes} process(es)" + (", bf16 autocast" if run.bf16 else ""))
 
-    loss, tokens, elapsed = _train(config, run, model, optimizer, start_step, start_tokens, progress)
+    loss, eval_loss, tokens, elapsed = _train(config, run, model, optimizer, start_step, start_tokens, progress)
     peak = peak_memory_gb(run.accelerator.device)
-    saved = _save_result(output, model, tokenizer, run.accelerator, config, ref, run.say)
+    saved = _save_result(run.output, model, tokenizer, run.accelerator, config, run.say)
     result = FinetuneResult(
-        output=output, steps=run.total, tokens=tokens, loss=loss, elapsed_s=elapsed,
+        output=run.output, steps=run.total, tokens=tokens, loss=loss, elapsed_s=elapsed,
         tokens_per_s=(tokens - start_tokens) / elapsed if elapsed > 0 else 0.0, peak_memory_gb=peak, saved=saved,
+        eval_loss=eval_loss,
     )
     if run.main:
         _record_result(config, run, ref, result)
@@ -266,8 +305,8 @@ def finetune(
     return result
 
 
-def _set_up_run(config: FinetuneConfig, data: PreparedData, output: Path, say: Callable[[str], None] | None) -> _Run:
-    """Start this process's accelerator, fix the data order and find the checkpoint to resume, if any."""
+def _start_processes(config: FinetuneConfig) -> tuple[Accelerator, bool]:
+    """This process's accelerator, and whether it autocasts to bf16 (on a GPU that has it)."""
     import torch
     from accelerate import Accelerator
 
@@ -275,9 +314,30 @@ def _set_up_run(config: FinetuneConfig, data: PreparedData, output: Path, say: C
     if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # one process on the GPU asked for; under torchrun each takes its own
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
+    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no"), bf16
+
+
+@contextmanager
+def _holding_output(output: Path, accelerator: Accelerator) -> Iterator[None]:
+    """The first process creates `output` and holds its lock while the block runs; the others wait until it does.
+
+    Only the first process writes in `output`, so only it takes the lock, and before anything in
+    `output` is read: a second run can neither take over an unfinished run nor replace a finished one.
+    """
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        yield
+        return
+    make_output_dir(output)  # before the model loads, so a bad --output fails fast
+    with output_lock(output, option="--output"):
+        accelerator.wait_for_everyone()
+        yield
+
+
+def _set_up_run(config: FinetuneConfig, data: PreparedData, output: Path, accelerator: Accelerator, bf16: bool,
+                order: DataOrder, say: Callable[[str], None] | None) -> _Run:
+    """The run's length and the checkpoint it resumes, if any (checked to come from the same settings)."""
     seq_len = min(config.seq_len or data.seq_len, data.seq_len)
-    order = DataOrder(data.rows, config.batch_size * config.grad_accum * accelerator.num_processes, config.seed)
     checkpoint = _checkpoint_to_resume(output, config)
     identity = _identity(config, data, order.global_batch, seq_len)
     if checkpoint is not None:
@@ -321,30 +381,90 @@ def _starting_point(run: _Run, model, optimizer, ref) -> tuple[int, int]:
 
 
 def _train(config: FinetuneConfig, run: _Run, model, optimizer, start_step: int, tokens: int,
-           progress: Callable[[int, int, float | None], None] | None) -> tuple[float | None, int, float]:
+           progress: Callable[[int, int, float | None], None] | None
+           ) -> tuple[float | None, float | None, int, float]:
     """Train from `start_step` to the last step, logging each and saving checkpoints on the way.
 
-    Returns the last step's loss, the tokens of the whole run so far, and the seconds the steps took.
+    Returns the last step's loss, the last validation loss (None without a validation split), the
+    tokens of the whole run so far, and the seconds the steps took.
     """
     model.train()
     progress = progress if run.main else None
     if progress is not None:
         progress(start_step, run.total, None)
-    loss_value = None
+    loss_value = eval_loss = None
     begin = time.perf_counter()
     for step in range(start_step, run.total):
         rows = run.order.batch(step)
         lr = learning_rate(step, run.total, config.lr, config.warmup)
         loss_value, step_tokens = _train_step(model, optimizer, run.accelerator, run.data, rows, run.seq_len, lr,
                                               config)
+        if loss_value is not None and not math.isfinite(loss_value):
+            # The loss is reduced over the processes, so every process stops here; the weights are lost.
+            raise _non_finite_loss(run, step + 1, loss_value, config.lr)
         tokens += step_tokens
         if run.main:
             run.train_log.append([{"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens}])
         if progress is not None:
             progress(step + 1, run.total, loss_value)
+        if _evaluates_after(step + 1, run, config):
+            eval_loss = _evaluate(model, run, config.batch_size)
+            if run.main:
+                run.train_log.append([{"step": step + 1, "eval_loss": eval_loss}])
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < run.total:
             _save_checkpoint(run.output, step + 1, tokens, run.identity, model, optimizer, run.accelerator, config)
-    return loss_value, tokens, time.perf_counter() - begin
+    return loss_value, eval_loss, tokens, time.perf_counter() - begin
+
+
+def _evaluates_after(step: int, run: _Run, config: FinetuneConfig) -> bool:
+    """Whether the validation split is evaluated after `step`: every eval_every steps, and after the last."""
+    every = config.eval_every
+    return len(run.order.val_rows) > 0 and (step == run.total or every is not None and step % every == 0)
+
+
+def _non_finite_loss(run: _Run, step: int, loss: float, lr: float) -> Olmo2KitError:
+    """The error that stops a run whose loss became NaN or infinite at `step`, saying which checkpoint is kept.
+
+    A checkpoint of the step before holds the very weights that gave that loss, and resuming from it
+    would fail the same way: it is set aside as step-N.non-finite, which --resume does not read.
+    """
+    found = _checkpoints(run.output)
+    if found and found[-1][0] == step - 1:
+        bad = found.pop()[1]
+        if run.main:
+            aside = bad.with_name(f"{bad.name}.non-finite")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+    if found:
+        kept = f"the last good checkpoint, {found[-1][1]}, is kept: lower --lr (now {lr:g}) and add --resume"
+    else:
+        kept = f"there is no good checkpoint to keep: lower --lr (now {lr:g}) and run again"
+    return Olmo2KitError(f"the loss became {loss} at step {step}, so training stopped without saving a result; {kept}")
+
+
+def _evaluate(model, run: _Run, batch_size: int) -> float | None:
+    """The validation loss, defined as in training: the mean over the labelled tokens of the held-out rows."""
+    import torch
+
+    rows, accelerator = run.order.val_rows, run.accelerator
+    labelled = int(run.data.label_mask[rows][:, 1:run.seq_len].sum())
+    if labelled == 0:
+        return None
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = rows[rank::world]
+    # Every process runs as many forward passes as the others (FSDP gathers the weights in each):
+    # one that has run out of rows runs a row that it does not count.
+    passes = -(-len(rows) // (world * batch_size))
+    loss_sum = torch.zeros((), device=accelerator.device)
+    model.eval()
+    with torch.no_grad():
+        for i in range(passes):
+            index = mine[i * batch_size:(i + 1) * batch_size]
+            loss = _loss_sum(model, run.data, index if len(index) else rows[:1], run.seq_len, accelerator.device)
+            if len(index):
+                loss_sum += loss
+    model.train()
+    return accelerator.reduce(loss_sum, reduction="sum").item() / labelled
 
 
 def _record_result(config: FinetuneConfig, run: _Run, ref, result: FinetuneResult) -> None:
@@ -360,7 +480,6 @@ def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndar
                 config: FinetuneConfig) -> tuple[float | None, int]:
     """One optimizer step over one global batch: (mean loss over its labelled tokens, positions run)."""
     import torch
-    import torch.nn.functional as F
 
     # Every process knows the whole global batch, so it knows the token count to divide by
     # without talking to the others.
@@ -376,17 +495,9 @@ def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndar
     mine = [k * world + rank for k in range(config.grad_accum)]  # micro-batches of this process
     loss_sum = torch.zeros((), device=accelerator.device)
     for n, k in enumerate(mine):
-        index = np.sort(micro[k])
-        length = lengths[k]
-        ids = torch.from_numpy(data.input_ids[index][:, :length].astype(np.int64)).to(accelerator.device)
-        learn = torch.from_numpy(data.label_mask[index][:, :length].copy()).to(accelerator.device)
-        # Position t predicts token t + 1. Shifting the labels, not the logits, spares a copy of the logits.
-        labels = F.pad(ids.masked_fill(~learn, -100)[:, 1:], (0, 1), value=-100)
         sync = nullcontext() if n == len(mine) - 1 else accelerator.no_sync(model)
         with sync:
-            logits = model(input_ids=ids).logits
-            token_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                         reduction="sum") / labelled
+            token_loss = _loss_sum(model, data, np.sort(micro[k]), seq_len, accelerator.device) / labelled
             # DDP and FSDP average gradients over processes; the loss is a sum over the whole batch.
             accelerator.backward(token_loss * world)
         loss_sum += token_loss.detach()
@@ -398,6 +509,20 @@ def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndar
     return accelerator.reduce(loss_sum, reduction="sum").item(), positions
 
 
+def _loss_sum(model, data: PreparedData, index: np.ndarray, seq_len: int, device):
+    """The summed cross-entropy of the labelled tokens of rows `index` (sorted), cut to `seq_len` positions."""
+    import torch
+    import torch.nn.functional as F
+
+    length = _length(data.label_mask[index][:, :seq_len])
+    ids = torch.from_numpy(data.input_ids[index][:, :length].astype(np.int64)).to(device)
+    learn = torch.from_numpy(data.label_mask[index][:, :length].copy()).to(device)
+    # Position t predicts token t + 1. Shifting the labels, not the logits, spares a copy of the logits.
+    labels = F.pad(ids.masked_fill(~learn, -100)[:, 1:], (0, 1), value=-100)
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
 def _length(mask: np.ndarray) -> int:
     """Positions worth running: up to the last labelled token (later ones cannot change the loss)."""
     labelled = np.flatnonzero(mask.any(axis=0))
@@ -406,12 +531,12 @@ def _length(mask: np.ndarray) -> int:
 
 def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
     """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
-    ref = resolve_model(config.model, config.revision)
+    ref = _base(config)
     device = _process_device(accelerator)
     # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen base can be bf16.
     dtype = "bf16" if bf16 and config.lora else "fp32"
-    model, tokenizer = load(config.model, revision=config.revision, dtype=dtype, quantize=config.quantize,
-                            device=device)
+    # An adapter records the name the base loaded from (peft's base_model_name_or_path) and its revision.
+    model, tokenizer = load(ref.source, revision=ref.revision, dtype=dtype, quantize=config.quantize, device=device)
     _check_tokenizer(data, tokenizer, model, config)
     model.config.use_cache = False
     if config.quantize:
@@ -432,6 +557,13 @@ def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedD
         )
         model = get_peft_model(model, lora)
     return model, tokenizer, ref
+
+
+def _base(config: FinetuneConfig) -> ModelRef:
+    """The base model, a local directory as an absolute path: the adapter that records it then finds the same
+    base from any working directory."""
+    ref = resolve_model(config.model, config.revision)
+    return dataclasses.replace(ref, source=str(Path(ref.source).resolve())) if ref.local else ref
 
 
 def _process_device(accelerator) -> str:
@@ -457,7 +589,7 @@ def _identity(config: FinetuneConfig, data: PreparedData, global_batch: int, seq
     return {
         "model": config.model, "revision": config.revision, "lora": config.lora, "lora_r": config.lora_r,
         "lora_alpha": config.lora_alpha, "quantize": config.quantize, "seed": config.seed,
-        "global_batch": global_batch, "seq_len": seq_len,
+        "global_batch": global_batch, "seq_len": seq_len, "val_fraction": config.val_fraction,
         "data": {"path": str(data.path.resolve()), "rows": data.rows, "created": data.manifest.get("created")},
     }
 
@@ -500,7 +632,7 @@ def _checkpoint_to_resume(output: Path, config: FinetuneConfig) -> Path | None:
 
 
 def _check_same_run(checkpoint: Path, identity: dict) -> None:
-    saved = json.loads((checkpoint / "state.json").read_text())["identity"]
+    saved = {**_IDENTITY_DEFAULTS, **json.loads((checkpoint / "state.json").read_text())["identity"]}
     differ = [key for key in identity if saved.get(key) != identity[key]]
     if differ:
         details = "; ".join(f"{key}: {saved.get(key)!r} then, {identity[key]!r} now" for key in differ)
@@ -606,7 +738,7 @@ def _log_store(output: Path) -> JsonlStore:
                       is_record=lambda row: isinstance(row.get("step"), int))
 
 
-def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneConfig, ref, say) -> str:
+def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneConfig, say) -> str:
     """Save the trained model in HF format into `output`: full weights, an adapter, or the merged model."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -625,12 +757,13 @@ def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneCo
     else:
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(staging, state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
     del unwrapped, state_dict
     accelerator.free_memory()
     if config.merge:
         say("merging the adapter into the base weights")
-        _merge(ref, adapter_dir, staging, accelerator)
+        _merge(adapter_dir, staging, _process_device(accelerator))
+    else:
+        tokenizer.save_pretrained(staging)
     for item in staging.iterdir():
         target = output / item.name
         if target.is_dir():
@@ -640,15 +773,44 @@ def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneCo
     return saved
 
 
-def _merge(ref, adapter_dir: Path, staging: Path, accelerator) -> None:
-    """Merge the adapter into an unquantized copy of the base (a QLoRA adapter too) and save it in `staging`."""
+def _merge(adapter_dir: Path, staging: Path, device: str) -> None:
+    """Merge the adapter into an unquantized copy of its base (a QLoRA adapter too); save the model and its
+    tokenizer in `staging`."""
     import torch
-    from peft import PeftModel
 
-    base, _ = load(ref.source, revision=ref.revision, dtype="fp32", device=_process_device(accelerator))
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    adapted, tokenizer = load(str(adapter_dir), dtype="fp32", device=device)
+    merged = adapted.merge_and_unload()
     merged.config.use_cache = True
     merged.save_pretrained(staging)
-    del base, merged
+    tokenizer.save_pretrained(staging)
+    del adapted, merged
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, device: str = "auto") -> Path:
+    """Merge a LoRA adapter directory into an unquantized copy of the base it records; save the model in `output`.
+
+    `output` must be new or empty. It appears whole or not at all: the model is staged beside it, then renamed.
+
+    >>> merge_adapter("out/7b-qlora", "out/7b-merged")  # doctest: +SKIP
+    """
+    adapter, output = Path(adapter).expanduser(), Path(output).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise Olmo2KitError(f"{adapter} holds no LoRA adapter (no adapter_config.json): give a directory that "
+                            "`olmo2kit finetune --lora` wrote")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise Olmo2KitError(f"{output} already exists: give a new or empty directory for the merged model")
+    device = resolve_device(device)
+    make_output_dir(output.parent)
+    staging = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        staging.mkdir()
+        _merge(adapter, staging, device)
+        _fsync_tree(staging)
+        os.replace(staging, output)  # an empty directory is replaced whole
+    except OSError as e:
+        raise Olmo2KitError(f"cannot write {output} ({e.strerror}): give a new directory you can write to") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output

@@ -1,0 +1,238 @@
+"""Fuzzing every command that reads files or stdin: random bytes, random JSON and random option values.
+
+Whatever comes in, a command exits 0 or 2, prints no traceback, and changes no file but its own outputs.
+Each command runs in this process on the tiny checkpoints; OLMO2KIT_FUZZ_EXAMPLES sets the examples per
+command (default 30), and the tests add up how many inputs they tried in FUZZ_COUNT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+EXAMPLES = int(os.environ.get("OLMO2KIT_FUZZ_EXAMPLES", "30"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ_COUNT: Counter = Counter()
+
+# Values that have broken parsers before: huge, negative, non-finite, empty, wrong type, invalid text.
+WEIRD_NUMBERS = st.sampled_from([0, -1, 1, 2**31, 2**32, 2**63, 10**30, -(10**30), 0.5, -0.5, 1e-30, 1e30,
+                                 float("nan"), float("inf"), -float("inf")])
+WEIRD_TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\x00", "\ud800", "-", "/dev/zero", "..",
+                                                              "{}", "[]", "null", "é" * 100]))
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), WEIRD_NUMBERS.filter(lambda v: v == v and abs(v) != float("inf")),
+              st.integers(), WEIRD_TEXT),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children,
+                                                                                max_size=4)),
+    max_leaves=12,
+)
+KEYS = ["id", "prompt", "messages", "text", "role", "content", "max_new_tokens", "max_tokens", "temperature",
+        "top_k", "top_p", "seed", "stop", "do_sample", "metadata", "temprature"]
+RECORDS = st.one_of(
+    st.dictionaries(st.sampled_from(KEYS), JSON_VALUES, max_size=5),
+    st.fixed_dictionaries({"prompt": WEIRD_TEXT}, optional={k: JSON_VALUES for k in KEYS[4:]}),
+    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "bot", ""]), "content": JSON_VALUES}), max_size=3)}),
+    st.fixed_dictionaries({"text": JSON_VALUES}),
+    JSON_VALUES,
+)
+LINES = st.lists(st.one_of(RECORDS.map(lambda r: json.dumps(r).encode()), st.binary(max_size=60)), max_size=5)
+
+
+def jsonl(lines: list[bytes]) -> bytes:
+    return b"\n".join(lines) + b"\n"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` and its content hash (a device or fifo by its kind)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def run(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """The CLI in this process, stdin as raw bytes (decoded as the real stdin is: UTF-8, strict)."""
+    from olmo2kit.cli import app
+
+    out, err = io.StringIO(), io.StringIO()
+    real_stdin = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    argv, sys.argv = sys.argv, ["olmo2kit", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                app.main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdin, sys.argv = real_stdin, argv
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_count():
+    """How many inputs the tests of this file tried, on stdout at the end (pytest -s shows it)."""
+    yield
+    total = sum(FUZZ_COUNT.values())
+    print(f"\nfuzz inputs tried: {total} ({', '.join(f'{k} {v}' for k, v in sorted(FUZZ_COUNT.items()))})")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_path, tiny_instruct_path) -> Path:
+    """A folder the commands run against: its files must not change except the outputs each test names."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "inputs").mkdir()
+    shutil.copytree(tiny_path, root / "tiny")  # inside the folder, so that a change to a checkpoint shows too
+    shutil.copytree(tiny_instruct_path, root / "tiny-instruct")
+    return root
+
+
+def check(command: str, result: tuple[int, str, str]) -> None:
+    """Exit 0, or 2 with an `error:` line (or click's usage error, for a value of the wrong type); never a
+    traceback."""
+    code, _, err = result
+    FUZZ_COUNT[command] += 1
+    assert code in (0, 2), f"{command}: exit {code}\n{err[-2000:]}"
+    assert "Traceback" not in err, f"{command}:\n{err[-3000:]}"
+    if code == 2:
+        usage_error = err.startswith("Usage: ") and "Invalid value" in err
+        assert usage_error or [line for line in err.splitlines() if line.startswith("error: ")], err[-2000:]
+
+
+@contextlib.contextmanager
+def unchanged(work: Path, *outputs: Path):
+    """The files under `work`, less `outputs` (files or folders), are the same after the block."""
+    def kept(found: dict[str, str]) -> dict[str, str]:
+        names = [str(p.relative_to(work)) for p in outputs]
+        return {k: v for k, v in found.items() if not any(k == n or k.startswith(n + os.sep) for n in names)}
+
+    before = kept(snapshot(work))
+    yield
+    assert kept(snapshot(work)) == before
+
+
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_generate_reads_any_stdin(work, data):
+    with unchanged(work):
+        check("generate -", run("generate", "-", "--model", str(work / "tiny"), "-n", "2", "--greedy", stdin=data))
+
+
+@FUZZ
+@given(temperature=WEIRD_NUMBERS, top_k=WEIRD_NUMBERS, top_p=WEIRD_NUMBERS, seed=WEIRD_NUMBERS,
+       new=WEIRD_NUMBERS, prompt=WEIRD_TEXT)
+def test_generate_takes_any_option_values(work, temperature, top_k, top_p, seed, new, prompt):
+    args = ["generate", prompt or "x", "--model", str(work / "tiny"), "--temperature", str(temperature),
+            "--top-k", str(top_k), "--top-p", str(top_p), "--seed", str(seed), "-n", str(new)]
+    with unchanged(work):
+        result = run(*args)
+    check("generate options", result)
+
+
+@FUZZ
+@given(lines=LINES, chat=st.booleans())
+def test_batch_jobs_read_any_jsonl(work, lines, chat):
+    source, out = work / "inputs" / "job.jsonl", work / "job-out.jsonl"
+    source.write_bytes(jsonl(lines))
+    out.unlink(missing_ok=True)
+    args = ["generate", "--input", str(source), "--output", str(out), "--model", str(work / "tiny"), "-n", "2",
+            "--greedy"]
+    with unchanged(work, out, work / f".{out.name}.lock"):
+        check("generate --input", run(*args, *(["--chat"] if chat else [])))
+    # split on newlines only: a result may hold U+0085 or U+2028, which str.splitlines takes for line ends
+    assert not out.exists() or all(json.loads(line)["id"] is not None for line in out.read_text().split("\n")[:-1])
+
+
+@FUZZ
+@given(data=st.binary(max_size=300), from_stdin=st.booleans())
+def test_perplexity_reads_any_text(work, data, from_stdin):
+    text = work / "inputs" / "text.txt"
+    text.write_bytes(data)
+    args = ["perplexity", "-" if from_stdin else str(text), "--model", str(work / "tiny"), "--max-length", "64"]
+    with unchanged(work):
+        check("perplexity", run(*args, stdin=data if from_stdin else b""))
+
+
+CHAT_LINES = st.lists(st.one_of(
+    st.binary(max_size=30),
+    st.builds(lambda key, value: f"/set {key}={value}".encode(),
+              st.sampled_from(["temperature", "top_k", "top_p", "seed", "max_new_tokens", "greedy", "x"]),
+              st.one_of(WEIRD_NUMBERS.map(str), WEIRD_TEXT)),
+    st.sampled_from([b"/reset", b"/system", b"/system Be brief.", b"/help", b"/unknown", b"/save", b"Hi"]),
+), max_size=5)
+
+
+@FUZZ
+@given(lines=CHAT_LINES)
+def test_chat_reads_any_stdin(work, lines):
+    with unchanged(work):
+        check("chat", run("chat", "--model", str(work / "tiny-instruct"), "-n", "2", "--greedy",
+                                stdin=b"\n".join(lines) + b"\n"))
+
+
+@FUZZ
+@given(lines=LINES, data_format=st.sampled_from([None, "chat", "text"]))
+def test_prepare_data_reads_any_jsonl(work, lines, data_format):
+    source, outdir = work / "inputs" / "train.jsonl", work / "prepared"
+    source.write_bytes(jsonl(lines))
+    args = ["prepare-data", str(source), str(outdir), "--model", str(work / "tiny-instruct"), "--seq-len", "32"]
+    with unchanged(work, outdir):
+        check("prepare-data", run(*args, *(["--format", data_format] if data_format else [])))
+
+
+FINETUNE_KEYS = ["lr", "epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "lora", "lora_r", "warmup",
+                 "quantize", "device", "seed", "unknown_key", "save_every"]
+
+
+@FUZZ
+@given(config=st.one_of(st.binary(max_size=80),
+                        st.dictionaries(st.sampled_from(FINETUNE_KEYS), JSON_VALUES, max_size=3).map(
+                            lambda d: json.dumps(d).encode())))
+def test_finetune_reads_any_config(work, config):
+    data = work / "ft-data"
+    if not (data / "manifest.json").exists():
+        source = work / "inputs" / "ft.jsonl"
+        source.write_text(json.dumps({"text": "Language modeling is the task of predicting the next word."}) + "\n")
+        run("prepare-data", str(source), str(data), "--model", str(work / "tiny"), "--seq-len", "32")
+    recipe, out = work / "inputs" / "recipe.yaml", work / "ft-out"
+    recipe.write_bytes(config)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    args = ["finetune", "--config", str(recipe), "--data", str(data), "--output", str(out), "--model",
+            str(work / "tiny"), "--max-steps", "1", "--device", "cpu"]
+    with unchanged(work, out, data):
+        check("finetune", run(*args))
+
+
+@FUZZ
+@given(config=st.one_of(st.binary(max_size=80), RECORDS.map(lambda r: json.dumps(r).encode()),
+                        st.dictionaries(st.sampled_from(["num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                         "num_key_value_heads", "intermediate_size", "vocab_size",
+                                                         "max_position_embeddings", "model_type"]),
+                                        st.one_of(WEIRD_NUMBERS, WEIRD_TEXT), max_size=8).map(
+                            lambda d: json.dumps(d).encode())))
+def test_estimate_reads_any_config(work, config):
+    folder = work / "inputs" / "ckpt"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_bytes(config)
+    with unchanged(work):
+        check("estimate", run("estimate", str(folder), "--device", "cpu"))
+
