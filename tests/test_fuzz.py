@@ -171,7 +171,7 @@ def test_perplexity_reads_any_text(work, data, from_stdin):
 
 CHAT_LINES = st.lists(st.one_of(
     st.binary(max_size=30),
-    st.builds(lambda key, value: f"/set {key}={value}".encode(),
+    st.builds(lambda key, value: f"/set {key}={value}".encode("utf-8", "surrogatepass"),
               st.sampled_from(["temperature", "top_k", "top_p", "seed", "max_new_tokens", "greedy", "x"]),
               st.one_of(WEIRD_NUMBERS.map(str), WEIRD_TEXT)),
     st.sampled_from([b"/reset", b"/system", b"/system Be brief.", b"/help", b"/unknown", b"/save", b"Hi"]),

@@ -157,3 +157,11 @@ def test_the_ddp_config_leaves_the_process_count_to_the_launch():
     config = yaml.safe_load(text)
     assert "num_processes" not in config and config["distributed_type"] == "MULTI_GPU"
     assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes" in text
+
+
+def test_a_lone_surrogate_argument_from_python_is_one_line(cli, tiny_path):
+    """Found by the fuzz test: an argument holding a surrogate that no bytes decode to (a Python caller's)
+    broke the message that names it."""
+    code, out, err = cli("generate", "\ud800", "--model", str(tiny_path))
+    assert code == 2 and out == ""
+    assert err.strip() == "error: the argument '\\ud800' is not UTF-8 text: give it in UTF-8"

@@ -122,7 +122,10 @@ def _check_arguments(arguments: list[str]) -> None:
         try:
             argument.encode("utf-8")
         except UnicodeEncodeError:
-            shown = os.fsencode(argument).decode("utf-8", "backslashreplace")
+            try:  # the bytes as given, where the OS decoded them (surrogate escapes)
+                shown = os.fsencode(argument).decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a lone surrogate that came from no bytes (Python callers)
+                shown = argument.encode("utf-8", "backslashreplace").decode("utf-8")
             raise Olmo2KitError(f"the argument '{shown}' is not UTF-8 text: give it in UTF-8") from None
 
 
