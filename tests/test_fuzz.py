@@ -24,6 +24,8 @@ EXAMPLES = int(os.environ.get("OLMO2KIT_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 FUZZ_COUNT: Counter = Counter()
+FUZZ_OK: Counter = Counter()  # inputs a command took and ran to the end (exit 0)
+CWD = Path()  # where the commands run: set to the fuzz folder, so a file they write anywhere shows
 
 # Values that have broken parsers before: huge, negative, non-finite, empty, wrong type, invalid text.
 WEIRD_NUMBERS = st.sampled_from([0, -1, 1, 2**31, 2**32, 2**63, 10**30, -(10**30), 0.5, -0.5, 1e-30, 1e30,
@@ -71,6 +73,8 @@ def run(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
     real_stdin = sys.stdin
     sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
     argv, sys.argv = sys.argv, ["olmo2kit", *args]
+    cwd = os.getcwd()
+    os.chdir(CWD)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -80,6 +84,7 @@ def run(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.stdin, sys.argv = real_stdin, argv
+        os.chdir(cwd)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -100,6 +105,8 @@ def work(tmp_path_factory, tiny_path, tiny_instruct_path) -> Path:
     (root / "inputs").mkdir()
     shutil.copytree(tiny_path, root / "tiny")  # inside the folder, so that a change to a checkpoint shows too
     shutil.copytree(tiny_instruct_path, root / "tiny-instruct")
+    global CWD
+    CWD = root
     return root
 
 
@@ -108,6 +115,7 @@ def check(command: str, result: tuple[int, str, str]) -> None:
     traceback."""
     code, _, err = result
     FUZZ_COUNT[command] += 1
+    FUZZ_OK[command] += code == 0
     assert code in (0, 2), f"{command}: exit {code}\n{err[-2000:]}"
     assert "Traceback" not in err, f"{command}:\n{err[-3000:]}"
     if code == 2:
@@ -134,9 +142,15 @@ def test_generate_reads_any_stdin(work, data):
         check("generate -", run("generate", "-", "--model", str(work / "tiny"), "-n", "2", "--greedy", stdin=data))
 
 
-@FUZZ
-@given(temperature=WEIRD_NUMBERS, top_k=WEIRD_NUMBERS, top_p=WEIRD_NUMBERS, seed=WEIRD_NUMBERS,
-       new=WEIRD_NUMBERS, prompt=WEIRD_TEXT)
+def mostly(*valid):
+    """A valid value most of the time, a weird one now and then: inputs must get past the first check."""
+    return st.one_of(st.sampled_from(valid), st.sampled_from(valid), st.sampled_from(valid), WEIRD_NUMBERS)
+
+
+@settings(FUZZ, max_examples=3 * EXAMPLES)  # five options at once: more tries for each weird value to meet valid ones
+@given(temperature=mostly(0.7, 1.0, 1.5), top_k=mostly(0, 1, 50), top_p=mostly(0.5, 0.95, 1.0),
+       seed=mostly(0, 7, 2**32 - 1), new=mostly(1, 3, 5),
+       prompt=st.one_of(st.just("Hello"), st.just("Hello"), st.just("Hello"), WEIRD_TEXT))
 def test_generate_takes_any_option_values(work, temperature, top_k, top_p, seed, new, prompt):
     args = ["generate", prompt or "x", "--model", str(work / "tiny"), "--temperature", str(temperature),
             "--top-k", str(top_k), "--top-p", str(top_p), "--seed", str(seed), "-n", str(new)]
@@ -218,21 +232,35 @@ def test_finetune_reads_any_config(work, config):
         shutil.rmtree(out)
     args = ["finetune", "--config", str(recipe), "--data", str(data), "--output", str(out), "--model",
             str(work / "tiny"), "--max-steps", "1", "--device", "cpu"]
-    with unchanged(work, out, data):
+    with unchanged(work, out):
         check("finetune", run(*args))
 
 
+CONFIG_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "max_position_embeddings", "model_type"]
+
+
 @FUZZ
-@given(config=st.one_of(st.binary(max_size=80), RECORDS.map(lambda r: json.dumps(r).encode()),
-                        st.dictionaries(st.sampled_from(["num_hidden_layers", "hidden_size", "num_attention_heads",
-                                                         "num_key_value_heads", "intermediate_size", "vocab_size",
-                                                         "max_position_embeddings", "model_type"]),
-                                        st.one_of(WEIRD_NUMBERS, WEIRD_TEXT), max_size=8).map(
-                            lambda d: json.dumps(d).encode())))
+@given(config=st.one_of(
+    st.binary(max_size=80), RECORDS.map(lambda r: json.dumps(r).encode()),
+    # tiny's own config with a field or two changed, most often to a valid value: past the first checks
+    st.dictionaries(st.sampled_from(CONFIG_FIELDS), st.one_of(WEIRD_NUMBERS, WEIRD_TEXT, st.integers(1, 64)),
+                    max_size=2).map(lambda changes: {"changes": changes}),
+))
 def test_estimate_reads_any_config(work, config):
     folder = work / "inputs" / "ckpt"
     folder.mkdir(exist_ok=True)
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads((work / "tiny" / "config.json").read_text()), **config["changes"]}).encode()
     (folder / "config.json").write_bytes(config)
     with unchanged(work):
         check("estimate", run("estimate", str(folder), "--device", "cpu"))
 
+
+
+def test_zz_the_fuzzed_inputs_reached_the_work():
+    """Runs after the tests above in this file: inputs that are all refused at the first check prove little, so
+    each command fuzzed with inputs that can be valid must have run some of them to the end."""
+    for command in ("generate options", "estimate", "generate --input", "chat", "perplexity"):
+        if FUZZ_COUNT[command]:
+            assert FUZZ_OK[command] > 0, f"{command}: none of {FUZZ_COUNT[command]} inputs ran to the end"

@@ -141,3 +141,24 @@ def test_chat_options_and_set(cli, tiny_instruct, tiny_instruct_path, tmp_path):
                                    ("--repetition-penalty", "0", "repetition_penalty must be positive")):
         code, out, err = cli("chat", "--model", str(tiny_instruct_path), option, value, stdin="Hi\n")
         assert code == 2 and out == "" and err.strip().startswith(f"error: {message}")
+
+
+def test_generate_command_passes_repetition_penalty_and_min_p(cli, tiny, tiny_path):
+    """The CLI's --repetition-penalty and --min-p reach generation: the same text as the library's."""
+    import json
+
+    from olmo2kit.inference.generation import generate
+
+    model, tokenizer = tiny
+    for options, flags in (({"repetition_penalty": 1.8}, ["--repetition-penalty", "1.8"]),
+                           ({"min_p": 0.5, "seed": 3}, ["--min-p", "0.5", "--seed", "3"])):
+        greedy = "repetition_penalty" in options
+        expected = generate(model, tokenizer, "Hello", max_new_tokens=12, do_sample=not greedy, **options).text
+        plain = generate(model, tokenizer, "Hello", max_new_tokens=12, do_sample=not greedy,
+                         **({"seed": 3} if not greedy else {})).text
+        code, out, err = cli("generate", "Hello", "--model", str(tiny_path), "-n", "12", "--json", "--device", "cpu",
+                             *flags, *(["--greedy"] if greedy else []))
+        assert code == 0, err
+        assert json.loads(out)["text"] == expected
+        if greedy:
+            assert expected != plain  # the option changes the text, so the equality above says it was passed

@@ -124,3 +124,36 @@ def test_a_full_disk_is_one_error_and_leaves_the_old_checkpoint_whole(tmp_path, 
         build_tiny(path, seed=1)
     monkeypatch.undo()
     assert snapshot(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def small_disk_command(directory, *command) -> list[str] | None:
+    """`command` run with a 200 kB tmpfs mounted on `directory`, in a user and mount namespace of its own (no
+    privilege needed, nothing outside changes); None where this machine refuses such namespaces."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = f"mount -t tmpfs -o size=200k tmpfs {shlex.quote(str(directory))} && exec {shlex.join(command)}"
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+
+
+def test_a_real_full_disk_is_one_line(tmp_path):
+    """A full disk met inside safetensors' own write (not an OSError) is one line too, and leaves nothing behind."""
+    import subprocess
+
+    from conftest import OLMO2KIT
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = small_disk_command(disk, str(OLMO2KIT), "tiny", str(disk / "t"))
+    if command is None:
+        pytest.skip("this machine refuses user namespaces, so no small disk can be mounted")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {disk / 't'}"), done.stderr

@@ -1,6 +1,7 @@
 """download, cached_revisions and remove_revision against the loopback Hub, with a fresh cache per test."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def test_download_and_cache_commands(cli, hub, hub_env):
     code, out, err = cli("download", f"{REPO}@{REV}")
     assert code == 0, err
     assert (Path(out.strip()) / "config.json").is_file()
+    total = sum(p.stat().st_size for p in Path(out.strip()).iterdir()) // 1000
+    assert re.search(rf"\] {total}/{total}  [0-9.]+ kB/s  ETA 0:00:00", err), err  # the bar's last line
     code, out, _ = cli("cache", "--json")
     assert code == 0 and [(r["repo"], r["refs"]) for r in json.loads(out)] == [(REPO, [REV])]
     code, out, _ = cli("cache")

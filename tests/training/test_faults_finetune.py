@@ -12,12 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from conftest import OLMO2KIT, run_olmo2kit
-from olmo2kit.cli.training import merge_command
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.generation import generate
 from olmo2kit.model.loading import load
@@ -253,18 +250,12 @@ def test_resuming_with_a_validation_split_logs_as_an_uninterrupted_run(chat_data
 
 # 6. `olmo2kit merge ADAPTER OUT`.
 
-def merge_cli(*args: str):
-    app = typer.Typer()
-    app.command()(merge_command)
-    return CliRunner().invoke(app, list(args))
-
-
-def test_merge_writes_a_model_that_generates_as_the_adapter(chat_data, tiny_instruct_path, tmp_path):
+def test_merge_writes_a_model_that_generates_as_the_adapter(cli, chat_data, tiny_instruct_path, tmp_path):
     adapter = tmp_path / "lora"
     run(chat_data, adapter, tiny_instruct_path, lora=True, max_steps=4, lr=2e-2, batch_size=2)
     merged_dir = tmp_path / "models" / "merged"
-    result = merge_cli(str(adapter), str(merged_dir), "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    code, out, err = cli("merge", str(adapter), str(merged_dir), "--device", "cpu")
+    assert code == 0, err
     assert (merged_dir / "model.safetensors").exists() and not (merged_dir / "adapter_config.json").exists()
     assert sorted(p.name for p in merged_dir.parent.iterdir()) == ["merged"]  # no staging left beside it
 
@@ -281,7 +272,7 @@ def test_merge_writes_a_model_that_generates_as_the_adapter(chat_data, tiny_inst
     assert merge_adapter(adapter, empty, device="cpu") == empty and (empty / "model.safetensors").exists()
 
 
-def test_merge_refuses_what_it_cannot_do(chat_data, tiny_instruct_path, tmp_path):
+def test_merge_refuses_what_it_cannot_do(cli, chat_data, tiny_instruct_path, tmp_path):
     adapter = tmp_path / "lora"
     run(chat_data, adapter, tiny_instruct_path, lora=True, max_steps=1, batch_size=2)
     taken = tmp_path / "taken"
@@ -292,12 +283,14 @@ def test_merge_refuses_what_it_cannot_do(chat_data, tiny_instruct_path, tmp_path
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
     with pytest.raises(Olmo2KitError, match="holds no LoRA adapter"):
         merge_adapter(tiny_instruct_path, tmp_path / "new", device="cpu")
-    result = merge_cli(str(adapter), str(taken))
-    assert result.exit_code != 0 and isinstance(result.exception, Olmo2KitError)
+    code, out, err = cli("merge", str(adapter), str(taken))
+    assert (code, out) == (2, "") and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: {taken} already exists: give a new or empty directory for the " \
+                                           "merged model"
     # A base that cannot load leaves nothing behind.
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/tiny"}))
-    with pytest.raises(Olmo2KitError):
+    with pytest.raises(Olmo2KitError, match="/nowhere/tiny"):
         merge_adapter(adapter, tmp_path / "new", device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "taken"]
 

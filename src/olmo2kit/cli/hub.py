@@ -29,9 +29,9 @@ def download(
     """
     from olmo2kit.model.hub_cache import download as run_download
 
-    bar = ProgressBar("MB")
+    bar = ProgressBar("kB")
     try:
-        path = run_download(model, revision, progress=lambda done, total: bar.update(done // 10**6, total // 10**6))
+        path = run_download(model, revision, progress=lambda done, total: bar.update(done // 1000, total // 1000))
     finally:
         bar.close()
     print(path)

@@ -107,6 +107,8 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
         raise Olmo2KitError(
             f"cannot write in {path.parent} ({e.strerror}): give a directory you can write to"
         ) from None
+    from safetensors import SafetensorError
+
     try:
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
@@ -119,6 +121,8 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):
             raise cannot_write(path, e, "give a directory you can write to") from None
+        if isinstance(e, SafetensorError):  # how safetensors reports a write that failed, a full disk among them
+            raise Olmo2KitError(f"cannot write {path} ({e}): free some space, or give another directory") from None
         raise
     return path
 
