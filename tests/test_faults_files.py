@@ -194,3 +194,11 @@ def test_an_append_cut_short_by_a_full_disk_leaves_a_torn_line_that_resumes(tmp_
     assert store.repair()
     store.append([{"id": 1}, {"id": 2}])
     assert store.read() == [{"id": 0}, {"id": 1}, {"id": 2}]
+
+
+def test_json_nested_past_the_stack_is_a_foreign_line(tmp_path):
+    """Found in review: 100,000 open brackets raised RecursionError out of the store."""
+    store = JsonlStore(tmp_path / "r.jsonl", what="result line")
+    store.path.write_bytes(b"[" * 100_000 + b"\n")
+    with pytest.raises(Olmo2KitError, match="line 1 is not a result line"):
+        store.read()

@@ -301,7 +301,7 @@ class JsonlStore:
         is no record included: it is not a line this store wrote."""
         try:
             json.loads(line)
-        except ValueError:  # UnicodeDecodeError included: a cut can split a character
+        except (ValueError, RecursionError):  # UnicodeDecodeError included: a cut can split a character
             if line.lstrip().startswith(b"{"):
                 return None
         return self._record(line, number)
@@ -315,6 +315,6 @@ class JsonlStore:
     def _parse(self, line: bytes) -> dict | None:
         try:
             row = json.loads(line)
-        except ValueError:  # UnicodeDecodeError included
+        except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting past Python's stack too
             return None
         return row if isinstance(row, dict) and self.is_record(row) else None

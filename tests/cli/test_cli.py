@@ -90,7 +90,7 @@ def test_fp16_warns(cli, tiny_path):
         (("--top-p", "1.2"), "top_p must be in (0, 1]"),
         (("--top-k", "-1"), "top_k"),
         (("--max-new-tokens", "-5"), "max_new_tokens must be at least 1"),
-        (("--temperature", "0"), "temperature must be positive"),
+        (("--temperature", "0"), "temperature must be from 0.01 to 100.0"),
         (("--dtype", "fp8"), "unknown dtype"),
         (("--quantize", "int4"), "unknown quantization"),
         (("--device", "tpu"), "unknown device"),

@@ -118,3 +118,10 @@ def test_estimate_on_a_garbage_config_is_one_line(tiny_path, tmp_path, cli, cont
         estimate(str(path))
     code, out, err = cli("estimate", str(path))
     assert code == 2 and out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_config_nested_past_the_stack_is_one_line(cli, tmp_path):
+    (tmp_path / "config.json").write_bytes(b"[" * 100_000)
+    code, out, err = cli("estimate", str(tmp_path), "--device", "cpu")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'config.json'} is not valid JSON")

@@ -69,3 +69,13 @@ def test_a_sweep_built_before_another_ran_does_not_measure_twice(hub, hub_env, d
     assert len(list(Sweep(REPO, data=data, out=out, device="cpu", revisions=CHECKPOINTS).run())) == 2
     assert list(early.run()) == []  # it reads the results again once it holds --out
     assert [row["revision"] for row in read_results(out)] == CHECKPOINTS
+
+
+@pytest.mark.parametrize("line", ['{"revision": ["a"]}', '{"revision": "a", "setup": 5}'])
+def test_results_lines_of_the_wrong_shape_are_not_results(tmp_path, line):
+    """Found in review: these passed as results and failed later with TypeError or AttributeError."""
+    from olmo2kit.evals.sweep import read_results
+
+    (tmp_path / "r.jsonl").write_text(line + "\n" + '{"revision": "b"}\n')
+    with pytest.raises(Olmo2KitError, match="line 1 is not a sweep results line"):
+        read_results(tmp_path / "r.jsonl")

@@ -283,3 +283,22 @@ def test_a_line_with_a_lone_surrogate_is_reported_and_skipped(tiny, tmp_path):
     summary = run_job(*tiny, source, tmp_path / "out.jsonl", max_new_tokens=2, on_warning=warnings.append)
     assert [line for line, _ in summary.skipped] == [1, 2] and summary.written == 1
     assert all("lone surrogate" in w for w in warnings)
+
+
+def test_a_line_nested_past_the_stack_is_reported_and_skipped(tmp_path):
+    from olmo2kit.inference.jobs import read_job
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"id": 1, "prompt": "a"}\n' + b"[" * 100_000 + b'\n{"id": 3, "prompt": "c"}\n')
+    warnings = []
+    assert [item.id for item in read_job(source, on_warning=warnings.append)] == [1, 3]
+    assert warnings == [f"line 2 of {source}: not JSON (nested deeper than it can be read); skipped"]
+
+
+def test_result_lines_with_ids_of_another_type_are_not_results(tmp_path):
+    from olmo2kit.inference.jobs import _results_store
+
+    store = _results_store(tmp_path / "out.jsonl")
+    store.path.write_text('{"id": [1], "model": "m"}\n{"id": "a", "model": "m"}\n')
+    with pytest.raises(Olmo2KitError, match="line 1 is not a result line"):
+        store.read()

@@ -45,10 +45,10 @@ def test_seeds_are_those_set_seed_takes(tiny):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be positive"),
-        ({"repetition_penalty": -1.2}, "repetition_penalty must be positive"),
-        ({"repetition_penalty": math.nan}, "repetition_penalty must be positive"),
-        ({"repetition_penalty": math.inf}, "repetition_penalty must be positive"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be from 0.01 to 100.0"),
+        ({"repetition_penalty": -1.2}, "repetition_penalty must be from 0.01 to 100.0"),
+        ({"repetition_penalty": math.nan}, "repetition_penalty must be from 0.01 to 100.0"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty must be from 0.01 to 100.0"),
         ({"min_p": -0.1}, r"min_p must be in \[0, 1\)"),
         ({"min_p": 1.0}, r"min_p must be in \[0, 1\)"),
         ({"min_p": math.nan}, r"min_p must be in \[0, 1\)"),
@@ -138,7 +138,7 @@ def test_chat_options_and_set(cli, tiny_instruct, tiny_instruct_path, tmp_path):
         "error: min_p must be in [0, 1) (0 is off), got 1.0"
     ]
     for option, value, message in (("--min-p", "1", "min_p must be in [0, 1)"),
-                                   ("--repetition-penalty", "0", "repetition_penalty must be positive")):
+                                   ("--repetition-penalty", "0", "repetition_penalty must be from 0.01 to 100.0")):
         code, out, err = cli("chat", "--model", str(tiny_instruct_path), option, value, stdin="Hi\n")
         assert code == 2 and out == "" and err.strip().startswith(f"error: {message}")
 
@@ -162,3 +162,29 @@ def test_generate_command_passes_repetition_penalty_and_min_p(cli, tiny, tiny_pa
         assert json.loads(out)["text"] == expected
         if greedy:
             assert expected != plain  # the option changes the text, so the equality above says it was passed
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"temperature": 1e-300}, "temperature must be from 0.01 to 100.0"),
+    ({"temperature": float("inf")}, "temperature must be from 0.01 to 100.0"),
+    ({"temperature": float("nan")}, "temperature must be from 0.01 to 100.0"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty must be from 0.01 to 100.0"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty must be from 0.01 to 100.0"),
+])
+def test_values_that_overflow_the_logits_are_refused(options, needle):
+    """A temperature or penalty of 1e-300 passed as positive and broke sampling with a RuntimeError."""
+    with pytest.raises(Olmo2KitError, match=needle):
+        SamplingOptions(**options)
+
+
+def test_a_lone_surrogate_in_a_prompt_or_message_is_one_line(tiny):
+    from olmo2kit.inference.chat import ChatSession
+    from olmo2kit.inference.generation import generate
+
+    model, tokenizer = tiny
+    with pytest.raises(Olmo2KitError, match=r"the prompt holds a lone surrogate \('\\ud800' at character 3\)"):
+        generate(model, tokenizer, "ab\ud800", max_new_tokens=2)
+    session = ChatSession(model, tokenizer, max_new_tokens=2)
+    with pytest.raises(Olmo2KitError, match="message 1's content holds a lone surrogate"):
+        session.reply("a\ud800")
+    assert session.messages == [] and session.reply("Hi").new_tokens > 0  # the session goes on

@@ -229,3 +229,10 @@ def test_a_line_over_the_cap_is_refused_without_holding_it(tmp_path, tiny_path, 
     with pytest.raises(Olmo2KitError, match=r"long.jsonl line 2: longer than 1,000 bytes, the cap on an example"):
         prepare_data(source, tmp_path / "out", model=str(tiny_path), seq_len=16, format="text")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_line_nested_past_the_stack_is_named(tmp_path, tiny_path):
+    source = tmp_path / "deep.jsonl"
+    source.write_bytes(b'{"text": "fine"}\n' + b"[" * 100_000 + b"\n")
+    with pytest.raises(Olmo2KitError, match=r"deep.jsonl line 2: not JSON \(nested deeper than it can be read\)"):
+        prepare_data(source, tmp_path / "out", model=str(tiny_path), seq_len=16, format="text")

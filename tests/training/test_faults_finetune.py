@@ -312,7 +312,22 @@ def test_a_recipe_that_nulls_a_required_value_is_one_line(tmp_path):
     """Found by the fuzz test: `lr: null` passed the recipe check and failed in FinetuneConfig with a TypeError."""
     for text, key in (("lr: null\n", "lr"), ("lora: null\n", "lora"), ("batch_size: null\n", "batch_size")):
         (tmp_path / "r.yaml").write_text(text)
-        with pytest.raises(Olmo2KitError, match=f"{key} must be"):
+        with pytest.raises(Olmo2KitError, match=f"{key} needs a value"):
             load_config(tmp_path / "r.yaml")
     (tmp_path / "r.yaml").write_text("epochs: null\nmodel: 1b\n")  # a field that may be None, a string
     assert load_config(tmp_path / "r.yaml") == {"epochs": None, "model": "1b"}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999, 1.5])
+def test_a_seed_out_of_range_is_refused_before_anything_is_written(seed, tmp_path):
+    """Found in review: these failed inside numpy or torch, after the output folder was made."""
+    with pytest.raises(Olmo2KitError, match="seed must be an integer from 0 to 4294967295"):
+        FinetuneConfig(data="d", output=str(tmp_path / "out"), seed=seed)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_required_text_field_left_empty_needs_a_value(tmp_path):
+    """Found in review: `model:` with nothing after it became the model named 'None'."""
+    (tmp_path / "r.yaml").write_text("model:\n")
+    with pytest.raises(Olmo2KitError, match="model needs a value"):
+        load_config(tmp_path / "r.yaml")

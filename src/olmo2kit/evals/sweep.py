@@ -258,7 +258,8 @@ def _revision_names(revisions: list[str] | None) -> list[str] | None:
 def results_store(path: str | os.PathLike) -> JsonlStore:
     """The results file of a sweep: one JSON line per revision measured."""
     return JsonlStore(path, what="sweep results line", hint="pass another --out",
-                      is_record=lambda row: "revision" in row)
+                      is_record=lambda row: isinstance(row.get("revision"), str)
+                      and isinstance(row.get("setup", {}), dict))
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:

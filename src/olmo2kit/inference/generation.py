@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.engines import Engine, check_acceleration, engine_for
 from olmo2kit.inference.sampling import SamplingOptions
-from olmo2kit.model.chat_template import check_messages, encode_chat
+from olmo2kit.model.chat_template import check_messages, check_text, encode_chat
 from olmo2kit.model.sizes import check_context
 
 
@@ -225,6 +225,7 @@ def encode_requests(tokenizer, requests: list) -> list[list[int]]:
         if isinstance(request, str):
             if not request.strip():
                 raise Olmo2KitError("empty prompt: give some text to continue")
+            check_text(request, "the prompt")
             encoded.append(tokenizer(request, return_token_type_ids=False)["input_ids"])
         else:
             encoded.append(encode_chat(tokenizer, request))

@@ -265,6 +265,8 @@ def _json_object(raw: bytes) -> dict:
         line = json.loads(raw)
     except UnicodeDecodeError:
         raise Olmo2KitError("not UTF-8 text") from None
+    except RecursionError:
+        raise Olmo2KitError("not JSON (nested deeper than it can be read)") from None
     except ValueError as e:
         raise Olmo2KitError(f"not JSON ({e})") from None
     if not isinstance(line, dict):
@@ -312,9 +314,15 @@ def _request_sha256(request: str | list[dict], sampling: SamplingOptions) -> str
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _is_result(row: dict) -> bool:
+    """A line of this job's results: an id as the input's ids are (a string or an integer) and the model's name."""
+    item_id = row.get("id")
+    return isinstance(item_id, str | int) and not isinstance(item_id, bool) and isinstance(row.get("model"), str)
+
+
 def _results_store(path: Path) -> JsonlStore:
     return JsonlStore(path, what="result line, so the job cannot resume into it",
-                      hint="give another --output", is_record=lambda row: "id" in row and "model" in row)
+                      hint="give another --output", is_record=_is_result)
 
 
 def _finished_requests(store: JsonlStore, model_name: str, revision: str | None,

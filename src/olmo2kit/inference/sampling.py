@@ -5,7 +5,6 @@ The defaults are the model card's: sampling with top_k 50 and top_p 0.95, 100 ne
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -15,6 +14,8 @@ from olmo2kit.errors import Olmo2KitError
 # np.random.seed takes 0 to 2**32 - 1 ("Seed must be between 0 and 2**32 - 1" past it), while torch 2.13's
 # manual_seed takes any 64-bit value: numpy's range is the one every seed must fit.
 SEED_LIMIT = 2**32
+TEMPERATURE_RANGE = (0.01, 100.0)
+PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,17 @@ class SamplingOptions:
                 raise Olmo2KitError(f"top_p must be in (0, 1], got {self.top_p}")
             if self.top_k < 0:
                 raise Olmo2KitError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-            if not self.temperature > 0.0:
-                raise Olmo2KitError(f"temperature must be positive (use greedy decoding for 0), got {self.temperature}")
+            # Past these the logits over- or underflow float32 and sampling fails: colder is greedy, hotter uniform.
+            if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+                low, high = TEMPERATURE_RANGE
+                raise Olmo2KitError(f"temperature must be from {low} to {high} (use greedy decoding for 0), got "
+                                    f"{self.temperature}")
         if self.seed is not None and (not isinstance(self.seed, Integral) or not 0 <= self.seed < SEED_LIMIT):
             raise Olmo2KitError(f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed}")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            raise Olmo2KitError(f"repetition_penalty must be positive (1 is off), got {self.repetition_penalty}")
+        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
+            low, high = PENALTY_RANGE
+            raise Olmo2KitError(f"repetition_penalty must be from {low} to {high} (1 is off), got "
+                                f"{self.repetition_penalty}")
         if not 0.0 <= self.min_p < 1.0:
             raise Olmo2KitError(f"min_p must be in [0, 1) (0 is off), got {self.min_p}")
         if any(not s for s in self.stop):

@@ -51,10 +51,22 @@ def check_messages(messages: Sequence[Mapping], *, need_user: bool = True) -> li
             raise Olmo2KitError(f"message {i} has role {role!r}: the OLMo 2 template knows {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise Olmo2KitError(f"message {i}'s content must be a string")
+        check_text(content, f"message {i}'s content")
         checked.append({"role": role, "content": content})
     if need_user and not any(m["role"] == "user" and m["content"].strip() for m in checked):
         raise Olmo2KitError("the conversation has no user message with text")
     return checked
+
+
+def check_text(text: str, what: str) -> str:
+    """`text`, or an Olmo2KitError when it holds a lone surrogate (a JSON \\ud800 escape without its pair, say):
+    such a string is no Unicode text, so no tokenizer can encode it and no file can hold it as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Olmo2KitError(f"{what} holds a lone surrogate ({text[e.start]!r} at character {e.start + 1}), which "
+                            "is not text: fix it") from None
+    return text
 
 
 def user_messages(prompt: str, system: str | None = None) -> list[dict]:

@@ -19,7 +19,7 @@ from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.revisions import check_revision
 
 # What loading reads: config, generation config, tokenizer, the weights and their index.
-LOADED_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+LOADED_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "additional_chat_templates/*"]
 
 
 @dataclass(frozen=True)

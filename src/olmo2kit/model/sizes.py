@@ -255,7 +255,7 @@ def read_config(path: str | os.PathLike) -> dict:
                             "restore the checkpoint's own")
     try:
         config = json.loads(data.decode("utf-8"))
-    except ValueError as e:  # invalid UTF-8 or invalid JSON
+    except (ValueError, RecursionError) as e:  # invalid UTF-8 or JSON, or nested past Python's stack
         raise Olmo2KitError(f"{path} is not valid JSON ({e}): restore the checkpoint's own") from None
     if not isinstance(config, dict):
         raise Olmo2KitError(f"{path} holds a JSON {type(config).__name__}, not an object: restore the checkpoint's own")

@@ -410,6 +410,8 @@ def _parse_line(source: str, number: int, line: bytes) -> dict:
             from None
     try:
         record = json.loads(text)
+    except RecursionError:
+        raise Olmo2KitError(f"{where}: not JSON (nested deeper than it can be read); fix or remove it") from None
     except ValueError as e:
         raise Olmo2KitError(f"{where}: not JSON ({e}); fix or remove it") from None
     if not isinstance(record, dict):

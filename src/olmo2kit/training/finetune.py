@@ -45,6 +45,7 @@ from olmo2kit.compat import quiet_bitsandbytes
 from olmo2kit.devices import check_device, peak_memory_gb, resolve_device
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import LOCK_NAME, JsonlStore, make_output_dir, output_lock, write_json_atomic
+from olmo2kit.inference.sampling import SEED_LIMIT
 from olmo2kit.model.loading import ModelRef, load, resolve_model
 from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
 from olmo2kit.training.data import PreparedData, load_prepared
@@ -133,6 +134,8 @@ class FinetuneConfig:
         if self.merge and not self.lora:
             raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
         check_device(self.device)
+        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise Olmo2KitError(f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed}")
 
 
 @dataclass
@@ -184,6 +187,8 @@ def _coerce(path: Path, key: str, value, annotation):
     kind = kinds[0]
     if value is None and type(None) in typing.get_args(annotation) or kind is str and isinstance(value, str):
         return value
+    if value is None:
+        raise Olmo2KitError(f"{path}: {key} needs a value ({kind.__name__})")
     whole = not (kind is int and isinstance(value, float) and not value.is_integer())  # 2.5 epochs is no int
     if (kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool)) and whole:
         try:
