@@ -82,14 +82,18 @@ def numbered_lines(f, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
         yield number, None
 
 
-def read_stdin() -> str:
-    """All of stdin as text, decoded strictly as UTF-8; Olmo2KitError naming the first bad byte."""
+def read_stdin(limit: int | None = None) -> str:
+    """All of stdin as text, decoded strictly as UTF-8; Olmo2KitError naming the first bad byte, or when stdin
+    holds more than `limit` bytes (read no further: stdin may be endless)."""
     import sys
 
+    size = -1 if limit is None else limit + 1
     if hasattr(sys.stdin, "buffer"):
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(size)
     else:  # a text stream put in place of stdin (tests, embedding programs)
-        data = sys.stdin.read().encode("utf-8", "surrogateescape")
+        data = sys.stdin.read(size).encode("utf-8", "surrogateescape")
+    if limit is not None and len(data) > limit:
+        raise Olmo2KitError(f"stdin holds more than {limit:,} bytes, more than olmo2kit reads here: shorten it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -242,3 +242,29 @@ def test_chat_undo_retry_load_and_a_full_context(cli, tiny_instruct, tiny_instru
     kept = json.loads(second.read_text())["messages"]
     assert [m["content"][0] for m in kept if m["role"] == "user"] == ["1", "2", "3", "4"]
     assert kept[-1]["content"] == greedy_reply(tiny_instruct, kept[:-1])
+
+
+def test_a_prompt_past_the_byte_cap_is_refused_before_tokenizing(tiny, cli, tiny_instruct_path):
+    """Found in review: a 24 MB line was tokenized whole (about 4 GB) before its length was checked."""
+    from olmo2kit.inference.generation import MAX_PROMPT_BYTES, generate
+
+    model, tokenizer = tiny
+    with pytest.raises(Olmo2KitError, match=f"the prompt is {MAX_PROMPT_BYTES + 1:,} bytes, more than the "
+                                            f"{MAX_PROMPT_BYTES:,} olmo2kit reads before counting tokens"):
+        generate(model, tokenizer, "x" * (MAX_PROMPT_BYTES + 1), max_new_tokens=2)
+    code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "2", "--greedy",
+                         stdin="y" * (MAX_PROMPT_BYTES + 1) + "\nHi\n")
+    assert code == 0 and "error: the conversation is" in err and out.strip()  # the next message is answered
+
+
+def test_generate_reads_at_most_a_prompt_from_stdin(tiny_path):
+    """`generate -` with endless input ends at once instead of reading without end."""
+    import subprocess
+
+    from conftest import OLMO2KIT
+
+    with open("/dev/zero", "rb") as zero:
+        done = subprocess.run([str(OLMO2KIT), "generate", "-", "--model", str(tiny_path)], stdin=zero,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith("error: stdin holds more than 4,194,304 bytes")

@@ -32,6 +32,7 @@ from olmo2kit.cli.output import ProgressBar, info, report
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import read_stdin
 from olmo2kit.inference.engines import check_acceleration
+from olmo2kit.inference.generation import MAX_PROMPT_BYTES
 from olmo2kit.inference.sampling import DEFAULTS
 
 
@@ -125,7 +126,7 @@ def generate(
         # A usage error, as when the argument was required: the usage line, then the message, exit code 2.
         raise typer.BadParameter("Missing argument: give text to continue, or --input FILE --output FILE",
                                  param_hint="'PROMPTS...'")
-    prompts = [read_stdin() if p == "-" else p for p in prompts]
+    prompts = [read_stdin(MAX_PROMPT_BYTES) if p == "-" else p for p in prompts]
     if any(not p.strip() for p in prompts):
         raise Olmo2KitError("empty prompt: give some text to continue")
     if as_json:

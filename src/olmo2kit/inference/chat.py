@@ -18,7 +18,7 @@ from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_atomic
-from olmo2kit.inference.generation import Generation, join_chunks, stream_generate
+from olmo2kit.inference.generation import Generation, check_prompt_size, join_chunks, stream_generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, encode_chat
 from olmo2kit.model.sizes import check_context, context_length
@@ -211,6 +211,7 @@ class ChatSession:
         the last user message does not fit even alone."""
         context, new = context_length(self.model.config), self.sampling.max_new_tokens
         head = [{"role": "system", "content": self.system}] if self.system else []
+        check_prompt_size(head + self.turns[-1:])  # before tokenizing: what cannot fit is not worth the time
         alone = encode_chat(self.tokenizer, head + self.turns[-1:])
         check_context(len(alone), new, context, prompt="the message" + (" with the system message" if head else ""))
         dropped = 0

@@ -216,6 +216,11 @@ def _requests(prompt, messages) -> tuple[list, bool]:
     return [check_messages(conversation) for conversation in messages], False
 
 
+# Bytes of a prompt or conversation read before its tokens are counted: a thousand times what OLMo 2's 4096-token
+# context holds, so only a mistake (a whole file piped in, say) meets it, and it is refused before tokenizing.
+MAX_PROMPT_BYTES = 1 << 22
+
+
 def encode_requests(tokenizer, requests: list) -> list[list[int]]:
     """Token ids of each prompt (str) or conversation (a list of messages), unpadded."""
     if not requests:
@@ -226,10 +231,22 @@ def encode_requests(tokenizer, requests: list) -> list[list[int]]:
             if not request.strip():
                 raise Olmo2KitError("empty prompt: give some text to continue")
             check_text(request, "the prompt")
+        check_prompt_size(request)
+        if isinstance(request, str):
             encoded.append(tokenizer(request, return_token_type_ids=False)["input_ids"])
         else:
             encoded.append(encode_chat(tokenizer, request))
     return encoded
+
+
+def check_prompt_size(request: str | list[dict]) -> None:
+    """Olmo2KitError when a prompt, or a conversation's messages together, pass MAX_PROMPT_BYTES."""
+    texts = [request] if isinstance(request, str) else [m["content"] for m in request]
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)  # a lone surrogate is checked apart
+    if size > MAX_PROMPT_BYTES:
+        what = "the prompt" if isinstance(request, str) else "the conversation"
+        raise Olmo2KitError(f"{what} is {size:,} bytes, more than the {MAX_PROMPT_BYTES:,} olmo2kit reads before "
+                            "counting tokens (the model's context holds far fewer): shorten it")
 
 
 def _ids_through_stop(tokenizer, ids: list[int], stop: Sequence[str]) -> list[int]:
