@@ -9,6 +9,7 @@ import typer
 
 from olmo2kit.cli.options import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, RevisionOpt
 from olmo2kit.cli.output import ProgressBar, format_bytes, info, print_table
+from olmo2kit.model.sizes import DEFAULT_MODEL
 
 
 def bench(
@@ -42,7 +43,7 @@ def bench(
     quiet_transformers()
     if not random_init and size:
         model = model or size
-    what = f"{size or model} with random weights" if random_init else model or "1b"
+    what = f"{size or model} with random weights" if random_init else model or DEFAULT_MODEL
     result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
                        batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
                        repeat=repeat, revision=revision, progress=_progress(what))

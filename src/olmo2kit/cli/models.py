@@ -9,7 +9,6 @@ import typer
 
 from olmo2kit.cli.options import JsonOpt
 from olmo2kit.cli.output import dash, format_bytes, print_table
-from olmo2kit.errors import Olmo2KitError
 
 
 def sizes(as_json: JsonOpt = False) -> None:
@@ -56,11 +55,10 @@ def tiny(
       olmo2kit tiny ./tiny-chat --instruct
     """
     from olmo2kit.compat import quiet_transformers
-    from olmo2kit.inference.sampling import SEED_LIMIT
+    from olmo2kit.inference.sampling import check_seed
     from olmo2kit.model.tiny import build_tiny
 
-    if not 0 <= seed < SEED_LIMIT:  # every seed olmo2kit takes fits the one range that sampling checks
-        raise Olmo2KitError(f"--seed must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}")
+    check_seed(seed, "--seed")  # every seed olmo2kit takes fits the one range that sampling checks
     quiet_transformers()
     written = build_tiny(path, instruct=instruct, seed=seed)
     print(written)

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from olmo2kit.inference.sampling import SEED_LIMIT
+
 # Options shared by every command that loads a model.
 ModelOpt = Annotated[
     str,
@@ -44,7 +46,7 @@ TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens (0: off).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed (0 to 4294967295), for repeatable samples.")]
+SeedOpt = Annotated[int | None, typer.Option(help=f"Random seed (0 to {SEED_LIMIT - 1}), for repeatable samples.")]
 MinPOpt = Annotated[
     float, typer.Option("--min-p", help="Sample only tokens at least this fraction as likely as the top one (0: off).")
 ]

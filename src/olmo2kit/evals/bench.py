@@ -20,7 +20,16 @@ from olmo2kit.devices import dtype_name, peak_memory_gb, resolve_device, resolve
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.estimate import estimate
 from olmo2kit.model.loading import load
-from olmo2kit.model.sizes import SIZES, Size, check_context, context_length, get_size, hf_config, weight_bytes
+from olmo2kit.model.sizes import (
+    DEFAULT_MODEL,
+    SIZES,
+    Size,
+    check_context,
+    context_length,
+    get_size,
+    hf_config,
+    weight_bytes,
+)
 from olmo2kit.model.tiny import TINY_ARCH, build_tokenizer
 
 
@@ -114,7 +123,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     if batch_size < 1 or prompt_len < 1 or new_tokens < 2 or repeat < 1:
         raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
     device = resolve_device(device)
-    name = (size or model) if random_init else (model or size or "1b")
+    name = (size or model) if random_init else (model or size or DEFAULT_MODEL)
     if random_init and name not in SIZES and name != "tiny":
         raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries)")
     _check_fit(name, dtype, quantize, device, prompt_len + new_tokens, batch_size)

@@ -328,8 +328,8 @@ def _results_store(path: Path) -> JsonlStore:
 def _finished_requests(store: JsonlStore, model_name: str, revision: str | None,
                        warn: Callable[[str], None]) -> dict[str, str | None]:
     """The ids already in the results, each with the hash of the request that made it; a torn last line
-    (a write cut short) is cut off the file. Lines written before results carried `request_sha256` give
-    None: they match their id whatever the request, as resuming did when they were written."""
+    (a write cut short) is cut off the file. A line without `request_sha256` gives None: it matches its id
+    whatever the request."""
     done: dict[str, str | None] = {}
     for record in store.records():  # a line at a time: only the ids and hashes are kept
         if (record.get("model"), record.get("revision")) != (model_name, revision):

@@ -18,6 +18,13 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 PENALTY_RANGE = (0.01, 100.0)
 
 
+def check_seed(seed, name: str = "seed") -> int:
+    """`seed`, or an Olmo2KitError unless it is an integer in [0, SEED_LIMIT); `name` is how the user gave it."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < SEED_LIMIT:
+        raise Olmo2KitError(f"{name} must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}")
+    return seed
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     max_new_tokens: int = 100
@@ -43,8 +50,8 @@ class SamplingOptions:
                 low, high = TEMPERATURE_RANGE
                 raise Olmo2KitError(f"temperature must be from {low} to {high} (use greedy decoding for 0), got "
                                     f"{self.temperature}")
-        if self.seed is not None and (not isinstance(self.seed, Integral) or not 0 <= self.seed < SEED_LIMIT):
-            raise Olmo2KitError(f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed}")
+        if self.seed is not None:
+            check_seed(self.seed)
         if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
             low, high = PENALTY_RANGE
             raise Olmo2KitError(f"repetition_penalty must be from {low} to {high} (1 is off), got "

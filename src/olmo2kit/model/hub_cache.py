@@ -76,14 +76,39 @@ def download(model: str, revision: str | None = None, *,
 
 def cached_revisions(model: str | None = None) -> list[CachedRevision]:
     """The revisions in the cache, of one model (alias or repo id) or of every model, largest repo first."""
+    cache = _scan_cache()
+    return [] if cache is None else _revisions(cache, None if model is None else _repo_id(model))
+
+
+def delete_cached_revision(repo_id: str, *revisions: str | None) -> int:
+    """Remove a revision of `repo_id` from the cache, named by any of `revisions` (branch, tag or commit);
+    files other revisions share stay. Returns the bytes freed: 0 when the cache holds nothing of it."""
+    return _delete(repo_id, {r for r in revisions if r}) or 0
+
+
+def remove_revision(model: str, revision: str) -> int:
+    """Remove a cached revision of `model` (alias or repo id); Olmo2KitError when the cache holds none.
+    Returns the bytes freed (0 when all its files are shared with other cached revisions)."""
+    repo_id = _repo_id(model)
+    freed = _delete(repo_id, {revision})
+    if freed is None:
+        raise Olmo2KitError(f"the cache holds no revision {revision!r} of {repo_id}: `olmo2kit cache {model}` lists "
+                            "what it holds")
+    return freed
+
+
+def _scan_cache():
+    """huggingface_hub's view of the cache, read once; None when there is no cache yet."""
     from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    repo_id = None if model is None else _repo_id(model)
     try:
-        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+        return scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
-        return []
+        return None
+
+
+def _revisions(cache, repo_id: str | None) -> list[CachedRevision]:
     found = []
     for repo in sorted(cache.repos, key=lambda r: -r.size_on_disk):
         if repo.repo_type != "model" or (repo_id is not None and repo.repo_id.lower() != repo_id.lower()):
@@ -94,28 +119,16 @@ def cached_revisions(model: str | None = None) -> list[CachedRevision]:
     return found
 
 
-def delete_cached_revision(repo_id: str, *revisions: str | None) -> int:
-    """Remove a revision of `repo_id` from the cache, named by any of `revisions` (branch, tag or commit);
-    files other revisions share stay. Returns the bytes freed: 0 when the cache holds nothing of it."""
-    names = {r for r in revisions if r}
-    commits = [r.commit for r in cached_revisions(repo_id) if names & {*r.refs, r.commit}]
+def _delete(repo_id: str, names: set[str]) -> int | None:
+    """Delete the cached revisions of `repo_id` any of `names` points at, from one scan of the cache; the
+    bytes freed, or None when no cached revision matched."""
+    cache = _scan_cache()
+    commits = [] if cache is None else [r.commit for r in _revisions(cache, repo_id) if names & {*r.refs, r.commit}]
     if not commits:
-        return 0
-    from huggingface_hub import constants, scan_cache_dir
-
-    strategy = scan_cache_dir(constants.HF_HUB_CACHE).delete_revisions(*commits)
+        return None
+    strategy = cache.delete_revisions(*commits)
     strategy.execute()
     return strategy.expected_freed_size
-
-
-def remove_revision(model: str, revision: str) -> int:
-    """Remove a cached revision of `model` (alias or repo id); Olmo2KitError when the cache holds none.
-    Returns the bytes freed (0 when all its files are shared with other cached revisions)."""
-    repo_id = _repo_id(model)
-    if not any(revision in r.refs or r.commit == revision for r in cached_revisions(repo_id)):
-        raise Olmo2KitError(f"the cache holds no revision {revision!r} of {repo_id}: `olmo2kit cache {model}` lists "
-                            "what it holds")
-    return delete_cached_revision(repo_id, revision)
 
 
 def _repo_id(model: str) -> str:

@@ -45,7 +45,7 @@ from olmo2kit.compat import quiet_bitsandbytes
 from olmo2kit.devices import check_device, peak_memory_gb, resolve_device
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import LOCK_NAME, JsonlStore, make_output_dir, output_lock, write_json_atomic
-from olmo2kit.inference.sampling import SEED_LIMIT
+from olmo2kit.inference.sampling import check_seed
 from olmo2kit.model.loading import ModelRef, load, resolve_model
 from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
 from olmo2kit.training.data import PreparedData, load_prepared
@@ -60,7 +60,7 @@ RESULT = "finetune.json"
 CHECKPOINTS = "checkpoints"
 _STAGING = ".result.tmp"
 _OWN = {LOG, CHECKPOINTS, _STAGING, LOCK_NAME}  # what an unfinished run leaves in its output directory
-# Identity keys added after checkpoints were first written, with the value an older checkpoint implies.
+# Identity keys a checkpoint may lack, with the value its absence means.
 _IDENTITY_DEFAULTS = {"val_fraction": 0.0}
 
 
@@ -134,8 +134,7 @@ class FinetuneConfig:
         if self.merge and not self.lora:
             raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
         check_device(self.device)
-        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
-            raise Olmo2KitError(f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed}")
+        check_seed(self.seed)
 
 
 @dataclass
