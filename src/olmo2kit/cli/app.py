@@ -8,7 +8,6 @@ commands that need them, so `olmo2kit --help` and `olmo2kit sizes` stay instant.
 from __future__ import annotations
 
 import errno
-import importlib.metadata
 import logging
 import os
 import sys
@@ -33,6 +32,8 @@ _debug = False
 
 def _print_version(value: bool) -> None:
     if value:
+        import importlib.metadata  # here, not at start-up: it costs every command about 20 ms
+
         # The installed version, which pyproject.toml takes from olmo2kit.__version__: modules import no
         # name from the package's public API (tests/test_layers.py).
         print(f"olmo2kit {importlib.metadata.version('olmo2kit')}")
