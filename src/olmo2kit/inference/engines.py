@@ -42,12 +42,7 @@ class Engine:
         return context_length(self.model.config)
 
     def eos_ids(self) -> set[int]:
-        """The token ids that end a row: the generation config's end of text and the tokenizer's."""
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return end_of_text_ids(self.model, self.tokenizer)
 
     def peak_memory_gb(self) -> float | None:
         return peak_memory_gb(self.model.device)
@@ -184,6 +179,15 @@ class CompiledEngine(Engine):
         )
         for chunk in steps:
             yield chunk.tolist()
+
+
+def end_of_text_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a row: the generation config's end of text and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cache=None) -> Engine:

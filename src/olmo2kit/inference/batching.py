@@ -1,0 +1,364 @@
+"""Continuous batching: concurrent requests share every forward pass of one model.
+
+A request joins the running batch at the next step (its prompt is prefilled alone, then its keys and
+values are added to the batch's cache as a new row) and leaves it as soon as it is done, so nobody waits
+for the longest request of a batch. Rows are left-padded in one transformers `DynamicCache`; each row
+keeps its own positions, sampling options and random generator, so a request's tokens do not depend on
+what runs beside it (greedy output is the same alone or batched, exactly in fp32).
+
+    >>> scheduler = BatchScheduler(model, tokenizer, max_batch_size=16)  # doctest: +SKIP
+    >>> handle = scheduler.submit(BatchRequest(prompt=[1, 2, 3], max_new_tokens=8), print)  # doctest: +SKIP
+
+Everything runs on one worker thread; a request's events (`Token`, `PromptLogprobs`, `Finished`,
+`Failed`) go to the callback given with it, on that thread. Stop strings, text and the OpenAI shapes are
+the caller's: the scheduler ends a row at an end-of-text token, at `max_new_tokens`, or when cancelled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from olmo2kit.compat import cache_keyword
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.engines import end_of_text_ids
+
+log = logging.getLogger("olmo2kit")
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+class Constraint(Protocol):
+    """Constrained decoding for one row (a JSON grammar, say): which tokens may come next."""
+
+    def mask(self, logits) -> None:
+        """Set the logits (one row, float32) of the tokens that may not come next to -inf, in place."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the chosen token."""
+
+
+@dataclass
+class BatchRequest:
+    """One sequence to continue. `temperature` 0 is greedy; `logprobs` asks for the chosen token's log
+    probability with that many alternatives (0 to MAX_LOGPROBS); `prompt_logprobs` for those of the
+    prompt's tokens too. `max_new_tokens` 0 scores the prompt without generating."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    constraint: Constraint | None = None
+
+
+@dataclass
+class Token:
+    """A generated token, with its log probability (under the model, before temperature, top_p or a
+    constraint) and the likeliest alternatives as (token, logprob), when asked for."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptLogprobs:
+    """The prompt's tokens, each with its log probability given the tokens before it (None for the first)."""
+
+    tokens: list[Token]
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop": an end-of-text token; "length": max_new_tokens reached
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class QueueFull(Olmo2KitError):
+    """The scheduler holds `max_queue` requests waiting for a row already."""
+
+
+@dataclass(eq=False)
+class Handle:
+    """A submitted request: `cancel()` drops it at the scheduler's next step."""
+
+    request: BatchRequest
+    emit: Callable
+    id: int
+    cancelled: bool = False
+    # the scheduler's own state for the row
+    generated: int = 0
+    length: int = 0  # tokens in the cache
+    last: int = 0  # the token to feed next
+    generator: object = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Batch:
+    """The running rows and their cache: row i's keys and values are the last rows[i].length positions."""
+
+    rows: list[Handle] = field(default_factory=list)
+    cache: object = None  # a DynamicCache, batch dimension = rows
+    mask: object = None  # [rows, positions] attention mask, 0 on the left padding
+
+
+class BatchScheduler:
+    """Continuous batching over one model (see the module docstring). `max_batch_size` rows decode
+    together; up to `max_queue` more wait, and `submit` past that raises QueueFull at once."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
+                 eos_ids: set[int] | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise Olmo2KitError("max_batch_size must be at least 1 and max_queue at least 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.eos_ids = eos_ids if eos_ids is not None else end_of_text_ids(model, tokenizer)
+        self._waiting: deque[Handle] = deque()
+        self._batch = _Batch()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="olmo2kit-batching", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._batch.rows or self._waiting)
+
+    def submit(self, request: BatchRequest, emit: Callable) -> Handle:
+        """Queue `request`; `emit` is called with each of its events, from the scheduler's thread."""
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise Olmo2KitError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {request.logprobs}")
+        handle = Handle(request, emit, next(self._ids))
+        with self._wake:
+            if self._closed:
+                raise Olmo2KitError("the scheduler is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already (the queue holds {self.max_queue})")
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop at the next step; requests still waiting or running get a Failed event."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and not self._batch.rows:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    joining = []
+                    while self._waiting and len(self._batch.rows) + len(joining) < self.max_batch_size:
+                        joining.append(self._waiting.popleft())
+                try:
+                    for handle in joining:
+                        if not handle.cancelled:
+                            self._prefill(handle)
+                    self._drop([h for h in self._batch.rows if h.cancelled])
+                    if self._batch.rows:
+                        self._decode()
+                except Exception as e:  # a bug or out of memory: the rows fail, the scheduler goes on
+                    log.exception("batch step failed")
+                    for handle in joining + self._batch.rows:
+                        handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                    self._batch = _Batch()
+        for handle in list(self._waiting) + self._batch.rows:
+            handle.emit(Failed("the server is shutting down"))
+        self._waiting.clear()
+        self._batch = _Batch()
+
+    def _prefill(self, handle: Handle) -> None:
+        """Run the prompt alone, report its logprobs when asked, choose the first token, and join the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        request = handle.request
+        handle.generator = torch.Generator().manual_seed(
+            request.seed if request.seed is not None else random.randrange(2**63))
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([request.prompt], device=self.model.device)
+        want_prompt = request.prompt_logprobs
+        keep = 0 if want_prompt else 1  # the logits of every position, or of the last only
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{cache_keyword(): cache})
+        logits = out.logits[0].float()
+        if want_prompt:
+            handle.emit(PromptLogprobs(self._prompt_tokens(request, logits)))
+        if request.max_new_tokens == 0:
+            handle.emit(Finished("length"))
+            return
+        handle.length = len(request.prompt)
+        if self._advance_rows([handle], logits[-1:])[0]:
+            self._join(handle, cache)
+
+    def _prompt_tokens(self, request: BatchRequest, logits) -> list[Token]:
+        import torch
+
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)
+        prompt = torch.tensor(request.prompt[1:], device=logits.device)
+        chosen = logprobs.gather(1, prompt[:, None])[:, 0].tolist()
+        top = _top(logprobs, request.logprobs or 0)
+        pairs = enumerate(zip(request.prompt[1:], chosen, strict=True))
+        return [Token(request.prompt[0])] + [Token(token, lp, top[i] if top else None) for i, (token, lp) in pairs]
+
+    def _decode(self) -> None:
+        """One forward pass over every running row, then one token for each."""
+        import torch
+
+        batch = self._batch
+        rows = batch.rows
+        device = self.model.device
+        input_ids = torch.tensor([[h.last] for h in rows], device=device)
+        positions = torch.tensor([[h.length] for h in rows], device=device)
+        mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=device)], dim=1)
+        past = batch.mask.shape[1]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         cache_position=torch.tensor([past], device=device), use_cache=True,
+                         **{cache_keyword(): batch.cache})
+        batch.mask = mask
+        for h in rows:
+            h.length += 1
+        going = self._advance_rows(rows, out.logits[:, -1].float())
+        self._drop([h for h, go in zip(rows, going, strict=True) if not go])
+
+    def _advance_rows(self, rows: list[Handle], logits) -> list[bool]:
+        """Choose each row's next token from its logits ([rows, vocab], float32) and emit it; whether each goes on."""
+        import torch
+
+        logprobs = torch.log_softmax(logits, dim=-1) if any(h.request.logprobs is not None for h in rows) else None
+        greedy = logits.argmax(dim=-1).tolist()
+        going = []
+        for i, handle in enumerate(rows):
+            request = handle.request
+            if request.constraint is not None or request.temperature > 0:
+                token = self._choose(request, logits[i].clone(), handle.generator)
+            else:
+                token = greedy[i]
+            if request.constraint is not None:
+                request.constraint.accept(token)
+            if logprobs is not None and request.logprobs is not None:
+                top = _top(logprobs[i: i + 1], request.logprobs)
+                handle.emit(Token(token, logprobs[i, token].item(), top[0] if top else None))
+            else:
+                handle.emit(Token(token))
+            handle.generated += 1
+            handle.last = token
+            if token in self.eos_ids:
+                handle.emit(Finished("stop"))
+            elif handle.generated >= request.max_new_tokens:
+                handle.emit(Finished("length"))
+            else:
+                going.append(True)
+                continue
+            going.append(False)
+        return going
+
+    @staticmethod
+    def _choose(request: BatchRequest, logits, generator) -> int:
+        """One row's token: masked by its constraint, then greedy or sampled with temperature and top_p."""
+        import torch
+
+        if request.constraint is not None:
+            request.constraint.mask(logits)
+        if request.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > request.top_p  # keeps at least the likeliest
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+    def _join(self, handle: Handle, cache) -> None:
+        """Add a prefilled row (its own cache, one row) to the batch, left-padding the shorter side."""
+        import torch
+
+        batch = self._batch
+        length = handle.length
+        row_mask = torch.ones(1, length, dtype=torch.long, device=self.model.device)
+        if not batch.rows:
+            batch.rows, batch.cache, batch.mask = [handle], cache, row_mask
+            return
+        width = batch.mask.shape[1]
+        for mine, theirs in zip(batch.cache.layers, cache.layers, strict=True):
+            for name in ("keys", "values"):
+                old, new = getattr(mine, name), getattr(theirs, name)
+                old, new = _pad_left(old, length - width), _pad_left(new, width - length)
+                setattr(mine, name, torch.cat([old, new], dim=0))
+        batch.mask = torch.cat([_pad_left(batch.mask, length - width, dim=1),
+                                _pad_left(row_mask, width - length, dim=1)])
+        batch.rows.append(handle)
+
+    def _drop(self, leaving: list[Handle]) -> None:
+        """Take rows out of the batch and the padding no remaining row needs off the left."""
+        if not leaving:
+            return
+        import torch
+
+        batch = self._batch
+        keep = [i for i, h in enumerate(batch.rows) if h not in leaving]
+        if not keep:
+            self._batch = _Batch()
+            return
+        index = torch.tensor(keep, device=batch.mask.device)
+        rows = [batch.rows[i] for i in keep]
+        start = batch.mask.shape[1] - max(h.length for h in rows)
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        batch.mask = batch.mask[index, start:]
+        batch.rows = rows
+
+
+def _pad_left(tensor, n: int, dim: int = 2):
+    """`tensor` with n zeros before it along `dim` (itself when n <= 0)."""
+    if n <= 0:
+        return tensor
+    import torch
+
+    shape = list(tensor.shape)
+    shape[dim] = n
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _top(logprobs, k: int) -> list[list[tuple[int, float]]] | None:
+    """The k likeliest tokens of each row with their logprobs; None for k 0."""
+    if not k:
+        return None
+    values, indices = logprobs.topk(k, dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
