@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from olmo2kit.errors import Olmo2KitError
@@ -120,7 +120,8 @@ def stream_rows(engine: Engine, requests: list, sampling: SamplingOptions, *,
         check_context(len(ids), sampling.max_new_tokens, engine.context_length)
     eos_ids = engine.eos_ids()
     start = time.perf_counter()
-    rows = [Detokenizer(engine, sampling.stop, eos_ids, len(ids), start, stream) for ids in prompts]
+    rows = [Detokenizer(engine.tokenizer, sampling.stop, eos_ids, len(ids), start, stream, engine.peak_memory_gb)
+            for ids in prompts]
     steps = engine.tokens(prompts, sampling, eos_ids, stream=stream)
     try:
         for step in steps:
@@ -139,10 +140,10 @@ class Detokenizer:
     may begin a stop string (or is half a character) held back until it is known. It builds every
     `Generation` that `generate` and `stream_generate` return."""
 
-    def __init__(self, engine: Engine, stop: Iterable[str], eos_ids: set[int], prompt_tokens: int, start: float,
-                 stream: bool) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
+    def __init__(self, tokenizer, stop: Iterable[str], eos_ids: set[int], prompt_tokens: int, start: float,
+                 stream: bool, peak_memory_gb: Callable[[], float | None] = lambda: None) -> None:
+        self.tokenizer = tokenizer
+        self.peak_memory_gb = peak_memory_gb
         self.stop = tuple(stop)
         self.eos_ids = eos_ids
         self.prompt_tokens = prompt_tokens
@@ -194,7 +195,7 @@ class Detokenizer:
             tokens_per_s=len(self.ids) / elapsed if elapsed > 0 else 0.0,
             elapsed_s=elapsed,
             prompt_tps=self.prompt_tps,
-            peak_memory_gb=self.engine.peak_memory_gb() if finish_reason else None,
+            peak_memory_gb=self.peak_memory_gb() if finish_reason else None,
         )
         self.emitted, self.pending = text, []
         self.finished = finish_reason is not None

@@ -1,0 +1,534 @@
+"""The OpenAI-compatible ASGI app: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/health`.
+
+    >>> app = create_app(["1b-instruct"])                  # doctest: +SKIP
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)      # doctest: +SKIP
+
+Requests run on each model's continuous-batching scheduler (`olmo2kit.inference.batching`); this module
+turns the OpenAI request into token ids and sampling options, checks them (every bad field is a 400
+with OpenAI's error object), and turns the scheduler's events back into OpenAI's responses or
+server-sent-event chunks. Text, stop strings and end of text go through the same `Detokenizer` as
+`olmo2kit.generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.batching import BatchRequest, Failed, Finished, PromptLogprobs, QueueFull, Token
+from olmo2kit.inference.generation import Detokenizer, check_prompt_size, encode_requests
+from olmo2kit.model.chat_template import check_messages
+from olmo2kit.model.sizes import check_context
+from olmo2kit.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from olmo2kit.server.registry import ModelNotFound, ModelRegistry, ModelsBusy, ServedModel
+
+log = logging.getLogger("olmo2kit")
+
+MAX_BODY_BYTES = 16 << 20  # a 4 MiB prompt, JSON-escaped, fits; a mistake (a whole file) does not
+DEFAULT_NEW_TOKENS = 256  # max_tokens left out, when the model's context is unknown
+
+
+class APIError(Exception):
+    """An answer with OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(str(self), type=self.type, param=self.param, code=self.code),
+                            status_code=self.status, headers=self.headers)
+
+
+def create_app(models: Sequence[str] = (), *, dtype: str = "auto", quantize: str | None = None,
+               device: str = "auto", max_batch_size: int = 16, max_queue: int = 256, max_models: int | None = None,
+               allow_load: bool = False, api_key: str | None = None, preload: bool = True,
+               loaded: dict[str, tuple] | None = None, load: Callable[[str], tuple] | None = None) -> FastAPI:
+    """The server's ASGI app over `models` (names as `olmo2kit.load` takes them).
+
+    `loaded` serves models already in memory (`{"name": (model, tokenizer)}`); `preload` loads the
+    named ones now rather than on first use. `allow_load` lets requests name other Hub models, kept
+    in an LRU of `max_models`. `api_key` requires `Authorization: Bearer <key>` on every route but
+    /health. `load` replaces how a name is loaded (default: `olmo2kit.load` with dtype, quantize, device).
+    """
+    if load is None:
+        def load(name: str) -> tuple:
+            from olmo2kit.model.loading import load as load_model
+
+            return load_model(name, dtype=dtype, quantize=quantize, device=device)
+
+    registry = ModelRegistry([*models, *(loaded or {})], load, max_models=max_models, allow_load=allow_load,
+                             max_batch_size=max_batch_size, max_queue=max_queue)
+    for name, (model, tokenizer) in (loaded or {}).items():
+        registry.add(name, model, tokenizer)
+    if preload:
+        registry.load_named()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(registry.close)
+
+    app = FastAPI(title="olmo2kit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry = registry
+    app.add_middleware(_Guard, api_key=api_key, max_body=MAX_BODY_BYTES)
+    _add_error_handlers(app)
+    _add_routes(app, registry)
+    return app
+
+
+def _add_routes(app: FastAPI, registry: ModelRegistry) -> None:
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(m) for m in registry.names()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        for served in registry.names():
+            if _model_card(served)["id"] == name:
+                return _model_card(served)
+        raise APIError(404, f"model {name!r} is not served", param="model", code="model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = _parse(CompletionRequest, await _json(request))
+        served = await _served(registry, body.model)
+        return await _respond(request, served, _completion_job(served, body), _CompletionFormat(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = _parse(ChatCompletionRequest, await _json(request))
+        served = await _served(registry, body.model)
+        return await _respond(request, served, _chat_job(served, body), _ChatFormat(body))
+
+
+def _model_card(served: ServedModel | str) -> dict:
+    if isinstance(served, str):
+        return {"id": served, "object": "model", "created": 0, "owned_by": "olmo2kit", "loaded": False}
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "olmo2kit",
+            "loaded": True, "max_model_len": served.context_length}
+
+
+async def _served(registry: ModelRegistry, name: str) -> ServedModel:
+    try:
+        return await registry.get(name)
+    except ModelNotFound as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+    except ModelsBusy as e:
+        raise APIError(503, str(e), type="server_error", code="model_slots_busy",
+                       headers={"Retry-After": "1"}) from None
+
+
+async def _json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e.__class__.__name__}): send a JSON object") from None
+
+
+def _parse(kind, body):
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        return kind.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[", "str")))
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = f"unrecognized request argument supplied: {param}"
+        elif first["type"] == "missing":
+            message = f"missing required parameter: {param}"
+        else:
+            message = f"invalid value for {param or 'the body'}: {message}"
+        raise APIError(400, message, param=param or None, code="invalid_value") from None
+
+
+# --- what to run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """The rows to run for one request: a prompt's ids and options for each choice."""
+
+    prompts: list[list[int]]  # one per prompt; each runs n times
+    prompt_texts: list[str]
+    requests: list[BatchRequest]  # prompt-major: prompt i, choice j is i * n + j
+    stop: tuple[str, ...]
+    n: int
+    constraint_of: Callable[[], object] | None = None
+    choices: list[_Choice] = field(default_factory=list)  # filled as the rows are submitted
+
+
+def _completion_job(served: ServedModel, body: CompletionRequest) -> _Job:
+    tokenizer = served.tokenizer
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, str) for p in prompt)):
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        for text in texts:
+            if not text:
+                raise APIError(400, "the prompt is empty: give some text to continue", param="prompt")
+        ids = _checked(lambda: encode_requests(tokenizer, texts), "prompt")
+    else:
+        ids = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
+        if not ids or any(not row for row in ids):
+            raise APIError(400, "the prompt is empty: give some text or token ids", param="prompt")
+        vocab = served.model.config.vocab_size
+        if any(not 0 <= t < vocab for row in ids for t in row):
+            raise APIError(400, f"a prompt token id is outside the vocabulary (0 to {vocab - 1})", param="prompt")
+        texts = [tokenizer.decode(row) for row in ids]
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "best_of must equal n: choices are not ranked on the server", param="best_of")
+    return _job(served, body, ids, texts, body.max_tokens, "the prompt",
+                logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
+
+
+def _chat_job(served: ServedModel, body: ChatCompletionRequest) -> _Job:
+    from olmo2kit.model.chat_template import encode_chat
+
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = _checked(lambda: check_messages(messages), "messages")
+    _checked(lambda: check_prompt_size(messages), "messages")
+    ids = [_checked(lambda: encode_chat(served.tokenizer, messages), "messages")]
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    job = _job(served, body, ids, [""], body.max_completion_tokens or body.max_tokens, "the messages",
+               logprobs=logprobs, prompt_logprobs=False)
+    if body.response_format is not None and body.response_format.type != "text":
+        from olmo2kit.server.grammar import constraint_factory
+
+        job.constraint_of = _checked(lambda: constraint_factory(
+            body.response_format.model_dump(by_alias=True, exclude_none=True), served.tokenizer,
+            served.model.config.vocab_size, served.scheduler.eos_ids), "response_format")
+    return job
+
+
+def _job(served: ServedModel, body, ids: list[list[int]], texts: list[str], max_tokens: int | None,
+         what: str, *, logprobs: int | None, prompt_logprobs: bool) -> _Job:
+    context = served.context_length
+    requests = []
+    for row in ids:
+        new = max_tokens if max_tokens is not None else (context - len(row) if context else DEFAULT_NEW_TOKENS)
+        try:
+            check_context(len(row), max(new, 0), context, prompt=what, new="max_tokens")
+        except Olmo2KitError as e:
+            raise APIError(400, str(e), param="max_tokens" if len(row) < (context or 0) else what.split()[-1],
+                           code="context_length_exceeded") from None
+        for j in range(body.n):
+            seed = None if body.seed is None else (body.seed + j) % 2**63
+            requests.append(BatchRequest(
+                row, new, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, seed=seed, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs))
+    return _Job(ids, texts, requests, body.stops(), body.n)
+
+
+def _checked(make: Callable, param: str):
+    try:
+        return make()
+    except Olmo2KitError as e:
+        raise APIError(400, str(e), param=param) from None
+
+
+# --- running it ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    """New output of one choice: text, the tokens behind it, and the finish reason on its last piece."""
+
+    text: str = ""
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Choice:
+    handle: object
+    detokenizer: Detokenizer
+    tokens: list[Token] = field(default_factory=list)
+    reported: int = 0
+    prompt: PromptLogprobs | None = None
+    generated: int = 0
+    done: bool = False
+    started: bool = False  # a chunk of it was sent
+
+    def pieces(self, chunks) -> list[_Piece]:
+        out = []
+        for chunk in chunks:
+            tokens = self.tokens[self.reported: self.reported + len(chunk.token_ids)]
+            self.reported += len(chunk.token_ids)
+            self.generated = chunk.new_tokens
+            out.append(_Piece(chunk.text, tokens, chunk.finish_reason))
+            self.done = self.done or chunk.finish_reason is not None
+        return out
+
+
+async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterator[tuple[int, _Piece]]:
+    """(choice, piece) as the scheduler's events come in; every row is cancelled when this ends early."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    choices = job.choices
+    start = time.perf_counter()
+    try:
+        for i, row in enumerate(job.requests):
+            if job.constraint_of is not None:
+                row.constraint = job.constraint_of()
+            handle = served.scheduler.submit(row, lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
+            detokenizer = Detokenizer(served.tokenizer, job.stop, served.scheduler.eos_ids, len(row.prompt), start,
+                                      stream=True)
+            choices.append(_Choice(handle, detokenizer))
+        while not all(c.done for c in choices):
+            try:
+                i, event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            choice = choices[i]
+            if choice.done:
+                continue
+            if isinstance(event, Failed):
+                raise APIError(500, event.message, type="server_error")
+            if isinstance(event, PromptLogprobs):
+                choice.prompt = event
+                continue
+            if isinstance(event, Token):
+                choice.tokens.append(event)
+                chunks = list(choice.detokenizer.add([event.id]))
+            else:
+                chunks = list(choice.detokenizer.finish()) if isinstance(event, Finished) else []
+            for piece in choice.pieces(chunks):
+                yield i, piece
+            if choice.done:
+                choice.handle.cancel()  # a stop string ends a row the scheduler would go on with
+    except QueueFull as e:
+        raise APIError(503, f"the server is at capacity ({e}): retry shortly", type="server_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
+    finally:
+        for choice in choices:
+            choice.handle.cancel()
+
+
+async def _respond(request: Request, served: ServedModel, job: _Job, fmt):
+    """The whole response, or its stream of server-sent events."""
+    body = fmt.body
+    if body.stream:
+        first = _run(request, served, job)
+        try:  # a full queue or a bad row is an HTTP error before the stream starts
+            head = await anext(first)
+        except StopAsyncIteration:
+            head = None
+
+        async def events():
+            try:
+                if head is not None:
+                    yield {"data": json.dumps(fmt.chunk(job, *head))}
+                async for i, piece in first:
+                    yield {"data": json.dumps(fmt.chunk(job, i, piece))}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {"data": json.dumps(fmt.usage_chunk(job))}
+            except APIError as e:
+                yield {"data": json.dumps(error_body(str(e), type=e.type, param=e.param, code=e.code))}
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(events(), ping=15, sep="\n")
+    pieces: dict[int, list[_Piece]] = {}
+    async for i, piece in _run(request, served, job):
+        pieces.setdefault(i, []).append(piece)
+    return fmt.response(job, pieces)
+
+
+def _usage(job: _Job) -> dict:
+    prompt = sum(len(p) for p in job.prompts)
+    completion = sum(c.generated for c in job.choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+class _Format:
+    """One API's response shapes."""
+
+    object = ""
+    chunk_object = ""
+
+    def __init__(self, body) -> None:
+        self.body = body
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
+                "choices": choices, **extra}
+
+    def usage_chunk(self, job: _Job) -> dict:
+        return self.envelope(self.chunk_object, [], usage=_usage(job))
+
+
+class _CompletionFormat(_Format):
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def response(self, job: _Job, pieces: dict[int, list[_Piece]]) -> JSONResponse:
+        choices = []
+        for i, choice in enumerate(job.choices):
+            mine = pieces.get(i, [])
+            text = "".join(p.text for p in mine)
+            tokens = [t for p in mine for t in p.tokens]
+            prompt = job.prompt_texts[i // job.n] if self.body.echo else ""
+            choices.append({"index": i, "text": prompt + text, "logprobs": self.logprobs(job, choice, tokens),
+                            "finish_reason": mine[-1].finish_reason if mine else None})
+        return JSONResponse(self.envelope(self.object, choices, usage=_usage(job)))
+
+    def chunk(self, job: _Job, i: int, piece: _Piece) -> dict:
+        choice = job.choices[i]
+        echo = self.body.echo and not choice.started
+        choice.started = True
+        text = job.prompt_texts[i // job.n] + piece.text if echo else piece.text
+        logprobs = self.logprobs(job, choice, piece.tokens, with_prompt=echo)
+        return self.envelope(self.chunk_object, [{"index": i, "text": text, "logprobs": logprobs,
+                                                  "finish_reason": piece.finish_reason}])
+
+    def logprobs(self, job: _Job, choice: _Choice, tokens: list[Token], with_prompt: bool = True) -> dict | None:
+        if self.body.logprobs is None:
+            return None
+        tokenizer = choice.detokenizer.tokenizer
+        if self.body.echo and with_prompt and choice.prompt is not None:
+            tokens = choice.prompt.tokens + tokens
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for token in tokens:
+            text = _token_text(tokenizer, token.id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(token.logprob)
+            out["top_logprobs"].append(
+                {_token_text(tokenizer, t): lp for t, lp in token.top} if token.top is not None else None)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+
+class _ChatFormat(_Format):
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def response(self, job: _Job, pieces: dict[int, list[_Piece]]) -> JSONResponse:
+        choices = []
+        for i, choice in enumerate(job.choices):
+            mine = pieces.get(i, [])
+            choices.append({
+                "index": i, "message": {"role": "assistant", "content": "".join(p.text for p in mine)},
+                "finish_reason": mine[-1].finish_reason if mine else None,
+                "logprobs": self.logprobs(choice, [t for p in mine for t in p.tokens]),
+            })
+        return JSONResponse(self.envelope(self.object, choices, usage=_usage(job)))
+
+    def chunk(self, job: _Job, i: int, piece: _Piece) -> dict:
+        choice = job.choices[i]
+        delta: dict = {"content": piece.text}
+        if not choice.started:
+            choice.started = True
+            delta = {"role": "assistant", **delta}
+        logprobs = self.logprobs(choice, piece.tokens)
+        return self.envelope(self.chunk_object, [{"index": i, "delta": delta, "logprobs": logprobs,
+                                                  "finish_reason": piece.finish_reason}])
+
+    def logprobs(self, choice: _Choice, tokens: list[Token]) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        tokenizer = choice.detokenizer.tokenizer
+
+        def entry(token: int, logprob: float) -> dict:
+            text = _token_text(tokenizer, token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(t.id, t.logprob),
+                             "top_logprobs": [entry(a, lp) for a, lp in (t.top or [])]} for t in tokens]}
+
+
+# --- the edges: key, body size, errors ----------------------------------------------------------------
+
+
+class _Guard:
+    """ASGI middleware: the API key (constant-time compare) on every route but /health, and the body size."""
+
+    def __init__(self, app, *, api_key: str | None, max_body: int) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] != "/health" and not self._authorized(scope):
+            refused = APIError(401, "incorrect or missing API key: send Authorization: Bearer <key>",
+                               code="invalid_api_key")
+            return await refused.response()(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return await self._too_large()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await self._too_large()(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.api_key.encode())
+
+    def _too_large(self) -> JSONResponse:
+        return APIError(413, f"the request body is over {self.max_body:,} bytes").response()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return APIError(error.status_code, message.get(error.status_code, str(error.detail))).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        log.error("request failed: %s: %s", type(error).__name__, error)
+        return APIError(500, "internal error: the server log has the details", type="server_error").response()

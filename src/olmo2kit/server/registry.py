@@ -1,0 +1,153 @@
+"""The models a server serves: named at start-up, or loaded on first use, kept in an LRU.
+
+A model is asked for by whatever `--model` takes (a size alias, a repo id, `repo@revision`, a local
+directory). Names are matched by what they resolve to, so `1b-instruct` and
+`allenai/OLMo-2-0425-1B-Instruct` are one model, and two revisions of a repo are two. Local directories
+are served only when the operator named them at start-up; with `allow_load`, Hub models load on first
+use. At most `max_models` stay loaded; the least recently used idle one is unloaded to make room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import gc
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.batching import BatchScheduler
+from olmo2kit.model.loading import ModelRef, resolve_model
+from olmo2kit.model.sizes import aliases, context_length
+
+
+class ModelNotFound(Olmo2KitError):
+    """A model the server does not serve: a 404."""
+
+
+class ModelsBusy(Olmo2KitError):
+    """Every loaded model is busy and none may be unloaded to make room: a 503."""
+
+
+@dataclass
+class ServedModel:
+    name: str  # as the operator or the first client named it
+    model: object
+    tokenizer: object
+    scheduler: BatchScheduler
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def context_length(self) -> int | None:
+        return context_length(self.model.config)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def _key(ref: ModelRef) -> str:
+    return str(Path(ref.source).resolve()) if ref.local else str(ref)
+
+
+class ModelRegistry:
+    """Name -> ServedModel, loading through `load(name) -> (model, tokenizer)` (olmo2kit.load with the
+    server's dtype, quantization and device)."""
+
+    def __init__(self, names: list[str], load: Callable[[str], tuple], *, max_models: int | None = None,
+                 allow_load: bool = False, max_batch_size: int = 16, max_queue: int = 256) -> None:
+        self.max_models = max_models if max_models is not None else max(1, len(names))
+        if self.max_models < 1:
+            raise Olmo2KitError(f"max_models must be at least 1, got {self.max_models}")
+        if len(names) > self.max_models:
+            raise Olmo2KitError(f"{len(names)} models named but max_models is {self.max_models}: raise max_models")
+        self._load = load
+        self.allow_load = allow_load
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.named: dict[str, str] = {}  # key -> name given at start-up
+        for name in names:
+            self.named.setdefault(_key(resolve_model(name)), name)
+        self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # key -> model, least recently used first
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._mutex = threading.Lock()
+
+    def add(self, name: str, model, tokenizer) -> ServedModel:
+        """Serve an already loaded model under `name` (also how start-up loads them)."""
+        key = self._resolve_key(name, for_loading=False)
+        with self._mutex:
+            served = ServedModel(name, model, tokenizer, BatchScheduler(
+                model, tokenizer, max_batch_size=self.max_batch_size, max_queue=self.max_queue))
+            self.named.setdefault(key, name)
+            self.loaded[key] = served
+            return served
+
+    def load_named(self) -> None:
+        """Load every model named at start-up that is not loaded yet."""
+        for key, name in self.named.items():
+            if key not in self.loaded:
+                self.add(name, *self._load(name))
+
+    def names(self) -> list[ServedModel | str]:
+        """The models served: loaded ones, then named ones not loaded yet."""
+        return list(self.loaded.values()) + [n for k, n in self.named.items() if k not in self.loaded]
+
+    async def get(self, name: str) -> ServedModel:
+        """The model `name` asks for, loading it if it may be; ModelNotFound or ModelsBusy otherwise."""
+        key = self._resolve_key(name, for_loading=True)
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self.loaded:
+                self._make_room()
+                try:
+                    model, tokenizer = await asyncio.to_thread(self._load, name)
+                except Olmo2KitError as e:
+                    raise ModelNotFound(str(e)) from None
+                self.add(self.named.get(key, name), model, tokenizer)
+        self.loaded.move_to_end(key)
+        return self.loaded[key]
+
+    def close(self) -> None:
+        for served in self.loaded.values():
+            served.close()
+        self.loaded.clear()
+
+    def _resolve_key(self, name: str, *, for_loading: bool) -> str:
+        try:
+            ref = resolve_model(name)
+        except Olmo2KitError:
+            raise ModelNotFound(self._not_served(name)) from None
+        key = _key(ref)
+        if key in self.loaded or key in self.named or not for_loading:
+            return key
+        if not self.allow_load or ref.local:
+            raise ModelNotFound(self._not_served(name))
+        return key
+
+    def _not_served(self, name: str) -> str:
+        served = [s.name if isinstance(s, ServedModel) else s for s in self.names()]
+        pool = served + (list(aliases()) if self.allow_load else [])
+        near = difflib.get_close_matches(name, pool, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; served: {', '.join(served) or 'none'}"
+        what = "only the models named at start-up are served" if not self.allow_load else (
+            "local directories are served only when named at start-up" if _looks_local(name) else "it is unknown")
+        return f"model {name!r} is not served ({what}){hint}"
+
+    def _make_room(self) -> None:
+        """Unload the least recently used idle models until one more fits; ModelsBusy if none can go."""
+        while len(self.loaded) >= self.max_models:
+            idle = next((k for k, s in self.loaded.items() if not s.scheduler.busy), None)
+            if idle is None:
+                raise ModelsBusy(f"all {self.max_models} model slots are busy: retry when a request finishes")
+            self.loaded.pop(idle).close()
+            gc.collect()
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
