@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import bench, chat, evals, generate, hub, models, training
+from olmo2kit.cli import bench, chat, evals, generate, hub, models, serve, training
 from olmo2kit.errors import Olmo2KitError
 
 app = typer.Typer(
@@ -68,6 +68,7 @@ COMMANDS = [
     ("merge", training.merge_command),
     ("download", hub.download),
     ("cache", hub.cache),
+    ("serve", serve.serve),
 ]
 for name, command in COMMANDS:
     app.command(name)(command)

@@ -1,0 +1,106 @@
+"""olmo2kit serve: the OpenAI-compatible server (`olmo2kit.server`) on a port."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Annotated
+
+import typer
+
+from olmo2kit.cli.common import load_model
+from olmo2kit.cli.options import DeviceOpt, DtypeOpt, QuantizeOpt
+from olmo2kit.cli.output import info
+from olmo2kit.errors import Olmo2KitError
+
+SHUTDOWN_GRACE_S = 3  # seconds in-flight requests get to finish after SIGINT or SIGTERM
+
+
+def serve(
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="A model to serve (repeatable): size alias, repo id, repo@revision or "
+                                           "local directory."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 reaches other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    device: DeviceOpt = "auto",
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together.")] = 16,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Requests waiting for a batch slot; past it, 503 at once.")
+    ] = 256,
+    max_models: Annotated[
+        int | None, typer.Option("--max-models", help="Models kept loaded (default: those named, at least 1).")
+    ] = None,
+    allow_load: Annotated[
+        bool, typer.Option("--allow-load", help="Let requests name other Hub models, loaded on first use.")
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="OLMO2KIT_API_KEY", show_envvar=True,
+                     help="Require Authorization: Bearer KEY on every route but /health."),
+    ] = None,
+    preload: Annotated[
+        bool, typer.Option("--preload/--no-preload", help="Load the named models before listening, or on first use.")
+    ] = True,
+) -> None:
+    """Serve OLMo 2 over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models.
+
+    Examples:
+
+        olmo2kit serve --model 1b-instruct
+
+        olmo2kit serve -m allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B -m 1b --port 8080
+
+        OLMO2KIT_API_KEY=... olmo2kit serve -m 1b-instruct --host 0.0.0.0
+    """
+    names = models or []
+    if not names and not allow_load:
+        raise Olmo2KitError("no model to serve: pass --model (e.g. --model 1b-instruct), or --allow-load")
+    for value, name, low in ((max_batch_size, "--max-batch-size", 1), (max_queue, "--max-queue", 0),
+                             (max_models if max_models is not None else 1, "--max-models", 1)):
+        if value < low:
+            raise Olmo2KitError(f"{name} must be at least {low}, got {value}")
+    sock = _bind(host, port)
+    import uvicorn
+
+    from olmo2kit.server.app import create_app
+
+    def load(name: str):
+        return load_model(name, None, dtype, quantize, device)
+
+    app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
+                     allow_load=allow_load, api_key=api_key, preload=preload, load=load)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if not _loopback(host) and not api_key:
+        info(f"warning: listening on {host} without --api-key: anyone who reaches port {bound_port} can use it")
+    print(f"serving {', '.join(names) or 'models loaded on first use'} at http://{shown}:{bound_port}/v1",
+          flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any model loads, so that a taken port fails at once."""
+    if not 0 <= port <= 65535:
+        raise Olmo2KitError(f"--port must be from 0 to 65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise Olmo2KitError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") \
+            from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
