@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["hub"]  # the loopback Hub's fixtures: hub_server, hub, hub_env
+pytest_plugins = ["hub", "serving"]  # the loopback Hub (hub_server, hub, hub_env); a served tiny model (server)
 
 # No test reaches the network: anything that tries to resolve a Hub model goes offline.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,4 +1,5 @@
-"""A real `olmo2kit serve` process on a loopback port, for the server's tests."""
+"""A real `olmo2kit serve` process on a loopback port, for the server's tests (a pytest plugin: conftest.py
+names it in `pytest_plugins`, so `serving` and the `server` fixture are everywhere)."""
 
 from __future__ import annotations
 
