@@ -41,6 +41,7 @@ _EXPORTS = {
     "FinetuneConfig": "olmo2kit.training.finetune",
     "FinetuneResult": "olmo2kit.training.finetune",
     "finetune": "olmo2kit.training.finetune",
+    "create_app": "olmo2kit.server.app",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -110,7 +110,7 @@ class _Compiler:
         info = xgrammar.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids)
         )
-        self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # unbounded: _grammars is the cache
+        self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # its cache has no bound; _grammars has
         self._grammars: OrderedDict[tuple[str, bool], object] = OrderedDict()
         self.banned_ids = _banned_ids(tokenizer, info.decoded_vocab, eos_ids)
 
