@@ -1,0 +1,199 @@
+"""The continuous-batching scheduler against transformers on the tiny checkpoint (fp32): rows that join
+and leave a running batch get exactly the tokens and log probabilities they get alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import olmo2kit
+from olmo2kit.inference.batching import (
+    BatchRequest,
+    BatchScheduler,
+    Failed,
+    Finished,
+    PromptLogprobs,
+    QueueFull,
+    Token,
+)
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over", "1 2 3", "Numbers, letters, and symbols: + - * / ="]
+
+
+class Collected:
+    """A request's events, with a flag set when it finishes."""
+
+    def __init__(self, scheduler: BatchScheduler | None = None) -> None:
+        self.events: list = []
+        self.done = threading.Event()
+        self.first = threading.Event()
+        self.scheduler = scheduler
+        self.most_running = 0  # rows decoding together when a token of this request came
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, Token):
+            self.first.set()
+            if self.scheduler is not None:
+                self.most_running = max(self.most_running, self.scheduler.running)
+        if isinstance(event, Finished | Failed):
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[Token]:
+        return [e for e in self.events if isinstance(e, Token)]
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+    @property
+    def finish(self):
+        assert self.done.wait(60), "the request never finished"
+        return self.events[-1]
+
+
+@pytest.fixture
+def scheduler(tiny):
+    model, tokenizer = tiny
+    running = BatchScheduler(model, tokenizer, max_batch_size=8, max_queue=8)
+    yield running
+    running.close()
+
+
+def encode(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt)["input_ids"]
+
+
+def direct_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_rows_joining_and_leaving_a_running_batch_get_their_own_greedy_tokens(tiny, scheduler):
+    model, tokenizer = tiny
+    # A long row starts alone; the others join while it runs, and the short ones leave before it.
+    lengths = [40, 6, 25, 12]
+    first = Collected(scheduler)
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), lengths[0]), first)
+    assert first.first.wait(30)
+    rest = []
+    for prompt, n in zip(PROMPTS[1:], lengths[1:], strict=True):
+        rest.append(Collected(scheduler))
+        scheduler.submit(BatchRequest(encode(tokenizer, prompt), n), rest[-1])
+    for prompt, n, got in zip(PROMPTS, lengths, [first, *rest], strict=True):
+        assert got.finish == Finished("length")
+        alone = olmo2kit.generate(model, tokenizer, prompt, do_sample=False, max_new_tokens=n)
+        assert got.ids == alone.token_ids, prompt
+    assert first.most_running >= 3, "the later requests never ran beside the first"
+
+
+def test_logprobs_and_alternatives_equal_a_direct_forward(tiny, scheduler):
+    model, tokenizer = tiny
+    prompt = encode(tokenizer, PROMPTS[1])
+    got = Collected()
+    scheduler.submit(BatchRequest(prompt, 10, logprobs=3), got)
+    assert got.finish == Finished("length")
+    expected = direct_logprobs(model, prompt + got.ids)
+    for k, token in enumerate(got.tokens):
+        row = expected[len(prompt) - 1 + k]
+        assert token.logprob == pytest.approx(row[token.id].item(), abs=1e-5)
+        values, indices = row.topk(3)
+        assert [t for t, _ in token.top] == indices.tolist()
+        assert [lp for _, lp in token.top] == pytest.approx(values.tolist(), abs=1e-5)
+        assert token.top[0][0] == token.id  # greedy picks the likeliest
+
+
+def test_max_new_tokens_zero_scores_the_prompt_without_generating(tiny, scheduler):
+    model, tokenizer = tiny
+    prompt = encode(tokenizer, PROMPTS[3])
+    got = Collected()
+    scheduler.submit(BatchRequest(prompt, 0, logprobs=1, prompt_logprobs=True), got)
+    assert got.finish == Finished("length")
+    assert not got.tokens
+    (scored,) = [e for e in got.events if isinstance(e, PromptLogprobs)]
+    assert [t.id for t in scored.tokens] == prompt
+    assert scored.tokens[0].logprob is None
+    expected = direct_logprobs(model, prompt)
+    for i, token in enumerate(scored.tokens[1:], 1):
+        assert token.logprob == pytest.approx(expected[i - 1, prompt[i]].item(), abs=1e-5)
+
+
+def test_a_seeded_sample_does_not_depend_on_what_runs_beside_it(tiny, scheduler):
+    _, tokenizer = tiny
+    request = dict(prompt=encode(tokenizer, PROMPTS[2]), max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7)
+    alone = Collected()
+    scheduler.submit(BatchRequest(**request), alone)
+    alone.finish
+    crowd = [Collected() for _ in PROMPTS]
+    for prompt, got in zip(PROMPTS, crowd, strict=True):
+        scheduler.submit(BatchRequest(encode(tokenizer, prompt), 30, temperature=1.0), got)
+    beside = Collected()
+    scheduler.submit(BatchRequest(**request), beside)
+    assert beside.finish == alone.finish
+    assert beside.ids == alone.ids
+    other_seed = Collected()
+    scheduler.submit(BatchRequest(**{**request, "seed": 8}), other_seed)
+    other_seed.finish
+    assert other_seed.ids != alone.ids
+
+
+def test_an_end_of_text_token_ends_the_row(tiny):
+    model, tokenizer = tiny
+    prompt = encode(tokenizer, PROMPTS[0])
+    alone = olmo2kit.generate(model, tokenizer, PROMPTS[0], do_sample=False, max_new_tokens=12).token_ids
+    end = alone[4]
+    scheduler = BatchScheduler(model, tokenizer, eos_ids={end})
+    try:
+        got = Collected()
+        scheduler.submit(BatchRequest(prompt, 12), got)
+        assert got.finish == Finished("stop")
+        assert got.ids == alone[: alone.index(end) + 1]
+    finally:
+        scheduler.close()
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_go_on(tiny, scheduler):
+    model, tokenizer = tiny
+    cancelled = Collected()
+    handle = scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 500), cancelled)
+    assert cancelled.first.wait(30)
+    other = Collected()
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 15), other)
+    handle.cancel()
+    assert other.finish == Finished("length")
+    assert other.ids == olmo2kit.generate(model, tokenizer, PROMPTS[1], do_sample=False, max_new_tokens=15).token_ids
+    assert not cancelled.done.is_set()  # a cancelled row gets no more events
+    assert len(cancelled.tokens) < 500
+    assert scheduler.running == 0
+
+
+def test_a_full_queue_refuses_at_once(tiny):
+    model, tokenizer = tiny
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=1, max_queue=1)
+    try:
+        running = Collected()
+        first = scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 500), running)
+        assert running.first.wait(30)
+        waiting = Collected()
+        second = scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 5), waiting)
+        with pytest.raises(QueueFull):
+            scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[2]), 5), Collected())
+        first.cancel()
+        assert waiting.finish == Finished("length")  # the waiting one gets the slot
+        assert second.cancelled is False
+    finally:
+        scheduler.close()
+
+
+def test_close_fails_what_is_left(tiny):
+    model, tokenizer = tiny
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=1)
+    running, waiting = Collected(), Collected()
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 500), running)
+    assert running.first.wait(30)
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 5), waiting)
+    scheduler.close()
+    assert isinstance(running.finish, Failed) and isinstance(waiting.finish, Failed)
