@@ -126,7 +126,7 @@ def test_a_seeded_sample_does_not_depend_on_what_runs_beside_it(tiny, scheduler)
     request = dict(prompt=encode(tokenizer, PROMPTS[2]), max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7)
     alone = Collected()
     scheduler.submit(BatchRequest(**request), alone)
-    alone.finish
+    assert alone.finish == Finished("length")
     crowd = [Collected() for _ in PROMPTS]
     for prompt, got in zip(PROMPTS, crowd, strict=True):
         scheduler.submit(BatchRequest(encode(tokenizer, prompt), 30, temperature=1.0), got)
@@ -136,7 +136,7 @@ def test_a_seeded_sample_does_not_depend_on_what_runs_beside_it(tiny, scheduler)
     assert beside.ids == alone.ids
     other_seed = Collected()
     scheduler.submit(BatchRequest(**{**request, "seed": 8}), other_seed)
-    other_seed.finish
+    assert other_seed.finish == Finished("length")
     assert other_seed.ids != alone.ids
 
 

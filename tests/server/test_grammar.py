@@ -3,6 +3,7 @@ that fits the schema, and without it does not."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -22,6 +23,7 @@ SCHEMA = {
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
 PROMPT = "The capital of France is"
+TOO_DEEP = functools.reduce(lambda inner, _: {"items": inner}, range(5000), {})  # past Python's recursion limit
 
 
 def greedy(tiny, prompt: str, make=None, limit: int = 300) -> tuple[str, bool]:
@@ -72,7 +74,7 @@ def test_json_object_output_is_an_object(tiny):
 
 
 def test_without_the_constraint_the_output_is_not_json(tiny):
-    text, _ = greedy(tiny, PROMPT)
+    text, _ = greedy(tiny, PROMPT, limit=40)
     with pytest.raises(ValueError):
         json.loads(text)
 
@@ -159,6 +161,7 @@ def test_text_needs_no_constraint(tiny):
     ({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "("}}}, "parenthesis"),
     ({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/missing"}}}, "cannot be used"),
     ({"type": "json_schema", "json_schema": {"schema": {"type": "number", "maximum": float("nan")}}}, "not JSON"),
+    ({"type": "json_schema", "json_schema": {"schema": TOO_DEEP}}, "nests too deeply"),
 ])
 def test_bad_response_format_is_a_user_error(tiny, response_format, message):
     with pytest.raises(Olmo2KitError, match="^response_format") as error:

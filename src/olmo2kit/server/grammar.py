@@ -176,3 +176,5 @@ def _read_response_format(response_format) -> tuple[str, str]:
         return kind, json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise Olmo2KitError(f"response_format.json_schema.schema is not JSON: {e}") from None
+    except RecursionError:
+        raise Olmo2KitError("response_format.json_schema.schema nests too deeply: flatten it") from None

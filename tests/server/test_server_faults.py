@@ -1,0 +1,375 @@
+"""`olmo2kit serve` at its edges, as a real process on a loopback port: many clients at once, clients that go
+away, requests OpenAI's API refuses, a full queue, SIGTERM mid-stream, and bad command-line options."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from conftest import run_olmo2kit
+from serving import serving
+
+SUBJECTS = ["The sea", "A transformer", "Paris", "The quick brown fox", "OLMo 2", "Language modeling",
+            "Hello, world!", "Numbers"]
+PROMPTS = [subject + ending for subject in SUBJECTS for ending in (" is", " reads", " and", ":")]  # 32, distinct
+CLIENTS = 8
+LONG = 900  # new tokens of a request that holds its slot for many seconds on the tiny model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path) -> str:
+    return str(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def narrow(model):
+    """A server with one batch slot and room for one waiting request."""
+    with serving("--model", model, "--dtype", "fp32", "--max-batch-size", "1", "--max-queue", "1") as running:
+        yield running
+
+
+def openai_error(response: httpx.Response, status: int) -> dict:
+    """The `error` of OpenAI's error object in `response`, which must have `status`."""
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), body
+    return error
+
+
+def short_request(model: str, prompt: str = "The sea is") -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+
+
+def long_request(model: str) -> dict:
+    return {"model": model, "prompt": "Hello world", "max_tokens": LONG, "temperature": 0, "stream": True}
+
+
+def seconds_for(url: str, body: dict, timeout: float = 60) -> float:
+    start = time.perf_counter()
+    response = httpx.post(url + "/completions", json=body, timeout=timeout)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == body["max_tokens"]
+    return time.perf_counter() - start
+
+
+def data_lines(response: httpx.Response, n: int) -> list[str]:
+    """The first `n` server-sent events of a streamed response."""
+    lines = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            lines.append(line)
+            if len(lines) == n:
+                break
+    assert len(lines) == n
+    return lines
+
+
+# --- concurrency --------------------------------------------------------------------------------------
+
+
+def ask(client: openai.OpenAI, model: str, i: int, stream: bool) -> tuple[str, str]:
+    """Request i's greedy reply and finish reason: a completion for even i, a chat reply for odd i."""
+    options = dict(model=model, max_tokens=8 + (i * 13) % 33, temperature=0, stream=stream)
+    if i % 2 == 0:
+        reply = client.completions.create(prompt=PROMPTS[i], **options)
+        parts = [(c.text, c.finish_reason) for chunk in reply for c in chunk.choices] if stream else \
+            [(reply.choices[0].text, reply.choices[0].finish_reason)]
+    else:
+        reply = client.chat.completions.create(messages=[{"role": "user", "content": PROMPTS[i]}], **options)
+        parts = [(c.delta.content or "", c.finish_reason) for chunk in reply for c in chunk.choices] if stream else \
+            [(reply.choices[0].message.content, reply.choices[0].finish_reason)]
+    finish = [reason for _, reason in parts if reason is not None]
+    return "".join(text for text, _ in parts), finish[-1] if finish else None
+
+
+def test_concurrent_clients_get_their_sequential_replies(server, model):
+    def client() -> openai.OpenAI:
+        return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+    alone = client()
+    sequential = {i: ask(alone, model, i, stream=False) for i in range(len(PROMPTS))}
+    assert len({text for text, _ in sequential.values()}) > len(PROMPTS) // 2  # the prompts lead somewhere apart
+    start = threading.Barrier(CLIENTS)
+
+    def one_client(first: int) -> dict[int, tuple[str, str]]:
+        mine = client()
+        start.wait(timeout=60)
+        return {i: ask(mine, model, i, stream=(i // CLIENTS) % 2 == 1) for i in range(first, len(PROMPTS), CLIENTS)}
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        futures = [pool.submit(one_client, first) for first in range(CLIENTS)]
+        concurrent = {i: reply for future in futures for i, reply in future.result(timeout=300).items()}
+    assert sorted(concurrent) == list(range(len(PROMPTS)))
+    for i, reply in sequential.items():
+        assert reply[1] in ("length", "stop")
+        assert concurrent[i] == reply, (i, PROMPTS[i])
+
+
+# --- clients that go away -----------------------------------------------------------------------------
+
+
+def test_a_streamed_client_that_goes_away_frees_its_slot(narrow, model):
+    idle = seconds_for(narrow.url, short_request(model))
+    with httpx.Client(timeout=30) as client, \
+            client.stream("POST", narrow.url + "/completions", json=long_request(model)) as response:
+        assert response.status_code == 200
+        data_lines(response, 2)
+    # With the slot still held, the short request would wait for the rest of LONG tokens (many seconds).
+    after = seconds_for(narrow.url, short_request(model))
+    assert after < 5 * idle + 1.5, (after, idle)
+
+
+def test_a_client_that_stops_waiting_frees_its_slot(narrow, model):
+    idle = seconds_for(narrow.url, short_request(model))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(narrow.url + "/completions", json={**long_request(model), "stream": False}, timeout=1.0)
+    after = seconds_for(narrow.url, short_request(model))  # waits the long request out if the slot is held
+    assert after < 5 * idle + 1.5, (after, idle)
+
+
+# --- bad requests -------------------------------------------------------------------------------------
+
+
+def post_raw(server, path: str, content: bytes) -> httpx.Response:
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"},
+                      timeout=30)
+
+
+@pytest.mark.parametrize("content", [
+    b'{"model": ',  # malformed
+    b"",
+    b"\xff\xfe",  # not UTF-8
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than json.loads recurses
+], ids=["malformed", "empty", "not-utf8", "deep"])
+def test_a_body_that_is_not_json_is_a_400(server, content):
+    openai_error(post_raw(server, "/completions", content), 400)
+
+
+def test_a_body_that_is_not_an_object_is_a_400(server, model):
+    for content in ([1, 2], [{"model": model, "prompt": "Hi"}], "Hi", 5, None):
+        error = openai_error(post_raw(server, "/completions", json.dumps(content).encode()), 400)
+        assert "JSON object" in error["message"]
+
+
+COMPLETION_FIELDS = [
+    ("max_tokens", "10"), ("max_tokens", 1.0), ("max_tokens", True), ("max_tokens", -1),
+    ("temperature", "hot"), ("temperature", 3), ("top_p", 0),
+    ("prompt", 5), ("prompt", [1, "a"]), ("prompt", None),
+    ("n", 0), ("n", 1000), ("n", 2.0),
+    ("logprobs", 99), ("logprobs", -1),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stop", 5),
+    ("seed", -1), ("seed", 2**63),
+    ("echo", 1), ("user", 5), ("model", 5),
+    ("stream", "yes"), ("stream", 1),
+    ("presence_penalty", 0.5), ("frequency_penalty", -0.5), ("logit_bias", {"1": 1.0}), ("suffix", "x"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), COMPLETION_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v in COMPLETION_FIELDS])
+def test_a_completion_field_of_the_wrong_type_or_range_is_a_400(server, model, field, value):
+    body = {"model": model, "prompt": "Hello", "max_tokens": 4, field: value}
+    error = openai_error(httpx.post(server.url + "/completions", json=body, timeout=30), 400)
+    assert error["param"] == field, error
+
+
+CHAT_FIELDS = [
+    ("messages", "hi"), ("messages", []), ("messages", [None]), ("messages", [{"role": "user"}]),
+    ("messages", [{"role": 5, "content": "hi"}]), ("messages", [{"role": "user", "content": 5}]),
+    ("messages", [{"role": "wizard", "content": "hi"}]),  # a role the OLMo 2 template does not know
+    ("messages", [{"role": "system", "content": "hi"}]),  # no user message
+    ("messages", [{"role": "user", "content": "hi", "foo": 1}]),
+    ("top_logprobs", 3),  # without logprobs
+    ("logprobs", 99), ("max_tokens", 0), ("n", 0), ("seed", -1), ("presence_penalty", 0.5),
+    ("stream", "yes"), ("stream_options", {"include_usage": 1}), ("response_format", {"type": "xml"}),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), CHAT_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v in CHAT_FIELDS])
+def test_a_chat_field_of_the_wrong_type_or_range_is_a_400(server, model, field, value):
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, field: value}
+    error = openai_error(httpx.post(server.url + "/chat/completions", json=body, timeout=30), 400)
+    assert error["param"] is not None and error["param"].split(".")[0] == field, error
+
+
+def test_unknown_and_missing_fields_are_400s(server, model):
+    for path, body, param in [
+        ("/completions", {"model": model, "prompt": "Hi", "foo": 1}, "foo"),  # OpenAI refuses unknown fields
+        ("/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}], "foo": 1}, "foo"),
+        ("/completions", {"prompt": "Hi"}, "model"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, "model"),
+        ("/completions", {"model": model}, "prompt"),
+        ("/chat/completions", {"model": model}, "messages"),
+    ]:
+        error = openai_error(httpx.post(server.url + path, json=body, timeout=30), 400)
+        assert error["param"] == param and param in error["message"], error
+    error = openai_error(httpx.post(server.url + "/completions", json={"model": "no-such-model", "prompt": "Hi"},
+                                    timeout=30), 404)
+    assert error["code"] == "model_not_found"
+
+
+def test_prompts_the_model_cannot_take_are_400s(server, model, tiny_path):
+    vocab = json.loads((tiny_path / "config.json").read_text())["vocab_size"]
+    for prompt in ("", [], [[]], ["ok", ""], [vocab], [-1], [[1], [vocab + 7]]):
+        error = openai_error(httpx.post(server.url + "/completions", json={"model": model, "prompt": prompt},
+                                        timeout=30), 400)
+        assert error["param"] == "prompt", (prompt, error)
+
+
+def test_a_prompt_past_the_context_is_a_400_naming_both_numbers(server, model, tiny_path):
+    context = json.loads((tiny_path / "config.json").read_text())["max_position_embeddings"]
+    prompt = [5] * (context - 2)
+    response = httpx.post(server.url + "/completions", json={"model": model, "prompt": prompt, "max_tokens": 2},
+                          timeout=30)
+    assert response.status_code == 200, response.text  # exactly fills the context
+    error = openai_error(httpx.post(server.url + "/completions", json={"model": model, "prompt": prompt,
+                                                                       "max_tokens": 3}, timeout=30), 400)
+    assert f"({context - 2} tokens)" in error["message"] and "(3)" in error["message"], error
+    assert str(context) in error["message"] and error["code"] == "context_length_exceeded"
+    body = {"model": model, "prompt": [5] * (context + 1), "max_tokens": 1}
+    error = openai_error(httpx.post(server.url + "/completions", json=body, timeout=30), 400)
+    assert str(context + 1) in error["message"] and str(context) in error["message"], error
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": context}
+    error = openai_error(httpx.post(server.url + "/chat/completions", json=body, timeout=30), 400)
+    assert str(context) in error["message"] and error["code"] == "context_length_exceeded", error
+
+
+def test_a_body_over_the_size_limit_is_a_413(server, model):
+    from olmo2kit.server.app import MAX_BODY_BYTES
+
+    big = json.dumps({"model": model, "prompt": "x" * (MAX_BODY_BYTES + 1)}).encode()
+    openai_error(post_raw(server, "/completions", big), 413)
+
+    def chunks():  # no content-length: the server counts what it reads
+        for at in range(0, len(big), 1 << 20):
+            yield big[at: at + (1 << 20)]
+
+    response = httpx.post(server.url + "/completions", content=chunks(), timeout=30,
+                          headers={"content-type": "application/json"})
+    openai_error(response, 413)
+
+
+def test_unknown_routes_and_methods_answer_with_the_error_object(server):
+    openai_error(httpx.post(server.url + "/nope", json={}, timeout=30), 404)
+    openai_error(httpx.get(server.root + "/nope", timeout=30), 404)
+    for path in ("/completions", "/chat/completions"):
+        response = httpx.get(server.url + path, timeout=30)
+        openai_error(response, 405)
+        assert response.headers.get("allow") == "POST"  # RFC 9110: a 405 names the methods allowed
+
+
+def test_the_server_still_serves_after_bad_requests(server, model):
+    for content in (b"{", b"[]", json.dumps({"model": model, "prompt": [10**9]}).encode()):
+        assert post_raw(server, "/completions", content).status_code == 400
+    assert seconds_for(server.url, short_request(model)) < 30
+    assert server.process.poll() is None and "Traceback" not in "".join(server.stderr)
+
+
+# --- a full queue -------------------------------------------------------------------------------------
+
+
+def test_a_full_queue_answers_503_at_once(narrow, model):
+    waiting: dict = {}
+
+    def second() -> None:  # waits in the queue for the slot
+        waiting["response"] = httpx.post(narrow.url + "/completions", json=short_request(model), timeout=60)
+
+    queued = threading.Thread(target=second)
+    with httpx.Client(timeout=30) as client, \
+            client.stream("POST", narrow.url + "/completions", json=long_request(model)) as first:
+        data_lines(first, 1)  # it holds the one slot
+        queued.start()
+        time.sleep(1.0)
+        for stream in (False, True):
+            start = time.perf_counter()
+            third = httpx.post(narrow.url + "/completions", json={**short_request(model), "stream": stream},
+                               timeout=5)
+            took = time.perf_counter() - start
+            error = openai_error(third, 503)
+            assert third.headers.get("retry-after", "").isdigit(), third.headers
+            assert error["code"] == "queue_full" and took < 1.0, (error, took)
+    queued.join(30)  # the first request went away: the second has its slot
+    assert waiting["response"].status_code == 200, waiting["response"].text
+    assert waiting["response"].json()["usage"]["completion_tokens"] == 8
+
+
+# --- shutting down ------------------------------------------------------------------------------------
+
+
+def test_sigterm_while_streaming_exits_cleanly(model):
+    with serving("--model", model, "--dtype", "fp32") as running:
+        seen: list[str] = []
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", running.url + "/completions", json=long_request(model),
+                                  timeout=30) as response:
+                    seen.extend(line for line in response.iter_lines() if line)
+            except httpx.HTTPError:
+                pass  # the server went away mid-stream
+
+        client = threading.Thread(target=stream)
+        client.start()
+        deadline = time.monotonic() + 30
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) >= 3
+        took = running.stop(signal.SIGTERM)
+        client.join(10)
+        time.sleep(0.2)  # the last of stderr
+        stderr = "".join(running.stderr)
+        assert took < 8 and running.process.returncode == 0, (took, running.process.returncode, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert not client.is_alive()
+        assert len(seen) < LONG  # it was cut, not run to the end
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+def test_serve_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from olmo2kit.cli.app import main\n"
+        "sys.argv = ['olmo2kit', 'serve', '--help']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "--max-batch-size" in result.stdout and "--max-queue" in result.stdout, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout[-300:]
+
+
+def test_bad_serve_options_are_one_line_errors(model, tmp_path):
+    one_line_error(run_olmo2kit("serve", "--model", model, "--port", "70000"), "--port")
+    one_line_error(run_olmo2kit("serve", "--model", model, "--port", "-1"), "--port")
+    one_line_error(run_olmo2kit("serve", "--model", model, "--max-batch-size", "0"), "--max-batch-size")
+    one_line_error(run_olmo2kit("serve", "--model", model, "--max-queue", "-1"), "--max-queue")
+    one_line_error(run_olmo2kit("serve"), "--model")
+    one_line_error(run_olmo2kit("serve", "--port", "0", "--model", str(tmp_path / "missing")), "missing")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_olmo2kit("serve", "--model", model, "--port", str(port))
+    one_line_error(result, str(port))
+    assert result.stdout == ""  # no URL printed for a server that is not listening
