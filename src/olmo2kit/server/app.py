@@ -72,7 +72,9 @@ def create_app(models: Sequence[str] = (), *, dtype: str = "auto", quantize: str
 
             return load_model(name, dtype=dtype, quantize=quantize, device=device)
 
-    registry = ModelRegistry([*models, *(loaded or {})], load, max_models=max_models, allow_load=allow_load,
+    if max_models is None:
+        max_models = max(1, len(models) + len(loaded or {}))
+    registry = ModelRegistry(list(models), load, max_models=max_models, allow_load=allow_load,
                              max_batch_size=max_batch_size, max_queue=max_queue)
     for name, (model, tokenizer) in (loaded or {}).items():
         registry.add(name, model, tokenizer)

@@ -53,6 +53,14 @@ def _key(ref: ModelRef) -> str:
     return str(Path(ref.source).resolve()) if ref.local else str(ref)
 
 
+def _key_of(name: str) -> str | None:
+    """The key of what `name` resolves to (a Hub repo at a revision, or a directory); None if nothing."""
+    try:
+        return _key(resolve_model(name))
+    except Olmo2KitError:
+        return None
+
+
 class ModelRegistry:
     """Name -> ServedModel, loading through `load(name) -> (model, tokenizer)` (olmo2kit.load with the
     server's dtype, quantization and device)."""
@@ -70,18 +78,17 @@ class ModelRegistry:
         self.max_queue = max_queue
         self.named: dict[str, str] = {}  # key -> name given at start-up
         for name in names:
-            self.named.setdefault(_key(resolve_model(name)), name)
+            self.named.setdefault(_key(resolve_model(name)), name)  # a name that resolves to nothing fails here
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # key -> model, least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
         self._mutex = threading.Lock()
 
     def add(self, name: str, model, tokenizer) -> ServedModel:
-        """Serve an already loaded model under `name` (also how start-up loads them)."""
-        key = self._resolve_key(name, for_loading=False)
+        """Serve an already loaded model under `name`: any name, when it resolves to no model."""
+        key = self._served_key(name) or _key_of(name) or name
         with self._mutex:
             served = ServedModel(name, model, tokenizer, BatchScheduler(
                 model, tokenizer, max_batch_size=self.max_batch_size, max_queue=self.max_queue))
-            self.named.setdefault(key, name)
             self.loaded[key] = served
             return served
 
@@ -97,7 +104,7 @@ class ModelRegistry:
 
     async def get(self, name: str) -> ServedModel:
         """The model `name` asks for, loading it if it may be; ModelNotFound or ModelsBusy otherwise."""
-        key = self._resolve_key(name, for_loading=True)
+        key = self._resolve_key(name)
         if key in self.loaded:
             self.loaded.move_to_end(key)
             return self.loaded[key]
@@ -118,15 +125,21 @@ class ModelRegistry:
             served.close()
         self.loaded.clear()
 
-    def _resolve_key(self, name: str, *, for_loading: bool) -> str:
-        try:
-            ref = resolve_model(name)
-        except Olmo2KitError:
-            raise ModelNotFound(self._not_served(name)) from None
-        key = _key(ref)
-        if key in self.loaded or key in self.named or not for_loading:
+    def _served_key(self, name: str) -> str | None:
+        """The key of a model served under exactly this name."""
+        for key, served in self.loaded.items():
+            if served.name == name:
+                return key
+        return next((key for key, named in self.named.items() if named == name), None)
+
+    def _resolve_key(self, name: str) -> str:
+        """The key `name` is served or may be loaded under; ModelNotFound if neither."""
+        key = self._served_key(name) or _key_of(name)
+        if key is None:
+            raise ModelNotFound(self._not_served(name))
+        if key in self.loaded or key in self.named:
             return key
-        if not self.allow_load or ref.local:
+        if not self.allow_load or Path(key).is_absolute():
             raise ModelNotFound(self._not_served(name))
         return key
 
