@@ -104,3 +104,22 @@ def test_a_model_in_memory_is_served_under_its_name(tiny):
     response = complete(app, "mine", max_tokens=3)
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_new_model_waits_for_no_busy_one_it_answers_503(checkpoints):
+    from olmo2kit.inference.batching import BatchRequest
+    from olmo2kit.server.registry import ModelsBusy
+
+    app = create_app([f"{REPO}@{EARLY}"], dtype="fp32", allow_load=True, max_models=1)
+    registry = app.state.registry
+    (busy,) = registry.loaded.values()
+    handle = busy.scheduler.submit(BatchRequest([1, 2, 3], 900), lambda event: None)
+    try:
+        with pytest.raises(ModelsBusy, match="busy"):
+            asyncio.run(registry.get(f"{REPO}@{LATE}"))
+        response = complete(app, f"{REPO}@{LATE}")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert list(registry.loaded.values()) == [busy]  # not unloaded under a running request
+    finally:
+        handle.cancel()

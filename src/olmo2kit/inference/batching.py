@@ -88,7 +88,7 @@ class Failed:
 
 
 class QueueFull(Olmo2KitError):
-    """The scheduler holds `max_queue` requests waiting for a row already."""
+    """The scheduler holds `max_queue` requests waiting for a row already, or it is closed: retry later."""
 
 
 @dataclass(eq=False)
@@ -158,7 +158,7 @@ class BatchScheduler:
         handle = Handle(request, emit, next(self._ids))
         with self._wake:
             if self._closed:
-                raise Olmo2KitError("the scheduler is closed")
+                raise QueueFull("the model is being unloaded")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (the queue holds {self.max_queue})")
             self._waiting.append(handle)

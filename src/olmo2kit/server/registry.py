@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import gc
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -81,16 +80,14 @@ class ModelRegistry:
             self.named.setdefault(_key(resolve_model(name)), name)  # a name that resolves to nothing fails here
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # key -> model, least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
-        self._mutex = threading.Lock()
 
     def add(self, name: str, model, tokenizer) -> ServedModel:
         """Serve an already loaded model under `name`: any name, when it resolves to no model."""
         key = self._served_key(name) or _key_of(name) or name
-        with self._mutex:
-            served = ServedModel(name, model, tokenizer, BatchScheduler(
-                model, tokenizer, max_batch_size=self.max_batch_size, max_queue=self.max_queue))
-            self.loaded[key] = served
-            return served
+        served = ServedModel(name, model, tokenizer, BatchScheduler(
+            model, tokenizer, max_batch_size=self.max_batch_size, max_queue=self.max_queue))
+        self.loaded[key] = served
+        return served
 
     def load_named(self) -> None:
         """Load every model named at start-up that is not loaded yet."""
