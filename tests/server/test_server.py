@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -158,6 +159,8 @@ def test_stop_cuts_the_text_before_the_stop_string(client, base, tiny):
     assert "".join(choice.logprobs.tokens).startswith(choice.text)
     assert stop in "".join(choice.logprobs.tokens)
     assert stop not in "".join(choice.logprobs.tokens[:-1])
+    streamed = greedy(client, base, PROMPTS[1], max_tokens=24, stop=[stop], stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == choice.text
 
 
 # Parity with olmo2kit.generate and a direct forward
@@ -181,6 +184,21 @@ def test_greedy_text_and_logprobs_equal_generate_and_a_direct_forward(client, ba
         row = rows[len(ids) - 1 + k]
         assert logprobs.token_logprobs[k] == pytest.approx(row[token].item(), abs=LOGPROB_TOLERANCE)
         assert_top_logprobs(logprobs.top_logprobs[k], row, tokenizer, 3)
+
+
+def test_requests_joining_a_running_batch_each_get_their_greedy_text_and_logprobs(client, base, tiny):
+    model, tokenizer = tiny
+    prompts = [*PROMPTS, "A", "The quick brown fox jumps over the lazy dog. 0 1 2 3"]
+    lengths = [30, 5, 17, 40, 9]  # rows of every prompt length join and leave at different steps
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p, n: greedy(client, base, p, max_tokens=n, logprobs=0), prompts, lengths))
+    for prompt, length, reply in zip(prompts, lengths, replies, strict=True):
+        expected = olmo2kit.generate(model, tokenizer, prompt, do_sample=False, max_new_tokens=length)
+        assert reply.choices[0].text == expected.text
+        ids = prompt_ids(tokenizer, prompt)
+        rows = direct_logprobs(model, ids + expected.token_ids)
+        assert reply.choices[0].logprobs.token_logprobs == pytest.approx(
+            [rows[len(ids) - 1 + k, t].item() for k, t in enumerate(expected.token_ids)], abs=LOGPROB_TOLERANCE)
 
 
 def test_echo_scores_the_prompt_as_lm_eval_asks(client, base, tiny):
@@ -235,7 +253,7 @@ def test_chat_stream_joins_to_the_reply_and_ends_with_usage(chat, instruct):
     *pieces, last = chunks
     assert pieces and all(len(c.choices) == 1 for c in pieces)
     assert pieces[0].choices[0].delta.role == "assistant"
-    assert all(c.choices[0].delta.role in (None, "assistant") for c in pieces[1:])
+    assert all(c.choices[0].delta.role is None for c in pieces[1:])  # the role comes once, as OpenAI sends it
     assert "".join(c.choices[0].delta.content or "" for c in pieces) == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in pieces][-1] == whole.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in pieces[:-1])
