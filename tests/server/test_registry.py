@@ -5,6 +5,7 @@ Models load for real, from the loopback Hub."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx2 as httpx
 import pytest
@@ -113,7 +114,8 @@ def test_a_new_model_waits_for_no_busy_one_it_answers_503(checkpoints):
     app = create_app([f"{REPO}@{EARLY}"], dtype="fp32", allow_load=True, max_models=1)
     registry = app.state.registry
     (busy,) = registry.loaded.values()
-    handle = busy.scheduler.submit(BatchRequest([1, 2, 3], 900), lambda event: None)
+    gate = threading.Event()  # the scheduler's thread waits here on the request's first event: busy till set
+    handle = busy.scheduler.submit(BatchRequest([1, 2, 3], 900), lambda event: gate.wait(30))
     try:
         with pytest.raises(ModelsBusy, match="busy"):
             asyncio.run(registry.get(f"{REPO}@{LATE}"))
@@ -123,3 +125,4 @@ def test_a_new_model_waits_for_no_busy_one_it_answers_503(checkpoints):
         assert list(registry.loaded.values()) == [busy]  # not unloaded under a running request
     finally:
         handle.cancel()
+        gate.set()
