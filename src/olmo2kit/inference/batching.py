@@ -132,6 +132,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.eos_ids = eos_ids if eos_ids is not None else end_of_text_ids(model, tokenizer)
         self._waiting: deque[Handle] = deque()
+        self._joining: list[Handle] = []  # taken from the queue, prefilled before they join the batch
         self._batch = _Batch()
         self._wake = threading.Condition()
         self._closed = False
@@ -149,7 +150,9 @@ class BatchScheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self._batch.rows or self._waiting)
+        """Whether any request is waiting, being prefilled or running."""
+        with self._wake:  # a request moves from the queue to the prefill under this lock
+            return bool(self._batch.rows or self._waiting or self._joining)
 
     def submit(self, request: BatchRequest, emit: Callable) -> Handle:
         """Queue `request`; `emit` is called with each of its events, from the scheduler's thread."""
@@ -182,21 +185,22 @@ class BatchScheduler:
                         self._wake.wait()
                     if self._closed:
                         break
-                    joining = []
-                    while self._waiting and len(self._batch.rows) + len(joining) < self.max_batch_size:
-                        joining.append(self._waiting.popleft())
+                    while self._waiting and len(self._batch.rows) + len(self._joining) < self.max_batch_size:
+                        self._joining.append(self._waiting.popleft())
                 try:
-                    for handle in joining:
+                    while self._joining:
+                        handle = self._joining[0]
                         if not handle.cancelled:
                             self._prefill(handle)
+                        self._joining.pop(0)
                     self._drop([h for h in self._batch.rows if h.cancelled])
                     if self._batch.rows:
                         self._decode()
                 except Exception as e:  # a bug or out of memory: the rows fail, the scheduler goes on
                     log.exception("batch step failed")
-                    for handle in joining + self._batch.rows:
+                    for handle in self._joining + self._batch.rows:
                         handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                    self._batch = _Batch()
+                    self._joining, self._batch = [], _Batch()
         for handle in list(self._waiting) + self._batch.rows:
             handle.emit(Failed("the server is shutting down"))
         self._waiting.clear()
