@@ -1,9 +1,11 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.generation import Generation, generate, stream_generate
+from olmo2kit.inference.generation import Detokenizer, Generation, generate, stream_generate
 from olmo2kit.model.loading import load
 
 PROMPT = "Language modeling is "
@@ -254,3 +256,26 @@ def test_draft_model_keeps_greedy_output(tiny, tmp_path):
         generate(model, tokenizer, [PROMPT, "Hello"], draft_model=draft)
     with pytest.raises(Olmo2KitError, match="choose one"):
         generate(model, tokenizer, PROMPT, draft_model=draft, compile=True)
+
+
+@given(ids=st.lists(st.integers(0, 511), max_size=60), cuts=st.lists(st.integers(1, 7), min_size=1, max_size=60),
+       stop=st.sampled_from([(), ("e",), ("th", "\n")]))
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_streamed_text_decoded_a_few_tokens_at_a_time_is_the_whole_decode(tiny, ids, cuts, stop):
+    """Any tokens (byte pieces that split characters, special tokens), handed over in any steps: the chunks
+    join to what one decode of all of them gives, cut at the first stop string."""
+    _, tokenizer = tiny
+    detokenizer = Detokenizer(tokenizer, stop, set(), 1, 0.0, stream=True)
+    chunks, start = [], 0
+    for cut in cuts * 60:
+        if start >= len(ids):
+            break
+        chunks += detokenizer.add(ids[start: start + cut])
+        start += cut
+    chunks += detokenizer.finish()
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    cuts_at = [i for i in (whole.find(s) for s in stop) if i >= 0]
+    expected = whole[: min(cuts_at)] if cuts_at else whole
+    assert "".join(c.text for c in chunks) == expected
+    assert chunks[-1].finish_reason == ("stop" if cuts_at else "length")

@@ -13,8 +13,6 @@ from olmo2kit.cli.options import DeviceOpt, DtypeOpt, QuantizeOpt
 from olmo2kit.cli.output import info
 from olmo2kit.errors import Olmo2KitError
 
-SHUTDOWN_GRACE_S = 3  # seconds in-flight requests get to finish after SIGINT or SIGTERM
-
 
 def serve(
     models: Annotated[
@@ -64,9 +62,8 @@ def serve(
         if value < low:
             raise Olmo2KitError(f"{name} must be at least {low}, got {value}")
     sock = _bind(host, port)
-    import uvicorn
-
     from olmo2kit.server.app import create_app
+    from olmo2kit.server.run import run
 
     def load(name: str):
         return load_model(name, None, dtype, quantize, device)
@@ -79,8 +76,7 @@ def serve(
         info(f"warning: listening on {host} without --api-key: anyone who reaches port {bound_port} can use it")
     print(f"serving {', '.join(names) or 'models loaded on first use'} at http://{shown}:{bound_port}/v1",
           flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    run(app, sock)
 
 
 def _bind(host: str, port: int) -> socket.socket:

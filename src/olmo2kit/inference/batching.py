@@ -85,6 +85,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    closed: bool = False  # the scheduler was closed (shutdown, or its model unloaded): the request may be retried
 
 
 class QueueFull(Olmo2KitError):
@@ -202,7 +203,7 @@ class BatchScheduler:
                         handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
                     self._joining, self._batch = [], _Batch()
         for handle in list(self._waiting) + self._batch.rows:
-            handle.emit(Failed("the server is shutting down"))
+            handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
         self._waiting.clear()
         self._batch = _Batch()
 

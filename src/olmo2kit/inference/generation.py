@@ -152,6 +152,11 @@ class Detokenizer:
         self.ids: list[int] = []
         self.pending: list[int] = []  # tokens not yet yielded
         self.emitted = ""  # text already yielded
+        # The text of ids[:read], decoded a few tokens at a time (decoding all ids each token is quadratic in
+        # the length); ids[prefix:read] is the context the next tokens are decoded in, so that a character
+        # split over several tokens comes out whole.
+        self.text = ""
+        self.prefix = self.read = 0
         self.prompt_tps: float | None = None
         self.finished = False
 
@@ -164,12 +169,13 @@ class Detokenizer:
         new = _through_eos(new, self.eos_ids)  # tokens past the end of text are padding
         self.ids += new
         self.pending += new
-        text, stopped = _cut_at_stop(self._decode(self.ids), self.stop)
+        text, stopped = _cut_at_stop(self._decode_new(), self.stop)
+        ended = bool(self.ids) and self.ids[-1] in self.eos_ids
         if stopped:  # decoding may run past a stop string: keep the tokens up to it
             kept = _ids_through_stop(self.tokenizer, self.ids, self.stop)
             self.pending = self.pending[: max(len(self.pending) - (len(self.ids) - len(kept)), 0)]
             self.ids = kept
-        if stopped or (self.ids and self.ids[-1] in self.eos_ids):
+        if stopped or ended:
             yield self._chunk(text, "stop")
             return
         ready = _safe_prefix(text, self.stop)
@@ -183,6 +189,21 @@ class Detokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _decode_new(self) -> str:
+        """The text of all ids so far; `text` is extended with the new tokens unless they end inside a
+        character (then they are decoded again with the next ones)."""
+        before = self._decode(self.ids[self.prefix: self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if not after.startswith(before):  # the tokenizer rewrote the context: decode it all once
+            self.text = self._decode(self.ids)
+            self.prefix = self.read = len(self.ids)
+            return self.text
+        if after.endswith("\ufffd"):
+            return self.text + after[len(before):]
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return self.text
 
     def _chunk(self, text: str, finish_reason: str | None) -> Generation:
         elapsed = time.perf_counter() - self.start

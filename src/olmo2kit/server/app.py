@@ -40,6 +40,9 @@ log = logging.getLogger("olmo2kit")
 
 MAX_BODY_BYTES = 16 << 20  # a 4 MiB prompt, JSON-escaped, fits; a mistake (a whole file) does not
 DEFAULT_NEW_TOKENS = 256  # max_tokens left out, when the model's context is unknown
+# Seconds in-flight requests get after SIGINT or SIGTERM: streams keep going that long; a second before the end,
+# whatever still runs is ended with an error object (see `ModelRegistry.stop`), so no client is cut off silently.
+SHUTDOWN_GRACE_S = 3
 
 
 class APIError(Exception):
@@ -154,16 +157,25 @@ def _parse(kind, body):
     try:
         return kind.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[", "str")))
-        message = first["msg"]
+        errors = e.errors()
+        param = _param(errors[0]["loc"])
+        # A field of several types fails once per type: the error past the type check says the most.
+        same = [error for error in errors if _param(error["loc"]) == param]
+        first = next((error for error in same if not error["type"].endswith("_type")), same[0])
         if first["type"] == "extra_forbidden":
             message = f"unrecognized request argument supplied: {param}"
         elif first["type"] == "missing":
             message = f"missing required parameter: {param}"
         else:
-            message = f"invalid value for {param or 'the body'}: {message}"
+            message = f"invalid value for {param or 'the body'}: {first['msg']}"
         raise APIError(400, message, param=param or None, code="invalid_value") from None
+
+
+def _param(loc: tuple) -> str:
+    """The field a pydantic error location names, without the type tags it adds for a field of several types
+    (`str`, `list[int]`, `StreamOptions`, `function-after[...]`)."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or not (
+        p in ("str", "int", "float", "bool") or "[" in p or "-" in p or p[:1].isupper()))
 
 
 # --- what to run --------------------------------------------------------------------------------------
@@ -217,7 +229,7 @@ def _chat_job(served: ServedModel, body: ChatCompletionRequest) -> _Job:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    job = _job(served, body, ids, [""], body.max_completion_tokens or body.max_tokens, "the messages",
+    job = _job(served, body, ids, [""], body.max_completion_tokens or body.max_tokens, "the conversation",
                logprobs=logprobs, prompt_logprobs=False)
     if body.response_format is not None and body.response_format.type != "text":
         from olmo2kit.server.grammar import constraint_factory
@@ -237,7 +249,8 @@ def _job(served: ServedModel, body, ids: list[list[int]], texts: list[str], max_
         try:
             check_context(len(row), max(new, 0), context, prompt=what, new="max_tokens")
         except Olmo2KitError as e:
-            raise APIError(400, str(e), param="max_tokens" if len(row) < (context or 0) else what.split()[-1],
+            whole = "prompt" if what == "the prompt" else "messages"
+            raise APIError(400, str(e), param="max_tokens" if len(row) < (context or 0) else whole,
                            code="context_length_exceeded") from None
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j) % 2**63
@@ -295,6 +308,7 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
     events: asyncio.Queue = asyncio.Queue()
     choices = job.choices
     start = time.perf_counter()
+    watcher = asyncio.create_task(_watch_disconnect(request, events))
     try:
         for i, row in enumerate(job.requests):
             if job.constraint_of is not None:
@@ -304,15 +318,15 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
                                       stream=True)
             choices.append(_Choice(handle, detokenizer))
         while not all(c.done for c in choices):
-            try:
-                i, event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            i, event = await events.get()
+            if i is None:  # the client has gone
+                return
             choice = choices[i]
             if choice.done:
                 continue
+            if isinstance(event, Failed) and event.closed:
+                raise APIError(503, f"{event.message}: retry", type="server_error", code="unavailable",
+                               headers={"Retry-After": "1"})
             if isinstance(event, Failed):
                 raise APIError(500, event.message, type="server_error")
             if isinstance(event, PromptLogprobs):
@@ -331,8 +345,17 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
         raise APIError(503, f"the server is at capacity ({e}): retry shortly", type="server_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None
     finally:
+        watcher.cancel()
         for choice in choices:
             choice.handle.cancel()
+
+
+async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Put (None, None) on `events` when the client disconnects (the body has been read: what comes next
+    on the connection is its end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait((None, None))
 
 
 async def _respond(request: Request, served: ServedModel, job: _Job, fmt):
@@ -357,7 +380,7 @@ async def _respond(request: Request, served: ServedModel, job: _Job, fmt):
                 yield {"data": json.dumps(error_body(str(e), type=e.type, param=e.param, code=e.code))}
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(events(), ping=15, sep="\n")
+        return EventSourceResponse(events(), ping=15, sep="\n", shutdown_grace_period=SHUTDOWN_GRACE_S)
     pieces: dict[int, list[_Piece]] = {}
     async for i, piece in _run(request, served, job):
         pieces.setdefault(i, []).append(piece)
@@ -528,7 +551,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-        return APIError(error.status_code, message.get(error.status_code, str(error.detail))).response()
+        return APIError(error.status_code, message.get(error.status_code, str(error.detail)),
+                        headers=getattr(error, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):

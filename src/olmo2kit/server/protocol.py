@@ -20,7 +20,8 @@ MAX_STOP = 4  # stop strings, as OpenAI allows
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+StopString = Annotated[str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 Penalty = Annotated[float, Field(ge=0.0, le=0.0)]  # only 0: repetition penalties are not implemented
 
 

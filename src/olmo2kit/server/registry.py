@@ -122,6 +122,11 @@ class ModelRegistry:
             served.close()
         self.loaded.clear()
 
+    def stop(self) -> None:
+        """End every request still waiting or running (each gets an error), from any thread; for shutdown."""
+        for served in list(self.loaded.values()):
+            served.close()
+
     def _served_key(self, name: str) -> str | None:
         """The key of a model served under exactly this name."""
         for key, served in self.loaded.items():
