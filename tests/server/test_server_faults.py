@@ -331,7 +331,7 @@ def sigterm_mid_stream(long_model) -> Shutdown:
         short_events: list[str] = []
         plain: dict = {}
         # A short request is still running when the signal comes (sse-starlette looks for a shutdown every
-        # 0.5 s) but needs well under the 3 s grace: about 0.8 s of this machine's speed, measured warm.
+        # 0.5 s) but needs well under the 5 s grace: about 0.8 s of this machine's speed, measured warm.
         plain_long = {**long_request(long_model), "stream": False}
         seconds_for(running.url, {**plain_long, "max_tokens": 50})
         speed = 500 / seconds_for(running.url, {**plain_long, "max_tokens": 500})
@@ -372,7 +372,7 @@ def test_sigterm_leaves_no_traceback(sigterm_mid_stream):
 
 
 def test_sigterm_lets_requests_that_fit_the_grace_finish(sigterm_mid_stream):
-    # README: "SIGINT or SIGTERM gives in-flight requests 3 s, then ends their streams and exits."
+    # README: "SIGINT or SIGTERM gives in-flight requests 5 s, then ends what still runs with an error object"
     outcome = sigterm_mid_stream
     assert not outcome.short_done_before
     plain = outcome.plain["short"]

@@ -42,7 +42,7 @@ MAX_BODY_BYTES = 16 << 20  # a 4 MiB prompt, JSON-escaped, fits; a mistake (a wh
 DEFAULT_NEW_TOKENS = 256  # max_tokens left out, when the model's context is unknown
 # Seconds in-flight requests get after SIGINT or SIGTERM: streams keep going that long; a second before the end,
 # whatever still runs is ended with an error object (see `ModelRegistry.stop`), so no client is cut off silently.
-SHUTDOWN_GRACE_S = 3
+SHUTDOWN_GRACE_S = 5
 
 
 class APIError(Exception):
