@@ -197,3 +197,26 @@ def test_close_fails_what_is_left(tiny):
     scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 5), waiting)
     scheduler.close()
     assert isinstance(running.finish, Failed) and isinstance(waiting.finish, Failed)
+
+
+def test_prompts_of_different_lengths_prefilled_together_match_each_alone(tiny, scheduler):
+    model, tokenizer = tiny
+    gate = threading.Event()
+    first = Collected()
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 3), lambda e: (gate.wait(30), first(e)))
+    together = [Collected(scheduler) for _ in PROMPTS]
+    for prompt, got in zip(PROMPTS, together, strict=True):  # all queued while the first one holds the thread
+        scheduler.submit(BatchRequest(encode(tokenizer, prompt), 12, logprobs=1, prompt_logprobs=True), got)
+    gate.set()
+    for prompt, got in zip(PROMPTS, together, strict=True):
+        assert got.finish == Finished("length")
+        ids = encode(tokenizer, prompt)
+        assert got.ids == olmo2kit.generate(model, tokenizer, prompt, do_sample=False, max_new_tokens=12).token_ids
+        expected = direct_logprobs(model, ids + got.ids)
+        (scored,) = [e for e in got.events if isinstance(e, PromptLogprobs)]
+        for i, token in enumerate(scored.tokens[1:], 1):
+            assert token.logprob == pytest.approx(expected[i - 1, ids[i]].item(), abs=1e-5)
+        for k, token in enumerate(got.tokens):
+            assert token.logprob == pytest.approx(expected[len(ids) - 1 + k, token.id].item(), abs=1e-5)
+    assert max(got.most_running for got in together) == len(PROMPTS) + 1  # beside the first
+    assert len({len(encode(tokenizer, p)) for p in PROMPTS}) == len(PROMPTS)  # the rows carry padding

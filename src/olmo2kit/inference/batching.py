@@ -1,10 +1,11 @@
 """Continuous batching: concurrent requests share every forward pass of one model.
 
-A request joins the running batch at the next step (its prompt is prefilled alone, then its keys and
-values are added to the batch's cache as a new row) and leaves it as soon as it is done, so nobody waits
-for the longest request of a batch. Rows are left-padded in one transformers `DynamicCache`; each row
-keeps its own positions, sampling options and random generator, so a request's tokens do not depend on
-what runs beside it (greedy output is the same alone or batched, exactly in fp32).
+A request joins the running batch at the next step (the prompts that arrived since the last step are
+prefilled together, then their keys and values are added to the batch's cache as new rows) and leaves it
+as soon as it is done, so nobody waits for the longest request of a batch. Rows are left-padded in one
+transformers `DynamicCache`; each row keeps its own positions, sampling options and random generator, so a
+request's tokens do not depend on what runs beside it (greedy output is the same alone or batched, exactly
+in fp32).
 
     >>> scheduler = BatchScheduler(model, tokenizer, max_batch_size=16)  # doctest: +SKIP
     >>> handle = scheduler.submit(BatchRequest(prompt=[1, 2, 3], max_new_tokens=8), print)  # doctest: +SKIP
@@ -189,11 +190,11 @@ class BatchScheduler:
                     while self._waiting and len(self._batch.rows) + len(self._joining) < self.max_batch_size:
                         self._joining.append(self._waiting.popleft())
                 try:
-                    while self._joining:
-                        handle = self._joining[0]
-                        if not handle.cancelled:
-                            self._prefill(handle)
-                        self._joining.pop(0)
+                    joining = [h for h in self._joining if not h.cancelled]
+                    if joining:
+                        self._prefill(joining)
+                    with self._wake:
+                        self._joining = []
                     self._drop([h for h in self._batch.rows if h.cancelled])
                     if self._batch.rows:
                         self._decode()
@@ -207,28 +208,41 @@ class BatchScheduler:
         self._waiting.clear()
         self._batch = _Batch()
 
-    def _prefill(self, handle: Handle) -> None:
-        """Run the prompt alone, report its logprobs when asked, choose the first token, and join the batch."""
+    def _prefill(self, handles: list[Handle]) -> None:
+        """Run the new prompts together (left-padded), report prompt logprobs where asked, choose each row's
+        first token, and add the rows that go on to the batch."""
         import torch
         from transformers import DynamicCache
 
-        request = handle.request
-        handle.generator = torch.Generator().manual_seed(
-            request.seed if request.seed is not None else random.randrange(2**63))
+        lengths = [len(h.request.prompt) for h in handles]
+        width = max(lengths)
+        ids = torch.full((len(handles), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(handles), width), dtype=torch.long)
+        for j, handle in enumerate(handles):
+            ids[j, width - lengths[j]:] = torch.tensor(handle.request.prompt)
+            mask[j, width - lengths[j]:] = 1
+            handle.length = lengths[j]
+            seed = handle.request.seed
+            handle.generator = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
+        device = self.model.device
+        ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([request.prompt], device=self.model.device)
-        want_prompt = request.prompt_logprobs
-        keep = 0 if want_prompt else 1  # the logits of every position, or of the last only
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{cache_keyword(): cache})
-        logits = out.logits[0].float()
-        if want_prompt:
-            handle.emit(PromptLogprobs(self._prompt_tokens(request, logits)))
-        if request.max_new_tokens == 0:
-            handle.emit(Finished("length"))
-            return
-        handle.length = len(request.prompt)
-        if self._advance_rows([handle], logits[-1:])[0]:
-            self._join(handle, cache)
+        keep = 0 if any(h.request.prompt_logprobs for h in handles) else 1  # every position's logits, or the last
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=keep, **{cache_keyword(): cache})
+        logits = out.logits.float()
+        generating = []
+        for j, handle in enumerate(handles):
+            if handle.request.prompt_logprobs:
+                handle.emit(PromptLogprobs(self._prompt_tokens(handle.request, logits[j, width - lengths[j]:])))
+            if handle.request.max_new_tokens == 0:
+                handle.emit(Finished("length"))
+            else:
+                generating.append(j)
+        going = self._advance_rows([handles[j] for j in generating], logits[generating, -1]) if generating else []
+        rows = [j for j, go in zip(generating, going, strict=True) if go]
+        if rows:
+            self._join([handles[j] for j in rows], cache, mask, rows)
 
     def _prompt_tokens(self, request: BatchRequest, logits) -> list[Token]:
         import torch
@@ -309,25 +323,26 @@ class BatchScheduler:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
-    def _join(self, handle: Handle, cache) -> None:
-        """Add a prefilled row (its own cache, one row) to the batch, left-padding the shorter side."""
+    def _join(self, handles: list[Handle], cache, mask, rows: list[int]) -> None:
+        """Add prefilled rows (`rows` of a prefill's cache and mask) to the batch, left-padding the narrower side."""
         import torch
 
         batch = self._batch
-        length = handle.length
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self.model.device)
+        index = torch.tensor(rows, device=mask.device)
+        start = mask.shape[1] - max(h.length for h in handles)  # padding none of these rows needs
+        mask = mask[index, start:]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         if not batch.rows:
-            batch.rows, batch.cache, batch.mask = [handle], cache, row_mask
+            batch.rows, batch.cache, batch.mask = list(handles), cache, mask
             return
-        width = batch.mask.shape[1]
+        width, length = batch.mask.shape[1], mask.shape[1]
         for mine, theirs in zip(batch.cache.layers, cache.layers, strict=True):
             for name in ("keys", "values"):
                 old, new = getattr(mine, name), getattr(theirs, name)
-                old, new = _pad_left(old, length - width), _pad_left(new, width - length)
-                setattr(mine, name, torch.cat([old, new], dim=0))
-        batch.mask = torch.cat([_pad_left(batch.mask, length - width, dim=1),
-                                _pad_left(row_mask, width - length, dim=1)])
-        batch.rows.append(handle)
+                setattr(mine, name, torch.cat([_pad_left(old, length - width), _pad_left(new, width - length)]))
+        batch.mask = torch.cat([_pad_left(batch.mask, length - width, dim=1), _pad_left(mask, width - length, dim=1)])
+        batch.rows += handles
 
     def _drop(self, leaving: list[Handle]) -> None:
         """Take rows out of the batch and the padding no remaining row needs off the left."""

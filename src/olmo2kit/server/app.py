@@ -304,8 +304,8 @@ class _Choice:
 
 async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterator[tuple[int, _Piece]]:
     """(choice, piece) as the scheduler's events come in; every row is cancelled when this ends early."""
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+    inbox = served.inbox()
     choices = job.choices
     start = time.perf_counter()
     watcher = asyncio.create_task(_watch_disconnect(request, events))
@@ -313,7 +313,7 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
         for i, row in enumerate(job.requests):
             if job.constraint_of is not None:
                 row.constraint = job.constraint_of()
-            handle = served.scheduler.submit(row, lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
+            handle = served.scheduler.submit(row, lambda e, i=i: inbox.put(events, (i, e)))
             detokenizer = Detokenizer(served.tokenizer, job.stop, served.scheduler.eos_ids, len(row.prompt), start,
                                       stream=True)
             choices.append(_Choice(handle, detokenizer))

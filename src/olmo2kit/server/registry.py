@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import difflib
 import gc
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class ServedModel:
     tokenizer: object
     scheduler: BatchScheduler
     created: int = field(default_factory=lambda: int(time.time()))
+    _inbox: Inbox | None = field(default=None, repr=False)
 
     @property
     def context_length(self) -> int | None:
@@ -46,6 +48,40 @@ class ServedModel:
 
     def close(self) -> None:
         self.scheduler.close()
+
+    def inbox(self) -> Inbox:
+        """The scheduler-to-event-loop hand-over of the running loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = Inbox(loop)
+        return self._inbox
+
+
+class Inbox:
+    """Events from the scheduler's thread to asyncio queues on the event loop, with one wake-up of the loop for
+    whatever arrived meanwhile (a step of 16 rows is one wake-up, not 16)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """Called from any thread."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _key(ref: ModelRef) -> str:
