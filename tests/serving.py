@@ -3,6 +3,7 @@ names it in `pytest_plugins`, so `serving` and the `server` fixture are everywhe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,6 +19,27 @@ import pytest
 from conftest import OLMO2KIT
 
 _URL = re.compile(r"at (http://\S+/v1)")
+
+# The JSON schema response_format is tested with (grammar and server), and the check that an answer fits it.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "count", "ok"],
+    "additionalProperties": False,
+}
+
+
+def assert_fits_schema(text: str) -> None:
+    """`text` is a JSON object that fits SCHEMA, its keys in the schema's order (checked by hand: no jsonschema)."""
+    answer = json.loads(text)
+    assert isinstance(answer, dict) and list(answer) == ["name", "count", "ok"], text
+    assert isinstance(answer["name"], str) and len(answer["name"]) <= 8
+    assert type(answer["count"]) is int and 0 <= answer["count"] <= 99
+    assert type(answer["ok"]) is bool
 
 
 @dataclass

@@ -14,23 +14,13 @@ import openai
 import pytest
 
 import olmo2kit
-from serving import serving
+from serving import SCHEMA, assert_fits_schema, serving
 
 PROMPTS = ["Language modeling is", "The capital of France is", "Hello, world! How are"]
 NEW = 12  # new tokens per parity request: enough to pass through a few decode steps of the batch
 LOGPROB_TOLERANCE = 1e-5
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "count": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "count", "ok"],
-    "additionalProperties": False,
-}
 HUB_REPO = "allenai/OLMo-2-0425-1B"
 EARLY, LATE = "stage1-step1000-tokens3B", "stage1-step2000-tokens5B"
 KEY = "secret-key-3f9a"
@@ -297,11 +287,7 @@ def test_json_schema_reply_fits_the_schema(chat, instruct):
                                          "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}})
     choice = reply.choices[0]
     assert choice.finish_reason == "stop", choice.message.content
-    answer = json.loads(choice.message.content)
-    assert isinstance(answer, dict) and set(answer) == {"name", "count", "ok"}
-    assert isinstance(answer["name"], str) and len(answer["name"]) <= 8
-    assert type(answer["count"]) is int and 0 <= answer["count"] <= 99
-    assert isinstance(answer["ok"], bool)
+    assert_fits_schema(choice.message.content)
 
 
 def test_json_object_reply_is_a_json_object(chat, instruct):
