@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.batching import BatchRequest, Failed, Finished, PromptLogprobs, QueueFull, Token
 from olmo2kit.inference.generation import Detokenizer, check_prompt_size, encode_requests
-from olmo2kit.model.chat_template import check_messages
+from olmo2kit.model.chat_template import check_messages, encode_chat
 from olmo2kit.model.sizes import check_context
 from olmo2kit.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from olmo2kit.server.registry import ModelNotFound, ModelRegistry, ModelsBusy, ServedModel
@@ -218,8 +218,6 @@ def _completion_job(served: ServedModel, body: CompletionRequest) -> _Job:
 
 
 def _chat_job(served: ServedModel, body: ChatCompletionRequest) -> _Job:
-    from olmo2kit.model.chat_template import encode_chat
-
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     messages = _checked(lambda: check_messages(messages), "messages")
     _checked(lambda: check_prompt_size(messages), "messages")
