@@ -85,6 +85,16 @@ def cli(capsys, monkeypatch):
     return run
 
 
+def one_line_error(code: int, err: str, needle: str = "", *, alone: bool = False) -> str:
+    """Assert a user error as the CLI reports one: exit 2, no traceback, and the last line of stderr (the only
+    line, with `alone`) an `error: ` line holding `needle`; return that line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], err
+    assert not alone or len(lines) == 1, err
+    return lines[-1]
+
+
 def run_olmo2kit(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script in a fresh process."""
     return subprocess.run(

@@ -5,14 +5,7 @@ import sys
 
 import pytest
 
-from conftest import run_olmo2kit
-
-
-def one_line_error(code, err, needle):
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and needle in lines[-1]
-    assert "Traceback" not in err
+from conftest import one_line_error, run_olmo2kit
 
 
 def test_generate_streams_text_and_reports_on_stderr(cli, tiny_path):

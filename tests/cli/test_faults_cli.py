@@ -11,15 +11,10 @@ import pytest
 import yaml
 
 import olmo2kit
-from conftest import OLMO2KIT
+from conftest import OLMO2KIT, one_line_error
 
 ROOT = Path(__file__).parents[2]
 
-
-def one_line_error(code, err, needle):
-    assert code == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
 
 
 def run(*args, stdin: bytes = b"", stdout=subprocess.PIPE, buffered: bool = True) -> subprocess.CompletedProcess:
@@ -38,24 +33,25 @@ def test_an_argument_that_is_not_utf8_is_one_line(cli, tiny_path, tiny_instruct_
     # Python hands an argument's undecodable bytes on as lone surrogates: b"\xff" is "\udcff".
     code, out, err = cli("generate", "caf\udce9", "--model", str(tiny_path))
     assert out == ""
-    one_line_error(code, err, "the argument 'caf\\xe9' is not UTF-8 text: give it in UTF-8")
+    one_line_error(code, err, "the argument 'caf\\xe9' is not UTF-8 text: give it in UTF-8", alone=True)
     code, _, err = cli("chat", "--model", str(tiny_instruct_path), "--system", "\udcff", stdin="Hi\n")
-    one_line_error(code, err, "the argument '\\xff' is not UTF-8 text")
+    one_line_error(code, err, "the argument '\\xff' is not UTF-8 text", alone=True)
 
 
 def test_an_argument_that_is_not_utf8_from_a_shell(tiny_path):
     result = run("generate", b"\xff", "--model", str(tiny_path))
-    one_line_error(result.returncode, result.stderr.decode(), "the argument '\\xff' is not UTF-8 text")
+    one_line_error(result.returncode, result.stderr.decode(), "the argument '\\xff' is not UTF-8 text", alone=True)
     assert result.stdout == b""
 
 
 def test_perplexity_of_stdin_that_is_not_utf8_is_one_line_before_loading(cli, tiny_path):
     result = run("perplexity", "-", "--model", str(tiny_path), "--device", "cpu", stdin=b"Some text, then \xff.\n")
-    one_line_error(result.returncode, result.stderr.decode(), "stdin is not UTF-8 text (byte 16): convert it first")
+    one_line_error(result.returncode, result.stderr.decode(), "stdin is not UTF-8 text (byte 16): convert it first",
+                   alone=True)
     assert result.stdout == b""
     # A text stream in place of stdin (as in this process) holds the same bytes as surrogates.
     code, _, err = cli("perplexity", "-", "--model", str(tiny_path), stdin="Some text, then \udcff.\n")
-    one_line_error(code, err, "stdin is not UTF-8 text (byte 16)")
+    one_line_error(code, err, "stdin is not UTF-8 text (byte 16)", alone=True)
     code, out, err = cli("perplexity", "-", "--model", str(tiny_path), "--device", "cpu", "--json",
                          stdin="Some text, then café.\n")
     assert code == 0 and '"tokens"' in out, err
@@ -66,7 +62,7 @@ def test_finetune_config_that_is_not_utf8_is_one_line(cli, tmp_path):
     config.write_bytes(b"lr: 2.0e-5\n# caf\xe9 au lait\n")
     code, _, err = cli("finetune", "--config", str(config), "--data", str(tmp_path / "d"), "--output",
                        str(tmp_path / "o"))
-    one_line_error(code, err, "UTF-8")
+    one_line_error(code, err, "UTF-8", alone=True)
     assert not (tmp_path / "o").exists()
 
 
@@ -108,7 +104,7 @@ def test_stdout_closed_at_the_start_is_no_error():
 def test_tiny_seed_out_of_range_is_one_line(cli, tmp_path):
     for seed in ("99999999999999999999", "4294967296", "-1"):
         code, out, err = cli("tiny", str(tmp_path / "t"), "--seed", seed)
-        one_line_error(code, err, f"--seed must be an integer from 0 to 4294967295, got {seed}")
+        one_line_error(code, err, f"--seed must be an integer from 0 to 4294967295, got {seed}", alone=True)
     assert not (tmp_path / "t").exists()
     code, out, err = cli("tiny", str(tmp_path / "t"), "--seed", "4294967295")
     assert code == 0 and out.strip() == str(tmp_path / "t"), err
@@ -117,7 +113,7 @@ def test_tiny_seed_out_of_range_is_one_line(cli, tmp_path):
 def test_generate_seed_out_of_range_is_one_line(cli, tiny_path):
     code, out, err = cli("generate", "Hello", "--model", str(tiny_path), "--seed", "4294967296")
     assert out == ""
-    one_line_error(code, err, "seed")
+    one_line_error(code, err, "seed", alone=True)
     assert "loaded" not in err
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.tiny import MARKER, build_tiny
 
@@ -13,10 +14,6 @@ def snapshot(path):
     """Every file under `path` with its bytes, and every directory."""
     return {p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
 
-
-def one_line_error(code, err, needle):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
 
 
 def finetune_output(path):
@@ -33,7 +30,7 @@ def test_a_finetune_output_is_refused_and_kept(cli, tmp_path):
     out = finetune_output(tmp_path / "ft")
     before = snapshot(out)
     code, _, err = cli("tiny", str(out))
-    one_line_error(code, err, f"{out} exists and is not a checkpoint, so it is not replaced")
+    one_line_error(code, err, f"{out} exists and is not a checkpoint, so it is not replaced", alone=True)
     assert MARKER in err and snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]  # no staging left beside it
 
@@ -45,7 +42,7 @@ def test_a_folder_with_an_empty_config_is_refused_and_kept(cli, tmp_path):
     (folder / "notes.txt").write_text("my notes")
     before = snapshot(folder)
     code, _, err = cli("tiny", str(folder))
-    one_line_error(code, err, "exists and is not a checkpoint, so it is not replaced")
+    one_line_error(code, err, "exists and is not a checkpoint, so it is not replaced", alone=True)
     assert snapshot(folder) == before
 
 

@@ -19,7 +19,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import run_olmo2kit
+from conftest import one_line_error, run_olmo2kit
 from serving import serving
 
 SUBJECTS = ["The sea", "A transformer", "Paris", "The quick brown fox", "OLMo 2", "Language modeling",
@@ -447,10 +447,9 @@ def test_a_client_that_stops_waiting_frees_its_slot(narrow, long_model):
 # --- the command line ---------------------------------------------------------------------------------
 
 
-def one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+def refused(result: subprocess.CompletedProcess, needle: str) -> None:
+    one_line_error(result.returncode, result.stderr, needle, alone=True)
 
 
 def test_serve_help_does_not_import_torch():
@@ -467,12 +466,12 @@ def test_serve_help_does_not_import_torch():
 
 
 def test_bad_serve_options_are_one_line_errors(model, tmp_path):
-    one_line_error(run_olmo2kit("serve", "--model", model, "--port", "70000"), "--port")
-    one_line_error(run_olmo2kit("serve", "--model", model, "--port", "-1"), "--port")
-    one_line_error(run_olmo2kit("serve", "--model", model, "--max-batch-size", "0"), "--max-batch-size")
-    one_line_error(run_olmo2kit("serve", "--model", model, "--max-queue", "-1"), "--max-queue")
-    one_line_error(run_olmo2kit("serve"), "--model")
-    one_line_error(run_olmo2kit("serve", "--port", "0", "--model", str(tmp_path / "missing")), "missing")
+    refused(run_olmo2kit("serve", "--model", model, "--port", "70000"), "--port")
+    refused(run_olmo2kit("serve", "--model", model, "--port", "-1"), "--port")
+    refused(run_olmo2kit("serve", "--model", model, "--max-batch-size", "0"), "--max-batch-size")
+    refused(run_olmo2kit("serve", "--model", model, "--max-queue", "-1"), "--max-queue")
+    refused(run_olmo2kit("serve"), "--model")
+    refused(run_olmo2kit("serve", "--port", "0", "--model", str(tmp_path / "missing")), "missing")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import one_line_error
 from olmo2kit.cli import output as output_module
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import LOCK_NAME, output_lock
@@ -22,11 +23,6 @@ def written(outdir):
     """The files a run left in `outdir`, less the lock file that marks the directory as an output."""
     return sorted(p.name for p in outdir.iterdir() if p.name != LOCK_NAME)
 
-
-def one_line_error(code, err, needle):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and "Traceback" not in err
-    assert lines[-1].startswith("error: ") and needle in lines[-1], err
 
 
 # Bytes that are not UTF-8, and JSON escapes that are no text

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune import read_log, run
 
-from conftest import OLMO2KIT, run_olmo2kit
+from conftest import OLMO2KIT, one_line_error, run_olmo2kit
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.generation import generate
 from olmo2kit.model.loading import load
 from olmo2kit.training.data import load_prepared, prepare_data
-from olmo2kit.training.finetune import DataOrder, FinetuneConfig, finetune, load_config, merge_adapter
+from olmo2kit.training.finetune import DataOrder, FinetuneConfig, load_config, merge_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
 
@@ -41,18 +42,7 @@ def chat_data(tmp_path_factory, tiny_instruct_path) -> Path:
     return root / "data"
 
 
-def run(data, output, model, **options):
-    return finetune(FinetuneConfig(data=str(data), output=str(output), model=str(model), device="cpu", **options))
 
-
-def read_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
-
-
-def one_error_line(code: int, err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and lines[-1].startswith("error: ") and "Traceback" not in err, err
-    return lines[-1]
 
 
 def finished_like_a_kill_after(output: Path, step: int) -> None:
@@ -77,7 +67,7 @@ def test_a_huge_learning_rate_stops_at_the_first_nan_loss(cli, chat_data, tiny_i
     out = tmp_path / "out"
     code, _, err = cli("finetune", "--model", str(tiny_instruct_path), "--data", str(chat_data), "--output", str(out),
                        "--max-steps", "6", "--save-every", "1", "--lr", "1e30", "--batch-size", "2", "--device", "cpu")
-    line = one_error_line(code, err)
+    line = one_line_error(code, err)
     assert "the loss became nan at step 2, so training stopped without saving a result" in line
     assert "there is no good checkpoint to keep: lower --lr (now 1e+30) and run again" in line
     assert not (out / "finetune.json").exists() and not (out / "model.safetensors").exists()
@@ -150,7 +140,7 @@ def test_a_second_run_on_the_same_output_is_refused(chat_data, tiny_instruct_pat
             assert time.monotonic() < deadline
             time.sleep(0.05)
         second = run_olmo2kit(*args, "--max-steps", "2", env={"OMP_NUM_THREADS": "1"})
-        line = one_error_line(second.returncode, second.stderr)
+        line = one_line_error(second.returncode, second.stderr)
         assert f"{out} is in use by another olmo2kit run (pid {first.pid} on " in line
         assert "wait for it to end, or give another --output" in line
         assert first.poll() is None  # the first run trains on
@@ -193,7 +183,7 @@ def test_lora_and_schedule_options_on_the_command_line(cli, chat_data, tiny_inst
 def test_bad_new_options_fail_in_one_line(cli, chat_data, tiny_instruct_path, tmp_path, extra, message):
     code, _, err = cli("finetune", "--model", str(tiny_instruct_path), "--data", str(chat_data), "--output",
                        str(tmp_path / "out"), "--batch-size", "2", *extra)
-    assert message in one_error_line(code, err)
+    assert message in one_line_error(code, err)
     assert not (tmp_path / "out").exists()
 
 
@@ -301,10 +291,10 @@ def test_a_recipe_that_is_not_utf8_is_one_line(cli, chat_data, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(b"lr: 1.0e-3\n# caf\xe9\n")
     code, _, err = cli("finetune", "--config", str(recipe), "--data", str(chat_data), "--output", str(tmp_path / "o"))
-    assert f"{recipe} is not UTF-8 text (bad byte at offset 16): save it as UTF-8" in one_error_line(code, err)
+    assert f"{recipe} is not UTF-8 text (bad byte at offset 16): save it as UTF-8" in one_line_error(code, err)
     recipe.write_text("1: 2\nlr: 1.0e-3\n")
     code, _, err = cli("finetune", "--config", str(recipe), "--data", str(chat_data), "--output", str(tmp_path / "o"))
-    assert "unknown key(s) 1; known: data" in one_error_line(code, err)
+    assert "unknown key(s) 1; known: data" in one_line_error(code, err)
     assert not (tmp_path / "o").exists()
 
 
