@@ -477,5 +477,5 @@ def test_bad_serve_options_are_one_line_errors(model, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         result = run_olmo2kit("serve", "--model", model, "--port", str(port))
-    one_line_error(result, str(port))
+    refused(result, str(port))
     assert result.stdout == ""  # no URL printed for a server that is not listening
