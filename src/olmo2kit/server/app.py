@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.batching import BatchRequest, Failed, Finished, PromptLogprobs, QueueFull, Token
-from olmo2kit.inference.generation import Detokenizer, check_prompt_size, encode_requests
-from olmo2kit.model.chat_template import check_messages, encode_chat
+from olmo2kit.inference.generation import Detokenizer, encode_requests
+from olmo2kit.model.chat_template import check_messages
 from olmo2kit.model.sizes import check_context
 from olmo2kit.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from olmo2kit.server.registry import ModelNotFound, ModelRegistry, ModelsBusy, ServedModel
@@ -219,9 +219,7 @@ def _completion_job(served: ServedModel, body: CompletionRequest) -> _Job:
 
 def _chat_job(served: ServedModel, body: ChatCompletionRequest) -> _Job:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    messages = _checked(lambda: check_messages(messages), "messages")
-    _checked(lambda: check_prompt_size(messages), "messages")
-    ids = [_checked(lambda: encode_chat(served.tokenizer, messages), "messages")]
+    ids = _checked(lambda: encode_requests(served.tokenizer, [check_messages(messages)]), "messages")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -413,20 +411,24 @@ class _Format:
     def usage_chunk(self, job: _Job) -> dict:
         return self.envelope(self.chunk_object, [], usage=_usage(job))
 
+    def response(self, job: _Job, pieces: dict[int, list[_Piece]]) -> JSONResponse:
+        """The whole response: each choice's pieces joined into one."""
+        choices = []
+        for i in range(len(job.choices)):
+            mine = pieces.get(i, [])
+            joined = _Piece("".join(p.text for p in mine), [t for p in mine for t in p.tokens],
+                            mine[-1].finish_reason if mine else None)
+            choices.append(self.whole(job, i, joined))
+        return JSONResponse(self.envelope(self.object, choices, usage=_usage(job)))
+
 
 class _CompletionFormat(_Format):
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def response(self, job: _Job, pieces: dict[int, list[_Piece]]) -> JSONResponse:
-        choices = []
-        for i, choice in enumerate(job.choices):
-            mine = pieces.get(i, [])
-            text = "".join(p.text for p in mine)
-            tokens = [t for p in mine for t in p.tokens]
-            prompt = job.prompt_texts[i // job.n] if self.body.echo else ""
-            choices.append({"index": i, "text": prompt + text, "logprobs": self.logprobs(job, choice, tokens),
-                            "finish_reason": mine[-1].finish_reason if mine else None})
-        return JSONResponse(self.envelope(self.object, choices, usage=_usage(job)))
+    def whole(self, job: _Job, i: int, piece: _Piece) -> dict:
+        prompt = job.prompt_texts[i // job.n] if self.body.echo else ""
+        return {"index": i, "text": prompt + piece.text, "logprobs": self.logprobs(job, job.choices[i], piece.tokens),
+                "finish_reason": piece.finish_reason}
 
     def chunk(self, job: _Job, i: int, piece: _Piece) -> dict:
         choice = job.choices[i]
@@ -459,16 +461,9 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def response(self, job: _Job, pieces: dict[int, list[_Piece]]) -> JSONResponse:
-        choices = []
-        for i, choice in enumerate(job.choices):
-            mine = pieces.get(i, [])
-            choices.append({
-                "index": i, "message": {"role": "assistant", "content": "".join(p.text for p in mine)},
-                "finish_reason": mine[-1].finish_reason if mine else None,
-                "logprobs": self.logprobs(choice, [t for p in mine for t in p.tokens]),
-            })
-        return JSONResponse(self.envelope(self.object, choices, usage=_usage(job)))
+    def whole(self, job: _Job, i: int, piece: _Piece) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": piece.text},
+                "finish_reason": piece.finish_reason, "logprobs": self.logprobs(job.choices[i], piece.tokens)}
 
     def chunk(self, job: _Job, i: int, piece: _Piece) -> dict:
         choice = job.choices[i]
