@@ -283,18 +283,23 @@ class _Choice:
     tokens: list[Token] = field(default_factory=list)
     reported: int = 0
     prompt: PromptLogprobs | None = None
-    generated: int = 0
-    done: bool = False
     started: bool = False  # a chunk of it was sent
+
+    @property
+    def done(self) -> bool:
+        return self.detokenizer.finished
+
+    @property
+    def generated(self) -> int:
+        """Tokens the row has generated, end of text included, cut back to a stop string."""
+        return len(self.detokenizer.ids)
 
     def pieces(self, chunks) -> list[_Piece]:
         out = []
         for chunk in chunks:
             tokens = self.tokens[self.reported: self.reported + len(chunk.token_ids)]
             self.reported += len(chunk.token_ids)
-            self.generated = chunk.new_tokens
             out.append(_Piece(chunk.text, tokens, chunk.finish_reason))
-            self.done = self.done or chunk.finish_reason is not None
         return out
 
 
