@@ -66,15 +66,24 @@ def test_without_the_constraint_the_output_is_not_json(tiny):
         json.loads(text)
 
 
+def logits_after(tiny, text: str):
+    """Zero logits masked by a JSON_SCHEMA constraint that has accepted the tokens of `text`."""
+    import torch
+
+    model, tokenizer = tiny
+    constraint = factory(tiny, JSON_SCHEMA)()
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        constraint.accept(token)
+    logits = torch.zeros(model.config.vocab_size)
+    constraint.mask(logits)
+    return logits
+
+
 def test_complete_json_allows_only_end_of_text(tiny):
     import torch
 
     _, tokenizer = tiny
-    constraint = factory(tiny, JSON_SCHEMA)()
-    for token in tokenizer.encode('{"name": "Paris", "count": 3, "ok": true}', add_special_tokens=False):
-        constraint.accept(token)
-    logits = torch.zeros(tiny[0].config.vocab_size)
-    constraint.mask(logits)
+    logits = logits_after(tiny, '{"name": "Paris", "count": 3, "ok": true}')
     assert torch.isfinite(logits).nonzero().flatten().tolist() == [tokenizer.eos_token_id]
 
 
@@ -82,11 +91,7 @@ def test_special_and_control_tokens_never_come_inside_a_string(tiny):
     import torch
 
     _, tokenizer = tiny
-    constraint = factory(tiny, JSON_SCHEMA)()
-    for token in tokenizer.encode('{"name": "', add_special_tokens=False):
-        constraint.accept(token)
-    logits = torch.zeros(tiny[0].config.vocab_size)
-    constraint.mask(logits)
+    logits = logits_after(tiny, '{"name": "')
     assert torch.isinf(logits[tokenizer.convert_tokens_to_ids(["<|pad|>", "<|endoftext|>"])]).all()
     assert torch.isinf(logits[tokenizer.convert_tokens_to_ids("ğ")])  # byte 0x1f: JSON strings escape it
     assert torch.isfinite(logits[tokenizer.convert_tokens_to_ids("a")])
