@@ -269,6 +269,40 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat_model, tiny_instruct_p
     assert len(partial) < len(longer.text) and longer.text.startswith(partial)
 
 
+class _Chunk:
+    """A reply chunk; reading its text can send SIGINT, as a Ctrl-C landing after the session yielded
+    the chunk and before the REPL wrote it."""
+
+    def __init__(self, text, interrupt=False):
+        self._text, self.interrupt, self.finish_reason = text, interrupt, None
+
+    @property
+    def text(self):
+        if self.interrupt:
+            signal.raise_signal(signal.SIGINT)
+        return self._text
+
+
+def test_ctrl_c_after_a_chunk_is_yielded_still_shows_it_and_stops(capsys):
+    from olmo2kit.cli.chat import _stream_reply
+
+    yielded, closed = [], []
+
+    def stream():
+        try:
+            for chunk in (_Chunk("Once "), _Chunk("upon ", interrupt=True), _Chunk("a time")):
+                yielded.append(chunk._text)
+                yield chunk
+        finally:
+            closed.append(True)
+
+    _stream_reply(stream())
+    out, err = capsys.readouterr()
+    assert out == "".join(yielded) + "\n" == "Once upon \n"  # what the session keeps is what was shown
+    assert closed and "[stopped]" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_chat_refuses_a_reply_longer_than_the_context(cli, tiny_instruct_path):
     code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "100000", stdin="Hi\n")
     assert code == 2 and out == ""

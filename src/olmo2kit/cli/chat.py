@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -157,12 +158,28 @@ def _read_line(interactive: bool) -> str | None:
 
 def _stream_reply(stream) -> None:
     """Stream a reply (`session.send` or `session.retry`) to stdout. Ctrl-C stops it; the conversation
-    keeps what was shown."""
+    keeps what was shown.
+
+    The session keeps every chunk it yielded, so Ctrl-C is acted on between chunks, once the last one is
+    on the screen: an interrupt that landed between the yield and the write would otherwise keep text that
+    was never shown. A second Ctrl-C stops at once (a reply that yields nothing for a long time).
+    """
     last = None
+    stopping = False
+
+    def on_sigint(signum, frame):
+        nonlocal stopping
+        if stopping:
+            raise KeyboardInterrupt
+        stopping = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         for last in stream:
             sys.stdout.write(last.text)
             sys.stdout.flush()
+            if stopping:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         stream.close()
         if last is not None:
@@ -175,6 +192,8 @@ def _stream_reply(stream) -> None:
             sys.stdout.write("\n")
             sys.stdout.flush()
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if last is not None and last.finish_reason == "length":
