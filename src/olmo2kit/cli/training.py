@@ -105,6 +105,11 @@ def finetune_command(
         typer.Option("--merge/--no-merge", help="LoRA: also save the merged model (adapter in DIR/adapter)."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the data order and the LoRA init.")] = None,
+    fsdp: Annotated[
+        bool | None,
+        typer.Option("--fsdp/--no-fsdp", help="Shard the model over CPU processes with torch's FSDP2 (gloo); "
+                                              "on GPUs use configs/accelerate/fsdp.yaml."),
+    ] = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -135,6 +140,9 @@ def finetune_command(
       torchrun --nproc_per_node 8 $(which olmo2kit) finetune \\
         --config configs/finetune/olmo2-1b-sft.yaml --data data/sft -o out/1b
 
+      torchrun --nproc_per_node 2 $(which olmo2kit) finetune --fsdp \\
+        --model ./tiny --data data/tiny -o out/tiny-fsdp --device cpu
+
       olmo2kit generate "Hello" --model out/1b-sft
     """
     from olmo2kit.compat import quiet_transformers
@@ -144,7 +152,8 @@ def finetune_command(
         data=data, output=output, model=model, revision=revision, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
         quantize=quantize, epochs=epochs, max_steps=max_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
         batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-        save_every=save_every, val_fraction=val_fraction, eval_every=eval_every, merge=merge, seed=seed, device=device,
+        save_every=save_every, val_fraction=val_fraction, eval_every=eval_every, merge=merge, seed=seed, fsdp=fsdp,
+        device=device,
     )
     values = load_config(config) if config else {}
     values.update({key: value for key, value in given.items() if value is not None})

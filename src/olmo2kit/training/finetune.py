@@ -3,7 +3,8 @@
 The loop is plain torch, readable top to bottom. accelerate's Accelerator only sets up the
 processes (so `accelerate launch` and `torchrun` run the same command), wraps the model for
 DDP or FSDP and turns on bf16 autocast; checkpoints go through torch.distributed.checkpoint's
-state-dict API, which reads plain, DDP and FSDP models alike.
+state-dict API, which reads plain, DDP and FSDP models alike. accelerate runs FSDP on GPUs only,
+so on CPU processes `fsdp` shards the model with torch's own FSDP2 (`fully_shard`, over gloo).
 
 One optimizer step trains on one global batch: batch_size rows per process, times grad_accum,
 times the processes. Its loss is the mean over the labelled tokens of the whole global batch,
@@ -94,6 +95,7 @@ class FinetuneConfig:
     val_fraction: float = 0.0  # share of the rows held out for validation, never trained on
     eval_every: int | None = None  # steps between evaluations of the validation split (always at the end)
     seed: int = 0
+    fsdp: bool = False  # CPU processes: shard with torch's FSDP2 (on GPUs, configs/accelerate/fsdp.yaml does)
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
 
     def __post_init__(self) -> None:
@@ -133,6 +135,8 @@ class FinetuneConfig:
             raise Olmo2KitError(f"unknown quantization {self.quantize!r}: use nf4 (QLoRA), fp4 or int8")
         if self.merge and not self.lora:
             raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
+        if self.fsdp and self.quantize:
+            raise Olmo2KitError("--fsdp cannot shard quantized weights: drop --quantize, or --fsdp")
         check_device(self.device)
         check_seed(self.seed)
 
@@ -315,10 +319,26 @@ def _start_processes(config: FinetuneConfig) -> tuple[Accelerator, bool]:
     from accelerate import Accelerator
 
     device = resolve_device(config.device)
+    _check_sharding(config, device)
     if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # one process on the GPU asked for; under torchrun each takes its own
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no"), bf16
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
+    if config.fsdp and accelerator.num_processes == 1:
+        raise Olmo2KitError("--fsdp shards the model over several processes: launch with "
+                            "`torchrun --nproc_per_node N $(which olmo2kit) finetune ...`, or drop --fsdp")
+    return accelerator, bf16
+
+
+def _check_sharding(config: FinetuneConfig, device: str) -> None:
+    """Refuse an FSDP request that would not shard: accelerate (1.15) runs FSDP on GPUs only, --fsdp on CPUs only."""
+    if config.fsdp and device != "cpu":
+        raise Olmo2KitError(f"--fsdp shards CPU processes; on {device}, drop it and launch with "
+                            "`accelerate launch --config_file configs/accelerate/fsdp.yaml`")
+    # accelerate launch sets this from an FSDP config; on CPUs accelerate then quietly wraps the model in DDP.
+    if device == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not config.fsdp:
+        raise Olmo2KitError("accelerate runs FSDP on GPUs only, so on CPUs this config would train unsharded (DDP): "
+                            "add --fsdp to shard the CPU processes with torch's FSDP2")
 
 
 @contextmanager
@@ -360,11 +380,31 @@ def _model_to_train(config: FinetuneConfig, run: _Run):
 
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
     model, tokenizer, ref = _load_model(config, run.accelerator, run.bf16, run.data)
+    if config.fsdp:
+        _shard(model, run)  # before the optimizer: sharding replaces the parameters
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer = run.accelerator.prepare(model, optimizer)
+    if config.fsdp:
+        optimizer = run.accelerator.prepare(optimizer)  # not the model: on CPUs accelerate would wrap it in DDP too
+    else:
+        model, optimizer = run.accelerator.prepare(model, optimizer)
     torch.manual_seed(config.seed + run.accelerator.process_index)  # dropout differs between processes
     return model, optimizer, tokenizer, ref
+
+
+def _shard(model, run: _Run) -> None:
+    """Shard `model` over the processes with torch's FSDP2, one decoder layer a unit, as configs/accelerate/fsdp.yaml
+    has accelerate do on GPUs: each process keeps its share of the weights, gradients and optimizer state."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
+
+    for module in model.modules():
+        if isinstance(module, Olmo2DecoderLayer):
+            fully_shard(module)
+    fully_shard(model)  # the rest: embeddings, final norm, output layer
+    held = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    run.say(f"FSDP2 over {run.accelerator.num_processes} processes: the first holds {held:,} of the {total:,} weights")
 
 
 def _starting_point(run: _Run, model, optimizer, ref) -> tuple[int, int]:
@@ -499,6 +539,7 @@ def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndar
     mine = [k * world + rank for k in range(config.grad_accum)]  # micro-batches of this process
     loss_sum = torch.zeros((), device=accelerator.device)
     for n, k in enumerate(mine):
+        # A model sharded by --fsdp has no no_sync: its micro-batches reduce-scatter as they go, which sums the same.
         sync = nullcontext() if n == len(mine) - 1 else accelerator.no_sync(model)
         with sync:
             token_loss = _loss_sum(model, data, np.sort(micro[k]), seq_len, accelerator.device) / labelled

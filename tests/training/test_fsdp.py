@@ -1,0 +1,119 @@
+"""finetune --fsdp: torch's FSDP2 over two CPU processes (gloo) takes the steps one process takes on the same batch."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import OLMO2KIT
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.model.loading import load
+from olmo2kit.training.data import prepare_data
+from olmo2kit.training.finetune import FinetuneConfig, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
+
+# Four optimizer steps on a global batch of 4 rows: 1 row x 2 micro-batches x 2 processes when sharded,
+# 1 row x 4 micro-batches in one process. fp32 throughout (no bf16 on a CPU).
+STEPS = {"max_steps": 4, "lr": 1e-3, "batch_size": 1}
+# The two runs sum the same per-token losses and gradients in a different order (per process, then over
+# gloo), so they differ by fp32 rounding only: measured 1e-7 relative on the losses and 1e-7 on the
+# weights. 1e-5 leaves room for that and is far below what a wrongly reduced or scaled gradient does.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory, tiny_instruct_path) -> Path:
+    """Eight prepared chat rows of 64 tokens for the tiny instruct checkpoint."""
+    root = tmp_path_factory.mktemp("fsdp-data")
+    pairs = [("Say hello.", "Hello, world!"), ("Count to five.", "1 2 3 4 5"),
+             ("What is the capital of France?", "The capital of France is Paris."),
+             ("Write a short poem about the sea.", "The sea is wide, the sea is deep.")] * 2
+    (root / "chats.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in pairs))
+    prepare_data(root / "chats.jsonl", root / "data", model=str(tiny_instruct_path), seq_len=64)
+    return root / "data"
+
+
+def sharded_finetune(data: Path, output: Path, model: Path, *options: str) -> subprocess.CompletedProcess:
+    """`olmo2kit finetune --fsdp` on two CPU processes under torchrun, with STEPS and 2 micro-batches each."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    steps = [f"--{key.replace('_', '-')}={value}" for key, value in STEPS.items()]
+    completed = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(OLMO2KIT), "finetune", "--fsdp", "--model",
+         str(model), "--data", str(data), "--output", str(output), "--device", "cpu", *steps, "--grad-accum", "2",
+         "--save-every", "2", *options],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+@pytest.fixture(scope="module")
+def sharded(chat_data, tiny_instruct_path, tmp_path_factory) -> tuple[Path, str]:
+    """The output directory of a finished sharded run, and what it said on stderr."""
+    output = tmp_path_factory.mktemp("fsdp") / "out"
+    return output, sharded_finetune(chat_data, output, tiny_instruct_path).stderr
+
+
+def losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_sharded_steps_match_one_process(sharded, chat_data, tiny_instruct_path, tmp_path):
+    output, stderr = sharded
+    held, total = (int(n.replace(",", "")) for n in re.search(r"first holds ([\d,]+) of the ([\d,]+)", stderr).groups())
+    assert held < 0.6 * total  # sharded, not replicated: each process holds about half
+    single = tmp_path / "single"
+    finetune(FinetuneConfig(data=str(chat_data), output=str(single), model=str(tiny_instruct_path), device="cpu",
+                            grad_accum=4, **STEPS))
+    assert losses(output) == pytest.approx(losses(single), rel=TOLERANCE)
+    base, sharded_weights, single_weights = (load_file(p / "model.safetensors")
+                                             for p in (tiny_instruct_path, output, single))
+    assert sharded_weights.keys() == single_weights.keys()
+    for name, weight in sharded_weights.items():
+        torch.testing.assert_close(weight, single_weights[name], rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+    assert not torch.equal(sharded_weights["lm_head.weight"], base["lm_head.weight"])  # it trained
+    model, _ = load(str(output), device="cpu")
+    assert not model.training
+    # Checkpoints hold whole tensors, gathered from the shards.
+    checkpoint = load_file(output / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert {name: w.shape for name, w in checkpoint.items()} == {name: w.shape for name, w in base.items()}
+
+
+def test_sharded_resume_equals_the_uninterrupted_run(sharded, chat_data, tiny_instruct_path, tmp_path):
+    output, _ = sharded
+    cut = tmp_path / "cut"
+    shutil.copytree(output, cut)
+    for name in ("finetune.json", "model.safetensors"):  # as if killed after the checkpoint of step 2
+        (cut / name).unlink()
+    resumed = sharded_finetune(chat_data, cut, tiny_instruct_path, "--resume")
+    assert "resuming from" in resumed.stderr
+    assert losses(cut) == losses(output)
+    finished = load_file(output / "model.safetensors")
+    for name, weight in load_file(cut / "model.safetensors").items():
+        torch.testing.assert_close(weight, finished[name], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(chat_data, tiny_instruct_path, tmp_path, monkeypatch):
+    def config(**options) -> FinetuneConfig:
+        return FinetuneConfig(data=str(chat_data), output=str(tmp_path / "out"), model=str(tiny_instruct_path),
+                              device="cpu", **options)
+
+    with pytest.raises(Olmo2KitError, match="--fsdp cannot shard quantized weights"):
+        config(fsdp=True, lora=True, quantize="nf4")
+    with pytest.raises(Olmo2KitError, match="shards the model over several processes"):
+        finetune(config(fsdp=True))
+    # What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets: on CPUs accelerate would use DDP.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(Olmo2KitError, match="add --fsdp"):
+        finetune(config())
+    assert not (tmp_path / "out").exists()
