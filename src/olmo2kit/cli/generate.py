@@ -9,22 +9,29 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model, sampling_options
+from olmo2kit.cli.common import load_model, sampling_options, vllm_options
 from olmo2kit.cli.options import (
     CompileOpt,
+    DataParallelOpt,
     DeviceOpt,
     DraftOpt,
     DtypeOpt,
+    EnforceEagerOpt,
+    EngineOpt,
+    GpuMemoryOpt,
     GreedyOpt,
     JsonOpt,
+    MaxModelLenOpt,
     MaxNewTokensOpt,
     MinPOpt,
     ModelOpt,
+    PipelineParallelOpt,
     QuantizeOpt,
     RepetitionPenaltyOpt,
     RevisionOpt,
     SeedOpt,
     TemperatureOpt,
+    TensorParallelOpt,
     TopKOpt,
     TopPOpt,
 )
@@ -74,6 +81,13 @@ def generate(
     compile: CompileOpt = False,
     draft_model: DraftOpt = None,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Continue one or more prompts; text streams to stdout, timings go to stderr.
 
@@ -98,10 +112,14 @@ def generate(
       olmo2kit generate "Language modeling is " -m 7b --draft-model 1b --greedy
 
       olmo2kit generate "Language modeling is " --compile
+
+      olmo2kit generate --input prompts.jsonl --output results.jsonl -m 7b --engine vllm --batch-size 64
     """
     options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, stop or (), min_p=min_p,
                                repetition_penalty=repetition_penalty)
     chat = chat or system is not None
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
     check_acceleration(compile, draft_model, 1)
     if (input_path or output_path) and (compile or draft_model):
         raise Olmo2KitError("--compile and --draft-model apply to prompts given on the command line, not batch jobs")
@@ -117,7 +135,8 @@ def generate(
             raise Olmo2KitError("--json does not apply to a batch job: its --output is JSONL already")
         run_job_command(
             input_path, output_path, model=model, revision=revision, quantize=quantize, dtype=dtype, device=device,
-            batch_size=8 if batch_size is None else batch_size, strict=strict, chat=chat, system=system, **options,
+            batch_size=8 if batch_size is None else batch_size, strict=strict, chat=chat, system=system,
+            engine=engine, vllm=vllm, **options,
         )
         return
     if batch_size is not None or strict:
@@ -131,7 +150,9 @@ def generate(
         raise Olmo2KitError("empty prompt: give some text to continue")
     if as_json:
         check_acceleration(compile, draft_model, len(prompts))
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    unsupported = "--compile" if compile else "--draft-model" if draft_model else None
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm,
+                                   unsupported=unsupported)
     accelerate = {"compile": compile}
     if draft_model:
         accelerate["draft_model"] = load_model(draft_model, None, dtype, None, device)[0]
@@ -139,13 +160,15 @@ def generate(
     from olmo2kit.inference.generation import generate as run_generate
     from olmo2kit.inference.generation import stream_generate
     from olmo2kit.model.chat_template import user_messages
+    from olmo2kit.model.vllm import engine_info
 
     if as_json:
         given = {"messages": [user_messages(p, system) for p in prompts]} if chat else {"prompt": prompts}
         results = run_generate(loaded, tokenizer, **given, **accelerate, **options)
         for prompt, result in zip(prompts, results, strict=True):
             row = {"prompt": prompt, "text": result.text, "new_tokens": result.new_tokens,
-                   "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}
+                   "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2),
+                   **engine_info(loaded)}
             print(json.dumps(row, ensure_ascii=False), flush=True)
             report(result)
         return
@@ -163,7 +186,8 @@ def generate(
 
 def run_job_command(
     input_path: str, output_path: str, *, model: str, revision: str | None, quantize: str | None, dtype: str,
-    device: str, batch_size: int, strict: bool, chat: bool, system: str | None, **options,
+    device: str, batch_size: int, strict: bool, chat: bool, system: str | None, engine: str = "auto", vllm=None,
+    **options,
 ) -> None:
     """`generate --input FILE --output FILE`: load, run the job with a progress bar, say what was done."""
     from olmo2kit.files import output_lock
@@ -176,7 +200,7 @@ def run_job_command(
         model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
         if strict:  # a malformed line stops the job before the model loads
             read_job(input_path, chat=chat, system=system, strict=True, **options)
-        loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+        loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm)
 
         bar = ProgressBar()
         try:

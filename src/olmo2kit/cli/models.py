@@ -45,6 +45,9 @@ def tiny(
     path: Annotated[str, typer.Argument(help="Directory to write (a checkpoint already there is replaced).")],
     instruct: Annotated[bool, typer.Option("--instruct", help="Add the OLMo 2 chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    head_dim: Annotated[
+        int, typer.Option(help="Size of each of the 4 attention heads; --engine vllm on the CPU needs 32 or more.")
+    ] = 16,
 ) -> None:
     """Write a tiny random OLMo 2 checkpoint, for offline tries and tests.
 
@@ -53,6 +56,8 @@ def tiny(
       olmo2kit tiny ./tiny && olmo2kit generate "Hello" --model ./tiny
 
       olmo2kit tiny ./tiny-chat --instruct
+
+      olmo2kit tiny ./tiny-64 --head-dim 64   (for --engine vllm on the CPU)
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.inference.sampling import check_seed
@@ -60,7 +65,7 @@ def tiny(
 
     check_seed(seed, "--seed")  # every seed olmo2kit takes fits the one range that sampling checks
     quiet_transformers()
-    written = build_tiny(path, instruct=instruct, seed=seed)
+    written = build_tiny(path, instruct=instruct, seed=seed, head_dim=head_dim)
     print(written)
 
 

@@ -68,3 +68,33 @@ IncludePathOpt = Annotated[
     Path | None, typer.Option("--include-path", help="A directory of your own lm-eval task YAML files.")
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Requests per forward pass.")]
+
+# The engine, and how vLLM lays the model out (shared by every command that loads a model).
+_VLLM = "vLLM engine"
+EngineOpt = Annotated[
+    str,
+    typer.Option("--engine", help="auto (vLLM where it is installed and a CUDA GPU is visible, else transformers), "
+                                  "transformers or vllm."),
+]
+TensorParallelOpt = Annotated[
+    int, typer.Option("--tensor-parallel-size", help="GPUs each layer is split over.", rich_help_panel=_VLLM)
+]
+PipelineParallelOpt = Annotated[
+    int, typer.Option("--pipeline-parallel-size", help="GPUs the layers are split over.", rich_help_panel=_VLLM)
+]
+DataParallelOpt = Annotated[
+    int, typer.Option("--data-parallel-size", help="Whole copies of the model, each on its own GPUs.",
+                      rich_help_panel=_VLLM)
+]
+GpuMemoryOpt = Annotated[
+    float, typer.Option("--gpu-memory-utilization", help="Share of each GPU's memory vLLM may take.",
+                        rich_help_panel=_VLLM)
+]
+MaxModelLenOpt = Annotated[
+    int | None, typer.Option("--max-model-len", help="Tokens of prompt and reply together (default: the context).",
+                             rich_help_panel=_VLLM)
+]
+EnforceEagerOpt = Annotated[
+    bool, typer.Option("--enforce-eager", help="No torch.compile or CUDA graphs: starts sooner, runs slower.",
+                       rich_help_panel=_VLLM)
+]

@@ -16,6 +16,7 @@ its package stays optional), and is what `generate(..., engine=...)` and `stream
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from olmo2kit.devices import peak_memory_gb
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.sampling import SamplingOptions
 from olmo2kit.model.sizes import context_length
+from olmo2kit.model.vllm import VllmModel
 
 
 class Engine:
@@ -181,6 +183,90 @@ class CompiledEngine(Engine):
             yield chunk.tolist()
 
 
+class VllmEngine(Engine):
+    """vLLM's engine (`olmo2kit.model.vllm.VllmModel`): every row a request of its continuous batch, stepped
+    here so that tokens stream as they come and closing the iterator aborts what is left.
+
+    vLLM stops a row at end of text itself; a stop string is given to it too (its text kept in the output),
+    so that it stops early, and the detokenizer above cuts the text exactly as for transformers.
+    """
+
+    name = "vllm"
+
+    @property
+    def context_length(self) -> int | None:
+        return self.model.context_length
+
+    def peak_memory_gb(self) -> float | None:
+        return None  # the weights and the KV cache live in vLLM's own processes
+
+    def sampling_params(self, sampling: SamplingOptions, **extra):
+        """vLLM's SamplingParams for olmo2kit's options (greedy is temperature 0)."""
+        from vllm import SamplingParams
+
+        options = dict(max_tokens=sampling.max_new_tokens, seed=sampling.seed,
+                       repetition_penalty=float(sampling.repetition_penalty), **extra)
+        if sampling.do_sample:
+            options.update(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p,
+                           min_p=float(sampling.min_p))
+        else:
+            options.update(temperature=0.0)
+        if sampling.stop:
+            options.update(stop=list(sampling.stop), include_stop_str_in_output=True)
+        else:
+            options.update(detokenize=False)  # olmo2kit's detokenizer makes the text
+        return SamplingParams(**options)
+
+    def tokens(self, prompts, sampling, eos_ids, *, stream):
+        from vllm.sampling_params import RequestOutputKind
+
+        params = self.sampling_params(sampling, output_kind=RequestOutputKind.DELTA)
+        engine = self.model.llm.llm_engine
+        rows = {}
+        for row, ids in enumerate(prompts):
+            request = _request_id()  # outputs carry this id (vLLM adds a suffix for its own use)
+            engine.add_request(request, {"prompt_token_ids": list(ids)}, params)
+            rows[request] = row
+        unfinished = set(rows)
+        held = [[] for _ in prompts]
+        try:
+            while unfinished and engine.has_unfinished_requests():
+                step = [[] for _ in prompts]
+                for output in engine.step():
+                    if output.request_id not in rows:
+                        continue
+                    step[rows[output.request_id]] += output.outputs[0].token_ids
+                    if output.finished:
+                        unfinished.discard(output.request_id)
+                if stream:
+                    yield step
+                else:
+                    for row, ids in enumerate(step):
+                        held[row] += ids
+            if not stream:
+                yield held
+        finally:
+            if unfinished:
+                engine.abort_request(list(unfinished))
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
+        """The log-probability of each prompt token after those before it (the first has none: it is left
+        out), through vLLM's prompt logprobs: raw, before any sampling option."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.model.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [[entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+                for out, ids in zip(outputs, prompts, strict=True)]
+
+
+_requests_made = itertools.count()
+
+
+def _request_id() -> str:
+    return f"olmo2kit-{next(_requests_made)}"
+
+
 def end_of_text_ids(model, tokenizer) -> set[int]:
     """The token ids that end a row: the generation config's end of text and the tokenizer's."""
     eos = model.generation_config.eos_token_id
@@ -191,9 +277,15 @@ def end_of_text_ids(model, tokenizer) -> set[int]:
 
 
 def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cache=None) -> Engine:
-    """The engine for `generate`'s options: compiled, or transformers with a draft model or a cache
+    """The engine for a loaded model and `generate`'s options: vLLM's for a model vLLM loaded
+    (`olmo2kit.model.vllm`); else compiled, or transformers with a draft model or a cache
     (`check_acceleration` first says which options go together)."""
     check_acceleration(compile, draft_model, 1)
+    if isinstance(model, VllmModel):
+        if compile or draft_model is not None or cache is not None:
+            raise Olmo2KitError("vLLM compiles, batches and caches prefixes itself: it takes no compile, "
+                                "draft model or cache")
+        return VllmEngine(model, tokenizer)
     if compile and cache is not None:
         raise Olmo2KitError("the compiled path keeps its own static cache: pass no cache with compile=True")
     if compile:

@@ -12,7 +12,8 @@ seed, stop), and a
 as "temprature" would otherwise be ignored), so the line is reported and skipped, as is a line over
 1 MiB. An id is a string or an integer; a line without one gets its line number (from 1).
 
-Output, one JSON object a line, in input order: the id, the model and revision, the input line
+Output, one JSON object a line, in input order: the id, the model and revision, the engine and its
+version (`engine`, `engine_version`: a job resumed on the other engine says so line by line), the input line
 (less its id), the sampling options used, `request_sha256` (the hash of the request as sent: prompt
 or messages, and options), and the `Generation` fields (text, token_ids, prompt_tokens, new_tokens,
 finish_reason, tokens_per_s, elapsed_s, prompt_tps, peak_memory_gb; the speeds are those of the
@@ -41,6 +42,7 @@ from olmo2kit.files import JsonlStore, numbered_lines, output_lock
 from olmo2kit.inference.generation import Generation, generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, user_messages
+from olmo2kit.model.vllm import engine_info
 
 log = logging.getLogger("olmo2kit")
 
@@ -181,8 +183,10 @@ def run_job(
             warn(f"line {item.line} of {input_path}: {error}; skipped")
             skipped.append((item.line, str(error)))
 
+        engine = engine_info(model)
+
         def record(item: JobItem, generation: Generation) -> dict:
-            return _record(item, generation, model_name, revision)
+            return _record(item, generation, model_name, revision, engine)
 
         summary.written = _append_results(model, tokenizer, pending, store, batch_size, record, fail, progress)
     return summary
@@ -386,13 +390,14 @@ def _label(model_name, revision) -> str:
     return f"{model_name}@{revision}" if revision else str(model_name)
 
 
-def _record(item: JobItem, generation: Generation, model_name: str, revision: str | None) -> dict:
+def _record(item: JobItem, generation: Generation, model_name: str, revision: str | None, engine: dict) -> dict:
     options = asdict(item.sampling)
     options["stop"] = list(options["stop"])
     return {
         "id": item.id,
         "model": model_name,
         "revision": revision,
+        **engine,
         "input": item.input,
         "options": options,
         "request_sha256": item.sha256,

