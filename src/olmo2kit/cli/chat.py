@@ -8,20 +8,27 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model, sampling_options
+from olmo2kit.cli.common import load_model, sampling_options, vllm_options
 from olmo2kit.cli.options import (
     CompileOpt,
+    DataParallelOpt,
     DeviceOpt,
     DtypeOpt,
+    EnforceEagerOpt,
+    EngineOpt,
+    GpuMemoryOpt,
     GreedyOpt,
+    MaxModelLenOpt,
     MaxNewTokensOpt,
     MinPOpt,
     ModelOpt,
+    PipelineParallelOpt,
     QuantizeOpt,
     RepetitionPenaltyOpt,
     RevisionOpt,
     SeedOpt,
     TemperatureOpt,
+    TensorParallelOpt,
     TopKOpt,
     TopPOpt,
 )
@@ -65,6 +72,13 @@ def chat(
     min_p: MinPOpt = DEFAULTS.min_p,
     repetition_penalty: RepetitionPenaltyOpt = DEFAULTS.repetition_penalty,
     compile: CompileOpt = False,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Chat with an instruct model: replies stream to stdout, the conversation is kept.
 
@@ -80,12 +94,17 @@ def chat(
       olmo2kit chat -m 7b-instruct -q nf4 --system "Answer in one sentence."
 
       printf 'Hi!\\n/save chat.json\\n' | olmo2kit chat --model ./tiny-chat --greedy
+
+      olmo2kit chat -m 13b-instruct --engine vllm --tensor-parallel-size 2
     """
     if sys.stdin is None:  # started with its standard input closed
         raise Olmo2KitError("the chat reads its messages from stdin, and there is none: run it on a terminal or pipe")
     options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, min_p=min_p,
                                repetition_penalty=repetition_penalty)
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm,
+                                   unsupported="--compile" if compile else None)
     from olmo2kit.inference.chat import ChatSession
     from olmo2kit.model.chat_template import chat_template
     from olmo2kit.model.loading import resolve_model

@@ -8,20 +8,27 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model
+from olmo2kit.cli.common import load_model, vllm_options
 from olmo2kit.cli.options import (
     BatchSizeOpt,
+    DataParallelOpt,
     DeviceOpt,
     DtypeOpt,
+    EnforceEagerOpt,
+    EngineOpt,
     FewshotOpt,
+    GpuMemoryOpt,
     IncludePathOpt,
     JsonOpt,
     LimitOpt,
     MaxLengthOpt,
+    MaxModelLenOpt,
     ModelOpt,
+    PipelineParallelOpt,
     QuantizeOpt,
     RevisionOpt,
     StrideOpt,
+    TensorParallelOpt,
 )
 from olmo2kit.cli.output import ProgressBar, dash, format_bytes, info, print_table
 
@@ -36,6 +43,13 @@ def perplexity_command(
     stride: StrideOpt = None,
     max_length: MaxLengthOpt = None,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Token-level perplexity and bits per byte of text files, with a sliding window.
 
@@ -49,18 +63,24 @@ def perplexity_command(
       olmo2kit perplexity a.txt b.txt --model 7b --quantize nf4 --json
 
       olmo2kit perplexity wiki.txt --model 1b@stage1-step140000-tokens294B --max-length 2048 --stride 512
+
+      olmo2kit perplexity wiki.txt --model 32b --engine vllm --tensor-parallel-size 4
     """
     from olmo2kit.evals.perplexity import check_window, combine_perplexities, perplexity, read_text
+    from olmo2kit.model.vllm import engine_info
 
     check_window(max_length, stride)
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
     texts = [read_text(f) for f in files]
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm)
     results = perplexity(loaded, tokenizer, texts, max_length=max_length, stride=stride)
     total = combine_perplexities(results)
     info(f"{total.tokens:,} tokens in {total.elapsed_s:.2f} s, {total.tokens_per_s:,.0f} tokens/s")
     if as_json:
         rows = [{"file": f, **r.to_dict()} for f, r in zip(files, results, strict=True)]
-        print(json.dumps({"model": loaded.name_or_path, "files": rows, "total": total.to_dict()}, indent=2))
+        print(json.dumps({"model": loaded.name_or_path, **engine_info(loaded), "files": rows,
+                          "total": total.to_dict()}, indent=2))
         return
     lines = [("file", "tokens", "bytes", "perplexity", "bits/byte")]
     named = list(zip(files, results, strict=True)) + ([("all", total)] if len(files) > 1 else [])
@@ -84,6 +104,13 @@ def eval_command(
         bool, typer.Option("--chat-template", help="Format prompts with the model's chat template (instruct models).")
     ] = False,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Benchmark tasks through EleutherAI's lm-evaluation-harness, on the model olmo2kit loads.
 
@@ -97,19 +124,25 @@ def eval_command(
       olmo2kit eval --model 1b-instruct --tasks gsm8k --chat-template --quantize nf4
 
       olmo2kit eval --tasks my_task --include-path ./my_tasks --json
+
+      olmo2kit eval --model 7b --tasks arc_easy,hellaswag --engine vllm   (lm-eval's own vLLM model class)
     """
     from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks, parse_tasks
+    from olmo2kit.model.vllm import engine_info
 
     names = parse_tasks(tasks)
     check_task_options(limit, num_fewshot, batch_size)
     check_tasks(names, include_path)
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device)
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, start=False)
     scores = evaluate_tasks(
         loaded, tokenizer, names, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
         batch_size=batch_size, chat_template=chat_template,
     )
     if as_json:
-        print(json.dumps({"model": loaded.name_or_path, "scores": [s.to_dict() for s in scores]}, indent=2))
+        print(json.dumps({"model": loaded.name_or_path, **engine_info(loaded), "scores": [s.to_dict() for s in scores]},
+                         indent=2))
         return
     lines = [("task", "metric", "value", "stderr", "samples")]
     for s in scores:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import read_stdin
+from olmo2kit.inference.engines import engine_for
 from olmo2kit.model.sizes import CONTEXT_LENGTH, context_length
 
 
@@ -93,37 +94,34 @@ def check_window(max_length: int | None, stride: int | None, context: int | None
 
 
 def _perplexity(model, tokenizer, text: str, max_length: int, stride: int) -> PerplexityResult:
-    import torch
-    import torch.nn.functional as F
-
     start = time.perf_counter()
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     # verbose=False: a text longer than the context is the point here, not something to warn about.
-    encoded = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    ids = torch.tensor([[prefix, *encoded]], device=model.device)
-    length = ids.shape[1]
-    nll = torch.zeros((), dtype=torch.float64, device=model.device)
-    windows = 0
-    scored_to = 1  # position 0 is the prefix, which is context only
-    with torch.inference_mode():
-        for begin in range(0, length, stride):
-            end = min(begin + max_length, length)
-            new = end - scored_to
-            # Only the logits that predict new tokens: the rest of the window is context.
-            logits = model(input_ids=ids[:, begin:end], use_cache=False, logits_to_keep=new + 1).logits
-            nll += F.cross_entropy(logits[0, :-1].float(), ids[0, scored_to:end], reduction="sum")
-            windows += 1
-            scored_to = end
-            if end == length:
-                break
-    total = nll.item()
-    tokens = length - 1
+    ids = [prefix, *tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
+    windows = _windows(len(ids), max_length, stride)
+    nlls = engine_for(model, tokenizer).scored_nll([(ids[begin:end], context) for begin, end, context in windows])
+    total = math.fsum(nlls)
+    tokens = len(ids) - 1
     elapsed = time.perf_counter() - start
     n_bytes = len(text.encode("utf-8"))
     return PerplexityResult(
         perplexity=math.exp(total / tokens), bits_per_byte=total / math.log(2) / n_bytes, nll=total,
-        tokens=tokens, bytes=n_bytes, windows=windows, elapsed_s=elapsed, tokens_per_s=tokens / elapsed,
+        tokens=tokens, bytes=n_bytes, windows=len(windows), elapsed_s=elapsed, tokens_per_s=tokens / elapsed,
     )
+
+
+def _windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, context) of each window over `length` tokens: it reads tokens begin to end and scores the
+    last end - begin - context of them, those the window before did not (position 0, the prefix, is context)."""
+    windows = []
+    scored_to = 1
+    for begin in range(0, length, stride):
+        end = min(begin + max_length, length)
+        windows.append((begin, end, scored_to - begin))
+        scored_to = end
+        if end == length:
+            break
+    return windows
 
 
 def combine_perplexities(results: Sequence[PerplexityResult]) -> PerplexityResult:

@@ -1,6 +1,8 @@
 """Benchmark tasks through EleutherAI's lm-evaluation-harness (`pip install 'olmo2kit[eval]'`).
 
-The model olmo2kit loaded, quantized or not, is handed to lm-eval's HFLM as it is.
+The model olmo2kit loaded, quantized or not, is handed to lm-eval's HFLM as it is; a model loaded for vLLM
+(`olmo2kit.model.vllm`) is handed, as its directory and engine arguments, to lm-eval's own vLLM class, which
+starts vLLM itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from olmo2kit.compat import drop_messages, offline_mode
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.model.vllm import VllmModel, prepare_vllm
 
 
 @dataclass
@@ -58,10 +61,9 @@ def evaluate_tasks(
         )
     task_manager = check_tasks(names, include_path)
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _harness_model(model, tokenizer, batch_size)
     try:
         output = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=task_manager, limit=limit, num_fewshot=num_fewshot,
@@ -81,6 +83,22 @@ def evaluate_tasks(
             f"{asked} is more examples than {', '.join(names)} has to draw them from: give a smaller --num-fewshot"
         ) from None
     return _scores(output)
+
+
+def _harness_model(model, tokenizer, batch_size: int):
+    """lm-eval's model class over `model`: HFLM for a transformers model, VLLM for a vLLM one."""
+    if not isinstance(model, VllmModel):
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    prepare_vllm(model.device)  # before lm-eval's module asks for vLLM's version
+    from lm_eval.models.vllm_causallms import VLLM
+
+    args = model.llm_args()
+    try:
+        return VLLM(pretrained=args.pop("model"), batch_size=batch_size, **args)
+    except (ValueError, RuntimeError, NotImplementedError, ModuleNotFoundError) as e:
+        raise Olmo2KitError(f"lm-eval's vLLM model cannot run {model.name_or_path}: {e}") from None
 
 
 def check_task_options(limit: int | None, num_fewshot: int | None, batch_size: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_atomic
+from olmo2kit.inference.engines import keeps_caller_cache
 from olmo2kit.inference.generation import Generation, check_prompt_size, join_chunks, stream_generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, encode_chat
@@ -90,7 +91,7 @@ class ChatSession:
         self.turns: list[dict] = []
         self.options: dict = {}
         self.set_options(**options)
-        self.reuse_cache = reuse_cache and not compile
+        self.reuse_cache = reuse_cache and not compile and keeps_caller_cache(model)
         self.reused_tokens = 0
         self._cache = None
         self._cache_ids: list[int] = []  # the tokens whose keys and values self._cache holds

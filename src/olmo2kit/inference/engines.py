@@ -17,6 +17,7 @@ its package stays optional), and is what `generate(..., engine=...)` and `stream
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -54,6 +55,23 @@ class Engine:
         """Yield each row's new token ids. `stream=False` lets the engine hand them over in as few steps
         as it likes (all at the end, say); `stream=True` asks for them as soon as they are decided."""
         raise NotImplementedError
+
+    def scored_nll(self, windows: list[tuple[list[int], int]]) -> list[float]:
+        """For each `(ids, context)`, the negative log-likelihood (nats, summed) of ids[context:], each token
+        given all before it: the model's raw distribution, no sampling option applied. `context` >= 1."""
+        import torch
+        import torch.nn.functional as F
+
+        nlls = []
+        with torch.inference_mode():
+            for ids, context in windows:
+                window = torch.tensor([ids], device=self.model.device)
+                new = len(ids) - context
+                # Only the logits that predict new tokens: the rest of the window is context.
+                logits = self.model(input_ids=window, use_cache=False, logits_to_keep=new + 1).logits
+                nll = F.cross_entropy(logits[0, :-1].float(), window[0, context:], reduction="sum")
+                nlls.append(float(nll.double()))
+        return nlls
 
     def _padded(self, prompts: list[list[int]]) -> dict:
         """The prompts padded on the left, on the device of the model's first layer."""
@@ -249,15 +267,16 @@ class VllmEngine(Engine):
             if unfinished:
                 engine.abort_request(list(unfinished))
 
-    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
-        """The log-probability of each prompt token after those before it (the first has none: it is left
-        out), through vLLM's prompt logprobs: raw, before any sampling option."""
+    def scored_nll(self, windows):
+        """As `Engine.scored_nll`, through vLLM's prompt logprobs (raw), every window in one batch."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.model.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        return [[entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
-                for out, ids in zip(outputs, prompts, strict=True)]
+        outputs = self.model.llm.generate([{"prompt_token_ids": list(ids)} for ids, _ in windows], params,
+                                          use_tqdm=False)
+        return [-math.fsum(entry[token].logprob for entry, token in zip(out.prompt_logprobs[context:], ids[context:],
+                                                                           strict=True))
+                for out, (ids, context) in zip(outputs, windows, strict=True)]
 
 
 _requests_made = itertools.count()
@@ -291,6 +310,12 @@ def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cac
     if compile:
         return CompiledEngine(model, tokenizer)
     return TransformersEngine(model, tokenizer, draft_model=draft_model, cache=cache)
+
+
+def keeps_caller_cache(model) -> bool:
+    """Whether the engine of `model` takes a KV cache from the caller (a chat reusing its history's keys and
+    values): transformers does; vLLM keeps its own, and reuses shared prefixes by itself."""
+    return not isinstance(model, VllmModel)
 
 
 def check_acceleration(compile: bool, draft_model, batch: int) -> None:
