@@ -7,7 +7,21 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.options import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, RevisionOpt
+from olmo2kit.cli.common import pick_engine, vllm_options
+from olmo2kit.cli.options import (
+    DataParallelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EnforceEagerOpt,
+    EngineOpt,
+    GpuMemoryOpt,
+    JsonOpt,
+    MaxModelLenOpt,
+    PipelineParallelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    TensorParallelOpt,
+)
 from olmo2kit.cli.output import ProgressBar, format_bytes, info, print_table
 from olmo2kit.model.sizes import DEFAULT_MODEL
 
@@ -26,6 +40,13 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile", help="Static cache + compiled decode step.")] = False,
     repeat: Annotated[int, typer.Option(help="Timed runs after one warm-up; medians are reported.")] = 3,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Measure load time, time to first token, prefill and decode speed, peak memory, bandwidth floor.
 
@@ -36,30 +57,38 @@ def bench(
       olmo2kit bench --size 7b --random-init --compile --batch-size 16 --json
 
       olmo2kit bench --model ./tiny --new-tokens 64
+
+      olmo2kit bench --size 7b --random-init --engine vllm --batch-size 64
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.evals.bench import bench as run_bench
 
     quiet_transformers()
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
+    engine = pick_engine(engine, model or size or DEFAULT_MODEL, quantize, device, vllm,
+                         "--compile" if compile else None)
     if not random_init and size:
         model = model or size
     what = f"{size or model} with random weights" if random_init else model or DEFAULT_MODEL
     result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
                        batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
-                       repeat=repeat, revision=revision, progress=_progress(what))
+                       repeat=repeat, revision=revision, progress=_progress(what), engine=engine, vllm=vllm)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     rows = [("metric", "value")]
     rows += [
         ("model", f"{result.model} on {result.device}, {result.dtype}" + (f", {quantize}" if quantize else "")),
+        ("engine", f"{result.engine} {result.engine_version}"),
         ("setting", f"batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens"
                     + (", compiled" if compile else "") + f", median of {repeat}"),
         ("load", f"{result.load_s:.2f} s"),
         ("time to first token", f"{result.ttft_s * 1000:.1f} ms"),
         ("prefill", f"{result.prefill_tokens_per_s:,.0f} tokens/s"),
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
-        ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)", f"{result.peak_memory_gb:.2f} GB"),
+        ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)",
+         "- (in vLLM's engine)" if result.peak_memory_gb is None else f"{result.peak_memory_gb:.2f} GB"),
         ("weights in memory", format_bytes(result.weight_bytes)),
         ("bytes read per decode step",
          format_bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),

@@ -21,15 +21,10 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     `start` is False (lm-evaluation-harness starts its own).
     """
     from olmo2kit.compat import quiet_transformers
-    from olmo2kit.model.vllm import choose_engine
     from olmo2kit.model.vllm import load_model as load_on
 
     quiet_transformers()
-    chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
-                           say=info)
-    if vllm is not None and chosen != "vllm":
-        raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
-                            "and the engine is transformers: give --engine vllm")
+    chosen = pick_engine(engine, model, quantize, device, vllm, unsupported)
     start_time = time.perf_counter()
     loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
                                 device=device, vllm=vllm)
@@ -39,6 +34,18 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     on = f", {chosen}" if chosen != "transformers" else ""
     info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}{on}) in {time.perf_counter() - start_time:.1f} s")
     return loaded, tokenizer
+
+
+def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm, unsupported: str | None = None):
+    """The engine to run (what "auto" chose is said on stderr); vLLM options given for transformers are an error."""
+    from olmo2kit.model.vllm import choose_engine
+
+    chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
+                           say=info)
+    if vllm is not None and chosen != "vllm":
+        raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
+                            "and the engine is transformers: give --engine vllm")
+    return chosen
 
 
 def vllm_options(tensor_parallel_size: int, pipeline_parallel_size: int, data_parallel_size: int,

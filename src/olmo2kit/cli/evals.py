@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model, vllm_options
+from olmo2kit.cli.common import load_model, pick_engine, vllm_options
 from olmo2kit.cli.options import (
     BatchSizeOpt,
     DataParallelOpt,
@@ -201,6 +201,13 @@ def sweep_command(
     num_fewshot: FewshotOpt = None,
     include_path: IncludePathOpt = None,
     batch_size: BatchSizeOpt = 1,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Measure a metric across training checkpoints, in training order; resumable.
 
@@ -214,16 +221,22 @@ def sweep_command(
       olmo2kit sweep --model 7b --metric arc_easy:acc_norm --limit 500 --stage 2 --out arc.jsonl
 
       olmo2kit sweep --data wiki.txt --revisions stage1-step10000-tokens21B,stage1-step20000-tokens42B
+
+      olmo2kit sweep --model 7b --metric hellaswag --stage 1 --every 50 --out hs.jsonl --engine vllm
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.evals.sweep import Sweep
     from olmo2kit.model.revisions import parse_revision, training_order
 
     names = None if revisions is None else revisions.split(",")
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
+    engine = pick_engine(engine, model, quantize, device, vllm)
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
         max_length=max_length, limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size,
+        engine=engine, vllm=vllm,
     )
     already = len(sweep.revisions) - len(sweep.todo)
     info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from olmo2kit.devices import dtype_name, peak_memory_gb, resolve_device, resolve_dtype, sync
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.estimate import estimate
-from olmo2kit.model.loading import load
 from olmo2kit.model.sizes import (
     DEFAULT_MODEL,
     SIZES,
@@ -31,6 +30,7 @@ from olmo2kit.model.sizes import (
     weight_bytes,
 )
 from olmo2kit.model.tiny import TINY_ARCH, build_tokenizer
+from olmo2kit.model.vllm import VllmModel, VllmOptions, engine_info, load_model
 
 
 @dataclass
@@ -49,12 +49,14 @@ class BenchResult:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     ms_per_token: float
-    peak_memory_gb: float
+    peak_memory_gb: float | None  # None on vLLM: its memory is in its own processes
     weight_bytes: int
     bytes_per_step: int  # weights read per decode step (all but the input embeddings) plus the mean KV cache read
     bandwidth_gbps: float
     floor_tokens_per_s: float
     floor_fraction: float
+    engine: str = "transformers"
+    engine_version: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,8 +80,10 @@ def measure_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / min(times)
 
 
-def load_random(size: str, dtype: str, quantize: str | None, device: str):
-    """The exact architecture of `size` with random weights; quantized through a temporary checkpoint."""
+def load_random(size: str, dtype: str, quantize: str | None, device: str, engine: str = "transformers",
+                vllm: VllmOptions | None = None):
+    """The exact architecture of `size` with random weights; quantized, or on vLLM, through a temporary
+    checkpoint (vLLM reads it while it starts, so it is gone once the model is loaded)."""
     import torch
     from transformers import Olmo2ForCausalLM
 
@@ -91,7 +95,7 @@ def load_random(size: str, dtype: str, quantize: str | None, device: str):
                            pad_token_id=tokenizer.pad_token_id)
     else:
         config = hf_config(get_size(size))
-    if quantize is None:
+    if quantize is None and engine == "transformers":
         with torch.device(device):  # built in the target dtype: no fp32 copy to inflate peak memory
             model = Olmo2ForCausalLM._from_config(config, dtype=torch_dtype).eval()
         tokenizer.padding_side = "left"
@@ -100,7 +104,10 @@ def load_random(size: str, dtype: str, quantize: str | None, device: str):
         with torch.device(device):
             Olmo2ForCausalLM._from_config(config, dtype=torch_dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        return load(tmp, dtype=dtype, quantize=quantize, device=device)
+        loaded, tokenizer = load_model(tmp, engine=engine, dtype=dtype, quantize=quantize, device=device, vllm=vllm)
+        if engine == "vllm":
+            loaded.llm  # noqa: B018  (vLLM reads the weights now, while the directory is there)
+        return loaded, tokenizer
 
 
 # progress(stage, done, total): "load" (0 of 1, as loading starts), "runs" (done of the warm-up run and the
@@ -111,8 +118,11 @@ Progress = Callable[[str, int, int], None]
 def bench(model: str | None = None, *, size: str | None = None, random_init: bool = False, dtype: str = "auto",
           quantize: str | None = None, device: str = "auto", batch_size: int = 1, prompt_len: int = 32,
           new_tokens: int = 128, compile: bool = False, repeat: int = 3, revision: str | None = None,
-          progress: Progress | None = None) -> BenchResult:
+          progress: Progress | None = None, engine: str = "transformers",
+          vllm: VllmOptions | None = None) -> BenchResult:
     """Measure one configuration. Medians over `repeat` runs after one warm-up run.
+
+    `engine` "vllm" runs vLLM (`vllm` its layout), timed the same way through its own `generate`.
 
     `progress(stage, done, total)`, if given, hears of each stage as it starts and of each run as it
     ends (see `Progress`): on a CPU a 1B takes minutes.
@@ -132,34 +142,43 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     progress("load", 0, 1)
     start = time.perf_counter()
     if random_init:
-        loaded, tokenizer = load_random(name, dtype, quantize, device)
+        loaded, tokenizer = load_random(name, dtype, quantize, device, engine, vllm)
         label = f"{name} (random init)"
     else:
         label = name
-        loaded, tokenizer = load(label, revision=revision, dtype=dtype, quantize=quantize, device=device)
-    sync(loaded.device)
+        loaded, tokenizer = load_model(label, engine=engine, revision=revision, dtype=dtype, quantize=quantize,
+                                       device=device, vllm=vllm)
+    on_vllm = isinstance(loaded, VllmModel)
+    if on_vllm:
+        loaded.llm  # noqa: B018  (vLLM's start-up is part of the load)
+    else:
+        sync(loaded.device)
     load_s = time.perf_counter() - start
     check_context(prompt_len, new_tokens, context_length(loaded.config), prompt="--prompt-len", new="--new-tokens")
 
     ttft_s, decode_s = _median_runs(loaded, tokenizer, batch_size, prompt_len, new_tokens, compile, repeat, progress)
     decode_tps = batch_size * (new_tokens - 1) / decode_s
     arch = Size.from_config(label, loaded.config)
-    weights = loaded.get_memory_footprint()
-    if quantize in ("nf4", "fp4"):  # the footprint leaves out the fp32 block scales that decoding reads too
+    # the footprint leaves out the fp32 block scales that 4-bit decoding reads too; vLLM's weights are in its engine
+    if quantize in ("nf4", "fp4") or on_vllm:
         weights = weight_bytes(arch, dtype_name(loaded.dtype), quantize)
+    else:
+        weights = loaded.get_memory_footprint()
     step_bytes = bytes_per_step(arch, weights, loaded.dtype.itemsize, batch_size,
                                 prompt_len + new_tokens / 2)
     progress("bandwidth", 0, 1)
-    bandwidth = measure_bandwidth(loaded.device)
+    device_type = torch.device(loaded.device).type
+    bandwidth = measure_bandwidth(torch.device(loaded.device))
     floor = bandwidth / step_bytes
     return BenchResult(
-        model=label, device=torch.cuda.get_device_name() if loaded.device.type == "cuda" else "CPU",
+        model=label, device=torch.cuda.get_device_name() if device_type == "cuda" else "CPU",
         dtype=str(loaded.dtype).removeprefix("torch."), quantize=quantize, compile=compile, batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, load_s=load_s, ttft_s=ttft_s,
         prefill_tokens_per_s=batch_size * prompt_len / ttft_s, decode_tokens_per_s=decode_tps,
-        ms_per_token=1000 * decode_s / (new_tokens - 1), peak_memory_gb=peak_memory_gb(loaded.device),
+        ms_per_token=1000 * decode_s / (new_tokens - 1),
+        peak_memory_gb=None if on_vllm else peak_memory_gb(loaded.device),
         weight_bytes=weights, bytes_per_step=step_bytes, bandwidth_gbps=bandwidth / 1e9, floor_tokens_per_s=floor,
-        floor_fraction=(decode_tps / batch_size) / floor,
+        floor_fraction=(decode_tps / batch_size) / floor, **engine_info(loaded),
     )
 
 
@@ -170,12 +189,19 @@ def _median_runs(model, tokenizer, batch_size: int, prompt_len: int, new_tokens:
 
     vocab = min(model.config.vocab_size, len(tokenizer))
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(2, vocab, (batch_size, prompt_len), generator=generator).to(model.device)
+    input_ids = torch.randint(2, vocab, (batch_size, prompt_len), generator=generator)
+    if isinstance(model, VllmModel):
+        return _median_of(progress, repeat, lambda: _timed_vllm_run(model, input_ids.tolist(), new_tokens))
+    input_ids = input_ids.to(model.device)
     mask = torch.ones_like(input_ids)
+    return _median_of(progress, repeat, lambda: _timed_run(model, tokenizer, input_ids, mask, new_tokens, compile))
+
+
+def _median_of(progress: Progress, repeat: int, timed_run) -> tuple[float, float]:
     ttft, decode = [], []
     progress("runs", 0, repeat + 1)
     for run in range(repeat + 1):  # the first run warms up (and compiles)
-        first, rest = _timed_run(model, tokenizer, input_ids, mask, new_tokens, compile)
+        first, rest = timed_run()
         if run:
             ttft.append(first)
             decode.append(rest)
@@ -207,6 +233,22 @@ def _check_fit(model: str, dtype: str, quantize: str | None, device: str, contex
             f"but {need.device} has {need.device_bytes / 1e9:.1f} GB: try --quantize nf4, a smaller size or a GPU "
             f"(`olmo2kit estimate {model} --dtype {need.dtype}`)"
         )
+
+
+def _timed_vllm_run(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """As `_timed_run`, through vLLM's `LLM.generate` (every row decodes exactly `new_tokens`)."""
+    from vllm import SamplingParams
+
+    requests = [{"prompt_token_ids": ids} for ids in prompts]
+    timings = []
+    for count in (1, new_tokens):
+        params = SamplingParams(max_tokens=count, min_tokens=count, ignore_eos=True, temperature=0.0,
+                                detokenize=False)
+        start = time.perf_counter()
+        model.llm.generate(requests, params, use_tqdm=False)
+        timings.append(time.perf_counter() - start)
+    first, whole = timings
+    return first, max(whole - first, 1e-9)
 
 
 def _timed_run(model, tokenizer, input_ids, mask, new_tokens: int, compile: bool) -> tuple[float, float]:

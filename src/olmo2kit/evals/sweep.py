@@ -33,8 +33,9 @@ from olmo2kit.evals.perplexity import check_window, perplexity, read_text
 from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks
 from olmo2kit.files import JsonlStore, make_output_dir, output_lock, write_atomic
 from olmo2kit.model.hub_cache import delete_cached_revision
-from olmo2kit.model.loading import load, resolve_model
+from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.revisions import Revision, check_revision, check_stage, list_revisions, training_order
+from olmo2kit.model.vllm import VllmModel, VllmOptions, choose_engine, engine_info, load_model
 
 PERPLEXITY = "perplexity"
 
@@ -83,6 +84,8 @@ class Sweep:
         num_fewshot: int | None = None,
         include_path: str | os.PathLike | None = None,
         batch_size: int = 1,
+        engine: str = "transformers",
+        vllm: VllmOptions | None = None,
     ) -> None:
         ref = resolve_model(model)
         if ref.local or ref.revision:
@@ -97,7 +100,8 @@ class Sweep:
             if path is not None:
                 _check_writable(path, option)
         self.delete_after = delete_after
-        self.load_options = dict(dtype=dtype, quantize=quantize, device=device)
+        engine = choose_engine(engine, self.repo_id, quantize=quantize, device=device, options=vllm)
+        self.load_options = dict(engine=engine, vllm=vllm, dtype=dtype, quantize=quantize, device=device)
         self.metric = metric
         self.task, _, self.task_metric = metric.partition(":")
         self.text = self._check_metric(data, stride, max_length, limit, num_fewshot, include_path, batch_size)
@@ -198,9 +202,10 @@ class Sweep:
         start = time.perf_counter()
         for index, revision in enumerate(self.todo, 1):
             load_start = time.perf_counter()
-            model, tokenizer = load(self.repo_id, revision=revision.name, **self.load_options)
+            model, tokenizer = load_model(self.repo_id, revision=revision.name, **self.load_options)
             eval_start = time.perf_counter()
             value, details = self._measure(model, tokenizer)
+            engine = engine_info(model)
             row = {
                 "revision": revision.name,
                 **{key: value for key, value in revision.to_dict().items() if key != "name"},
@@ -209,10 +214,13 @@ class Sweep:
                 "value": value,
                 "details": details,
                 "setup": self.setup,
+                **engine,
                 "load_s": round(eval_start - load_start, 3),
                 "eval_s": round(time.perf_counter() - eval_start, 3),
                 "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
+            if isinstance(model, VllmModel):
+                model.close()  # its engine and memory go before the next revision loads
             del model, tokenizer
             _free_memory()
             store.append([row])
