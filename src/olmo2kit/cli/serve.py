@@ -8,8 +8,19 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model
-from olmo2kit.cli.options import DeviceOpt, DtypeOpt, QuantizeOpt
+from olmo2kit.cli.common import load_model, pick_engine, vllm_options
+from olmo2kit.cli.options import (
+    DataParallelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EnforceEagerOpt,
+    EngineOpt,
+    GpuMemoryOpt,
+    MaxModelLenOpt,
+    PipelineParallelOpt,
+    QuantizeOpt,
+    TensorParallelOpt,
+)
 from olmo2kit.cli.output import info
 from olmo2kit.errors import Olmo2KitError
 
@@ -43,6 +54,13 @@ def serve(
     preload: Annotated[
         bool, typer.Option("--preload/--no-preload", help="Load the named models before listening, or on first use.")
     ] = True,
+    engine: EngineOpt = "auto",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    pipeline_parallel_size: PipelineParallelOpt = 1,
+    data_parallel_size: DataParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = 0.9,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
 ) -> None:
     """Serve OLMo 2 over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models.
 
@@ -53,6 +71,8 @@ def serve(
         olmo2kit serve -m allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B -m 1b --port 8080
 
         OLMO2KIT_API_KEY=... olmo2kit serve -m 1b-instruct --host 0.0.0.0
+
+        olmo2kit serve -m 32b-instruct --engine vllm --tensor-parallel-size 4   (vLLM's own server, one model)
     """
     names = models or []
     if not names and not allow_load:
@@ -61,12 +81,23 @@ def serve(
                              (max_models if max_models is not None else 1, "--max-models", 1)):
         if value < low:
             raise Olmo2KitError(f"{name} must be at least {low}, got {value}")
+    vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
+                        max_model_len, enforce_eager, engine)
+    if engine != "transformers" and len(names) == 1 and not allow_load and \
+            pick_engine(engine, names[0], quantize, device, vllm) == "vllm":
+        _serve_with_vllm(names[0], host, port, dtype, device, vllm, max_batch_size, api_key)
+        return
+    if engine == "vllm":
+        raise Olmo2KitError("--engine vllm serves one model through vLLM's own server: give one --model, "
+                            "without --allow-load")
+    if vllm is not None:
+        raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need --engine vllm")
     sock = _bind(host, port)
     from olmo2kit.server.app import create_app
     from olmo2kit.server.run import run
 
     def load(name: str):
-        return load_model(name, None, dtype, quantize, device)
+        return load_model(name, None, dtype, quantize, device, engine="transformers")
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load)
@@ -77,6 +108,24 @@ def serve(
     print(f"serving {', '.join(names) or 'models loaded on first use'} at http://{shown}:{bound_port}/v1",
           flush=True)
     run(app, sock)
+
+
+def _serve_with_vllm(name: str, host: str, port: int, dtype: str, device: str, vllm, max_batch_size: int,
+                     api_key: str | None) -> None:
+    """Resolve, download and check the model, bind the port, then hand both to vLLM's API server."""
+    from olmo2kit.model.loading import resolve_model
+    from olmo2kit.server.vllm_server import serve_with_vllm
+
+    sock = _bind(host, port)
+    loaded, tokenizer = load_model(name, None, dtype, None, device, engine="vllm", vllm=vllm, start=False)
+    names = list(dict.fromkeys([name, str(resolve_model(name))]))  # as given, and as the repo@revision it is
+    bound_host, bound_port = sock.getsockname()[:2]
+    if not _loopback(host) and not api_key:
+        info(f"warning: listening on {host} without --api-key: anyone who reaches port {bound_port} can use it")
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"serving {', '.join(names)} at http://{shown}:{bound_port}/v1 (vLLM; ready when /health answers)",
+          flush=True)
+    serve_with_vllm(loaded, tokenizer, names, sock, max_num_seqs=max_batch_size, api_key=api_key)
 
 
 def _bind(host: str, port: int) -> socket.socket:
