@@ -18,6 +18,8 @@ _EXPORTS = {
     "weight_bytes": "olmo2kit.model.sizes",
     "load": "olmo2kit.model.loading",
     "resolve_model": "olmo2kit.model.loading",
+    "load_model": "olmo2kit.model.vllm",
+    "VllmOptions": "olmo2kit.model.vllm",
     "build_tiny": "olmo2kit.model.tiny",
     "Revision": "olmo2kit.model.revisions",
     "parse_revision": "olmo2kit.model.revisions",

@@ -22,7 +22,9 @@ def test_generate_json_one_object_per_prompt(cli, tiny_path):
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello", "The sea"]
     for row in rows:
-        assert set(row) == {"prompt", "text", "new_tokens", "finish_reason", "tokens_per_s"}
+        assert set(row) == {"prompt", "text", "new_tokens", "finish_reason", "tokens_per_s", "engine",
+                            "engine_version"}
+        assert row["engine"] == "transformers"
         assert row["new_tokens"] == 5 and row["finish_reason"] == "length"
 
 

@@ -69,7 +69,8 @@ def test_bench_cli(cli, tiny_path):
     assert set(result) == {"model", "device", "dtype", "quantize", "compile", "batch_size", "prompt_len",
                            "new_tokens", "repeat", "load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
                            "ms_per_token", "peak_memory_gb", "weight_bytes", "bytes_per_step", "bandwidth_gbps",
-                           "floor_tokens_per_s", "floor_fraction"}
+                           "floor_tokens_per_s", "floor_fraction", "engine", "engine_version"}
+    assert result["engine"] == "transformers"
     numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert len(numbers) == 15 and all(v > 0 for v in numbers.values())
     code, out, _ = cli("bench", "--model", str(tiny_path), "--new-tokens", "8", "--repeat", "1")
@@ -94,8 +95,9 @@ def test_bench_cli_shows_progress_on_stderr_and_keeps_stdout_clean(cli, tiny_pat
     assert code == 0 and json.loads(out)["repeat"] == 2
     lines = err.splitlines()
     assert lines[0] == f"loading {tiny_path}" and lines[-1] == "measuring memory bandwidth"
-    bars = [line.split("]")[1].split()[0] for line in lines[1:-1]]
-    assert bars == ["0/3", "1/3", "2/3", "3/3"] and "a warm-up run, then the timed runs" in lines[1]
+    assert lines[1] == "engine: transformers (no CUDA GPU is visible)"  # what --engine auto took
+    bars = [line.split("]")[1].split()[0] for line in lines[2:-1]]
+    assert bars == ["0/3", "1/3", "2/3", "3/3"] and "a warm-up run, then the timed runs" in lines[2]
     code, _, err = cli("bench", "--size", "tiny", "--random-init", "--device", "cpu", "--new-tokens", "2",
                        "--prompt-len", "2", "--repeat", "1")
     assert code == 0 and err.splitlines()[0] == "loading tiny with random weights"

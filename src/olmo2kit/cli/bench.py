@@ -66,14 +66,14 @@ def bench(
     quiet_transformers()
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    engine = pick_engine(engine, model or size or DEFAULT_MODEL, quantize, device, vllm,
-                         "--compile" if compile else None)
+    engine, note = pick_engine(engine, model or size or DEFAULT_MODEL, quantize, device, vllm,
+                               "--compile" if compile else None)
     if not random_init and size:
         model = model or size
     what = f"{size or model} with random weights" if random_init else model or DEFAULT_MODEL
     result = run_bench(model, size=size, random_init=random_init, dtype=dtype, quantize=quantize, device=device,
                        batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
-                       repeat=repeat, revision=revision, progress=_progress(what), engine=engine, vllm=vllm)
+                       repeat=repeat, revision=revision, progress=_progress(what, note), engine=engine, vllm=vllm)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -99,14 +99,17 @@ def bench(
     print_table(rows)
 
 
-def _progress(what: str):
-    """bench's progress on stderr: a line as loading starts, a bar over the runs, a line for the bandwidth."""
+def _progress(what: str, note: str | None = None):
+    """bench's progress on stderr: a line as loading starts (and the engine `note`), a bar over the runs, a line
+    for the bandwidth."""
     bar = None
 
     def show(stage: str, done: int, total: int) -> None:
         nonlocal bar
         if stage == "load":
             info(f"loading {what}")
+            if note:
+                info(note)
         elif stage == "runs":
             bar = bar or ProgressBar("runs", interval=0, first=0)
             bar.update(done, total, "a warm-up run, then the timed runs" if done == 0 else "")

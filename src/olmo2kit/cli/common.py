@@ -16,7 +16,8 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
                engine: str = "transformers", vllm=None, unsupported: str | None = None, start: bool = True):
     """Load through the library on the engine asked for, with the load time on stderr and transformers' bars off.
 
-    `engine` "auto" says on stderr which engine it took and why. `vllm` is the `VllmOptions`; `unsupported`
+    `engine` "auto" says on stderr which engine it took and why, once the model has loaded (an error about the
+    input before that stays one line). `vllm` is the `VllmOptions`; `unsupported`
     names an option of the command that vLLM does not take. A vLLM model starts its engine here unless
     `start` is False (lm-evaluation-harness starts its own).
     """
@@ -24,7 +25,7 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     from olmo2kit.model.vllm import load_model as load_on
 
     quiet_transformers()
-    chosen = pick_engine(engine, model, quantize, device, vllm, unsupported)
+    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported)
     start_time = time.perf_counter()
     loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
                                 device=device, vllm=vllm)
@@ -33,19 +34,24 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
     on = f", {chosen}" if chosen != "transformers" else ""
     info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}{on}) in {time.perf_counter() - start_time:.1f} s")
+    if note:
+        info(note)
     return loaded, tokenizer
 
 
-def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm, unsupported: str | None = None):
-    """The engine to run (what "auto" chose is said on stderr); vLLM options given for transformers are an error."""
+def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm,
+                unsupported: str | None = None) -> tuple[str, str | None]:
+    """The engine to run, and for "auto" the line that says which and why (None otherwise), for the caller to
+    say once the model has loaded; vLLM options given for transformers are an error."""
     from olmo2kit.model.vllm import choose_engine
 
+    said = []
     chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
-                           say=info)
+                           say=said.append)
     if vllm is not None and chosen != "vllm":
         raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
                             "and the engine is transformers: give --engine vllm")
-    return chosen
+    return chosen, (said[0] if said else None)
 
 
 def vllm_options(tensor_parallel_size: int, pipeline_parallel_size: int, data_parallel_size: int,

@@ -231,13 +231,15 @@ def sweep_command(
     names = None if revisions is None else revisions.split(",")
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    engine = pick_engine(engine, model, quantize, device, vllm)
+    engine, note = pick_engine(engine, model, quantize, device, vllm)
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
         max_length=max_length, limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size,
         engine=engine, vllm=vllm,
     )
+    if note:
+        info(note)
     already = len(sweep.revisions) - len(sweep.todo)
     info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")
     quiet_transformers()

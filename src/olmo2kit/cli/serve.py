@@ -83,9 +83,11 @@ def serve(
             raise Olmo2KitError(f"{name} must be at least {low}, got {value}")
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    if engine != "transformers" and len(names) == 1 and not allow_load and \
-            pick_engine(engine, names[0], quantize, device, vllm) == "vllm":
-        _serve_with_vllm(names[0], host, port, dtype, device, vllm, max_batch_size, api_key)
+    one = len(names) == 1 and not allow_load
+    chosen, note = pick_engine(engine, names[0], quantize, device, vllm) if engine != "transformers" and one \
+        else ("transformers", None)
+    if chosen == "vllm":
+        _serve_with_vllm(names[0], _bind(host, port), note, host, dtype, device, vllm, max_batch_size, api_key)
         return
     if engine == "vllm":
         raise Olmo2KitError("--engine vllm serves one model through vLLM's own server: give one --model, "
@@ -101,6 +103,8 @@ def serve(
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load)
+    if note:  # once the named models have loaded (an error about them stays one line)
+        info(note)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if not _loopback(host) and not api_key:
@@ -110,13 +114,14 @@ def serve(
     run(app, sock)
 
 
-def _serve_with_vllm(name: str, host: str, port: int, dtype: str, device: str, vllm, max_batch_size: int,
-                     api_key: str | None) -> None:
-    """Resolve, download and check the model, bind the port, then hand both to vLLM's API server."""
+def _serve_with_vllm(name: str, sock: socket.socket, note: str | None, host: str, dtype: str, device: str, vllm,
+                     max_batch_size: int, api_key: str | None) -> None:
+    """Resolve, download and check the model, then hand it and the bound socket to vLLM's API server."""
     from olmo2kit.model.loading import resolve_model
     from olmo2kit.server.vllm_server import serve_with_vllm
 
-    sock = _bind(host, port)
+    if note:
+        info(note)
     loaded, tokenizer = load_model(name, None, dtype, None, device, engine="vllm", vllm=vllm, start=False)
     names = list(dict.fromkeys([name, str(resolve_model(name))]))  # as given, and as the repo@revision it is
     bound_host, bound_port = sock.getsockname()[:2]

@@ -23,6 +23,7 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import ModelRef, load, load_tokenizer, resolve_model
 from olmo2kit.model.sizes import context_length
+from olmo2kit.model.tiny import VLLM_CPU_HEAD_DIMS
 
 log = logging.getLogger("olmo2kit")
 
@@ -247,6 +248,12 @@ def load_vllm(model: str, *, revision: str | None = None, dtype: str = "auto", d
     loaded = VllmModel(path, ref, dtype=torch_dtype, device=device, options=options)
     if loaded.config.model_type != "olmo2":
         raise Olmo2KitError(f"{ref} is a {loaded.config.model_type} checkpoint, not OLMo 2")
+    config = loaded.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if device == "cpu" and head_dim not in VLLM_CPU_HEAD_DIMS:
+        raise Olmo2KitError(f"vLLM's CPU attention runs head sizes {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}, and "
+                            f"{ref}'s is {head_dim}: use --engine transformers (`olmo2kit tiny --head-dim 64` "
+                            "makes a tiny checkpoint vLLM runs)")
     return loaded, tokenizer
 
 
