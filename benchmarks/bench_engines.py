@@ -10,6 +10,8 @@ Ways (greedy, the same prompts of 1 to 4 sentences, --new-tokens each):
   vllm job              olmo2kit's run_job on vLLM, --batch-size and then all prompts in flight at once
   vllm direct           vLLM's LLM.generate on all prompts (vLLM's scheduler batches them)
 Time to first token: one prompt of about 32 tokens, `stream_generate` until its first piece, median of --repeat.
+Perplexity (with --perplexity-tokens N): `olmo2kit.perplexity` over a text of N tokens in windows of
+--window (stride half of it) on each engine, one timed run after a warm-up; tokens scored per second.
 Throughput is generated tokens (as each way counts them, up to end of text) over wall seconds, one timed run
 after a warm-up on 4 prompts. transformers runs first: vLLM, run in this process, replaces transformers'
 OLMo 2 classes in place (olmo2kit's CPU default runs vLLM's engine in the calling process).
@@ -28,8 +30,10 @@ from pathlib import Path
 import torch
 
 from bench_batch import make_prompts
+from bench_perplexity import text_of
 from common import device_name
 from olmo2kit.evals.bench import load_random
+from olmo2kit.evals.perplexity import perplexity
 from olmo2kit.inference.generation import stream_generate
 from olmo2kit.inference.jobs import run_job
 from olmo2kit.model.vllm import VllmOptions, engine_info
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="Time-to-first-token runs.")
+    parser.add_argument("--perplexity-tokens", type=int, default=0, help="Also time perplexity (0: do not).")
+    parser.add_argument("--window", type=int, default=1024, help="Perplexity window, in tokens.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -83,6 +89,20 @@ def main() -> None:
         rows.append(dict(way=way, ttft_s=round(median, 3), prompt_tokens=prompt_tokens))
         print(f"{way:22s} time to first token ({prompt_tokens}-token prompt): {median * 1000:8.1f} ms", flush=True)
 
+    def scored(model, tokenizer, way: str) -> None:
+        if not args.perplexity_tokens:
+            return
+        text = text_of(tokenizer, args.perplexity_tokens)
+        window = dict(max_length=args.window, stride=args.window // 2)
+        perplexity(model, tokenizer, text[: len(text) // 8], **window)  # warm-up
+        start = time.perf_counter()
+        result = perplexity(model, tokenizer, text, **window)
+        seconds = time.perf_counter() - start
+        rows.append(dict(way=way, perplexity=result.perplexity, scored_tokens=result.tokens,
+                         seconds=round(seconds, 2), scored_tokens_per_s=round(result.tokens / seconds, 1)))
+        print(f"{way:22s} perplexity {result.perplexity:.6g} over {result.tokens} tokens in {seconds:.1f} s = "
+              f"{result.tokens / seconds:.1f} tokens/s", flush=True)
+
     versions = {}
     start = time.perf_counter()
     model, tokenizer = load_random(args.size, args.dtype, None, args.device)
@@ -92,17 +112,19 @@ def main() -> None:
     job(model, tokenizer, "transformers job", args.batch_size)
     direct_transformers(model, tokenizer, prompts, args.batch_size, args.new_tokens, record)
     ttft(model, tokenizer, "transformers")
+    scored(model, tokenizer, "transformers perplexity")
     del model
 
     start = time.perf_counter()
     model, tokenizer = load_random(args.size, args.dtype, None, args.device, engine="vllm",
-                                   vllm=VllmOptions(max_model_len=1024))
+                                   vllm=VllmOptions(max_model_len=max(1024, args.window)))
     print(f"vLLM: loaded and started in {time.perf_counter() - start:.1f} s", flush=True)
     versions["vllm"] = engine_info(model)["engine_version"]
     job(model, tokenizer, "vllm job", args.batch_size)
     job(model, tokenizer, "vllm job", len(prompts))
     direct_vllm(model, tokenizer, prompts, args.new_tokens, record)
     ttft(model, tokenizer, "vllm")
+    scored(model, tokenizer, "vllm perplexity")
     model.close()
 
     by = {(r["way"], r.get("batch_size")): r for r in rows}
@@ -113,6 +135,10 @@ def main() -> None:
             print(f"  {row['way']:22s} batch {row['batch_size']!s:>4}: {row['tokens_per_s'] / base:5.2f}x")
     ttfts = {r["way"]: r["ttft_s"] for r in rows if "ttft_s" in r}
     print(f"  time to first token, vllm / transformers: {ttfts['vllm'] / ttfts['transformers']:.2f}x")
+    scores = {r["way"]: r["scored_tokens_per_s"] for r in rows if "scored_tokens_per_s" in r}
+    if scores:
+        print(f"  perplexity tokens/s, vllm / transformers: "
+              f"{scores['vllm perplexity'] / scores['transformers perplexity']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(dict(size=args.size, dtype=args.dtype, device=device_name(args.device),
                                              threads=torch.get_num_threads(), new_tokens=args.new_tokens,

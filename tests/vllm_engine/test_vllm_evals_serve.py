@@ -101,16 +101,26 @@ def test_serve_on_vllm_answers_the_openai_client_as_transformers(tiny64_instruct
             time.sleep(0.5)
         client = OpenAI(base_url=server.url, api_key="unused")
         assert str(tiny64_instruct_path) in [m.id for m in client.models.list().data]
+        ids = {"extra_body": {"return_token_ids": True}}  # vLLM's server gives the generated token ids too
         completion = client.completions.create(model=str(tiny64_instruct_path), prompt=prompt, max_tokens=10,
-                                               temperature=0)
+                                               temperature=0, **ids)
         chat = client.chat.completions.create(model=str(tiny64_instruct_path), messages=messages, max_tokens=10,
-                                              temperature=0)
+                                              temperature=0, **ids)
     expected = generate(*tiny64_instruct, prompt, do_sample=False, max_new_tokens=10)
-    assert completion.choices[0].text == expected.text
+    assert completion.choices[0].token_ids == expected.token_ids
+    assert completion.choices[0].text == held_back(expected.text)
     assert completion.usage.completion_tokens == expected.new_tokens
     expected_chat = generate(*tiny64_instruct, messages=messages, do_sample=False, max_new_tokens=10)
-    assert chat.choices[0].message.content == expected_chat.text
+    assert chat.choices[0].token_ids == expected_chat.token_ids
+    assert chat.choices[0].message.content == held_back(expected_chat.text)
     assert chat.usage.prompt_tokens == expected_chat.prompt_tokens
+
+
+def held_back(text: str) -> str:
+    """`text` as vLLM's server writes it: its detokenizer holds back the bytes of an unfinished UTF-8 character
+    at the end of a reply, where olmo2kit (and `tokenizer.decode`) show them as U+FFFD. The random tiny models
+    end replies mid-character often; a trained model rarely does."""
+    return text.rstrip("\ufffd")
 
 
 def healthy(root: str) -> bool:

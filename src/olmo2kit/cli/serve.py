@@ -134,7 +134,8 @@ def _serve_with_vllm(name: str, sock: socket.socket, note: str | None, host: str
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before any model loads, so that a taken port fails at once."""
+    """The listening socket, bound before any model loads, so that a taken port fails at once; clients that
+    connect before the server is up wait in its queue."""
     if not 0 <= port <= 65535:
         raise Olmo2KitError(f"--port must be from 0 to 65535, got {port}")
     try:
@@ -142,6 +143,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # from here connections queue until the server accepts them, never refused
     except OSError as e:
         raise Olmo2KitError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") \
             from None

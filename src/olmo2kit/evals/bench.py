@@ -29,7 +29,7 @@ from olmo2kit.model.sizes import (
     hf_config,
     weight_bytes,
 )
-from olmo2kit.model.tiny import TINY_ARCH, build_tokenizer
+from olmo2kit.model.tiny import TINY_HEAD_DIM, build_tokenizer, tiny_config
 from olmo2kit.model.vllm import VllmModel, VllmOptions, engine_info, load_model
 
 
@@ -80,6 +80,9 @@ def measure_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / min(times)
 
 
+# The tiny architecture by name, for quick tries: its head size; tiny64's is one vLLM's CPU attention runs.
+TINY_SIZES = {"tiny": TINY_HEAD_DIM, "tiny64": 64}
+
 def load_random(size: str, dtype: str, quantize: str | None, device: str, engine: str = "transformers",
                 vllm: VllmOptions | None = None):
     """The exact architecture of `size` with random weights; quantized, or on vLLM, through a temporary
@@ -90,9 +93,8 @@ def load_random(size: str, dtype: str, quantize: str | None, device: str, engine
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     tokenizer = build_tokenizer()
-    if size == "tiny":  # the tiny test architecture, for quick runs of benchmark scripts
-        config = hf_config("1b", **TINY_ARCH, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+    if size in TINY_SIZES:  # the tiny test architecture, for quick runs of benchmark scripts
+        config = tiny_config(tokenizer, TINY_SIZES[size])
     else:
         config = hf_config(get_size(size))
     if quantize is None and engine == "transformers":
@@ -134,8 +136,9 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
     device = resolve_device(device)
     name = (size or model) if random_init else (model or size or DEFAULT_MODEL)
-    if random_init and name not in SIZES and name != "tiny":
-        raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries)")
+    if random_init and name not in SIZES and name not in TINY_SIZES:
+        raise Olmo2KitError(f"--random-init needs a size: {', '.join(SIZES)} (or tiny, for quick tries; tiny64 "
+                            "for vLLM on the CPU)")
     _check_fit(name, dtype, quantize, device, prompt_len + new_tokens, batch_size)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -137,15 +137,14 @@ def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0
     return path
 
 
-def _tiny_model(tokenizer, seed: int, head_dim: int):
-    import torch
-    from transformers import GenerationConfig, Olmo2ForCausalLM
-
+def tiny_config(tokenizer, head_dim: int = TINY_HEAD_DIM):
+    """The tiny architecture's transformers config, for `tokenizer` (from `build_tokenizer`), with heads of
+    `head_dim` (the width follows: 4 heads of it)."""
     from olmo2kit.model.sizes import hf_config
 
     heads = TINY_ARCH["num_attention_heads"]
     width = dict(hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim)
-    config = hf_config(
+    return hf_config(
         "1b",
         **{**TINY_ARCH, **width},
         vocab_size=len(tokenizer),
@@ -153,8 +152,14 @@ def _tiny_model(tokenizer, seed: int, head_dim: int):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+
+
+def _tiny_model(tokenizer, seed: int, head_dim: int):
+    import torch
+    from transformers import GenerationConfig, Olmo2ForCausalLM
+
     torch.manual_seed(seed)
-    model = Olmo2ForCausalLM(config).eval()
+    model = Olmo2ForCausalLM(tiny_config(tokenizer, head_dim)).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
