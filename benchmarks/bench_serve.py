@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py                                   # tiny checkpoint, fp32, CPU
     python benchmarks/bench_serve.py --arch 1b --dtype bf16 --clients 1,4,16 --requests 16 --max-tokens 16
+    python benchmarks/bench_serve.py --arch 1b --dtype bf16 --engine vllm ...   # `serve --engine vllm`
 
 The server runs as a subprocess (`olmo2kit serve --port 0 --max-batch-size <most clients>`) on loopback;
 the same checkpoint is loaded in this process for the baseline, with the same number of torch threads.
@@ -14,6 +15,8 @@ the completion_tokens the server reports, so a request that ends early at end of
 Reported per level: requests/s, generated tokens/s and its ratio to generate one at a time, p50 and p99 time
 to first token (send to the first streamed chunk), p50 latency, and how many answers have generate's text.
 Overhead: the 1-client mean latency over generate's for the same requests (the median over passes).
+With --engine vllm the server is vLLM's (its engine in a process of its own: "server CPU" counts only its API
+process), timed once /health answers; the baseline stays olmo2kit.generate on transformers.
 Targets (the serving issue): 16 clients at least 4x generate's tokens/s on the tiny checkpoint; overhead
 at most 1.05.
 """
@@ -104,21 +107,24 @@ def word_tokenizer(vocab_size: int, texts: list[str]):
 
 
 @contextmanager
-def serving(model: str, dtype: str, max_batch_size: int, threads: int | None) -> Iterator[tuple[str, int]]:
+def serving(model: str, dtype: str, max_batch_size: int, threads: int | None,
+            engine: str = "transformers") -> Iterator[tuple[str, int]]:
     """(URL, process id) of `olmo2kit serve` on a free loopback port, once it has printed its URL (the model is
-    loaded by then); stopped on the way out."""
+    loaded by then) and /health answers; stopped on the way out."""
     env = {**os.environ, "OLMO2KIT_API_KEY": ""}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     process = subprocess.Popen(
         [sys.executable, "-m", "olmo2kit", "serve", "--model", model, "--port", "0", "--dtype", dtype,
-         "--max-batch-size", str(max_batch_size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+         "--max-batch-size", str(max_batch_size), "--engine", engine],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     stderr: list[str] = []
     threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True).start()
     try:
         for line in process.stdout:
             if match := _URL.search(line):
+                wait_healthy(match.group(1).removesuffix("/v1"), process)
                 yield match.group(1), process.pid
                 return
         process.wait(10)
@@ -130,6 +136,19 @@ def serving(model: str, dtype: str, max_batch_size: int, threads: int | None) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def wait_healthy(root: str, process: subprocess.Popen, timeout: float = 900) -> None:
+    """Until GET /health answers 200 (at once for olmo2kit's server; vLLM's answers once its engine runs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx2.get(f"{root}/health", timeout=5).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become healthy")
 
 
 async def complete(client: httpx2.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
@@ -313,6 +332,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="Passes of the 1-client pairing; default 5, 1 with --arch.")
     parser.add_argument("--threads", type=int, help="torch CPU threads of both the server and the baseline "
                                                     "(default: torch's default, the same in both).")
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                        help="The server's engine (the baseline is transformers either way).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     levels = sorted({int(c) for c in args.clients.split(",")} | {1})
@@ -328,17 +349,18 @@ def main() -> None:
         path = Path(args.model) if args.model else build_checkpoint(args.arch, args.dtype, Path(work), prompts)
         model = str(path)
         load_before = os.getloadavg()
-        with serving(model, args.dtype, max(levels), args.threads) as (url, pid):
+        with serving(model, args.dtype, max(levels), args.threads, args.engine) as (url, pid):
             local = load(model, dtype=args.dtype, device="cpu")
             params = sum(p.numel() for p in local[0].parameters())
             what = (f"OLMo 2 {args.arch} architecture, random weights" if args.arch else f"checkpoint {path.name}"
                     if args.model else "tiny checkpoint") + f" ({params:,} params, {args.dtype})"
+            what += f", server on {args.engine}"
             print(f"{what}: serving at {url}", file=sys.stderr)
             result = asyncio.run(measure(args, url, pid, model, local, prompts, levels))
         result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     print_report(what, args, threads, result)
     if args.json:
-        args.json.write_text(json.dumps({"what": what, "device": "CPU", "threads": threads,
+        args.json.write_text(json.dumps({"what": what, "engine": args.engine, "device": "CPU", "threads": threads,
                                          "max_tokens": args.max_tokens, "repeat": args.repeat, **result}, indent=2))
 
 
