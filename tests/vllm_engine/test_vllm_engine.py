@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.evals.perplexity import perplexity
 from olmo2kit.inference.chat import ChatSession
 from olmo2kit.inference.engines import TransformersEngine, VllmEngine, engine_for
 from olmo2kit.inference.generation import generate, stream_generate
@@ -105,6 +106,18 @@ def test_scored_nll_matches_transformers_log_softmax(vllm_tiny64, tiny64):
     assert whole == pytest.approx(-sum(expected), abs=1e-3)
     assert tail == pytest.approx(-sum(expected[4:]), abs=1e-3)
     assert TransformersEngine(*tiny64).scored_nll([(ids, 5)]) == pytest.approx([tail], abs=1e-3)
+
+
+def test_perplexity_windows_default_to_what_vllm_scores(vllm_tiny64, tiny64):
+    """vLLM scores a window through a request that generates one token, so a window holds at most the context
+    less one: the default windows are those, and the context itself is refused in one line."""
+    text = " ".join(PROMPTS) * 80  # well past the 1,024-token context
+    on_vllm = perplexity(*vllm_tiny64, text)
+    on_transformers = perplexity(*tiny64, text, max_length=1023)
+    assert on_vllm.tokens > 2 * 1024 and on_vllm.windows == on_transformers.windows > 2
+    assert on_vllm.perplexity == pytest.approx(on_transformers.perplexity, rel=1e-4)
+    with pytest.raises(Olmo2KitError, match=r"at most 1023, the model's context \(1024\) less the token vllm "):
+        perplexity(*vllm_tiny64, text, max_length=1024)
 
 
 def test_seeded_sampling_on_vllm_is_repeatable(vllm_tiny64):

@@ -20,7 +20,7 @@ from pathlib import Path
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import read_stdin
 from olmo2kit.inference.engines import engine_for
-from olmo2kit.model.sizes import CONTEXT_LENGTH, context_length
+from olmo2kit.model.sizes import CONTEXT_LENGTH
 
 
 @dataclass
@@ -51,25 +51,29 @@ def perplexity(
     """Token-level perplexity and bits per byte of a text, or of each of a list of texts.
 
     `max_length` (tokens per window) defaults to the model's context (4096 tokens for a model that
-    gives none), `stride` to half of
-    `max_length`. Works on any dtype or quantization `olmo2kit.load` gives.
+    gives none; on vLLM one less, see `Engine.scoring_context`), `stride` to half of `max_length`. Works on
+    any dtype or quantization `olmo2kit.load` gives, on either engine.
 
     >>> perplexity(model, tokenizer, open("wiki.txt").read()).perplexity  # doctest: +SKIP
     """
-    context = context_length(model.config)
+    engine = engine_for(model, tokenizer)
+    context = engine.scoring_context
     if max_length is None and context is None:
         max_length = CONTEXT_LENGTH  # a model that gives no context: windows of OLMo 2's
-    max_length, stride = check_window(max_length, stride, context)
+    limit = "the model's context" if context == engine.context_length else \
+        f"the model's context ({engine.context_length}) less the token {engine.name} generates to score a window"
+    max_length, stride = check_window(max_length, stride, context, limit)
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     for i, text in enumerate(texts):
         if not text:
             raise Olmo2KitError(f"text {i + 1} is empty: there is nothing to score")
-    results = [_perplexity(model, tokenizer, text, max_length, stride) for text in texts]
+    results = [_perplexity(engine, text, max_length, stride) for text in texts]
     return results[0] if single else results
 
 
-def check_window(max_length: int | None, stride: int | None, context: int | None = None) -> tuple[int, int]:
+def check_window(max_length: int | None, stride: int | None, context: int | None = None,
+                 limit: str = "the model's context") -> tuple[int, int]:
     """(max_length, stride), the defaults filled in where the model's `context` is known.
 
     Olmo2KitError if either is out of range; without `context`, what can be checked is.
@@ -80,7 +84,7 @@ def check_window(max_length: int | None, stride: int | None, context: int | None
         if max_length < 2:
             raise Olmo2KitError(f"--max-length must be 2 or more, not {max_length}")
         if context is not None and max_length > context:
-            raise Olmo2KitError(f"--max-length must be at most the model's context ({context}), not {max_length}")
+            raise Olmo2KitError(f"--max-length must be at most {context}, {limit}, not {max_length}")
         if stride is None:
             stride = max_length // 2
     if stride is not None and stride < 1:
@@ -93,13 +97,14 @@ def check_window(max_length: int | None, stride: int | None, context: int | None
     return max_length, stride
 
 
-def _perplexity(model, tokenizer, text: str, max_length: int, stride: int) -> PerplexityResult:
+def _perplexity(engine, text: str, max_length: int, stride: int) -> PerplexityResult:
     start = time.perf_counter()
+    tokenizer = engine.tokenizer
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     # verbose=False: a text longer than the context is the point here, not something to warn about.
     ids = [prefix, *tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
     windows = _windows(len(ids), max_length, stride)
-    nlls = engine_for(model, tokenizer).scored_nll([(ids[begin:end], context) for begin, end, context in windows])
+    nlls = engine.scored_nll([(ids[begin:end], context) for begin, end, context in windows])
     total = math.fsum(nlls)
     tokens = len(ids) - 1
     elapsed = time.perf_counter() - start

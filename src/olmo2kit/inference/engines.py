@@ -44,6 +44,11 @@ class Engine:
         """Tokens the model can attend to (prompt and new tokens together); None if unknown."""
         return context_length(self.model.config)
 
+    @property
+    def scoring_context(self) -> int | None:
+        """Tokens one `scored_nll` window may hold; None if unknown."""
+        return self.context_length
+
     def eos_ids(self) -> set[int]:
         return end_of_text_ids(self.model, self.tokenizer)
 
@@ -214,6 +219,13 @@ class VllmEngine(Engine):
     @property
     def context_length(self) -> int | None:
         return self.model.context_length
+
+    @property
+    def scoring_context(self) -> int | None:
+        # vLLM reads prompt logprobs off a request that generates one token, and a request's prompt and new
+        # tokens together must fit max_model_len (vllm/v1/engine/input_processor.py, _validate_prompt_len).
+        context = self.context_length
+        return context - 1 if context else None
 
     def peak_memory_gb(self) -> float | None:
         return None  # the weights and the KV cache live in vLLM's own processes
