@@ -5,7 +5,7 @@ transformers and on vLLM, each beside the direct call to its own library.
     PYTHONPATH=src python benchmarks/bench_engines.py --size tiny --dtype fp32 --prompts 8   # a quick check
 
 Ways (greedy, the same prompts of 1 to 4 sentences, --new-tokens each):
-  transformers job      olmo2kit's run_job on transformers, --batch-size prompts per generate call
+  transformers job      olmo2kit's run_job on transformers, --batch-size and then all prompts per generate call
   transformers direct   tokenize a batch (left padding), model.generate, batch_decode: --batch-size at a time
   vllm job              olmo2kit's run_job on vLLM, --batch-size and then all prompts in flight at once
   vllm direct           vLLM's LLM.generate on all prompts (vLLM's scheduler batches them)
@@ -64,8 +64,10 @@ def main() -> None:
     rows: list[dict] = []
 
     def job(model, tokenizer, way: str, batch_size: int) -> None:
-        run_job(model, tokenizer, warm, work / f"{way}-warm.jsonl", batch_size=batch_size, **options)
-        out = work / f"{way}.jsonl"
+        name = f"{way}-{batch_size}".replace(" ", "-")  # a fresh output each time: a job resumes its file
+        run_job(model, tokenizer, warm, work / f"{name}-warm.jsonl", batch_size=batch_size, **options)
+        out = work / f"{name}.jsonl"
+        assert not out.exists()
         start = time.perf_counter()
         run_job(model, tokenizer, source, out, batch_size=batch_size, **options)
         seconds = time.perf_counter() - start
@@ -109,19 +111,22 @@ def main() -> None:
     print(f"transformers: loaded the {args.size} architecture (random weights, {args.dtype}) in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     versions["transformers"] = engine_info(model)["engine_version"]
-    job(model, tokenizer, "transformers job", args.batch_size)
+    sizes = dict.fromkeys([args.batch_size, len(prompts)])  # --batch-size, then all prompts at once
+    for size in sizes:
+        job(model, tokenizer, "transformers job", size)
     direct_transformers(model, tokenizer, prompts, args.batch_size, args.new_tokens, record)
     ttft(model, tokenizer, "transformers")
     scored(model, tokenizer, "transformers perplexity")
     del model
 
     start = time.perf_counter()
+    # a perplexity window on vLLM needs one token more than it holds (Engine.scoring_context)
     model, tokenizer = load_random(args.size, args.dtype, None, args.device, engine="vllm",
-                                   vllm=VllmOptions(max_model_len=max(1024, args.window)))
+                                   vllm=VllmOptions(max_model_len=max(1024, args.window + 1)))
     print(f"vLLM: loaded and started in {time.perf_counter() - start:.1f} s", flush=True)
     versions["vllm"] = engine_info(model)["engine_version"]
-    job(model, tokenizer, "vllm job", args.batch_size)
-    job(model, tokenizer, "vllm job", len(prompts))
+    for size in sizes:
+        job(model, tokenizer, "vllm job", size)
     direct_vllm(model, tokenizer, prompts, args.new_tokens, record)
     ttft(model, tokenizer, "vllm")
     scored(model, tokenizer, "vllm perplexity")
