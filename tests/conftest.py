@@ -36,7 +36,7 @@ def tiny(tiny_path):
     """(model, tokenizer) loaded through olmo2kit in fp32 on the CPU."""
     from olmo2kit.model.loading import load
 
-    return load(str(tiny_path), device="cpu")
+    return load(str(tiny_path), dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def tiny_instruct(tiny_instruct_path):
     """(model, tokenizer) of the tiny instruct checkpoint, loaded through olmo2kit in fp32 on the CPU."""
     from olmo2kit.model.loading import load
 
-    return load(str(tiny_instruct_path), device="cpu")
+    return load(str(tiny_instruct_path), dtype="fp32", device="cpu")
 
 
 @pytest.fixture

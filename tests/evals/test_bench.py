@@ -9,7 +9,7 @@ from olmo2kit.model.loading import load
 
 
 def test_bench_reports_consistent_figures(tiny_path, tiny):
-    result = bench(str(tiny_path), device="cpu", new_tokens=16, prompt_len=8, repeat=2)
+    result = bench(str(tiny_path), dtype="fp32", device="cpu", new_tokens=16, prompt_len=8, repeat=2)
     assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0 and result.ttft_s > 0
     assert result.ms_per_token == pytest.approx(1000 / result.decode_tokens_per_s)
     assert result.floor_tokens_per_s == pytest.approx(result.bandwidth_gbps * 1e9 / result.bytes_per_step, rel=1e-6)
@@ -31,7 +31,7 @@ def test_bench_needs_a_size_for_random_init():
 
 @pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
 def test_estimate_weights_match_loaded_tiny_footprint(tiny_path, quantize):
-    model, _ = load(str(tiny_path), device="cpu", quantize=quantize)
+    model, _ = load(str(tiny_path), dtype="fp32", device="cpu", quantize=quantize)
     weights = estimate(str(tiny_path), dtype="fp32", quantize=quantize).weights_bytes
     assert weights == pytest.approx(model.get_memory_footprint(), rel=0.10)
 

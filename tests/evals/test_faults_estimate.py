@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from olmo2kit import devices
 from olmo2kit.devices import DTYPES, device_memory
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.estimate import estimate
@@ -27,15 +28,17 @@ def test_the_default_dtype_is_what_load_picks_on_this_machine(tiny_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU answers")
-def test_without_a_gpu_auto_is_fp32_on_the_cpu(cli):
+@pytest.mark.parametrize(("native", "dtype"), [(False, "fp32"), (True, "bf16")])
+def test_without_a_gpu_auto_is_what_the_cpu_runs_best(cli, monkeypatch, native, dtype):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
     result = estimate("7b")
-    assert (result.dtype, result.device) == ("fp32", "CPU")
-    assert result.weights_bytes == weight_bytes("7b", "fp32")  # what generate loads there, not bf16's half of it
+    assert (result.dtype, result.device) == (dtype, "CPU")
+    assert result.weights_bytes == weight_bytes("7b", dtype)  # what generate loads there
     code, out, err = cli("estimate", "7b")
-    assert code == 0 and "weights (fp32)" in out
-    assert err.splitlines()[-1].startswith("7b in fp32 on CPU: ")
+    assert code == 0 and f"weights ({dtype})" in out
+    assert err.splitlines()[-1].startswith(f"7b in {dtype} on CPU: ")
     code, out, err = cli("estimate", "7b", "--dtype", "auto")  # refused by estimate alone before
-    assert code == 0 and "weights (fp32)" in out
+    assert code == 0 and f"weights ({dtype})" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason="needs a bf16 GPU")

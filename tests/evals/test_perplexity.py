@@ -106,7 +106,7 @@ def test_empty_text(tiny):
 @pytest.mark.parametrize("how, tolerance", [(dict(dtype="bf16"), 0.02), (dict(quantize="int8"), 0.05)])
 def test_other_dtypes_and_quantization_stay_close(tiny, tiny_path, how, tolerance):
     reference = perplexity(*tiny, LONG).perplexity
-    model, tokenizer = load(str(tiny_path), device="cpu", **how)
+    model, tokenizer = load(str(tiny_path), device="cpu", **{"dtype": "fp32", **how})
     assert perplexity(model, tokenizer, LONG).perplexity == pytest.approx(reference, rel=tolerance)
 
 
@@ -115,7 +115,8 @@ def test_cli_perplexity(cli, tiny, tiny_path, tmp_path):
     (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "b.txt").write_text(LONG, encoding="utf-8")
     files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
-    code, out, err = cli("perplexity", *files, "--model", str(tiny_path), "--device", "cpu", "--json")
+    code, out, err = cli("perplexity", *files, "--model", str(tiny_path), "--device", "cpu", "--dtype", "fp32",
+                         "--json")
     assert code == 0, err
     report = json.loads(out)
     expected = perplexity(model, tokenizer, [TEXT, LONG])
@@ -126,7 +127,7 @@ def test_cli_perplexity(cli, tiny, tiny_path, tmp_path):
     assert report["total"]["perplexity"] == pytest.approx(combine_perplexities(expected).perplexity, rel=1e-6)
     assert "tokens/s" in err
 
-    code, out, err = cli("perplexity", files[1], "--model", str(tiny_path), "--device", "cpu",
+    code, out, err = cli("perplexity", files[1], "--model", str(tiny_path), "--device", "cpu", "--dtype", "fp32",
                          "--max-length", "8", "--stride", "3")
     assert code == 0, err
     header, row = out.splitlines()

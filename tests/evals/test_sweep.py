@@ -49,7 +49,7 @@ def data(tmp_path) -> Path:
 
 
 def local_perplexity(checkpoints, revision: str) -> float:
-    model, tokenizer = load(str(checkpoints[BRANCHES[revision]]), device="cpu")
+    model, tokenizer = load(str(checkpoints[BRANCHES[revision]]), dtype="fp32", device="cpu")
     return perplexity(model, tokenizer, TEXT).perplexity
 
 
@@ -130,7 +130,7 @@ def test_task_metric_through_lm_eval(checkpoints, hub, hub_env, data, tmp_path, 
     steps = list(sweep.run())
     assert [s.row["revision"] for s in steps] == [ORDER[0], ORDER[3]]  # training order, whatever the order given
     for step in steps:
-        model, tokenizer = load(str(checkpoints[BRANCHES[step.row["revision"]]]), device="cpu")
+        model, tokenizer = load(str(checkpoints[BRANCHES[step.row["revision"]]]), dtype="fp32", device="cpu")
         scores = evaluate_tasks(model, tokenizer, "olmo2kit_tiny_mc", include_path=TASKS, limit=6)
         assert step.row["value"] == next(s.value for s in scores if s.metric == "acc_norm")
         assert {s["metric"] for s in step.row["details"]["scores"]} == {"acc", "acc_norm"}

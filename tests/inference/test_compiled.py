@@ -188,7 +188,7 @@ def test_decoder_is_rebuilt_when_the_weights_are_replaced(tiny_path):
 def test_quantized_model_decodes_through_transformers(tiny_path):
     from olmo2kit.model.loading import load
 
-    model, tokenizer = load(str(tiny_path), device="cpu", quantize="nf4")
+    model, tokenizer = load(str(tiny_path), dtype="fp32", device="cpu", quantize="nf4")
     enc = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)
     decoder = decoder_for(model, 1, 64, compile=False)
     assert not decoder.fused

@@ -226,7 +226,8 @@ def test_chat_undo_retry_load_and_a_full_context(cli, tiny_instruct, tiny_instru
         "/help", "Hi", "Tell me more.", "/undo", "/retry", f"/save {first}", f"/load {bad}", "/reset",
         f"/load {first}", "/undo", "/undo", "/retry", *(f"{i} {LONG}" for i in range(5)), f"/save {second}",
     ]) + "\n"
-    code, out, err = cli("chat", "--model", str(tiny_instruct_path), "--greedy", "-n", "8", stdin=script)
+    code, out, err = cli("chat", "--model", str(tiny_instruct_path), "--dtype", "fp32", "--greedy", "-n", "8",
+                         stdin=script)
     assert code == 0 and "Traceback" not in err
     assert all(command in err for command in ("/undo ", "/retry ", "/load FILE"))  # the help
     assert "dropped your last message and its reply" in err

@@ -52,7 +52,7 @@ def test_greedy_matches_raw_transformers_fp32(tiny, tiny_path):
 
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
 def test_greedy_matches_raw_transformers_quantized(tiny_path, quantize):
-    model, tokenizer = load(str(tiny_path), quantize=quantize, device="cpu")
+    model, tokenizer = load(str(tiny_path), quantize=quantize, dtype="fp32", device="cpu")
     config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "int8" else
               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
     raw_model = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=config, device_map="cpu",
@@ -115,7 +115,7 @@ def test_stop_string_ends_text(tiny):
 
 
 def test_end_of_text_token_finishes_with_stop(tiny_path):
-    model, tokenizer = load(str(tiny_path), device="cpu")
+    model, tokenizer = load(str(tiny_path), dtype="fp32", device="cpu")
     first = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=1).token_ids[0]
     model.generation_config.eos_token_id = first  # make the model's next token its end of text
     result = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=10)

@@ -51,7 +51,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tiny_path, tmp_path, cl
     message = (f"its config.json gives model_type '{model_type}', and olmo2kit runs OLMo 2 checkpoints "
                "(model_type 'olmo2') only")
     with raises(f"{path} is not an OLMo 2 checkpoint: {message}"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -59,7 +59,7 @@ def test_a_config_without_model_type_is_refused(tiny_path, tmp_path):
     path = copy(tiny_path, tmp_path)
     edit_json(path / "config.json", model_type=None)
     with raises(f"{path} is not an OLMo 2 checkpoint: its config.json gives no model_type"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
 
 
 def test_a_hub_checkpoint_of_another_architecture_is_refused_before_its_weights_download(
@@ -68,7 +68,7 @@ def test_a_hub_checkpoint_of_another_architecture_is_refused_before_its_weights_
     edit_json(path / "config.json", model_type="llama", architectures=["LlamaForCausalLM"])
     hub_server.add_repo("org/llama", {"main": path})
     with pytest.raises(Olmo2KitError, match="^org/llama is not an OLMo 2 checkpoint: .* model_type 'llama'"):
-        load("org/llama", device="cpu")
+        load("org/llama", dtype="fp32", device="cpu")
     fetched = [path.rsplit("/", 1)[-1] for _, path in hub.requests if path.startswith("/org/llama/resolve/")]
     assert set(fetched) == {"config.json"} and hub.count("/lfs/") == 0
 
@@ -82,7 +82,7 @@ def test_missing_weights_are_an_error_not_random_ones(tiny_path, tmp_path, cli):
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     message = f"the weights of {path} do not match its config.json: 1 missing (model.norm.weight); give the config.json"
     with raises(message):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, "1 missing (model.norm.weight)")
 
 
@@ -101,7 +101,7 @@ def test_a_config_whose_sizes_do_not_match_the_weights(tiny_path, tmp_path, cli,
     edit_json(path / "config.json", **changes)
     prefix = re.escape(f"the weights of {path} do not match its config.json: ")
     with pytest.raises(Olmo2KitError, match=f"^{prefix}{message}"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, "do not match its config.json")
 
 
@@ -117,7 +117,7 @@ def test_a_config_with_impossible_sizes(tiny_path, tmp_path, cli, changes, messa
     path = copy(tiny_path, tmp_path)
     edit_json(path / "config.json", **changes)
     with raises(f"the config of {path} {message}"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -133,7 +133,7 @@ def test_a_garbage_config(tiny_path, tmp_path, cli, content, message):
     path = copy(tiny_path, tmp_path)
     (path / "config.json").write_bytes(content)
     with raises(message, where="anywhere"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -142,7 +142,7 @@ def test_a_config_value_transformers_refuses(tiny_path, tmp_path, cli):
     edit_json(path / "config.json", rope_parameters=5)
     message = f"the config.json of {path} is not one transformers can read (Validation error for field 'rope_param"
     with raises(message):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -163,7 +163,7 @@ def test_a_damaged_weights_file_is_named(tiny_path, tmp_path, cli, damage):
     damage(path / "model.safetensors")
     message = f"{path / 'model.safetensors'} is truncated or not safetensors ("
     with pytest.raises(Olmo2KitError, match=r"\): copy the checkpoint again from where it came, or save it again$"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
     assert_one_line_error(cli, path, message, "bench", "--new-tokens", "4", "--repeat", "1")
     tasks = Path(__file__).parents[1] / "evals" / "lm_eval_tasks"
@@ -176,7 +176,7 @@ def test_damaged_cached_weights_of_a_hub_model_say_how_to_remove_them(tiny_path,
     hub_server.add_repo("org/torn", {"main": path})
     with pytest.raises(Olmo2KitError, match=r"^the cached weights of org/torn are truncated or not safetensors .*"
                                             r"`hf cache rm model/org/torn`"):
-        load("org/torn", device="cpu")
+        load("org/torn", dtype="fp32", device="cpu")
 
 
 # Tokenizer files
@@ -197,7 +197,7 @@ def test_a_garbage_tokenizer_file_is_named(tiny_path, tmp_path, cli, name, conte
     path = copy(tiny_path, tmp_path)
     (path / name).write_bytes(content)
     with raises(f"{path / message}"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     with raises(f"{path / message}"):
         load_tokenizer(str(path))
     assert_one_line_error(cli, path, message)
@@ -209,7 +209,7 @@ def test_missing_tokenizer_files(tiny_path, tmp_path, cli):
     (path / "tokenizer_config.json").unlink()
     message = f"cannot load the tokenizer of {path} (Couldn't instantiate the backend tokenizer"
     with raises(message):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -221,7 +221,7 @@ def adapter(tiny_path, tmp_path_factory) -> Path:
     """A LoRA adapter saved by peft on the tiny checkpoint, which it records by its absolute path."""
     from peft import LoraConfig, get_peft_model
 
-    base, _ = load(str(tiny_path), device="cpu")
+    base, _ = load(str(tiny_path), dtype="fp32", device="cpu")
     path = tmp_path_factory.mktemp("lora") / "adapter"
     get_peft_model(base, LoraConfig(r=4, target_modules=LORA_TARGETS)).save_pretrained(path)
     assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_path)
@@ -240,7 +240,7 @@ def test_a_garbage_adapter_config(adapter, tmp_path, cli, content, message):
     path = copy(adapter, tmp_path, "adapter")
     (path / "adapter_config.json").write_bytes(content)
     with raises(message, where="anywhere"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -257,7 +257,7 @@ def test_an_adapter_config_with_wrong_values(adapter, tmp_path, changes, message
     path = copy(adapter, tmp_path, "adapter")
     edit_json(path / "adapter_config.json", **changes)
     with raises(f"{path / 'adapter_config.json'} {message}"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
 
 
 @pytest.mark.parametrize("damage", [truncate, scribble, Path.unlink])
@@ -267,7 +267,7 @@ def test_a_damaged_or_missing_adapter_weights_file(adapter, tmp_path, cli, damag
     message = "holds no adapter_model.safetensors" if damage is Path.unlink else (
         f"{path / 'adapter_model.safetensors'} is truncated or not safetensors (")
     with pytest.raises(Olmo2KitError, match="copy the adapter again, or save it again$"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
     assert_one_line_error(cli, path, message)
 
 
@@ -282,7 +282,7 @@ def test_an_adapter_made_for_another_base(adapter, tmp_path, changes, message):
     path = copy(adapter, tmp_path, "adapter")
     edit_json(path / "adapter_config.json", **changes)
     with raises(f"the LoRA adapter {path} {message}"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
 
 
 @pytest.mark.parametrize("base", ["tiny", "./tiny", "out/tiny"])
@@ -296,7 +296,7 @@ def test_an_adapter_with_a_relative_base_is_refused_wherever_it_runs(adapter, ti
     monkeypatch.chdir(elsewhere)
     with raises(f"{path / 'adapter_config.json'} records its base model as the relative path '{base}', which "
                 "depends on the folder olmo2kit runs in: give the base's absolute path there"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
 
 
 def test_an_adapter_on_a_size_alias_or_a_hub_repo_is_not_a_relative_path(adapter, tmp_path, hub, hub_env):
@@ -304,9 +304,9 @@ def test_an_adapter_on_a_size_alias_or_a_hub_repo_is_not_a_relative_path(adapter
 
     path = copy(adapter, tmp_path, "adapter")
     edit_json(path / "adapter_config.json", base_model_name_or_path="org/repo")  # served by the loopback Hub
-    model, _ = load(str(path), device="cpu")
+    model, _ = load(str(path), dtype="fp32", device="cpu")
     assert isinstance(model, PeftModel)
     edit_json(path / "adapter_config.json", base_model_name_or_path="1b")
     hub.reset()
     with pytest.raises(Olmo2KitError, match="allenai/OLMo-2-0425-1B not found on the Hub"):  # looked up, not refused
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from olmo2kit import devices
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.loading import load, resolve_model
 
@@ -54,7 +55,7 @@ def test_instruct_config_with_cache_off_is_turned_on(tiny_instruct_path, tmp_pat
     config = json.loads((path / "config.json").read_text())
     config["use_cache"] = False  # as the OLMo 2 instruct configs ship
     (path / "config.json").write_text(json.dumps(config))
-    model, _ = load(str(path), device="cpu")
+    model, _ = load(str(path), dtype="fp32", device="cpu")
     assert model.config.use_cache is True
 
 
@@ -63,6 +64,34 @@ def test_instruct_config_with_cache_off_is_turned_on(tiny_instruct_path, tmp_pat
 def test_dtypes(tiny_path, dtype, expected):
     model, _ = load(str(tiny_path), dtype=dtype, device="cpu")
     assert model.dtype == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_the_cpu_is_bf16_only_where_the_cpu_has_it(tiny_path, monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    model, _ = load(str(tiny_path), device="cpu")
+    assert model.dtype == (torch.bfloat16 if native else torch.float32)
+    assert load(str(tiny_path), dtype="fp32", device="cpu")[0].dtype == torch.float32  # fp32 still forces fp32
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_native_bf16_is_what_the_cpu_flags_say():
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    assert devices.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_load_line_says_what_auto_took_on_the_cpu(cli, tiny_path, monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    code, _, err = cli("generate", "Hi", "--model", str(tiny_path), "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 0, err
+    loaded = next(line for line in err.splitlines() if line.startswith("loaded "))
+    expected = "bfloat16: auto, this CPU has native bf16 (--dtype fp32 for fp32)" if native else \
+        "float32: auto, this CPU has no native bf16"
+    assert f"({expected}, cpu)" in loaded
+    code, _, err = cli("generate", "Hi", "--model", str(tiny_path), "--max-new-tokens", "2", "--device", "cpu",
+                       "--dtype", "fp32")
+    assert "(float32, cpu)" in err  # asked for: no note
 
 
 def test_fp16_warns_about_overflow(tiny_path, caplog):
@@ -74,7 +103,7 @@ def test_fp16_warns_about_overflow(tiny_path, caplog):
 @pytest.mark.parametrize(("quantize", "layer_type"), [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"),
                                                       ("fp4", "Linear4bit")])
 def test_quantized_loads_through_bitsandbytes_config(tiny_path, quantize, layer_type):
-    model, _ = load(str(tiny_path), quantize=quantize, device="cpu")
+    model, _ = load(str(tiny_path), quantize=quantize, dtype="fp32", device="cpu")
     assert type(model.model.layers[0].mlp.up_proj).__name__ == layer_type
     assert type(model.lm_head).__name__ == "Linear"  # transformers keeps lm_head unquantized
     if quantize != "int8":
@@ -85,7 +114,7 @@ def test_bad_options_fail_before_loading(tiny_path):
     with pytest.raises(Olmo2KitError, match="unknown dtype"):
         load(str(tiny_path), dtype="fp8", device="cpu")
     with pytest.raises(Olmo2KitError, match="unknown quantization"):
-        load(str(tiny_path), quantize="int4", device="cpu")
+        load(str(tiny_path), quantize="int4", dtype="fp32", device="cpu")
     with pytest.raises(Olmo2KitError, match="unknown device"):
         load(str(tiny_path), device="tpu")
 
@@ -99,7 +128,7 @@ def test_cuda_without_a_gpu_is_a_user_error(tiny_path):
 def test_missing_bitsandbytes_is_a_user_error(tiny_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     with pytest.raises(Olmo2KitError, match="needs bitsandbytes: pip install"):
-        load(str(tiny_path), quantize="nf4", device="cpu")
+        load(str(tiny_path), quantize="nf4", dtype="fp32", device="cpu")
 
 
 def test_safetensors_only(tiny_path, tmp_path):
@@ -109,12 +138,12 @@ def test_safetensors_only(tiny_path, tmp_path):
     torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
     (path / "model.safetensors").unlink()
     with pytest.raises(Olmo2KitError, match="safetensors"):
-        load(str(path), device="cpu")
+        load(str(path), dtype="fp32", device="cpu")
 
 
 def test_model_neither_cached_nor_reachable(offline_hub):
     with pytest.raises(Olmo2KitError, match="neither in the local cache nor reachable.*olmo2kit tiny"):
-        load("1b", device="cpu")
+        load("1b", dtype="fp32", device="cpu")
 
 
 def test_lora_adapter_directory_loads_on_its_base(tiny_path, tmp_path):
@@ -122,7 +151,7 @@ def test_lora_adapter_directory_loads_on_its_base(tiny_path, tmp_path):
 
     from olmo2kit.inference.generation import generate
 
-    base, tokenizer = load(str(tiny_path), device="cpu")
+    base, tokenizer = load(str(tiny_path), dtype="fp32", device="cpu")
     before = generate(base, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
     adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)
@@ -133,7 +162,7 @@ def test_lora_adapter_directory_loads_on_its_base(tiny_path, tmp_path):
     adapted.save_pretrained(tmp_path / "adapter")
     expected = generate(adapted, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
 
-    model, _ = load(str(tmp_path / "adapter"), device="cpu")
+    model, _ = load(str(tmp_path / "adapter"), dtype="fp32", device="cpu")
     assert isinstance(model, PeftModel)
     result = generate(model, tokenizer, "Hello", do_sample=False, max_new_tokens=10).token_ids
     assert result == expected != before
@@ -153,28 +182,28 @@ def test_unreachable_hub_fails_at_once_without_a_cached_copy(hub_env, monkeypatc
     _hub_down(monkeypatch)
     start = time.perf_counter()
     with pytest.raises(Olmo2KitError, match="not in the local cache and the Hub cannot be reached.*olmo2kit tiny"):
-        load("org/repo", device="cpu")
+        load("org/repo", dtype="fp32", device="cpu")
     assert time.perf_counter() - start < 10  # no retry loop
 
 
 def test_unreachable_hub_says_a_repo_shaped_name_is_no_directory_either(hub_env, monkeypatch):
     _hub_down(monkeypatch)
     with pytest.raises(Olmo2KitError, match=r"pass --model \./tiny \(nor is there a local directory out/1b-sft\)$"):
-        load("out/1b-sft", device="cpu")
+        load("out/1b-sft", dtype="fp32", device="cpu")
     with pytest.raises(Olmo2KitError, match=r"pass --model \./tiny$"):  # an alias is never a directory
-        load("1b", device="cpu")
+        load("1b", dtype="fp32", device="cpu")
 
 
 def test_unreachable_hub_loads_the_cached_copy(hub_env, monkeypatch, caplog):
-    first, _ = load("org/repo", device="cpu")
+    first, _ = load("org/repo", dtype="fp32", device="cpu")
     _hub_down(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="olmo2kit"):
-        again, _ = load("org/repo", device="cpu")
+        again, _ = load("org/repo", dtype="fp32", device="cpu")
     assert "cannot reach the Hub: loading the cached copy" in caplog.text
     assert torch.equal(first.lm_head.weight, again.lm_head.weight)
 
 
 def test_missing_repo_is_reported_before_any_download(hub, hub_env):
     with pytest.raises(Olmo2KitError, match="org/nothing not found on the Hub"):
-        load("org/nothing", device="cpu")
+        load("org/nothing", dtype="fp32", device="cpu")
     assert not any("/resolve/" in path for _, path in hub.requests)

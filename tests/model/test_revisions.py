@@ -530,9 +530,9 @@ def test_load_a_revision_through_olmo2kit(hub, hub_env):
 
     from olmo2kit.model.loading import load
 
-    early, _ = load(f"{REPO}@{EARLY}", device="cpu")
-    late, tokenizer = load(REPO, revision=LATE, device="cpu")
-    main, _ = load(REPO, device="cpu")
+    early, _ = load(f"{REPO}@{EARLY}", dtype="fp32", device="cpu")
+    late, tokenizer = load(REPO, revision=LATE, dtype="fp32", device="cpu")
+    main, _ = load(REPO, dtype="fp32", device="cpu")
     assert torch.equal(early.lm_head.weight, served_weights(hub, EARLY)["lm_head.weight"])
     assert torch.equal(late.lm_head.weight, served_weights(hub, LATE)["lm_head.weight"])
     assert not torch.equal(early.lm_head.weight, late.lm_head.weight)
@@ -544,7 +544,7 @@ def test_unknown_revision_fails_before_any_download(hub, hub_env):
     from olmo2kit.model.loading import load
 
     with pytest.raises(Olmo2KitError, match=f"did you mean {EARLY}\\?"):
-        load(f"{REPO}@stage1-step1001-tokens3B", device="cpu")
+        load(f"{REPO}@stage1-step1001-tokens3B", dtype="fp32", device="cpu")
     paths = [path for _, path in hub.requests]
     assert f"/api/models/{REPO}/refs" in paths
     assert set(paths) <= {f"/api/models/{REPO}", f"/api/models/{REPO}/refs"}  # repo info and refs, no file

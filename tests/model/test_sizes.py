@@ -186,7 +186,7 @@ def test_weight_memory_matches_published_footprints():
 def test_weight_memory_matches_loaded_tiny_checkpoint(tiny_path, tiny, quantize):
     from olmo2kit.model.loading import load
 
-    model, _ = load(str(tiny_path), device="cpu", quantize=quantize)
+    model, _ = load(str(tiny_path), dtype="fp32", device="cpu", quantize=quantize)
     size = Size.from_config("tiny", model.config)
     assert size.params == sum(p.numel() for p in tiny[0].parameters())
     estimate = weight_bytes(size, "fp32", quantize)

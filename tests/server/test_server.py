@@ -323,7 +323,7 @@ def test_two_revisions_side_by_side(hub, hub_env, tiny_path, tiny, tmp_path):
         else:
             hub.repos[HUB_REPO] = before
     assert texts[early] != texts[late]
-    for name, checkpoint in ((early, tiny), (late, load(str(late_path), device="cpu"))):
+    for name, checkpoint in ((early, tiny), (late, load(str(late_path), dtype="fp32", device="cpu"))):
         assert texts[name] == olmo2kit.generate(*checkpoint, PROMPTS[0], do_sample=False, max_new_tokens=NEW).text
     assert missing.value.status_code == 404
     assert early in missing.value.message and late in missing.value.message

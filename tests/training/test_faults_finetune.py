@@ -115,9 +115,9 @@ def test_a_lora_adapter_records_its_base_as_an_absolute_path(cli, chat_data, tin
     assert json.loads((work / "lora" / "finetune.json").read_text())["base"] == str(work.resolve() / "tiny")
 
     monkeypatch.chdir(elsewhere)
-    code, text, err = cli("generate", "x", "--model", str(work / "lora"), "-n", "3", "--greedy")
+    code, text, err = cli("generate", "x", "--model", str(work / "lora"), "--dtype", "fp32", "-n", "3", "--greedy")
     assert code == 0 and text.strip(), err
-    tuned, _ = load(str(work / "lora"), device="cpu")
+    tuned, _ = load(str(work / "lora"), dtype="fp32", device="cpu")
     embeddings = load_file(tiny_instruct_path / "model.safetensors")["model.embed_tokens.weight"]
     assert torch.equal(tuned.get_base_model().model.embed_tokens.weight, embeddings)
 
@@ -216,7 +216,7 @@ def test_validation_loss_is_logged_and_reported(chat_data, tiny_instruct_path, t
     rows = DataOrder(data.rows, 2, seed=0, val_fraction=0.25).val_rows
     ids = torch.from_numpy(data.input_ids[rows].astype(np.int64))
     labels = ids.masked_fill(~torch.from_numpy(data.label_mask[rows].copy()), -100)
-    model, _ = load(str(out), device="cpu")
+    model, _ = load(str(out), dtype="fp32", device="cpu")
     with torch.no_grad():
         assert model(input_ids=ids, labels=labels).loss.item() == pytest.approx(result.eval_loss, rel=1e-5)
 
@@ -249,9 +249,9 @@ def test_merge_writes_a_model_that_generates_as_the_adapter(cli, chat_data, tiny
     assert (merged_dir / "model.safetensors").exists() and not (merged_dir / "adapter_config.json").exists()
     assert sorted(p.name for p in merged_dir.parent.iterdir()) == ["merged"]  # no staging left beside it
 
-    merged, tokenizer = load(str(merged_dir), device="cpu")
-    adapted, _ = load(str(adapter), device="cpu")
-    base, _ = load(str(tiny_instruct_path), device="cpu")
+    merged, tokenizer = load(str(merged_dir), dtype="fp32", device="cpu")
+    adapted, _ = load(str(adapter), dtype="fp32", device="cpu")
+    base, _ = load(str(tiny_instruct_path), dtype="fp32", device="cpu")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": CHATS[0][0]}], tokenize=False,
                                            add_generation_prompt=True)
     texts = [generate(m, tokenizer, prompt, do_sample=False, max_new_tokens=16).text for m in (merged, adapted, base)]

@@ -87,7 +87,7 @@ def test_overfitting_a_few_chats_drives_the_loss_down(cli, chat_data, tiny_instr
     # The result is a plain HF checkpoint that olmo2kit generates from, and it learned the answers.
     code, text, _ = cli("generate", "x", "--model", str(out), "-n", "4", "--greedy")
     assert code == 0 and text.strip()
-    model, tokenizer = load(str(out), device="cpu")
+    model, tokenizer = load(str(out), dtype="fp32", device="cpu")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QA[0][0]}], tokenize=False,
                                            add_generation_prompt=True)
     from olmo2kit.inference.generation import generate
@@ -182,8 +182,8 @@ def test_lora_adapter_loads_on_its_base(cli, chat_data, tiny_instruct_path, tmp_
     assert any(v.abs().sum() > 0 for k, v in weights(out, "adapter_model.safetensors").items() if "lora_B" in k)
     code, _, err = cli("generate", "x", "--model", str(out), "-n", "3", "--greedy")
     assert code == 0, err
-    tuned, _ = load(str(out), device="cpu")
-    base, tokenizer = load(str(tiny_instruct_path), device="cpu")
+    tuned, _ = load(str(out), dtype="fp32", device="cpu")
+    base, tokenizer = load(str(tiny_instruct_path), dtype="fp32", device="cpu")
     ids = tokenizer("The capital of France", return_tensors="pt").input_ids
     with torch.no_grad():
         assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
@@ -197,8 +197,8 @@ def test_qlora_nf4_trains_and_merges(chat_data, tiny_instruct_path, tmp_path):
     log = read_log(out)
     assert result.saved == "merged" and log[-1]["loss"] < log[0]["loss"]
     assert (out / "model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
-    merged, tokenizer = load(str(out), device="cpu")
-    adapted, _ = load(str(out / "adapter"), device="cpu")  # the adapter on the unquantized base
+    merged, tokenizer = load(str(out), dtype="fp32", device="cpu")
+    adapted, _ = load(str(out / "adapter"), dtype="fp32", device="cpu")  # the adapter on the unquantized base
     ids = tokenizer("The sea is wide", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -223,7 +223,7 @@ def test_two_processes_match_one_with_accumulation(chat_data, tiny_instruct_path
     run(chat_data, single, tiny_instruct_path, max_steps=4, lr=1e-3, batch_size=1, grad_accum=2)
     assert [e["loss"] for e in read_log(out)] == pytest.approx([e["loss"] for e in read_log(single)], rel=1e-5)
     assert_same_weights(weights(out), weights(single), atol=1e-5)
-    model, _ = load(str(out), device="cpu")
+    model, _ = load(str(out), dtype="fp32", device="cpu")
     assert not model.training
 
 
@@ -239,7 +239,7 @@ def test_from_a_hub_revision_starts_a_fresh_optimizer(cli, hub, hub_env, tmp_pat
     assert "Hub checkpoints hold weights only, so the optimizer starts fresh" in err
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (adapter["base_model_name_or_path"], adapter["revision"]) == (REPO, "stage1-step1000-tokens3B")
-    tuned, _ = load(str(tmp_path / "out"), device="cpu")
+    tuned, _ = load(str(tmp_path / "out"), dtype="fp32", device="cpu")
     seed1 = weights(tiny_instruct_path)["model.embed_tokens.weight"]  # that revision holds the seed-1 weights
     assert torch.equal(tuned.get_base_model().model.embed_tokens.weight, seed1)
 

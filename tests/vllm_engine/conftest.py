@@ -57,7 +57,7 @@ def tiny64(tiny64_path):
     """(model, tokenizer) of the base checkpoint on transformers, fp32 on the CPU."""
     from olmo2kit.model.loading import load
 
-    return load(str(tiny64_path), device="cpu")
+    return load(str(tiny64_path), dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +65,7 @@ def tiny64_instruct(tiny64_instruct_path):
     """(model, tokenizer) of the instruct checkpoint on transformers, fp32 on the CPU."""
     from olmo2kit.model.loading import load
 
-    return load(str(tiny64_instruct_path), device="cpu")
+    return load(str(tiny64_instruct_path), dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,9 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     if chosen == "vllm" and start:
         loaded.llm  # noqa: B018  (starts vLLM's engine processes, timed with the load)
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
+    if dtype == "auto" and str(loaded.device) == "cpu" and not quantize:  # the CPU default depends on the CPU
+        where += (": auto, this CPU has native bf16 (--dtype fp32 for fp32)" if "bfloat16" in where
+                  else ": auto, this CPU has no native bf16")
     on = f", {chosen}" if chosen != "transformers" else ""
     info(f"loaded {loaded.name_or_path} ({where}, {loaded.device}{on}) in {time.perf_counter() - start_time:.1f} s")
     if note:

@@ -28,7 +28,8 @@ QuantizeOpt = Annotated[
     str | None, typer.Option("--quantize", "-q", help="bitsandbytes quantization: int8, nf4 or fp4.")
 ]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto (bf16 on a capable GPU, fp32 on CPU), bf16, fp16 or fp32.")
+    str, typer.Option("--dtype", help="auto (bf16 on a capable GPU or a CPU with native bf16, else fp32), bf16, "
+                                      "fp16 or fp32."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
