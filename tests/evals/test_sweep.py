@@ -62,7 +62,7 @@ def cached_commits(repo_id: str) -> set[str]:
 
 def test_interrupted_sweep_resumes_with_one_line_per_revision(checkpoints, hub, hub_env, cli, data, tmp_path):
     out, png = tmp_path / "results.jsonl", tmp_path / "curve.png"
-    sweep = Sweep(SWEEP, data=data, out=out, plot=png, device="cpu")
+    sweep = Sweep(SWEEP, data=data, out=out, plot=png, dtype="fp32", device="cpu")
     assert [r.name for r in sweep.todo] == ORDER  # main is no checkpoint
     run = sweep.run()
     first = [next(run), next(run)]
@@ -77,7 +77,7 @@ def test_interrupted_sweep_resumes_with_one_line_per_revision(checkpoints, hub, 
 
     hub.reset()
     code, stdout, stderr = cli("sweep", "--model", SWEEP, "--data", str(data), "--out", str(out), "--plot", str(png),
-                               "--delete-after", "--device", "cpu")
+                               "--delete-after", "--device", "cpu", "--dtype", "fp32")
     assert code == 0, stderr
     assert f"{SWEEP}: 4 revisions, 2 already in {out}, 2 to measure" in stderr
     progress = [line for line in stderr.splitlines() if "ETA" in line]
@@ -117,7 +117,8 @@ def test_interrupted_sweep_resumes_with_one_line_per_revision(checkpoints, hub, 
 
     # A third run finds nothing to do and leaves the file as it was.
     before = out.read_bytes()
-    code, stdout, stderr = cli("sweep", "--model", SWEEP, "--data", str(data), "--out", str(out), "--device", "cpu")
+    code, stdout, stderr = cli("sweep", "--model", SWEEP, "--data", str(data), "--out", str(out), "--device", "cpu",
+                               "--dtype", "fp32")
     assert code == 0 and "4 already in" in stderr and out.read_bytes() == before
 
 
