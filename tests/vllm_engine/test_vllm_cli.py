@@ -14,6 +14,7 @@ import torch
 from conftest import OLMO2KIT, one_line_error, run_olmo2kit
 from olmo2kit.inference.generation import generate
 from olmo2kit.inference.jobs import run_job
+from olmo2kit.model.vllm import vllm_version
 
 from .conftest import VLLM_ENV, stop_inside
 
@@ -27,12 +28,6 @@ def olmo2kit(*args: str, stdin: str | None = None, env: dict | None = None) -> s
 
 def json_rows(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
-
-
-def vllm_version() -> str:
-    from olmo2kit.model.vllm import vllm_version
-
-    return vllm_version()
 
 
 def test_generate_json_matches_transformers(tiny64, tiny64_path):

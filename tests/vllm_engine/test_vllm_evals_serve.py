@@ -12,10 +12,11 @@ import pytest
 from conftest import one_line_error
 from olmo2kit.evals.perplexity import perplexity
 from olmo2kit.inference.generation import generate
+from olmo2kit.model.vllm import vllm_version
 from serving import serving
 
 from .conftest import VLLM_ENV
-from .test_vllm_cli import ON_TRANSFORMERS, ON_VLLM, olmo2kit, vllm_version
+from .test_vllm_cli import ON_TRANSFORMERS, ON_VLLM, olmo2kit
 
 TASKS = Path(__file__).parents[1] / "evals" / "lm_eval_tasks"  # olmo2kit_tiny_mc: 8 questions from a local file
 TEXT = "Language modeling is the task of predicting the next word in a sequence of text. " * 4

@@ -103,14 +103,7 @@ def serve(
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load)
-    if note:  # once the named models have loaded (an error about them stays one line)
-        info(note)
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    if not _loopback(host) and not api_key:
-        info(f"warning: listening on {host} without --api-key: anyone who reaches port {bound_port} can use it")
-    print(f"serving {', '.join(names) or 'models loaded on first use'} at http://{shown}:{bound_port}/v1",
-          flush=True)
+    _announce(sock, host, api_key, note, ", ".join(names) or "models loaded on first use")
     run(app, sock)
 
 
@@ -120,17 +113,23 @@ def _serve_with_vllm(name: str, sock: socket.socket, note: str | None, host: str
     from olmo2kit.model.loading import resolve_model
     from olmo2kit.server.vllm_server import serve_with_vllm
 
-    if note:
-        info(note)
     loaded, tokenizer = load_model(name, None, dtype, None, device, engine="vllm", vllm=vllm, start=False)
     names = list(dict.fromkeys([name, str(resolve_model(name))]))  # as given, and as the repo@revision it is
+    _announce(sock, host, api_key, note, ", ".join(names), " (vLLM; ready when /health answers)")
+    serve_with_vllm(loaded, tokenizer, names, sock, max_num_seqs=max_batch_size, api_key=api_key)
+
+
+def _announce(sock: socket.socket, host: str, api_key: str | None, note: str | None, what: str,
+              suffix: str = "") -> None:
+    """Once the models have loaded (an error about them stays one line): the engine `note`, a warning for an
+    open address without a key, and the `serving WHAT at URL` line on stdout."""
+    if note:
+        info(note)
     bound_host, bound_port = sock.getsockname()[:2]
     if not _loopback(host) and not api_key:
         info(f"warning: listening on {host} without --api-key: anyone who reaches port {bound_port} can use it")
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"serving {', '.join(names)} at http://{shown}:{bound_port}/v1 (vLLM; ready when /health answers)",
-          flush=True)
-    serve_with_vllm(loaded, tokenizer, names, sock, max_num_seqs=max_batch_size, api_key=api_key)
+    print(f"serving {what} at http://{shown}:{bound_port}/v1{suffix}", flush=True)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -83,6 +83,7 @@ def measure_bandwidth(device, nbytes: int = 1 << 30) -> float:
 # The tiny architecture by name, for quick tries: its head size; tiny64's is one vLLM's CPU attention runs.
 TINY_SIZES = {"tiny": TINY_HEAD_DIM, "tiny64": 64}
 
+
 def load_random(size: str, dtype: str, quantize: str | None, device: str, engine: str = "transformers",
                 vllm: VllmOptions | None = None):
     """The exact architecture of `size` with random weights; quantized, or on vLLM, through a temporary

