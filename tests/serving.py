@@ -87,9 +87,13 @@ def serving(*args: str, env: dict | None = None, timeout: float = 120) -> Iterat
     try:
         yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        if process.poll() is None:  # SIGTERM first: a SIGKILLed vLLM server leaves its engine processes running
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -56,18 +56,20 @@ def test_job_killed_then_resumed_on_vllm(tiny64_path, tiny64, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["generate", "--input", str(source), "--output", str(out), "--model", str(tiny64_path), "--batch-size",
             "1", "-n", "16", "--greedy", *ON_VLLM]
+    # a session of its own, so that the kill takes vLLM's worker process with it (else it outlives the test)
     job = subprocess.Popen([str(OLMO2KIT), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           env={**os.environ, **VLLM_ENV})
+                           env={**os.environ, **VLLM_ENV}, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and job.poll() is None:
             if out.exists() and b"\n" in out.read_bytes():  # the first result line is whole
                 break
             time.sleep(0.01)
-        job.send_signal(signal.SIGKILL)
+        os.killpg(job.pid, signal.SIGKILL)
         _, err = job.communicate(timeout=30)
     finally:
-        job.kill()
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == -signal.SIGKILL, err.decode()
     before = [json.loads(line)["id"] for line in out.read_text().splitlines(keepends=True) if line.endswith("\n")]
     assert 1 <= len(before) < len(ids)
