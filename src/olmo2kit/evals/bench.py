@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from olmo2kit.devices import dtype_name, peak_memory_gb, resolve_device, resolve_dtype, sync
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.estimate import estimate
+from olmo2kit.model.engines import engine_info, load_model
 from olmo2kit.model.sizes import (
     DEFAULT_MODEL,
     SIZES,
@@ -30,7 +31,7 @@ from olmo2kit.model.sizes import (
     weight_bytes,
 )
 from olmo2kit.model.tiny import TINY_HEAD_DIM, build_tokenizer, tiny_config
-from olmo2kit.model.vllm import VllmModel, VllmOptions, engine_info, load_model
+from olmo2kit.model.vllm import VllmModel, VllmOptions
 
 
 @dataclass

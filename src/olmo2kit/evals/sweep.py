@@ -32,10 +32,11 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.perplexity import check_window, perplexity, read_text
 from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks
 from olmo2kit.files import JsonlStore, make_output_dir, output_lock, write_atomic
+from olmo2kit.model.engines import choose_engine, engine_info, load_model
 from olmo2kit.model.hub_cache import delete_cached_revision
 from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.revisions import Revision, check_revision, check_stage, list_revisions, training_order
-from olmo2kit.model.vllm import VllmModel, VllmOptions, choose_engine, engine_info, load_model
+from olmo2kit.model.vllm import VllmModel, VllmOptions
 
 PERPLEXITY = "perplexity"
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import itertools
 import math
 import queue
+import random
 import threading
 from collections.abc import Iterator
 
 from olmo2kit.compat import cache_keyword
 from olmo2kit.devices import peak_memory_gb
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.sampling import SamplingOptions
+from olmo2kit.inference.sampling import SEED_LIMIT, SamplingOptions
+from olmo2kit.model.llamacpp import LlamaCppModel
 from olmo2kit.model.sizes import context_length
 from olmo2kit.model.vllm import VllmModel
 
@@ -291,6 +293,56 @@ class VllmEngine(Engine):
                 for out, (ids, context) in zip(outputs, windows, strict=True)]
 
 
+class LlamaCppEngine(Engine):
+    """llama.cpp (`olmo2kit.model.llamacpp.LlamaCppModel`): one row at a time through llama-cpp-python's
+    `generate`, its tokens handed over one by one. A row's prompt that starts as the previous one did reuses
+    those keys and values (llama.cpp's own prefix match), so a chat's history is not computed again.
+
+    Sampling is llama.cpp's: greedy decoding gives transformers' tokens (up to floating-point ties); a seed
+    repeats llama.cpp's own draws, which are not transformers' draws. Its repetition penalty looks back
+    `last_n_tokens_size` (64) tokens, where transformers' looks at the whole sequence.
+    """
+
+    name = "llamacpp"
+
+    @property
+    def context_length(self) -> int | None:
+        return self.model.context_length
+
+    def peak_memory_gb(self) -> float | None:
+        return None  # llama.cpp's memory is its own, outside torch
+
+    def tokens(self, prompts, sampling, eos_ids, *, stream):
+        llama = self.model.llama
+        held = [[] for _ in prompts]
+        for row, ids in enumerate(prompts):
+            llama.set_seed(sampling.seed if sampling.seed is not None else random.randrange(SEED_LIMIT))
+            if sampling.do_sample:
+                options = dict(temp=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                               min_p=float(sampling.min_p))
+            else:
+                options = dict(temp=0.0, top_k=0, top_p=1.0, min_p=0.0)
+            steps = llama.generate(list(ids), repeat_penalty=float(sampling.repetition_penalty), **options)
+            try:
+                for count, token in enumerate(steps, 1):
+                    if stream:
+                        step = [[] for _ in prompts]
+                        step[row] = [token]
+                        yield step
+                    else:
+                        held[row].append(token)
+                    if token in eos_ids or count >= sampling.max_new_tokens:
+                        break
+            finally:
+                steps.close()
+        if not stream:
+            yield held
+
+    def scored_nll(self, windows):
+        raise Olmo2KitError("olmo2kit scores text (perplexity, eval, sweep) on transformers or vLLM, not llama.cpp: "
+                            "use --engine transformers")
+
+
 _requests_made = itertools.count()
 
 
@@ -312,6 +364,11 @@ def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cac
     (`olmo2kit.model.vllm`); else compiled, or transformers with a draft model or a cache
     (`check_acceleration` first says which options go together)."""
     check_acceleration(compile, draft_model, 1)
+    if isinstance(model, LlamaCppModel):
+        if compile or draft_model is not None or cache is not None:
+            raise Olmo2KitError("llama.cpp runs its own compiled kernels and keeps its own cache: it takes no compile, "
+                                "draft model or cache")
+        return LlamaCppEngine(model, tokenizer)
     if isinstance(model, VllmModel):
         if compile or draft_model is not None or cache is not None:
             raise Olmo2KitError("vLLM compiles, batches and caches prefixes itself: it takes no compile, "
@@ -326,8 +383,8 @@ def engine_for(model, tokenizer, *, compile: bool = False, draft_model=None, cac
 
 def keeps_caller_cache(model) -> bool:
     """Whether the engine of `model` takes a KV cache from the caller (a chat reusing its history's keys and
-    values): transformers does; vLLM keeps its own, and reuses shared prefixes by itself."""
-    return not isinstance(model, VllmModel)
+    values): transformers does; vLLM and llama.cpp keep their own, and reuse shared prefixes by themselves."""
+    return not isinstance(model, VllmModel | LlamaCppModel)
 
 
 def check_acceleration(compile: bool, draft_model, batch: int) -> None:

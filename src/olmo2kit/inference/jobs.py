@@ -42,7 +42,7 @@ from olmo2kit.files import JsonlStore, numbered_lines, output_lock
 from olmo2kit.inference.generation import Generation, generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, user_messages
-from olmo2kit.model.vllm import engine_info
+from olmo2kit.model.engines import engine_info
 
 log = logging.getLogger("olmo2kit")
 

@@ -29,6 +29,18 @@ OLMO2_CHAT_TEMPLATE = (
     "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
 )
 
+# OLMO2_CHAT_TEMPLATE in ollama's Go template language (a Modelfile's TEMPLATE), for `olmo2kit export ollama`:
+# the same text for the same messages, ending with the assistant's header, as ollama always asks for a reply.
+OLMO2_OLLAMA_TEMPLATE = (
+    "<|endoftext|>{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+    "{{ if eq .Role \"system\" }}<|system|>\n{{ .Content }}\n"
+    "{{ else if eq .Role \"user\" }}<|user|>\n{{ .Content }}\n"
+    "{{ else if eq .Role \"assistant\" }}<|assistant|>\n{{ .Content }}{{ if not $last }}<|endoftext|>\n{{ end }}"
+    "{{ end }}{{ if and $last (ne .Role \"assistant\") }}<|assistant|>\n{{ end }}{{ end }}"
+)
+# Where a reply ends in the OLMo 2 template: end of text, or the model starting the next turn itself.
+OLMO2_STOP = ("<|endoftext|>", "<|user|>", "<|system|>")
+
 _warned_no_template: weakref.WeakSet = weakref.WeakSet()
 
 

@@ -20,6 +20,10 @@ from olmo2kit.model.chat_template import OLMO2_CHAT_TEMPLATE
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# OLMo 2's pre-tokenizer: this split pattern (cl100k's), then byte-level bytes, as the OLMo 2 tokenizer.json
+# (allenai/dolma2-tokenizer) declares it; the tiny tokenizer splits text the same way.
+OLMO2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                       r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # The file build_tiny leaves in each checkpoint: what it built, and the files it wrote.
 MARKER = "olmo2kit-tiny.json"
 
@@ -59,12 +63,15 @@ Hello, world! How are you today? I am fine, thank you. Numbers, letters, and sym
 
 
 def build_tokenizer(instruct: bool = False):
-    """A byte-level BPE tokenizer with OLMo 2's special tokens, trained on a small corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer with OLMo 2's pre-tokenizer and special tokens, trained on a small corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(OLMO2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB,

