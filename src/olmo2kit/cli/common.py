@@ -13,7 +13,8 @@ from olmo2kit.inference.sampling import DEFAULTS, SamplingOptions
 
 
 def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str, *,
-               engine: str = "transformers", vllm=None, unsupported: str | None = None, start: bool = True):
+               engine: str = "transformers", vllm=None, unsupported: str | None = None, start: bool = True,
+               scoring: bool = False):
     """Load through the library on the engine asked for, with the load time on stderr and transformers' bars off.
 
     `engine` "auto" says on stderr which engine it took and why, once the model has loaded (an error about the
@@ -25,7 +26,7 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     from olmo2kit.model.engines import load_model as load_on
 
     quiet_transformers()
-    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported)
+    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported, scoring=scoring)
     start_time = time.perf_counter()
     loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
                                 device=device, vllm=vllm, say=info)
@@ -45,14 +46,18 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
 
 
 def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm,
-                unsupported: str | None = None) -> tuple[str, str | None]:
+                unsupported: str | None = None, *, scoring: bool = False) -> tuple[str, str | None]:
     """The engine to run, and for "auto" the line that says which and why (None otherwise), for the caller to
-    say once the model has loaded; vLLM options given for transformers are an error."""
+    say once the model has loaded; vLLM options given for transformers are an error, and so is llama.cpp for a
+    command that scores text (`scoring`: perplexity, eval, sweep)."""
     from olmo2kit.model.engines import choose_engine
 
     said = []
     chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
                            say=said.append)
+    if scoring and chosen == "llamacpp":
+        raise Olmo2KitError("olmo2kit scores text (perplexity, eval, sweep) on transformers or vLLM, not llama.cpp: "
+                            "use --engine transformers, and a bitsandbytes --quantize if any")
     if vllm is not None and chosen != "vllm":
         raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
                             "and the engine is transformers: give --engine vllm")

@@ -73,7 +73,7 @@ def perplexity_command(
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     texts = [read_text(f) for f in files]
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, scoring=True)
     results = perplexity(loaded, tokenizer, texts, max_length=max_length, stride=stride)
     total = combine_perplexities(results)
     info(f"{total.tokens:,} tokens in {total.elapsed_s:.2f} s, {total.tokens_per_s:,.0f} tokens/s")
@@ -135,7 +135,8 @@ def eval_command(
     check_tasks(names, include_path)
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, start=False)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, start=False,
+                                   scoring=True)
     scores = evaluate_tasks(
         loaded, tokenizer, names, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
         batch_size=batch_size, chat_template=chat_template,
@@ -231,7 +232,7 @@ def sweep_command(
     names = None if revisions is None else revisions.split(",")
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    engine, note = pick_engine(engine, model, quantize, device, vllm)
+    engine, note = pick_engine(engine, model, quantize, device, vllm, scoring=True)
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,

@@ -86,6 +86,8 @@ def serve(
     one = len(names) == 1 and not allow_load
     chosen, note = pick_engine(engine, names[0], quantize, device, vllm) if engine != "transformers" and one \
         else ("transformers", None)
+    if engine == "llamacpp" and not one:  # every model on llama.cpp, each converted to GGUF as it loads
+        chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm)
     if chosen == "vllm":
         _serve_with_vllm(names[0], _bind(host, port), note, host, dtype, device, vllm, max_batch_size, api_key)
         return
@@ -99,7 +101,7 @@ def serve(
     from olmo2kit.server.run import run
 
     def load(name: str):
-        return load_model(name, None, dtype, quantize, device, engine="transformers")
+        return load_model(name, None, dtype, quantize, device, engine=chosen)
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load)

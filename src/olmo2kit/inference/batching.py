@@ -28,7 +28,7 @@ from typing import Protocol
 
 from olmo2kit.compat import cache_keyword
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.engines import end_of_text_ids
+from olmo2kit.inference.engines import end_of_text_ids, engine_batches, engine_for
 
 log = logging.getLogger("olmo2kit")
 
@@ -382,3 +382,119 @@ def _top(logprobs, k: int) -> list[list[tuple[int, float]]] | None:
         return None
     values, indices = logprobs.topk(k, dim=-1)
     return [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
+class Unsupported(Olmo2KitError):
+    """A request the model's engine cannot run as asked (logprobs on llama.cpp, say): a 400."""
+
+
+class SerialScheduler:
+    """One request at a time through an engine that runs one sequence (llama.cpp's): `BatchScheduler`'s
+    submit, cancel and events, in the order requests arrive, without logprobs or constraints.
+
+    Sampling is the engine's (llama.cpp's own sampler, seeded by the request's seed); greedy rows give the
+    tokens the engine gives `generate`.
+    """
+
+    def __init__(self, model, tokenizer, *, max_queue: int = 64, eos_ids: set[int] | None = None) -> None:
+        if max_queue < 0:
+            raise Olmo2KitError("max_queue must be at least 0")
+        self.engine = engine_for(model, tokenizer)
+        self.max_queue = max_queue
+        self.eos_ids = eos_ids if eos_ids is not None else end_of_text_ids(model, tokenizer)
+        self._waiting: deque[Handle] = deque()
+        self._current: Handle | None = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="olmo2kit-serial", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return int(self._current is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        with self._wake:
+            return bool(self._waiting or self._current)
+
+    def submit(self, request: BatchRequest, emit: Callable) -> Handle:
+        """Queue `request`; `emit` is called with each of its events, from the scheduler's thread."""
+        if request.logprobs is not None or request.prompt_logprobs or request.constraint is not None:
+            raise Unsupported(f"logprobs, echo and response_format are not served on {self.engine.name}: serve "
+                              "on --engine transformers for them")
+        handle = Handle(request, emit, next(self._ids))
+        with self._wake:
+            if self._closed:
+                raise QueueFull("the model is being unloaded")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already (the queue holds {self.max_queue})")
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop at the next token; requests still waiting or running get a Failed event."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                self._current = handle = self._waiting.popleft()
+            try:
+                if not handle.cancelled:
+                    self._serve(handle)
+            except Exception as e:  # a bug or out of memory: the request fails, the scheduler goes on
+                log.exception("generation failed")
+                handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            with self._wake:
+                self._current = None
+        for handle in [*self._waiting, *([self._current] if self._current else [])]:
+            handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
+        self._waiting.clear()
+
+    def _serve(self, handle: Handle) -> None:
+        from olmo2kit.inference.sampling import SamplingOptions
+
+        request = handle.request
+        if request.max_new_tokens < 1:
+            handle.emit(Finished("length"))
+            return
+        sampled = request.temperature > 0
+        sampling = SamplingOptions(max_new_tokens=request.max_new_tokens, do_sample=sampled,
+                                   temperature=request.temperature if sampled else 1.0,
+                                   top_p=request.top_p, top_k=0, seed=request.seed)
+        steps = self.engine.tokens([request.prompt], sampling, self.eos_ids, stream=True)
+        try:
+            for step in steps:
+                for token in step[0]:
+                    if handle.cancelled or self._closed:
+                        return
+                    handle.emit(Token(token))
+                    handle.generated += 1
+                    if token in self.eos_ids:
+                        handle.emit(Finished("stop"))
+                        return
+            handle.emit(Finished("length"))
+        finally:
+            steps.close()
+
+
+def scheduler_for(model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64):
+    """The scheduler for a model's engine: continuous batching on transformers, one request at a time on an
+    engine that runs one sequence (llama.cpp)."""
+    if not engine_batches(model):
+        return SerialScheduler(model, tokenizer, max_queue=max_queue)
+    return BatchScheduler(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)

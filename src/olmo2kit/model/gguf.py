@@ -345,8 +345,12 @@ def _new_output_file(out: str | os.PathLike, suffix: str) -> Path:
     if out.exists() or out.is_symlink():
         raise Olmo2KitError(f"{out} exists: remove it or give another name")
     make_output_dir(out.parent)
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise Olmo2KitError(f"cannot write in {out.parent} (permission denied): give a directory you can write to")
+    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")
+    try:  # a file made and removed: the one test of writing that holds for root and read-only mounts alike
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise Olmo2KitError(f"cannot write in {out.parent} ({e.strerror}): give a directory you can write to") from None
     return out
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.batching import BatchScheduler
+from olmo2kit.inference.batching import BatchScheduler, SerialScheduler, scheduler_for
 from olmo2kit.model.loading import ModelRef, resolve_model
 from olmo2kit.model.sizes import aliases, context_length
 
@@ -38,7 +38,7 @@ class ServedModel:
     name: str  # as the operator or the first client named it
     model: object
     tokenizer: object
-    scheduler: BatchScheduler
+    scheduler: BatchScheduler | SerialScheduler
     created: int = field(default_factory=lambda: int(time.time()))
     _inbox: Inbox | None = field(default=None, repr=False)
 
@@ -120,7 +120,7 @@ class ModelRegistry:
     def add(self, name: str, model, tokenizer) -> ServedModel:
         """Serve an already loaded model under `name`: any name, when it resolves to no model."""
         key = self._served_key(name) or _key_of(name) or name
-        served = ServedModel(name, model, tokenizer, BatchScheduler(
+        served = ServedModel(name, model, tokenizer, scheduler_for(
             model, tokenizer, max_batch_size=self.max_batch_size, max_queue=self.max_queue))
         self.loaded[key] = served
         return served

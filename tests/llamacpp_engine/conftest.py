@@ -1,0 +1,54 @@
+"""Fixtures of the llama.cpp engine tests: the tiny checkpoints as GGUF files in a GGUF cache of this run.
+
+`pytest tests/llamacpp_engine` selects these tests. Without llama-cpp-python or llama.cpp's converter they are
+skipped, except in CI (CI=true), where their absence fails them. The directory is a package named
+`llamacpp_engine`, not `llama_cpp`, so that it never stands in for the bindings themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llamacpp_required(tmp_path_factory):
+    """Skip without llama.cpp; in CI, fail instead. Every GGUF of the run goes to a cache of its own."""
+    from olmo2kit.errors import Olmo2KitError
+    from olmo2kit.model.gguf import converter_dir
+
+    try:
+        if find_spec("llama_cpp") is None:
+            raise Olmo2KitError("llama-cpp-python is not installed")
+        converter_dir()
+    except Olmo2KitError as e:
+        message = f"{e} (`make llamacpp` builds and installs both)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI runs the llama.cpp engine tests, so they fail rather than skip", pytrace=False)
+        pytest.skip(message)
+    cache = tmp_path_factory.mktemp("gguf-cache")
+    before = os.environ.get("OLMO2KIT_GGUF_CACHE")
+    os.environ["OLMO2KIT_GGUF_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("OLMO2KIT_GGUF_CACHE", None)
+    else:
+        os.environ["OLMO2KIT_GGUF_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def llamacpp_tiny(tiny_path):
+    """(model, tokenizer) of the tiny base checkpoint on llama.cpp, from an f32 GGUF."""
+    from olmo2kit.model.engines import load_model
+
+    return load_model(str(tiny_path), engine="llamacpp", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_tiny_instruct(tiny_instruct_path):
+    """(model, tokenizer) of the tiny instruct checkpoint on llama.cpp, from an f32 GGUF."""
+    from olmo2kit.model.engines import load_model
+
+    return load_model(str(tiny_instruct_path), engine="llamacpp", dtype="fp32")
