@@ -22,7 +22,7 @@ LLAMA_CPP_SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 # llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), where olmo2kit looks for it
 LLAMA_CPP_CONVERTER := $(VENV)/share/llama.cpp
 
-.PHONY: install vllm llamacpp test lint demo bench clean
+.PHONY: install vllm llamacpp llama-bench test lint demo bench clean
 
 install: $(BIN)/olmo2kit
 
@@ -71,6 +71,18 @@ llamacpp:
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py \
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/LICENSE
 	$(BIN)/pip install --quiet --no-deps $(LLAMA_CPP_CONVERTER)/gguf-py
+
+# llama.cpp's own llama-bench, built from the same source with the same flags: the reference the CPU benchmark
+# (benchmarks/bench_cpu.py) sets olmo2kit's llama.cpp engine beside. Not part of install.
+llama-bench: $(VENV)/llama.cpp-build/bin/llama-bench
+
+$(VENV)/llama.cpp-build/bin/llama-bench:
+	rm -rf $(VENV)/llama.cpp-src && mkdir -p $(VENV)/llama.cpp-src
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(VENV)/llama.cpp-src --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	cmake -S $(VENV)/llama.cpp-src -B $(VENV)/llama.cpp-build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF $(LLAMA_CPP_NO_AMX) >/dev/null
+	cmake --build $(VENV)/llama.cpp-build --target llama-bench -j >/dev/null
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

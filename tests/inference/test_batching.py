@@ -19,7 +19,7 @@ from olmo2kit.inference.batching import (
     Token,
 )
 
-PROMPTS = ["Hello world", "The quick brown fox jumps over", "1 2 3", "Numbers, letters, and symbols: + - * / ="]
+PROMPTS = ["Hello world", "The quick brown fox jumps over", "1 2 3 4", "Numbers, letters, and symbols: + - * / ="]
 
 
 class Collected:

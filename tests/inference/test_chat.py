@@ -182,7 +182,8 @@ def test_chat_piped(cli, chat_model, tiny_instruct_path, tmp_path):
         "/set",
         f"/save {second}",
     ]) + "\n"  # then the end of input
-    code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "4", "--seed", "1", stdin=script)
+    code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "4", "--seed", "1", "--dtype", "fp32",
+                         stdin=script)
     assert code == 0, err
     assert "Traceback" not in err and "chatting with" in err
     saved = json.loads(first.read_text())

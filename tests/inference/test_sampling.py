@@ -123,17 +123,19 @@ def test_compiled_path_takes_both(tiny, raw):
 def test_chat_options_and_set(cli, tiny_instruct, tiny_instruct_path, tmp_path):
     model, tokenizer = tiny_instruct
     transcript = tmp_path / "chat.json"
-    script = f"Hi\n/set repetition_penalty=1 min_p=0.999 greedy=off\n/set\nHi again\n/set min_p=1\n/save {transcript}\n"
+    # min_p 0.99999: the tiny model's second likeliest token comes within 0.99991 of the first at one step here
+    script = (f"Hi\n/set repetition_penalty=1 min_p=0.99999 greedy=off\n/set\nHi again\n/set min_p=1\n"
+              f"/save {transcript}\n")
     code, out, err = cli("chat", "--model", str(tiny_instruct_path), "-n", "30", "--greedy", "--repetition-penalty",
-                         "1.5", "--min-p", "0.2", stdin=script)
+                         "1.5", "--min-p", "0.2", "--dtype", "fp32", stdin=script)
     assert code == 0 and "Traceback" not in err
     messages = json.loads(transcript.read_text())["messages"]
     greedy = dict(do_sample=False, max_new_tokens=30)
     first = generate(model, tokenizer, messages=messages[:1], repetition_penalty=1.5, **greedy).text
     assert messages[1]["content"] == first != generate(model, tokenizer, messages=messages[:1], **greedy).text
-    # min_p 0.999 keeps only the likeliest token: sampling gives the greedy reply
+    # min_p 0.99999 keeps only the likeliest token: sampling gives the greedy reply
     assert messages[3]["content"] == generate(model, tokenizer, messages=messages[:3], **greedy).text
-    assert "top_p=0.95 min_p=0.999 repetition_penalty=1.0 seed=none greedy=off" in err
+    assert "top_p=0.95 min_p=0.99999 repetition_penalty=1.0 seed=none greedy=off" in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: min_p must be in [0, 1) (0 is off), got 1.0"
     ]
@@ -157,7 +159,7 @@ def test_generate_command_passes_repetition_penalty_and_min_p(cli, tiny, tiny_pa
         plain = generate(model, tokenizer, "Hello", max_new_tokens=12, do_sample=not greedy,
                          **({"seed": 3} if not greedy else {})).text
         code, out, err = cli("generate", "Hello", "--model", str(tiny_path), "-n", "12", "--json", "--device", "cpu",
-                             *flags, *(["--greedy"] if greedy else []))
+                             "--dtype", "fp32", *flags, *(["--greedy"] if greedy else []))
         assert code == 0, err
         assert json.loads(out)["text"] == expected
         if greedy:

@@ -62,6 +62,7 @@ def bench(
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.evals.bench import bench as run_bench
+    from olmo2kit.model.engines import engine_name
 
     quiet_transformers()
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
@@ -79,7 +80,9 @@ def bench(
         return
     rows = [("metric", "value")]
     rows += [
-        ("model", f"{result.model} on {result.device}, {result.dtype}" + (f", {quantize}" if quantize else "")),
+        ("model", f"{result.model} on {result.device}, "
+                  + (f"GGUF {result.dtype}" if result.engine == "llamacpp" else result.dtype)
+                  + (f", {quantize}" if quantize and result.engine != "llamacpp" else "")),
         ("engine", f"{result.engine} {result.engine_version}"),
         ("setting", f"batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens"
                     + (", compiled" if compile else "") + f", median of {repeat}"),
@@ -88,7 +91,8 @@ def bench(
         ("prefill", f"{result.prefill_tokens_per_s:,.0f} tokens/s"),
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s ({result.ms_per_token:.2f} ms/token)"),
         ("peak memory (process)" if result.device == "CPU" else "peak memory (GPU)",
-         "- (in vLLM's engine)" if result.peak_memory_gb is None else f"{result.peak_memory_gb:.2f} GB"),
+         f"- (in {engine_name(result.engine)}'s engine)" if result.peak_memory_gb is None
+         else f"{result.peak_memory_gb:.2f} GB"),
         ("weights in memory", format_bytes(result.weight_bytes)),
         ("bytes read per decode step",
          format_bytes(result.bytes_per_step) + " (weights less input embeddings, KV cache)"),

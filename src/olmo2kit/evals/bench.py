@@ -15,11 +15,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from olmo2kit.devices import dtype_name, peak_memory_gb, resolve_device, resolve_dtype, sync
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.estimate import estimate
 from olmo2kit.model.engines import engine_info, load_model
+from olmo2kit.model.llamacpp import LlamaCppModel, load_llamacpp
 from olmo2kit.model.sizes import (
     DEFAULT_MODEL,
     SIZES,
@@ -108,6 +110,11 @@ def load_random(size: str, dtype: str, quantize: str | None, device: str, engine
         with torch.device(device):
             Olmo2ForCausalLM._from_config(config, dtype=torch_dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if engine == "llamacpp":  # its GGUF goes with the checkpoint, not into the GGUF cache
+            loaded, tokenizer = load_llamacpp(tmp, dtype=dtype, quantize=quantize, device=device,
+                                              gguf_cache=Path(tmp) / "gguf")
+            loaded.llama  # noqa: B018  (llama.cpp maps the file now, while the directory is there)
+            return loaded, tokenizer
         loaded, tokenizer = load_model(tmp, engine=engine, dtype=dtype, quantize=quantize, device=device, vllm=vllm)
         if engine == "vllm":
             loaded.llm  # noqa: B018  (vLLM reads the weights now, while the directory is there)
@@ -136,6 +143,9 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     progress = progress or _no_progress
     if batch_size < 1 or prompt_len < 1 or new_tokens < 2 or repeat < 1:
         raise Olmo2KitError("batch size, prompt length and repeat must be at least 1, new tokens at least 2")
+    if engine == "llamacpp" and (batch_size > 1 or compile):
+        raise Olmo2KitError("olmo2kit runs llama.cpp on one sequence at a time, compiled by llama.cpp: bench it with "
+                            "--batch-size 1 and no --compile")
     device = resolve_device(device)
     name = (size or model) if random_init else (model or size or DEFAULT_MODEL)
     if random_init and name not in SIZES and name not in TINY_SIZES:
@@ -154,8 +164,11 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         loaded, tokenizer = load_model(label, engine=engine, revision=revision, dtype=dtype, quantize=quantize,
                                        device=device, vllm=vllm)
     on_vllm = isinstance(loaded, VllmModel)
+    on_llamacpp = isinstance(loaded, LlamaCppModel)
     if on_vllm:
         loaded.llm  # noqa: B018  (vLLM's start-up is part of the load)
+    elif on_llamacpp:
+        loaded.llama  # noqa: B018  (llama.cpp maps the GGUF: part of the load)
     else:
         sync(loaded.device)
     load_s = time.perf_counter() - start
@@ -165,12 +178,13 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
     decode_tps = batch_size * (new_tokens - 1) / decode_s
     arch = Size.from_config(label, loaded.config)
     # the footprint leaves out the fp32 block scales that 4-bit decoding reads too; vLLM's weights are in its engine
-    if quantize in ("nf4", "fp4") or on_vllm:
-        weights = weight_bytes(arch, dtype_name(loaded.dtype), quantize)
+    if on_llamacpp:  # the GGUF's tensors, as llama.cpp maps them; its keys and values are f16
+        weights, element_bytes = loaded.gguf_bytes, 2
+    elif quantize in ("nf4", "fp4") or on_vllm:
+        weights, element_bytes = weight_bytes(arch, dtype_name(loaded.dtype), quantize), loaded.dtype.itemsize
     else:
-        weights = loaded.get_memory_footprint()
-    step_bytes = bytes_per_step(arch, weights, loaded.dtype.itemsize, batch_size,
-                                prompt_len + new_tokens / 2)
+        weights, element_bytes = loaded.get_memory_footprint(), loaded.dtype.itemsize
+    step_bytes = bytes_per_step(arch, weights, element_bytes, batch_size, prompt_len + new_tokens / 2)
     progress("bandwidth", 0, 1)
     device_type = torch.device(loaded.device).type
     bandwidth = measure_bandwidth(torch.device(loaded.device))
@@ -181,7 +195,7 @@ def bench(model: str | None = None, *, size: str | None = None, random_init: boo
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, load_s=load_s, ttft_s=ttft_s,
         prefill_tokens_per_s=batch_size * prompt_len / ttft_s, decode_tokens_per_s=decode_tps,
         ms_per_token=1000 * decode_s / (new_tokens - 1),
-        peak_memory_gb=None if on_vllm else peak_memory_gb(loaded.device),
+        peak_memory_gb=None if on_vllm or on_llamacpp else peak_memory_gb(loaded.device),
         weight_bytes=weights, bytes_per_step=step_bytes, bandwidth_gbps=bandwidth / 1e9, floor_tokens_per_s=floor,
         floor_fraction=(decode_tps / batch_size) / floor, **engine_info(loaded),
     )
@@ -197,6 +211,9 @@ def _median_runs(model, tokenizer, batch_size: int, prompt_len: int, new_tokens:
     input_ids = torch.randint(2, vocab, (batch_size, prompt_len), generator=generator)
     if isinstance(model, VllmModel):
         return _median_of(progress, repeat, lambda: _timed_vllm_run(model, input_ids.tolist(), new_tokens))
+    if isinstance(model, LlamaCppModel):
+        return _median_of(progress, repeat, lambda: _timed_llamacpp_run(model, tokenizer, input_ids[0].tolist(),
+                                                                        new_tokens))
     input_ids = input_ids.to(model.device)
     mask = torch.ones_like(input_ids)
     return _median_of(progress, repeat, lambda: _timed_run(model, tokenizer, input_ids, mask, new_tokens, compile))
@@ -253,6 +270,22 @@ def _timed_vllm_run(model, prompts: list[list[int]], new_tokens: int) -> tuple[f
         model.llm.generate(requests, params, use_tqdm=False)
         timings.append(time.perf_counter() - start)
     first, whole = timings
+    return first, max(whole - first, 1e-9)
+
+
+def _timed_llamacpp_run(model, tokenizer, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """As `_timed_run`, through olmo2kit's llama.cpp engine (the prompt prefilled anew each run)."""
+    from olmo2kit.inference.engines import engine_for
+    from olmo2kit.inference.sampling import SamplingOptions
+
+    model.llama.reset()  # no prefix of an earlier run is reused
+    steps = engine_for(model, tokenizer).tokens([prompt], SamplingOptions(do_sample=False, max_new_tokens=new_tokens),
+                                                set(), stream=True)
+    start = time.perf_counter()
+    first = None
+    for _ in steps:
+        first = first if first is not None else time.perf_counter() - start
+    whole = time.perf_counter() - start
     return first, max(whole - first, 1e-9)
 
 

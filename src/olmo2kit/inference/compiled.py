@@ -172,7 +172,9 @@ class StaticDecoder:
         seen = penalty = None
         if repetition_penalty != 1.0:
             counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.device)
-            counts.scatter_add_(1, input_ids, attention_mask.to(torch.int32))  # the prompt's tokens, not its pads
+            # Every token of input_ids, the left padding included, as transformers' RepetitionPenaltyLogitsProcessor
+            # counts them (it gathers over all of input_ids): a padded row's pad token is penalized there too.
+            counts.scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=torch.int32))
             seen = self.seen.copy_(counts > 0)
             penalty = torch.tensor(float(repetition_penalty), device=self.device)
         temperature_t, top_p_t = (torch.tensor(float(v), device=self.device) for v in (temperature, top_p))

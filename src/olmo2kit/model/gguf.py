@@ -104,16 +104,17 @@ def checkpoint_dir(model: str, revision: str | None = None) -> tuple[ModelRef, P
     return ref, path
 
 
-def cache_path(ref: ModelRef, source: Path, gguf_type: str) -> Path:
-    """Where the GGUF of `ref` (read from `source`) in `gguf_type` is cached."""
+def cache_path(ref: ModelRef, source: Path, gguf_type: str, cache: Path | None = None) -> Path:
+    """Where the GGUF of `ref` (read from `source`) in `gguf_type` is cached (in `cache`, else the GGUF cache)."""
+    cache = cache or gguf_cache_dir()
     if ref.local:
         # The path and every file's size and time: a checkpoint written again gets a new key.
         resolved = source.resolve()
         stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(resolved.iterdir()) if p.is_file()]
         key = hashlib.sha256(json.dumps([str(resolved), stamp]).encode()).hexdigest()[:24]
-        return gguf_cache_dir() / "local" / f"{resolved.name}-{key}" / f"{gguf_type}.gguf"
+        return cache / "local" / f"{resolved.name}-{key}" / f"{gguf_type}.gguf"
     commit = source.name  # the Hub cache's snapshot directory is named by the commit
-    return gguf_cache_dir() / ("models--" + ref.source.replace("/", "--")) / commit / f"{gguf_type}.gguf"
+    return cache / ("models--" + ref.source.replace("/", "--")) / commit / f"{gguf_type}.gguf"
 
 
 def gguf_file(model: str, *, revision: str | None = None, gguf_type: str = "bf16", say=log.info) -> Path:
@@ -122,10 +123,10 @@ def gguf_file(model: str, *, revision: str | None = None, gguf_type: str = "bf16
     return cached_gguf(*checkpoint_dir(model, revision), gguf_type, say=say)
 
 
-def cached_gguf(ref: ModelRef, source: Path, gguf_type: str, *, say=log.info) -> Path:
-    """As `gguf_file`, for a checkpoint `checkpoint_dir` has resolved."""
+def cached_gguf(ref: ModelRef, source: Path, gguf_type: str, *, say=log.info, cache: Path | None = None) -> Path:
+    """As `gguf_file`, for a checkpoint `checkpoint_dir` has resolved (in `cache`, else the GGUF cache)."""
     kind = check_gguf_type(gguf_type)
-    path = cache_path(ref, source, kind.name)
+    path = cache_path(ref, source, kind.name, cache)
     if path.is_file():
         return path
     say(f"converting {ref} to GGUF ({kind.name}) for llama.cpp, once: it is cached in {path.parent}")

@@ -74,11 +74,12 @@ class LlamaCppModel:
         from transformers import AutoConfig, GenerationConfig
 
         self.gguf = gguf
+        self.gguf_bytes = gguf.stat().st_size
         self.ref = ref
         self.name_or_path = str(ref)
         self.dtype = gguf_type
         self.device = "cpu"
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or _usable_cores()
         self.config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         try:
             self.generation_config = GenerationConfig.from_pretrained(source)
@@ -108,20 +109,27 @@ class LlamaCppModel:
 
 
 def load_llamacpp(model: str, *, revision: str | None = None, dtype: str = "auto", quantize: str | None = None,
-                  device: str = "auto", threads: int | None = None, say=log.info):
+                  device: str = "auto", threads: int | None = None, say=log.info, gguf_cache: Path | None = None):
     """`(LlamaCppModel, tokenizer)` for an OLMo 2 size alias, Hub repo (at a revision) or local directory, run
-    from its GGUF in the type `quantize` names (else bf16, or f16/f32 for --dtype fp16/fp32), converted once."""
+    from its GGUF in the type `quantize` names (else bf16, or f16/f32 for --dtype fp16/fp32), converted once
+    into the GGUF cache (or `gguf_cache`)."""
     reason = llamacpp_refusal(model, quantize=quantize, device=device)
     if reason:
         raise Olmo2KitError(reason)
     gguf_type = gguf_type_for(dtype, quantize)
     ref, source = checkpoint_dir(model, revision)
-    path = cached_gguf(ref, source, gguf_type, say=say)
+    path = cached_gguf(ref, source, gguf_type, say=say, cache=gguf_cache)
     tokenizer = load_tokenizer(str(source))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LlamaCppModel(path, source, ref, gguf_type, threads=threads), tokenizer
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (all of them where the OS does not say)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def llamacpp_version() -> str:
