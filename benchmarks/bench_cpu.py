@@ -7,7 +7,8 @@ the same GGUF files, batch 1, the 1B architecture with random weights (speed doe
 
 Paths, each through `olmo2kit bench --json` in a process of its own (greedy, --prompt-len 32, --new-tokens 64,
 median of --repeat runs after a warm-up): transformers fp32 (the old CPU default), the default (dtype auto), bf16
-compiled, bitsandbytes int8 (fewer tokens: it is slow); llama.cpp bf16 and Q8_0 through `--engine llamacpp`.
+compiled, bitsandbytes int8 (fewer tokens: it is slow); llama.cpp bf16 and Q8_0 through `--engine llamacpp`;
+with --vllm, vLLM's CPU build in bf16; with --torchao, torchao's int8 weight-only (in a process of its own).
 llama.cpp's reference: `llama-bench -t THREADS -p 32 -n 64` on the very GGUF files the engine ran (its cache).
 Time to first token for a 512-token prompt: `bench --prompt-len 512 --new-tokens 2 --repeat 1` on each path,
 512 / llama-bench's pp512 rate for the reference. Conversion: the seconds `gguf_file` takes to write each type
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-int8", action="store_true", help="Leave out bitsandbytes int8 (minutes on a 1B).")
     parser.add_argument("--torchao", action="store_true", help="Add torchao's int8 weight-only (torchao importable).")
+    parser.add_argument("--vllm", action="store_true", help="Add vLLM's CPU build, bf16 (vLLM installed).")
+    parser.add_argument("--only", help="Run only the paths whose name holds this text (and no llama-bench).")
     parser.add_argument("--torchao-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torchao_child:
@@ -113,8 +116,12 @@ def main() -> None:
         "llama.cpp bf16 (--engine llamacpp)": ["--model", str(checkpoint), "--engine", "llamacpp", "-q", "bf16"],
         "llama.cpp Q8_0 (--engine llamacpp)": ["--model", str(checkpoint), "--engine", "llamacpp", "-q", "q8_0"],
     }
+    if args.vllm:
+        paths["vLLM bf16 (--engine vllm)"] = [*random_init, "--dtype", "bf16", "--engine", "vllm"]
     if args.skip_int8:
         del paths["transformers int8 (bitsandbytes)"]
+    if args.only:
+        paths = {name: path for name, path in paths.items() if args.only in name}
     results = {}
     for name, path_args in paths.items():
         slow = "int8" in name
@@ -126,7 +133,7 @@ def main() -> None:
                          "load_s": result["load_s"], "floor_fraction": result["floor_fraction"]}
         print(f"{name}: {result['decode_tokens_per_s']:.2f} tokens/s, first token (512) {ttft['ttft_s']:.2f} s",
               file=sys.stderr)
-    if args.torchao:
+    if args.torchao and not args.only:
         done = subprocess.run([sys.executable, __file__, "--torchao-child", "--size", args.size, "--work", str(work),
                                "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)],
                               capture_output=True, text=True, env=env, check=False)
@@ -134,7 +141,9 @@ def main() -> None:
             raise SystemExit(f"torchao int8 failed:\n{done.stderr}")
         results["transformers int8 (torchao, not in olmo2kit)"] = json.loads(done.stdout.splitlines()[-1])
     reference = {}
-    if LLAMA_BENCH.is_file():
+    if args.only:
+        pass
+    elif LLAMA_BENCH.is_file():
         for kind, gguf in files.items():
             tg = llama_bench(gguf, threads, 32, args.new_tokens, args.repeat)["tg"]
             pp = llama_bench(gguf, threads, 512, 0, args.repeat)["pp"]

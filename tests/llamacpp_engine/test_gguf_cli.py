@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -206,3 +207,38 @@ def test_serve_on_llamacpp_answers_the_openai_client(tiny_instruct_path, tiny_in
         assert streamed == generate(*tiny_instruct, "Hello", do_sample=False, max_new_tokens=8).text
         with pytest.raises(openai.BadRequestError, match="not served on llamacpp"):
             client.completions.create(model=name, prompt="Hello", max_tokens=4, logprobs=2)
+
+
+def _with_code(tiny_path: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tiny checkpoint whose tokenizer names code of its own, which writes a marker when run."""
+    import shutil
+
+    path = tmp_path / "with-code"
+    shutil.copytree(tiny_path, path)
+    marker = tmp_path / "ran"
+    (path / "tokenization_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path, marker
+
+
+def test_the_converter_runs_no_code_from_the_checkpoint(tiny_path, tmp_path):
+    """Converting a checkpoint that ships tokenizer code runs none of it."""
+    path, marker = _with_code(tiny_path, tmp_path)
+    assert gguf_file(str(path), gguf_type="f16", say=lambda _: None).is_file()
+    assert not marker.exists()
+
+
+def test_the_converters_tokenizer_loads_refuse_remote_code(tiny_path, tmp_path):
+    """llama.cpp's converter asks transformers for trust_remote_code=True for some architectures
+    (conversion/base.py); in olmo2kit's conversion process such a request loads no checkpoint code."""
+    path, marker = _with_code(tiny_path, tmp_path)
+    script = ("from olmo2kit.model.gguf import _no_remote_code\n_no_remote_code()\n"
+              "from transformers import AutoTokenizer\n"
+              f"print(type(AutoTokenizer.from_pretrained({str(path)!r}, trust_remote_code=True)).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() != "EvilTokenizer" and not marker.exists()

@@ -25,7 +25,7 @@ CHATS = [
     [{"role": "system", "content": "You are a helpful assistant."},
      {"role": "user", "content": "Write a short poem about the sea."},
      {"role": "assistant", "content": "The sea is wide, the sea is deep."},
-     {"role": "user", "content": "Again, in 12345 words!  Don't stop.\n\nThanks 🚀 ✅ 我想"}],
+     {"role": "user", "content": "Again, in 12345 words, room 0100 and 10010!  Don't stop.\n\nThanks 🚀 ✅ 我想"}],
 ]
 # llama.cpp keeps keys and values in f16 (its default cache type), so its f32 logits differ from transformers'
 # fp32 ones by rounding: measured up to 4.2e-4 on the tiny checkpoint (logits up to 0.7); 2e-3 leaves room.

@@ -220,6 +220,7 @@ def _run_converter(converter: Path, source: Path, out: Path, outtype: str, name:
         sys.path.insert(1, str(converter / "gguf-py"))
     import torch
 
+    _no_remote_code()
     conversion = importlib.import_module("conversion")
     gguf = importlib.import_module("gguf")
     # olmo2kit names the pre-tokenizer the converter's warning is about, and says what failed itself.
@@ -250,6 +251,20 @@ def _run_converter(converter: Path, source: Path, out: Path, outtype: str, name:
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     with torch.inference_mode():
         Olmo2Gguf(source, file_type, out, model_name=name).write()
+
+
+def _no_remote_code() -> None:
+    """Make the converter's tokenizer loads refuse a checkpoint's own code: it asks transformers for
+    `trust_remote_code=True` (conversion/base.py, get_vocab_base), which olmo2kit never allows."""
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs["trust_remote_code"] = False
+        return load(cls, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = classmethod(from_pretrained)
 
 
 def named_pre_tokenizer(source: Path) -> str:
