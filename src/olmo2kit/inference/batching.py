@@ -120,46 +120,30 @@ class _Batch:
     mask: object = None  # [rows, positions] attention mask, 0 on the left padding
 
 
-class BatchScheduler:
-    """Continuous batching over one model (see the module docstring). `max_batch_size` rows decode
-    together; up to `max_queue` more wait, and `submit` past that raises QueueFull at once."""
+class _Scheduler:
+    """What the schedulers share: the queue of waiting requests (`submit`, bounded by `max_queue`), `close`, and
+    the worker thread that runs `_run`. A subclass checks a request in `_check` and starts the thread."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
-                 eos_ids: set[int] | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise Olmo2KitError("max_batch_size must be at least 1 and max_queue at least 0")
+    thread_name = "olmo2kit-scheduler"
+
+    def __init__(self, model, tokenizer, *, max_queue: int, eos_ids: set[int] | None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.eos_ids = eos_ids if eos_ids is not None else end_of_text_ids(model, tokenizer)
         self._waiting: deque[Handle] = deque()
-        self._joining: list[Handle] = []  # taken from the queue, prefilled before they join the batch
-        self._batch = _Batch()
         self._wake = threading.Condition()
         self._closed = False
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="olmo2kit-batching", daemon=True)
-        self._thread.start()
-
-    @property
-    def running(self) -> int:
-        return len(self._batch.rows)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    @property
-    def busy(self) -> bool:
-        """Whether any request is waiting, being prefilled or running."""
-        with self._wake:  # a request moves from the queue to the prefill under this lock
-            return bool(self._batch.rows or self._waiting or self._joining)
-
     def submit(self, request: BatchRequest, emit: Callable) -> Handle:
         """Queue `request`; `emit` is called with each of its events, from the scheduler's thread."""
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise Olmo2KitError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {request.logprobs}")
+        self._check(request)
         handle = Handle(request, emit, next(self._ids))
         with self._wake:
             if self._closed:
@@ -176,6 +160,43 @@ class BatchScheduler:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout)
+
+    def _check(self, request: BatchRequest) -> None:
+        """Olmo2KitError for a request this scheduler cannot run."""
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class BatchScheduler(_Scheduler):
+    """Continuous batching over one model (see the module docstring). `max_batch_size` rows decode
+    together; up to `max_queue` more wait, and `submit` past that raises QueueFull at once."""
+
+    thread_name = "olmo2kit-batching"
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
+                 eos_ids: set[int] | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise Olmo2KitError("max_batch_size must be at least 1 and max_queue at least 0")
+        super().__init__(model, tokenizer, max_queue=max_queue, eos_ids=eos_ids)
+        self.max_batch_size = max_batch_size
+        self._joining: list[Handle] = []  # taken from the queue, prefilled before they join the batch
+        self._batch = _Batch()
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.rows)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting, being prefilled or running."""
+        with self._wake:  # a request moves from the queue to the prefill under this lock
+            return bool(self._batch.rows or self._waiting or self._joining)
+
+    def _check(self, request: BatchRequest) -> None:
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise Olmo2KitError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {request.logprobs}")
 
     def _run(self) -> None:
         import torch
@@ -388,7 +409,7 @@ class Unsupported(Olmo2KitError):
     """A request the model's engine cannot run as asked (logprobs on llama.cpp, say): a 400."""
 
 
-class SerialScheduler:
+class SerialScheduler(_Scheduler):
     """One request at a time through an engine that runs one sequence (llama.cpp's): `BatchScheduler`'s
     submit, cancel and events, in the order requests arrive, without logprobs or constraints.
 
@@ -396,18 +417,14 @@ class SerialScheduler:
     tokens the engine gives `generate`.
     """
 
+    thread_name = "olmo2kit-serial"
+
     def __init__(self, model, tokenizer, *, max_queue: int = 64, eos_ids: set[int] | None = None) -> None:
         if max_queue < 0:
             raise Olmo2KitError("max_queue must be at least 0")
+        super().__init__(model, tokenizer, max_queue=max_queue, eos_ids=eos_ids)
         self.engine = engine_for(model, tokenizer)
-        self.max_queue = max_queue
-        self.eos_ids = eos_ids if eos_ids is not None else end_of_text_ids(model, tokenizer)
-        self._waiting: deque[Handle] = deque()
         self._current: Handle | None = None
-        self._wake = threading.Condition()
-        self._closed = False
-        self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="olmo2kit-serial", daemon=True)
         self._thread.start()
 
     @property
@@ -415,35 +432,14 @@ class SerialScheduler:
         return int(self._current is not None)
 
     @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
     def busy(self) -> bool:
         with self._wake:
             return bool(self._waiting or self._current)
 
-    def submit(self, request: BatchRequest, emit: Callable) -> Handle:
-        """Queue `request`; `emit` is called with each of its events, from the scheduler's thread."""
+    def _check(self, request: BatchRequest) -> None:
         if request.logprobs is not None or request.prompt_logprobs or request.constraint is not None:
             raise Unsupported(f"logprobs, echo and response_format are not served on {self.engine.name}: serve "
                               "on --engine transformers for them")
-        handle = Handle(request, emit, next(self._ids))
-        with self._wake:
-            if self._closed:
-                raise QueueFull("the model is being unloaded")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already (the queue holds {self.max_queue})")
-            self._waiting.append(handle)
-            self._wake.notify()
-        return handle
-
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Stop at the next token; requests still waiting or running get a Failed event."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
