@@ -242,3 +242,64 @@ def test_the_converters_tokenizer_loads_refuse_remote_code(tiny_path, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() != "EvilTokenizer" and not marker.exists()
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	tpl, _ := os.ReadFile(os.Args[1])
+	raw, _ := os.ReadFile(os.Args[2])
+	var messages []Message
+	if err := json.Unmarshal(raw, &messages); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("Modelfile").Parse(string(tpl)))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+def test_the_modelfile_template_renders_chats_as_transformers(tiny_instruct, tmp_path):
+    """The Modelfile's TEMPLATE, run by Go's text/template (the template language ollama uses, with its
+    `.Messages`), renders a chat as transformers renders it with the OLMo 2 template. Needs `go` (CI installs it)."""
+    import re
+    import shutil
+
+    from olmo2kit.model.chat_template import render_chat
+    from olmo2kit.model.gguf import ollama_modelfile
+
+    if shutil.which("go") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("go is not installed: CI renders the Modelfile template with Go (.ci/run installs it)")
+        pytest.skip("go is not installed")
+    modelfile = ollama_modelfile("model.gguf", 4096, {"top_p": 0.95})
+    template = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M).group(1)
+    (tmp_path / "template").write_text(template)
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "gocache"), "HOME": str(tmp_path)}
+    chats = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again\n\nplease 🚀"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}],
+    ]
+    for messages in chats:
+        (tmp_path / "messages.json").write_text(json.dumps(messages))
+        done = subprocess.run(["go", "run", "main.go", "template", "messages.json"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == render_chat(tiny_instruct[1], messages)
