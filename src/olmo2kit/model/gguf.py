@@ -132,7 +132,7 @@ def cached_gguf(ref: ModelRef, source: Path, gguf_type: str, *, say=log.info, ca
     say(f"converting {ref} to GGUF ({kind.name}) for llama.cpp, once: it is cached in {path.parent}")
     make_output_dir(path.parent)
     _remove_abandoned(path)
-    convert(source, path, kind.name)
+    convert(source, path, kind.name, name=_gguf_name(ref))
     return path
 
 
@@ -140,8 +140,9 @@ def convert(source: Path, out: Path, gguf_type: str, *, name: str | None = None)
     """Write the GGUF of the checkpoint directory `source` to `out` in `gguf_type` with llama.cpp's converter
     (and its quantizer for the k-quants): beside `out` first, renamed into place when whole.
 
-    The converter runs in a child process: llama.cpp run later in this process crashed (SIGSEGV in its Q8_0
-    decode) after converting in it. The child dies with this process (Linux), so a killed conversion stops."""
+    The converter runs in a child process: it changes process-wide state (its logging, sys.path, its class
+    registry) that the caller keeps none of. The child dies with this process (Linux), so a killed conversion
+    stops."""
     kind = check_gguf_type(gguf_type)
     converter = converter_dir()
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
