@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--skip-int8", action="store_true", help="Leave out bitsandbytes int8 (minutes on a 1B).")
     parser.add_argument("--torchao", action="store_true", help="Add torchao's int8 weight-only (torchao importable).")
     parser.add_argument("--vllm", action="store_true", help="Add vLLM's CPU build, bf16 (vLLM installed).")
-    parser.add_argument("--only", help="Run only the paths whose name holds this text (and no llama-bench).")
+    parser.add_argument("--only", help="Run only the paths whose name holds this text (llama-bench only for "
+                                       "'llama.cpp').")
     parser.add_argument("--torchao-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torchao_child:
@@ -141,7 +142,7 @@ def main() -> None:
             raise SystemExit(f"torchao int8 failed:\n{done.stderr}")
         results["transformers int8 (torchao, not in olmo2kit)"] = json.loads(done.stdout.splitlines()[-1])
     reference = {}
-    if args.only:
+    if args.only and "llama.cpp" not in args.only:
         pass
     elif LLAMA_BENCH.is_file():
         for kind, gguf in files.items():

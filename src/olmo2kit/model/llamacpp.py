@@ -94,8 +94,11 @@ class LlamaCppModel:
         from llama_cpp import Llama
 
         try:
+            # flash_attn: llama.cpp's fused attention, which llama-bench's default (auto) turns on here and
+            # llama-cpp-python's turns off; measured on the 1B Q8_0 here: a 512-token prompt read in 6.0 s
+            # instead of 6.4, decode 2% faster.
             llama = Llama(model_path=str(self.gguf), n_ctx=self.context_length or 0, n_threads=self.threads,
-                          n_threads_batch=self.threads, n_batch=512, seed=0, verbose=False)
+                          n_threads_batch=self.threads, n_batch=512, flash_attn=True, seed=0, verbose=False)
         except (ValueError, RuntimeError) as e:  # how llama-cpp-python reports a file llama.cpp cannot load
             raise Olmo2KitError(f"llama.cpp cannot load {self.gguf}: {e}") from None
         # Freed while the interpreter still runs: llama-cpp-python's own __del__ fails at exit.
