@@ -46,16 +46,16 @@ class GgufType:
     name: str
     converter: str  # the converter's --outtype that writes it, or the type quantized from
     quantize: str | None = None  # llama.cpp's quantizer's file type, for types the converter does not write
-    description: str = ""
 
 
+# bf16: OLMo 2's own type (lossless from its bf16 checkpoints); f16, f32; q8_0: llama.cpp's 8-bit blocks; q4_k_m: its mixed 4-bit k-quants,
+# made by llama.cpp's quantizer from the bf16 file.
 GGUF_TYPES = {t.name: t for t in (
-    GgufType("bf16", "bf16", description="bfloat16, OLMo 2's own type: lossless"),
-    GgufType("f16", "f16", description="float16"),
-    GgufType("f32", "f32", description="float32"),
-    GgufType("q8_0", "q8_0", description="8-bit blocks (llama.cpp's Q8_0)"),
-    GgufType("q4_k_m", "bf16", quantize="LLAMA_FTYPE_MOSTLY_Q4_K_M",
-             description="4-bit k-quants, mixed (llama.cpp's Q4_K_M)"),
+    GgufType("bf16", "bf16"),
+    GgufType("f16", "f16"),
+    GgufType("f32", "f32"),
+    GgufType("q8_0", "q8_0"),
+    GgufType("q4_k_m", "bf16", quantize="LLAMA_FTYPE_MOSTLY_Q4_K_M"),
 )}
 
 
