@@ -48,8 +48,8 @@ class GgufType:
     quantize: str | None = None  # llama.cpp's quantizer's file type, for types the converter does not write
 
 
-# bf16: OLMo 2's own type (lossless from its bf16 checkpoints); f16, f32; q8_0: llama.cpp's 8-bit blocks; q4_k_m: its mixed 4-bit k-quants,
-# made by llama.cpp's quantizer from the bf16 file.
+# bf16: OLMo 2's own type (lossless from its bf16 checkpoints); f16, f32; q8_0: llama.cpp's 8-bit blocks;
+# q4_k_m: its mixed 4-bit k-quants, made by llama.cpp's quantizer from the bf16 file.
 GGUF_TYPES = {t.name: t for t in (
     GgufType("bf16", "bf16"),
     GgufType("f16", "f16"),
