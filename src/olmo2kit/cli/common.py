@@ -56,8 +56,9 @@ def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm
     chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
                            say=said.append)
     if scoring and chosen == "llamacpp":
-        raise Olmo2KitError("olmo2kit scores text (perplexity, eval, sweep) on transformers or vLLM, not llama.cpp: "
-                            "use --engine transformers, and a bitsandbytes --quantize if any")
+        from olmo2kit.model.llamacpp import NO_SCORING
+
+        raise Olmo2KitError(NO_SCORING)
     if vllm is not None and chosen != "vllm":
         raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
                             "and the engine is transformers: give --engine vllm")

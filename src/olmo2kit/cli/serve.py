@@ -84,10 +84,9 @@ def serve(
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     one = len(names) == 1 and not allow_load
-    chosen, note = pick_engine(engine, names[0], quantize, device, vllm) if engine != "transformers" and one \
-        else ("transformers", None)
-    if engine == "llamacpp" and not one:  # every model on llama.cpp, each converted to GGUF as it loads
-        chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm)
+    # "auto" and vLLM look at the one model; llama.cpp runs every model, each converted to GGUF as it loads
+    chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm) \
+        if engine == "llamacpp" or (engine != "transformers" and one) else ("transformers", None)
     if chosen == "vllm":
         _serve_with_vllm(names[0], _bind(host, port), note, host, dtype, device, vllm, max_batch_size, api_key)
         return

@@ -479,7 +479,6 @@ class SerialScheduler(_Scheduler):
                     if handle.cancelled or self._closed:
                         return
                     handle.emit(Token(token))
-                    handle.generated += 1
                     if token in self.eos_ids:
                         handle.emit(Finished("stop"))
                         return

@@ -27,7 +27,7 @@ from olmo2kit.compat import cache_keyword
 from olmo2kit.devices import peak_memory_gb
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.sampling import SEED_LIMIT, SamplingOptions
-from olmo2kit.model.llamacpp import LlamaCppModel
+from olmo2kit.model.llamacpp import NO_SCORING, LlamaCppModel
 from olmo2kit.model.sizes import context_length
 from olmo2kit.model.vllm import VllmModel
 
@@ -339,8 +339,7 @@ class LlamaCppEngine(Engine):
             yield held
 
     def scored_nll(self, windows):
-        raise Olmo2KitError("olmo2kit scores text (perplexity, eval, sweep) on transformers or vLLM, not llama.cpp: "
-                            "use --engine transformers")
+        raise Olmo2KitError(NO_SCORING)
 
 
 _requests_made = itertools.count()

@@ -31,6 +31,11 @@ GGUF_FOR_DTYPE = {"auto": "bf16", "bf16": "bf16", "bfloat16": "bf16", "fp16": "f
                   "fp32": "f32", "float32": "f32"}
 
 
+# Why a command that scores text does not run on llama.cpp (said by the CLI before loading, and by the engine).
+NO_SCORING = ("olmo2kit scores text (perplexity, eval, sweep) on transformers or vLLM, not llama.cpp: use --engine "
+              "transformers (with a bitsandbytes --quantize, if any)")
+
+
 def llamacpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
@@ -45,11 +50,7 @@ def llamacpp_refusal(model: str, *, quantize: str | None, device: str) -> str | 
     check_device(device)
     if device not in ("auto", "cpu"):
         return f"olmo2kit runs llama.cpp on the CPU: use --device cpu (or auto), not --device {device}"
-    path = Path(model.partition("@")[0]).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").exists():
-        return (f"{model} is a LoRA adapter: llama.cpp runs whole checkpoints; merge it first "
-                "(`olmo2kit finetune ... --lora --merge`), or use --engine transformers")
-    return None
+    return None  # a LoRA adapter directory is refused where the checkpoint is found (gguf.checkpoint_dir)
 
 
 def gguf_type_for(dtype: str, quantize: str | None) -> str:
