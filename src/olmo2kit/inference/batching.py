@@ -457,7 +457,7 @@ class SerialScheduler(_Scheduler):
                 handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             with self._wake:
                 self._current = None
-        for handle in [*self._waiting, *([self._current] if self._current else [])]:
+        for handle in self._waiting:
             handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
         self._waiting.clear()
 
@@ -476,7 +476,10 @@ class SerialScheduler(_Scheduler):
         try:
             for step in steps:
                 for token in step[0]:
-                    if handle.cancelled or self._closed:
+                    if self._closed:  # shutdown or unload: the request ends as BatchScheduler's running rows do
+                        handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
+                        return
+                    if handle.cancelled:
                         return
                     handle.emit(Token(token))
                     if token in self.eos_ids:
