@@ -206,8 +206,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # there, and another user's
+        pass
     return True
 
 
@@ -308,7 +308,11 @@ def export_gguf(model: str, out: str | os.PathLike, *, revision: str | None = No
     it is there, else converted straight to `out`. `out` appears whole or not at all."""
     kind = check_gguf_type(gguf_type)
     out = _new_output_file(out, ".gguf")
-    ref, source = checkpoint_dir(model, revision)
+    return _write_gguf(*checkpoint_dir(model, revision), out, kind, say)
+
+
+def _write_gguf(ref: ModelRef, source: Path, out: Path, kind: GgufType, say) -> Path:
+    """`export_gguf` for a checkpoint `checkpoint_dir` has resolved."""
     cached = cache_path(ref, source, kind.name)
     if cached.is_file():
         say(f"copying the cached GGUF ({kind.name}) of {ref}")
@@ -332,7 +336,7 @@ def export_ollama(model: str, directory: str | os.PathLike, *, revision: str | N
     gguf_name = f"{_gguf_name(ref)}-{kind.name}.gguf"
     if (directory / gguf_name).exists() or (directory / "Modelfile").exists():
         raise Olmo2KitError(f"{directory} holds {gguf_name} or a Modelfile already: give an empty directory")
-    export_gguf(model, directory / gguf_name, revision=revision, gguf_type=kind.name, say=say)
+    _write_gguf(ref, source, _new_output_file(directory / gguf_name, ".gguf"), kind, say)
     context = json.loads((source / "config.json").read_text()).get("max_position_embeddings")
     write_atomic(directory / "Modelfile", ollama_modelfile(gguf_name, context, parameters or {}).encode())
     return directory
