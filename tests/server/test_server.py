@@ -52,16 +52,35 @@ def direct_logprobs(model, ids: list[int]):
     return torch.log_softmax(logits, dim=-1)
 
 
+def token_bytes(tokenizer, token: int) -> bytes:
+    """A token's own bytes, as xgrammar reads the vocabulary (a source apart from the server's)."""
+    import xgrammar
+
+    info = _VOCABULARIES.get(id(tokenizer))
+    if info is None:
+        info = _VOCABULARIES[id(tokenizer)] = xgrammar.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab
+    return info[token]
+
+
+_VOCABULARIES: dict[int, list[bytes]] = {}
+
+
+def token_name(tokenizer, token: int) -> str:
+    """How OpenAI names a token in logprobs: its text, or `bytes:\\xNN...` when it is not whole UTF-8."""
+    data = token_bytes(tokenizer, token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
 def assert_top_logprobs(served: dict[str, float], row, tokenizer, k: int) -> None:
-    """`served` (token text -> logprob) holds the k likeliest tokens of `row`; tokens whose texts are equal (bytes
-    of a split character all read as U+FFFD) share one key, holding one of their logprobs."""
+    """`served` (token name -> logprob) holds the k likeliest tokens of `row`, each under its own name."""
     values, indices = row.topk(k)
-    expected: dict[str, list[float]] = {}
-    for token, logprob in zip(indices.tolist(), values.tolist(), strict=True):
-        expected.setdefault(tokenizer.decode([token]), []).append(logprob)
-    assert set(served) == set(expected)
-    for text, logprob in served.items():
-        assert min(abs(logprob - e) for e in expected[text]) <= LOGPROB_TOLERANCE, (text, logprob, expected[text])
+    expected = {token_name(tokenizer, t): lp for t, lp in zip(indices.tolist(), values.tolist(), strict=True)}
+    assert len(served) == k and set(served) == set(expected), (served, expected)
+    for name, logprob in served.items():
+        assert logprob == pytest.approx(expected[name], abs=LOGPROB_TOLERANCE), name
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +188,7 @@ def test_greedy_text_and_logprobs_equal_generate_and_a_direct_forward(client, ba
     rows = direct_logprobs(model, ids + expected.token_ids)
     logprobs = choice.logprobs
     assert len(logprobs.token_logprobs) == len(expected.token_ids) == reply.usage.completion_tokens
-    assert logprobs.tokens == [tokenizer.decode([t]) for t in expected.token_ids]
+    assert logprobs.tokens == [token_name(tokenizer, t) for t in expected.token_ids]
     for k, token in enumerate(expected.token_ids):
         row = rows[len(ids) - 1 + k]
         assert logprobs.token_logprobs[k] == pytest.approx(row[token].item(), abs=LOGPROB_TOLERANCE)
@@ -200,7 +219,7 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(client, base, tiny):
     choice = reply.choices[0]
     assert choice.text == prompt
     logprobs = choice.logprobs
-    assert logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert logprobs.tokens == [token_name(tokenizer, t) for t in ids]
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     assert len(logprobs.token_logprobs) == len(ids)
     for i in range(1, len(ids)):
@@ -272,11 +291,11 @@ def test_chat_logprobs_equal_a_direct_forward(chat, instruct, tiny_instruct):
     rows = direct_logprobs(model, ids + expected.token_ids)
     for k, (entry, token) in enumerate(zip(content, expected.token_ids, strict=True)):
         row = rows[len(ids) - 1 + k]
-        assert entry.token == tokenizer.decode([token])
-        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert entry.token == token_name(tokenizer, token)
+        assert entry.bytes == list(token_bytes(tokenizer, token))
         assert entry.logprob == pytest.approx(row[token].item(), abs=LOGPROB_TOLERANCE)
         values, indices = row.topk(2)
-        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in indices.tolist()]
+        assert [t.token for t in entry.top_logprobs] == [token_name(tokenizer, t) for t in indices.tolist()]
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=LOGPROB_TOLERANCE)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -17,7 +18,7 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.engines import Engine, check_acceleration, engine_for
 from olmo2kit.inference.sampling import SamplingOptions
 from olmo2kit.model.chat_template import check_messages, check_text, encode_chat
-from olmo2kit.model.sizes import check_context
+from olmo2kit.model.sizes import ContextExceeded, check_context
 
 
 @dataclass
@@ -115,7 +116,7 @@ def stream_rows(engine: Engine, requests: list, sampling: SamplingOptions, *,
                 stream: bool) -> Iterator[tuple[int, Generation]]:
     """(row, chunk) for each prompt or conversation in `requests`, as the engine's tokens come in; each
     row's last chunk has its finish_reason set. Checked and encoded first: nothing runs on a bad request."""
-    prompts = encode_requests(engine.tokenizer, requests)
+    prompts = encode_requests(engine.tokenizer, requests, engine.context_length)
     for ids in prompts:
         check_context(len(ids), sampling.max_new_tokens, engine.context_length)
     eos_ids = engine.eos_ids()
@@ -243,8 +244,11 @@ def _requests(prompt, messages) -> tuple[list, bool]:
 MAX_PROMPT_BYTES = 1 << 22
 
 
-def encode_requests(tokenizer, requests: list) -> list[list[int]]:
-    """Token ids of each prompt (str) or conversation (a list of messages), unpadded."""
+def encode_requests(tokenizer, requests: list, context: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt (str) or conversation (a list of messages), unpadded.
+
+    With the model's `context`, a prompt that cannot fit it is refused (`ContextExceeded`) before it is tokenized
+    whole, where its length shows it (see `check_prompt_tokens`)."""
     if not requests:
         raise Olmo2KitError("no prompt given")
     encoded = []
@@ -254,6 +258,8 @@ def encode_requests(tokenizer, requests: list) -> list[list[int]]:
                 raise Olmo2KitError("empty prompt: give some text to continue")
             check_text(request, "the prompt")
         check_prompt_size(request)
+        if context is not None:
+            check_prompt_tokens(tokenizer, request, context)
         if isinstance(request, str):
             encoded.append(tokenizer(request, return_token_type_ids=False)["input_ids"])
         else:
@@ -269,6 +275,50 @@ def check_prompt_size(request: str | list[dict]) -> None:
         what = "the prompt" if isinstance(request, str) else "the conversation"
         raise Olmo2KitError(f"{what} is {size:,} bytes, more than the {MAX_PROMPT_BYTES:,} olmo2kit reads before "
                             "counting tokens (the model's context holds far fewer): shorten it")
+
+
+# Characters of a long prompt tokenized first to count its tokens, per token of context: English runs at about
+# four characters a token, so this head of a text that cannot fit holds more tokens than the context.
+HEAD_CHARS_PER_TOKEN = 8
+# Tokens the head of a text may have beyond the whole text's (the cut can split a word the whole text keeps in
+# fewer tokens); a head that passes the context by more than this proves the whole does.
+HEAD_SLACK = 64
+_longest: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_prompt_tokens(tokenizer, request: str | list[dict], context: int) -> None:
+    """ContextExceeded when a prompt's or conversation's text shows it holds `context` tokens or more, without
+    tokenizing it whole: no token covers more characters than the tokenizer's longest, so a text of more
+    characters than `context` times that cannot fit; and a text longer than HEAD_CHARS_PER_TOKEN characters per
+    token of context is refused when its head alone holds more tokens than the context."""
+    texts = [request] if isinstance(request, str) else [m["content"] for m in request]
+    chars = sum(len(text) for text in texts)
+    what = "the prompt" if isinstance(request, str) else "the conversation"
+    least = -(-chars // _longest_token(tokenizer))
+    if least >= context:
+        raise ContextExceeded(f"{what} is at least {least} tokens ({chars:,} characters), which fills the "
+                              f"model's {context}-token context: shorten it")
+    head = HEAD_CHARS_PER_TOKEN * context
+    if chars > head:
+        tokens = len(tokenizer("".join(texts)[:head], add_special_tokens=False)["input_ids"])
+        if tokens > context + HEAD_SLACK:
+            raise ContextExceeded(f"{what} is over {tokens - HEAD_SLACK} tokens in its first {head:,} characters "
+                                  f"alone, which fills the model's {context}-token context: shorten it")
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest token (a byte-level token's spelling has a character per byte, at
+    least as many as its text), at least 1."""
+    try:
+        return _longest[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+    try:
+        _longest[tokenizer] = longest
+    except TypeError:  # a tokenizer that takes no weak reference is measured each time
+        pass
+    return longest
 
 
 def _ids_through_stop(tokenizer, ids: list[int], stop: Sequence[str]) -> list[int]:

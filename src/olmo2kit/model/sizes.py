@@ -289,6 +289,10 @@ def context_length(config) -> int | None:
 _warned_context: set[str] = set()
 
 
+class ContextExceeded(Olmo2KitError):
+    """A prompt, or a prompt and the tokens asked for, that do not fit the model's context."""
+
+
 def check_context(prompt_tokens: int, new_tokens: int, context: int | None, *, prompt: str = "the prompt",
                   new: str = "max_new_tokens") -> None:
     """Olmo2KitError unless `prompt_tokens` and then `new_tokens` more fit a `context` (None: no limit).
@@ -298,9 +302,9 @@ def check_context(prompt_tokens: int, new_tokens: int, context: int | None, *, p
     if context is None:
         return
     if prompt_tokens >= context:
-        raise Olmo2KitError(f"{prompt} is {prompt_tokens} tokens, which fills the model's {context}-token context")
+        raise ContextExceeded(f"{prompt} is {prompt_tokens} tokens, which fills the model's {context}-token context")
     if prompt_tokens + new_tokens > context:
-        raise Olmo2KitError(
+        raise ContextExceeded(
             f"{prompt} ({prompt_tokens} tokens) plus {new} ({new_tokens}) passes the model's {context}-token "
             f"context: lower {new} to {context - prompt_tokens} or shorten {prompt}"
         )

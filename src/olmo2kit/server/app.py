@@ -13,12 +13,14 @@ server-sent-event chunks. Text, stop strings and end of text go through the same
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -27,14 +29,19 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.batching import BatchRequest, Failed, Finished, PromptLogprobs, QueueFull, Token, Unsupported
 from olmo2kit.inference.generation import Detokenizer, encode_requests
 from olmo2kit.model.chat_template import check_messages
-from olmo2kit.model.sizes import check_context
+from olmo2kit.model.sizes import ContextExceeded, check_context
+from olmo2kit.server import observability
+from olmo2kit.server.observability import REQUEST_ID_HEADER, Metrics, Observe, check_origin
 from olmo2kit.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
-from olmo2kit.server.registry import ModelNotFound, ModelRegistry, ModelsBusy, ServedModel
+from olmo2kit.server.registry import ModelNotFound, ModelRegistry, ModelsBusy, ModelUnavailable, ServedModel, shown
+from olmo2kit.server.tokens import token_names
 
 log = logging.getLogger("olmo2kit")
 
@@ -43,6 +50,11 @@ DEFAULT_NEW_TOKENS = 256  # max_tokens left out, when the model's context is unk
 # Seconds in-flight requests get after SIGINT or SIGTERM: streams keep going that long; a second before the end,
 # whatever still runs is ended with an error object (see `ModelRegistry.stop`), so no client is cut off silently.
 SHUTDOWN_GRACE_S = 5
+CPU_WORKERS = 2  # threads that parse, tokenize, compile schemas and format answers, off the event loop
+# OpenAI's APIs that are not served, each a 400 saying so (README, "Not supported")
+UNSUPPORTED_APIS = {"embeddings": "embeddings", "responses": "Responses", "fine_tuning": "fine-tuning",
+                    "images": "images", "audio": "audio", "moderations": "moderations", "files": "files",
+                    "batches": "batches", "assistants": "assistants", "threads": "assistants"}
 
 
 class APIError(Exception):
@@ -54,21 +66,26 @@ class APIError(Exception):
         self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
 
     def response(self) -> JSONResponse:
+        observability.error(self.type, self.code)
         return JSONResponse(error_body(str(self), type=self.type, param=self.param, code=self.code),
-                            status_code=self.status, headers=self.headers)
+                            status_code=self.status, headers={**(self.headers or {}), **observability.id_header()})
 
 
 def create_app(models: Sequence[str] = (), *, dtype: str = "auto", quantize: str | None = None,
                device: str = "auto", max_batch_size: int = 16, max_queue: int = 256, max_models: int | None = None,
                allow_load: bool = False, api_key: str | None = None, preload: bool = True,
-               loaded: dict[str, tuple] | None = None, load: Callable[[str], tuple] | None = None) -> FastAPI:
+               loaded: dict[str, tuple] | None = None, load: Callable[[str], tuple] | None = None,
+               cors_origins: Sequence[str] = (), log_prompts: bool = False) -> FastAPI:
     """The server's ASGI app over `models` (names as `olmo2kit.load` takes them).
 
     `loaded` serves models already in memory (`{"name": (model, tokenizer)}`); `preload` loads the
     named ones now rather than on first use. `allow_load` lets requests name other Hub models, kept
     in an LRU of `max_models`. `api_key` requires `Authorization: Bearer <key>` on every route but
     /health. `load` replaces how a name is loaded (default: `olmo2kit.load` with dtype, quantize, device).
+    `cors_origins` lets browser pages from those origins call the API; `log_prompts` puts each request's prompt
+    in its access-log line (`olmo2kit.server.observability` has the request id, /metrics and the access log).
     """
+    cors_origins = [check_origin(origin) for origin in cors_origins]  # before a model loads
     if load is None:
         def load(name: str) -> tuple:
             from olmo2kit.model.loading import load as load_model
@@ -84,22 +101,42 @@ def create_app(models: Sequence[str] = (), *, dtype: str = "auto", quantize: str
     if preload:
         registry.load_named()
 
+    # Parsing, tokenizing, compiling a schema and formatting a long answer run here, never on the event loop, so
+    # that one heavy request does not stall every other route; a few threads, so that they cannot starve the
+    # schedulers' threads of the cores.
+    pool = ThreadPoolExecutor(max_workers=CPU_WORKERS, thread_name_prefix="olmo2kit-cpu")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(registry.close)
 
     app = FastAPI(title="olmo2kit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
     app.add_middleware(_Guard, api_key=api_key, max_body=MAX_BODY_BYTES)
+    if cors_origins:  # outside the guard: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+                           expose_headers=[REQUEST_ID_HEADER])
+    metrics = Metrics(registry)
+    app.add_middleware(Observe, metrics=metrics, routes=app.router.routes, log_prompts=log_prompts)  # outermost
+    app.add_route("/metrics", metrics.endpoint, methods=["GET"])
     _add_error_handlers(app)
-    _add_routes(app, registry)
+    _add_routes(app, registry, pool)
     return app
 
 
-def _add_routes(app: FastAPI, registry: ModelRegistry) -> None:
+def _add_routes(app: FastAPI, registry: ModelRegistry, pool: ThreadPoolExecutor) -> None:
+    async def off_loop(work: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        failed = registry.failures()
+        if failed:  # a model the operator named does not load: the server cannot do what it was started for
+            return JSONResponse({"status": "error", "models": {name: f"failed to load: {why}"
+                                                               for name, why in failed.items()}}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -111,19 +148,34 @@ def _add_routes(app: FastAPI, registry: ModelRegistry) -> None:
         for served in registry.names():
             if _model_card(served)["id"] == name:
                 return _model_card(served)
-        raise APIError(404, f"model {name!r} is not served", param="model", code="model_not_found")
+        raise APIError(404, f"model {shown(name)} is not served", param="model", code="model_not_found")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionRequest, await _json(request))
+        body = await off_loop(_parse, CompletionRequest, await _body(request))
         served = await _served(registry, body.model)
-        return await _respond(request, served, _completion_job(served, body), _CompletionFormat(body))
+        job = await off_loop(_completion_job, served, body)
+        return await _respond(request, served, job, _CompletionFormat(body), off_loop)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(ChatCompletionRequest, await _json(request))
+        body = await off_loop(_parse, ChatCompletionRequest, await _body(request))
         served = await _served(registry, body.model)
-        return await _respond(request, served, _chat_job(served, body), _ChatFormat(body))
+        job = await off_loop(_chat_job, served, body)
+        return await _respond(request, served, job, _ChatFormat(body), off_loop)
+
+    for api, title in UNSUPPORTED_APIS.items():
+        for path in (f"/v1/{api}", f"/v1/{api}/{{rest:path}}"):
+            app.add_api_route(path, _refusal(title), methods=["GET", "POST", "DELETE"], include_in_schema=False)
+
+
+def _refusal(title: str) -> Callable:
+    """The route of an OpenAI API the server does not serve: a 400 saying so."""
+    async def unsupported():
+        raise APIError(400, f"the {title} API is not supported by olmo2kit serve: it serves /v1/completions and "
+                            "/v1/chat/completions", code="unsupported_api")
+
+    return unsupported
 
 
 def _model_card(served: ServedModel | str) -> dict:
@@ -141,21 +193,27 @@ async def _served(registry: ModelRegistry, name: str) -> ServedModel:
     except ModelsBusy as e:
         raise APIError(503, str(e), type="server_error", code="model_slots_busy",
                        headers={"Retry-After": "1"}) from None
+    except ModelUnavailable as e:
+        raise APIError(503, str(e), type="server_error", code="model_load_failed") from None
 
 
-async def _json(request: Request):
-    raw = await request.body()
+async def _body(request: Request) -> bytes:
     try:
-        return json.loads(raw)
+        return await request.body()
+    except ClientDisconnect:  # the client left before sending the whole body: nobody to answer
+        raise APIError(400, "the client disconnected before sending the whole body") from None
+
+
+def _parse(kind, raw: bytes):
+    """The request body `raw` (JSON) as `kind`, checked; APIError 400 saying what is wrong."""
+    try:
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"the body is not valid JSON ({e.__class__.__name__}): send a JSON object") from None
-
-
-def _parse(kind, body):
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     try:
-        return kind.model_validate(body)
+        parsed = kind.model_validate(body)
     except ValidationError as e:
         errors = e.errors()
         param = _param(errors[0]["loc"])
@@ -169,6 +227,10 @@ def _parse(kind, body):
         else:
             message = f"invalid value for {param or 'the body'}: {first['msg']}"
         raise APIError(400, message, param=param or None, code="invalid_value") from None
+    if parsed.stream_options is not None and not parsed.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")
+    return parsed
 
 
 def _param(loc: tuple) -> str:
@@ -199,34 +261,46 @@ def _completion_job(served: ServedModel, body: CompletionRequest) -> _Job:
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and all(isinstance(p, str) for p in prompt)):
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        _check_rows(served, len(texts), body.n)
         for text in texts:
             if not text:
                 raise APIError(400, "the prompt is empty: give some text to continue", param="prompt")
-        ids = _checked(lambda: encode_requests(tokenizer, texts), "prompt")
+        ids = _checked(lambda: encode_requests(tokenizer, texts, served.context_length), "prompt")
     else:
         ids = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
+        _check_rows(served, len(ids), body.n)
         if not ids or any(not row for row in ids):
             raise APIError(400, "the prompt is empty: give some text or token ids", param="prompt")
         vocab = served.model.config.vocab_size
         if any(not 0 <= t < vocab for row in ids for t in row):
             raise APIError(400, f"a prompt token id is outside the vocabulary (0 to {vocab - 1})", param="prompt")
-        texts = [tokenizer.decode(row) for row in ids]
+        texts = None
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of must equal n: choices are not ranked on the server", param="best_of")
-    return _job(served, body, ids, texts, body.max_tokens, "the prompt",
-                logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
+    job = _job(served, body, ids, body.max_tokens, "the prompt",
+               logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
+    if body.echo:  # token ids are decoded only to be echoed, once they are known to fit the context
+        job.prompt_texts = texts or [tokenizer.decode(row) for row in ids]
+    if body.logprobs is not None:
+        token_names(tokenizer)  # built here, off the event loop, on first use
+    return job
 
 
 def _chat_job(served: ServedModel, body: ChatCompletionRequest) -> _Job:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = _checked(lambda: encode_requests(served.tokenizer, [check_messages(messages)]), "messages")
+    _check_rows(served, 1, body.n)
+    # OpenAI's `developer` role is what the system role is for models that have no other (as OLMo 2 has none)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    ids = _checked(lambda: encode_requests(served.tokenizer, [check_messages(messages)], served.context_length),
+                   "messages")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    job = _job(served, body, ids, [""], body.max_completion_tokens or body.max_tokens, "the conversation",
+    job = _job(served, body, ids, body.max_completion_tokens or body.max_tokens, "the conversation",
                logprobs=logprobs, prompt_logprobs=False)
+    if body.logprobs:
+        token_names(served.tokenizer)  # built here, off the event loop, on first use
     if body.response_format is not None and body.response_format.type != "text":
         from olmo2kit.server.grammar import constraint_factory
 
@@ -236,8 +310,18 @@ def _chat_job(served: ServedModel, body: ChatCompletionRequest) -> _Job:
     return job
 
 
-def _job(served: ServedModel, body, ids: list[list[int]], texts: list[str], max_tokens: int | None,
-         what: str, *, logprobs: int | None, prompt_logprobs: bool) -> _Job:
+def _check_rows(served: ServedModel, prompts: int, n: int) -> None:
+    """A 400 for a request of more rows (n choices of each prompt) than the model's queue can ever hold: it
+    could never be queued whole, so a 503 to retry would be a lie."""
+    limit = served.scheduler.max_queue
+    if prompts * n > limit:
+        raise APIError(400, f"the request asks for {prompts * n} generations ({prompts} prompts x n={n}); this "
+                            f"server queues at most {limit} per request (--max-queue): send fewer at a time",
+                       param="n" if n > 1 else "prompt", code="too_many_rows")
+
+
+def _job(served: ServedModel, body, ids: list[list[int]], max_tokens: int | None, what: str, *,
+         logprobs: int | None, prompt_logprobs: bool) -> _Job:
     context = served.context_length
     requests = []
     for row in ids:
@@ -254,12 +338,14 @@ def _job(served: ServedModel, body, ids: list[list[int]], texts: list[str], max_
                 row, new, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, seed=seed, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs))
-    return _Job(ids, texts, requests, body.stops(), body.n)
+    return _Job(ids, [""] * len(ids), requests, body.stops(), body.n)
 
 
 def _checked(make: Callable, param: str):
     try:
         return make()
+    except ContextExceeded as e:
+        raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
     except Olmo2KitError as e:
         raise APIError(400, str(e), param=param) from None
 
@@ -334,6 +420,7 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
                 choice.prompt = event
                 continue
             if isinstance(event, Token):
+                observability.first_token()
                 choice.tokens.append(event)
                 chunks = list(choice.detokenizer.add([event.id]))
             else:
@@ -351,6 +438,9 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
         watcher.cancel()
         for choice in choices:
             choice.handle.cancel()
+        if choices:
+            usage = _usage(job)
+            observability.tokens(usage["prompt_tokens"], usage["completion_tokens"])
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
@@ -361,9 +451,10 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
     events.put_nowait((None, None))
 
 
-async def _respond(request: Request, served: ServedModel, job: _Job, fmt):
+async def _respond(request: Request, served: ServedModel, job: _Job, fmt, off_loop: Callable):
     """The whole response, or its stream of server-sent events."""
     body = fmt.body
+    observability.note_request(served.name, body)
     if body.stream:
         first = _run(request, served, job)
         try:  # a full queue or a bad row is an HTTP error before the stream starts
@@ -380,6 +471,7 @@ async def _respond(request: Request, served: ServedModel, job: _Job, fmt):
                 if body.stream_options and body.stream_options.include_usage:
                     yield {"data": json.dumps(fmt.usage_chunk(job))}
             except APIError as e:
+                observability.error(e.type, e.code)
                 yield {"data": json.dumps(error_body(str(e), type=e.type, param=e.param, code=e.code))}
             yield {"data": "[DONE]"}
 
@@ -387,17 +479,13 @@ async def _respond(request: Request, served: ServedModel, job: _Job, fmt):
     pieces: dict[int, list[_Piece]] = {}
     async for i, piece in _run(request, served, job):
         pieces.setdefault(i, []).append(piece)
-    return fmt.response(job, pieces)
+    return await off_loop(fmt.response, job, pieces)
 
 
 def _usage(job: _Job) -> dict:
     prompt = sum(len(p) for p in job.prompts)
     completion = sum(c.generated for c in job.choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token])
 
 
 class _Format:
@@ -449,19 +537,18 @@ class _CompletionFormat(_Format):
     def logprobs(self, job: _Job, choice: _Choice, tokens: list[Token], with_prompt: bool = True) -> dict | None:
         if self.body.logprobs is None:
             return None
-        tokenizer = choice.detokenizer.tokenizer
+        names = token_names(choice.detokenizer.tokenizer)
         if self.body.echo and with_prompt and choice.prompt is not None:
             tokens = choice.prompt.tokens + tokens
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = 0
+        # Offsets count the characters of the text so far; a token ending inside a character adds none yet.
+        offset, text = 0, codecs.getincrementaldecoder("utf-8")("replace")
         for token in tokens:
-            text = _token_text(tokenizer, token.id)
-            out["tokens"].append(text)
+            out["tokens"].append(names.name(token.id))
             out["token_logprobs"].append(token.logprob)
-            out["top_logprobs"].append(
-                {_token_text(tokenizer, t): lp for t, lp in token.top} if token.top is not None else None)
+            out["top_logprobs"].append({names.name(t): lp for t, lp in token.top} if token.top is not None else None)
             out["text_offset"].append(offset)
-            offset += len(text)
+            offset += len(text.decode(names.raw[token.id] if token.id < len(names.raw) else b""))
         return out
 
 
@@ -485,11 +572,10 @@ class _ChatFormat(_Format):
     def logprobs(self, choice: _Choice, tokens: list[Token]) -> dict | None:
         if not self.body.logprobs:
             return None
-        tokenizer = choice.detokenizer.tokenizer
+        names = token_names(choice.detokenizer.tokenizer)
 
         def entry(token: int, logprob: float) -> dict:
-            text = _token_text(tokenizer, token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": names.name(token), "logprob": logprob, "bytes": names.bytes(token)}
 
         return {"content": [{**entry(t.id, t.logprob),
                              "top_logprobs": [entry(a, lp) for a, lp in (t.top or [])]} for t in tokens]}

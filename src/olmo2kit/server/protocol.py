@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from olmo2kit.inference.batching import MAX_LOGPROBS
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
+COMPLETION_TOKENS = 16  # a completion's max_tokens when it is left out or null, as OpenAI's
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -52,11 +53,16 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default
+    max_tokens: Annotated[int, Field(ge=0)] | None = COMPLETION_TOKENS
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # only equal to n: no server-side ranking
     suffix: Annotated[str, Field(max_length=0)] | None = None  # insertion is not implemented
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_when_null(cls, value):
+        return COMPLETION_TOKENS if value is None else value  # null is OpenAI's default too, not "no limit"
 
 
 class TextPart(BaseModel):
