@@ -46,8 +46,8 @@ def resolve_model(model: str, revision: str | None = None) -> ModelRef:
     model = model.strip()
     if not model:
         raise Olmo2KitError("no model given: pass a size alias (e.g. 1b), a repo id or a local directory")
-    path = Path(model).expanduser()
-    if path.is_dir():
+    path = _as_path(model)
+    if path is not None and path.is_dir():
         if revision:
             raise Olmo2KitError(f"{model} is a local directory: --revision applies to Hub repos only")
         return ModelRef(str(path), None, local=True)
@@ -61,7 +61,7 @@ def resolve_model(model: str, revision: str | None = None) -> ModelRef:
     repo = resolve_alias(name)
     if repo:
         return ModelRef(repo, revision or None, local=False)
-    if path.exists():
+    if path is not None and path.exists():
         raise Olmo2KitError(f"{model} is a file: give a checkpoint directory, a size alias or a Hub repo id")
     if model.startswith((".", "/", "~")) or (os.sep in model and not _REPO_ID.match(name)):
         raise Olmo2KitError(f"no such directory: {model} (make one with `olmo2kit tiny {model}`)")
@@ -71,6 +71,18 @@ def resolve_model(model: str, revision: str | None = None) -> ModelRef:
         f"unknown model {model!r}: use a size alias ({', '.join(aliases())}), "
         "a Hub repo id like allenai/OLMo-2-0425-1B, or a local directory"
     )
+
+
+def _as_path(model: str) -> Path | None:
+    """`model` as a path here (`~` expanded), or None where no file can have that name: over the system's length
+    limits, a NUL byte, `~user` of no user, a folder it may not look in. Such a name is no local checkpoint, and
+    asking the file system about it again would raise."""
+    try:
+        path = Path(model).expanduser()
+        path.exists()
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return path
 
 
 def quantization_config(quantize: str, compute_dtype):

@@ -5,6 +5,10 @@ directory). Names are matched by what they resolve to, so `1b-instruct` and
 `allenai/OLMo-2-0425-1B-Instruct` are one model, and two revisions of a repo are two. Local directories
 are served only when the operator named them at start-up; with `allow_load`, Hub models load on first
 use. At most `max_models` stay loaded; the least recently used idle one is unloaded to make room.
+
+A directory is served under the name the operator gave (`./tiny`), or its folder's name where that name is absolute:
+no response shows where the server keeps its checkpoints. A name a client sends is shown shortened (`shown`) in
+every message and log line. The registry records why a named model failed to load (`failures`), for /health.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import difflib
 import gc
+import logging
+import reprlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -24,6 +30,12 @@ from olmo2kit.inference.batching import BatchScheduler, SerialScheduler, schedul
 from olmo2kit.model.loading import ModelRef, resolve_model
 from olmo2kit.model.sizes import aliases, context_length
 
+log = logging.getLogger("olmo2kit")
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = 80
+MAX_NAME = 255  # longer names are no model's: they are not compared with the served ones
+
 
 class ModelNotFound(Olmo2KitError):
     """A model the server does not serve: a 404."""
@@ -31,6 +43,19 @@ class ModelNotFound(Olmo2KitError):
 
 class ModelsBusy(Olmo2KitError):
     """Every loaded model is busy and none may be unloaded to make room: a 503."""
+
+
+class ModelUnavailable(Olmo2KitError):
+    """A model the operator named failed to load (its first line in the message): a 503."""
+
+
+def shown(name: str) -> str:
+    """A name a client sent, as messages and logs show it: quoted, and cut in the middle past 80 characters.
+
+    >>> shown("a" * 300)
+    "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'"
+    """
+    return _SHOWN.repr(name)
 
 
 @dataclass
@@ -96,6 +121,52 @@ def _key_of(name: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Named:
+    """A model named at start-up: the name it is served under, the name it was given (and loads by), and the
+    paths of this machine its errors may show, each with the name that replaces it."""
+
+    served: str
+    given: str
+    hidden: dict[str, str]
+
+
+def _named(names: list[str]) -> dict[str, _Named]:
+    """key -> _Named for the names given at start-up. A directory named by an absolute path is served under its
+    folder's name (with as many parent folders as tell two apart): no response shows where the server keeps it."""
+    refs: dict[str, tuple[str, ModelRef]] = {}
+    for name in names:
+        ref = resolve_model(name)  # a name that resolves to nothing fails here
+        refs.setdefault(_key(ref), (name, ref))
+    hide = {key for key, (name, ref) in refs.items() if ref.local and Path(name).is_absolute()}
+    taken = {name for key, (name, _) in refs.items() if key not in hide}
+    named = {}
+    for key, (name, ref) in refs.items():
+        served = name
+        if key in hide:
+            parts = Path(key).parts
+            served = next(tail for tail in ("/".join(parts[-n:]) for n in range(1, len(parts) + 1))
+                          if tail not in taken)
+            taken.add(served)
+        paths = {path for path in (key, ref.source) if ref.local and Path(path).is_absolute()}
+        named[key] = _Named(served, name, {path: served for path in sorted(paths, key=len, reverse=True)})
+    return named
+
+
+def served_names(names: list[str]) -> list[str]:
+    """The names a server serves `names` (as given at start-up) under, in their order, one for each model."""
+    return [named.served for named in _named(names).values()]
+
+
+def _one_line(error: BaseException, hidden: dict[str, str] | None = None) -> str:
+    """The first line of `error`, each of `hidden`'s strings (a checkpoint's path) replaced by its value, cut in
+    the middle past 300 characters."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    for secret, public in (hidden or {}).items():
+        line = line.replace(secret, public)
+    return line if len(line) <= 300 else f"{line[:148]}...{line[-149:]}"
+
+
 class ModelRegistry:
     """Name -> ServedModel, loading through `load(name) -> (model, tokenizer)` (olmo2kit.load with the
     server's dtype, quantization and device)."""
@@ -111,10 +182,10 @@ class ModelRegistry:
         self.allow_load = allow_load
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.named: dict[str, str] = {}  # key -> name given at start-up
-        for name in names:
-            self.named.setdefault(_key(resolve_model(name)), name)  # a name that resolves to nothing fails here
+        self._named = _named(names)
+        self.named: dict[str, str] = {key: named.served for key, named in self._named.items()}  # key -> its name
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # key -> model, least recently used first
+        self.failed: dict[str, str] = {}  # key of a named model -> why its last load failed (one line)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def add(self, name: str, model, tokenizer) -> ServedModel:
@@ -126,10 +197,25 @@ class ModelRegistry:
         return served
 
     def load_named(self) -> None:
-        """Load every model named at start-up that is not loaded yet."""
+        """Load every model named at start-up that is not loaded yet; the first failure is raised (and recorded)."""
         for key, name in self.named.items():
             if key not in self.loaded:
-                self.add(name, *self._load(name))
+                self.add(name, *self._load_named(key))
+
+    def failures(self) -> dict[str, str]:
+        """Name -> why it failed to load (one line), for each named model whose last load failed."""
+        return {self.named[key]: reason for key, reason in self.failed.items()}
+
+    def _load_named(self, key: str) -> tuple:
+        """Load the named model `key` by the name the operator gave, recording the outcome for `failures`."""
+        try:
+            loaded = self._load(self._named[key].given)
+        except Exception as e:
+            self.failed[key] = _one_line(e, self._named[key].hidden)
+            log.error("model %s failed to load: %s", self.named[key], self.failed[key])
+            raise
+        self.failed.pop(key, None)
+        return loaded
 
     def names(self) -> list[ServedModel | str]:
         """The models served: loaded ones, then named ones not loaded yet."""
@@ -145,10 +231,17 @@ class ModelRegistry:
         async with lock:
             if key not in self.loaded:
                 self._make_room()
-                try:
-                    model, tokenizer = await asyncio.to_thread(self._load, name)
-                except Olmo2KitError as e:
-                    raise ModelNotFound(str(e)) from None
+                if key in self.named:
+                    try:
+                        model, tokenizer = await asyncio.to_thread(self._load_named, key)
+                    except Olmo2KitError:
+                        raise ModelUnavailable(f"model {self.named[key]!r} failed to load "
+                                               f"({self.failed[key]}): the server log has the details") from None
+                else:
+                    try:
+                        model, tokenizer = await asyncio.to_thread(self._load, name)
+                    except Olmo2KitError as e:
+                        raise ModelNotFound(_one_line(e)) from None
                 self.add(self.named.get(key, name), model, tokenizer)
         self.loaded.move_to_end(key)
         return self.loaded[key]
@@ -172,6 +265,8 @@ class ModelRegistry:
 
     def _resolve_key(self, name: str) -> str:
         """The key `name` is served or may be loaded under; ModelNotFound if neither."""
+        if len(name) > MAX_NAME:
+            raise ModelNotFound(self._not_served(name))
         key = self._served_key(name) or _key_of(name)
         if key is None:
             raise ModelNotFound(self._not_served(name))
@@ -182,13 +277,14 @@ class ModelRegistry:
         return key
 
     def _not_served(self, name: str) -> str:
+        """One message whatever `name` is on this machine: a client learns nothing of the server's files."""
         served = [s.name if isinstance(s, ServedModel) else s for s in self.names()]
         pool = served + (list(aliases()) if self.allow_load else [])
-        near = difflib.get_close_matches(name, pool, n=3, cutoff=0.5)
+        near = difflib.get_close_matches(name, pool, n=3, cutoff=0.5) if len(name) <= MAX_NAME else []
         hint = f"; did you mean {', '.join(near)}?" if near else f"; served: {', '.join(served) or 'none'}"
         what = "only the models named at start-up are served" if not self.allow_load else (
-            "local directories are served only when named at start-up" if _looks_local(name) else "it is unknown")
-        return f"model {name!r} is not served ({what}){hint}"
+            "only the models named at start-up and Hub models are served")
+        return f"model {shown(name)} is not served ({what}){hint}"
 
     def _make_room(self) -> None:
         """Unload the least recently used idle models until one more fits; ModelsBusy if none can go."""
@@ -199,6 +295,3 @@ class ModelRegistry:
             self.loaded.pop(idle).close()
             gc.collect()
 
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
