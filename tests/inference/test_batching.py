@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import olmo2kit
+from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.batching import (
     BatchRequest,
     BatchScheduler,
@@ -220,3 +221,179 @@ def test_prompts_of_different_lengths_prefilled_together_match_each_alone(tiny, 
             assert token.logprob == pytest.approx(expected[len(ids) - 1 + k, token.id].item(), abs=1e-5)
     assert max(got.most_running for got in together) == len(PROMPTS) + 1  # beside the first
     assert len({len(encode(tokenizer, p)) for p in PROMPTS}) == len(PROMPTS)  # the rows carry padding
+
+
+class Faulty:
+    """A constraint that allows every token until its `at`-th call of `where`, which then breaks: `mask` or
+    `accept` raise, `user` raises the Olmo2KitError a grammar raises for a request it cannot serve, and
+    `no-token` masks every token from then on."""
+
+    def __init__(self, where: str, at: int) -> None:
+        self.where, self.at = where, at
+        self.calls = {"mask": 0, "accept": 0}
+
+    def mask(self, logits) -> None:
+        self.calls["mask"] += 1
+        if self.calls["mask"] < self.at:
+            return
+        if self.where == "mask":
+            raise RuntimeError("the grammar broke")
+        if self.where == "user":
+            raise Olmo2KitError("no token fits the schema")
+        if self.where == "no-token":
+            logits.fill_(float("-inf"))
+
+    def accept(self, token: int) -> None:
+        self.calls["accept"] += 1
+        if self.where == "accept" and self.calls["accept"] == self.at:
+            raise RuntimeError("the grammar refused the token")
+
+
+class Raising(Collected):
+    """A request whose callback raises on its `at`-th token and every event after it (after recording each)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def __call__(self, event) -> None:
+        super().__call__(event)
+        if len(self.tokens) >= self.at:
+            raise RuntimeError("the client's callback broke")
+
+
+def test_a_row_that_fails_ends_alone_and_the_rows_beside_it_go_on(tiny, scheduler):
+    model, tokenizer = tiny
+    # (constraint, temperature, callback, tokens before the failure, words of the Failed message): failures in
+    # the prefill (the first token) and in decode steps, greedy and sampled (no-token would reach multinomial).
+    faults = [
+        (Faulty("mask", 1), 0.0, Collected(), 0, "RuntimeError: the grammar broke"),
+        (Faulty("mask", 3), 0.0, Collected(), 2, "RuntimeError: the grammar broke"),
+        (Faulty("accept", 2), 0.0, Collected(), 1, "RuntimeError: the grammar refused the token"),
+        (Faulty("user", 2), 0.0, Collected(), 1, "no token fits the schema"),
+        (Faulty("no-token", 2), 0.0, Collected(), 1, "allows no next token"),
+        (Faulty("no-token", 3), 1.0, Collected(), 2, "allows no next token"),
+        (None, 0.0, Raising(at=2), 2, "RuntimeError: the client's callback broke"),
+    ]
+    assert len(faults) + 1 == scheduler.max_batch_size  # every bad row joins the running victim at one step
+    started, queued = threading.Event(), threading.Event()
+    victim = Collected(scheduler)
+    running_at: list[int] = []
+
+    def victim_emit(event) -> None:  # holds the scheduler on the victim's first token until every bad row waits
+        started.set()
+        queued.wait(30)
+        running_at.append(scheduler.running)
+        victim(event)
+
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 40), victim_emit)
+    assert started.wait(30)
+    for i, (constraint, temperature, got, _, _) in enumerate(faults):
+        prompt = encode(tokenizer, PROMPTS[1 + i % 3])
+        scheduler.submit(BatchRequest(prompt, 30, temperature=temperature, seed=i, constraint=constraint), got)
+    queued.set()
+    assert victim.finish == Finished("length")
+    assert victim.ids == olmo2kit.generate(model, tokenizer, PROMPTS[0], do_sample=False, max_new_tokens=40).token_ids
+    # The bad rows ran beside it (but the one failing at its first token, which never joined), and left.
+    assert max(running_at) == 1 + len(faults) - 1 and running_at[-1] == 1
+    after = Collected()  # the scheduler goes on: a later request runs, and the failed rows hear nothing more
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[2]), 3), after)
+    assert after.finish == Finished("length")
+    for constraint, _, got, tokens, words in faults:
+        assert got.done.is_set()
+        failures = [e for e in got.events if isinstance(e, Failed | Finished)]
+        assert len(failures) == 1 and failures[0] is got.events[-1], (constraint, got.events)
+        assert isinstance(got.events[-1], Failed) and words in got.events[-1].message, got.events[-1]
+        assert len(got.tokens) == tokens, (constraint, got.events)
+
+
+def test_running_rows_never_exceed_max_batch_size(tiny):
+    model, tokenizer = tiny
+    limit = 3
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=limit, max_queue=32)
+    running: list[int] = []  # `running` at every token; rows join at a step's prefill and all emit at its decode
+
+    def watch(got: Collected):
+        def emit(event) -> None:
+            running.append(scheduler.running)
+            got(event)
+        return emit
+
+    started, queued = threading.Event(), threading.Event()
+    try:
+        first = Collected()
+        scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 5),
+                         lambda e: (started.set(), queued.wait(30), watch(first)(e)))
+        assert started.wait(30)
+        many = [Collected() for _ in range(5 * limit)]
+        for i, got in enumerate(many):  # all queued while the first holds the thread
+            scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[i % len(PROMPTS)]), 3 + 4 * (i % 4)), watch(got))
+        queued.set()
+        for got in [first, *many]:
+            assert got.finish == Finished("length")
+    finally:
+        scheduler.close()
+    assert max(running) == limit, sorted(set(running))
+
+
+def test_a_prefill_that_fails_fails_only_the_rows_joining(tiny, scheduler):
+    model, tokenizer = tiny
+    started, queued = threading.Event(), threading.Event()
+    victim = Collected()
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 30),
+                     lambda e: (started.set(), queued.wait(30), victim(e)))
+    assert started.wait(30)
+    # A token id past the embedding table makes the whole prefill pass raise (IndexError on the CPU); the
+    # request prefilled with it fails too, the running victim does not.
+    outside, beside = Collected(), Collected()
+    scheduler.submit(BatchRequest([1, model.config.vocab_size + 5], 5), outside)
+    scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 5), beside)
+    queued.set()
+    assert victim.finish == Finished("length")
+    assert victim.ids == olmo2kit.generate(model, tokenizer, PROMPTS[0], do_sample=False, max_new_tokens=30).token_ids
+    for got in (outside, beside):
+        assert isinstance(got.finish, Failed) and "IndexError" in got.finish.message, got.events
+        assert len(got.events) == 1
+
+
+class FailingJoin(BatchScheduler):
+    """Runs out of memory part way through adding rows to a running batch: at the second merge of a cache
+    tensor (a layer's keys merged, its values not)."""
+
+    def _join(self, handles, cache, mask, rows) -> None:
+        if not self._batch.rows:
+            return super()._join(handles, cache, mask, rows)
+        cat, merges = torch.cat, []
+
+        def failing_cat(tensors, *args, **kwargs):
+            if not args and not kwargs and tensors[0].dim() == 4:  # rows merged along dim 0; padding names its dim
+                merges.append(1)
+                if len(merges) == 2:
+                    raise torch.OutOfMemoryError("out of memory (injected)")
+            return cat(tensors, *args, **kwargs)
+
+        torch.cat = failing_cat
+        try:
+            return super()._join(handles, cache, mask, rows)
+        finally:
+            torch.cat = cat
+
+
+def test_running_out_of_memory_while_rows_join_fails_only_those_rows(tiny):
+    model, tokenizer = tiny
+    scheduler = FailingJoin(model, tokenizer, max_batch_size=8)
+    try:
+        started, queued = threading.Event(), threading.Event()
+        victim = Collected()
+        scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 30),
+                         lambda e: (started.set(), queued.wait(30), victim(e)))
+        assert started.wait(30)
+        joining = Collected()
+        scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 5), joining)
+        queued.set()
+        assert victim.finish == Finished("length")
+        alone = olmo2kit.generate(model, tokenizer, PROMPTS[0], do_sample=False, max_new_tokens=30).token_ids
+        assert victim.ids == alone  # its keys and values were given back whole
+        assert isinstance(joining.finish, Failed) and "(injected)" in joining.finish.message, joining.events
+    finally:
+        scheduler.close()

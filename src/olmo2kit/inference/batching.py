@@ -11,8 +11,11 @@ in fp32).
     >>> handle = scheduler.submit(BatchRequest(prompt=[1, 2, 3], max_new_tokens=8), print)  # doctest: +SKIP
 
 Everything runs on one worker thread; a request's events (`Token`, `PromptLogprobs`, `Finished`,
-`Failed`) go to the callback given with it, on that thread. Stop strings, text and the OpenAI shapes are
-the caller's: the scheduler ends a row at an end-of-text token, at `max_new_tokens`, or when cancelled.
+`Failed`) go to the callback given with it, on that thread, and it gets one last event (`Finished` or
+`Failed`), nothing after it, unless cancelled. What fails in one request's own work (its constraint, its
+sampling or logprobs, its callback raising) fails that request alone; the rows beside it go on untouched.
+Stop strings, text and the OpenAI shapes are the caller's: the scheduler ends a row at an end-of-text
+token, at `max_new_tokens`, or when cancelled.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class Handle:
     cancelled: bool = False
     # the scheduler's own state for the row
     generated: int = 0
+    ended: bool = False  # its last event (Finished or Failed) has been emitted
     length: int = 0  # tokens in the cache
     last: int = 0  # the token to feed next
     generator: object = None
@@ -167,6 +171,28 @@ class _Scheduler:
     def _run(self) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def _end(handle: Handle, event: Finished | Failed) -> None:
+        """Emit a request's last event, once. A callback that raises on it is logged and the scheduler goes on:
+        the request is over either way, and the other requests must still get their events."""
+        if handle.ended:
+            return
+        handle.ended = True
+        try:
+            handle.emit(event)
+        except Exception:
+            log.exception("request %d: its callback failed on its last event", handle.id)
+
+    @staticmethod
+    def _failed(error: Exception, what: str) -> Failed:
+        """The Failed event for `error`: its own message for an Olmo2KitError (the request asked what cannot be
+        done), else its type and message, logged with the traceback (a bug, or out of memory)."""
+        if isinstance(error, Olmo2KitError):
+            log.info("%s failed: %s", what, error)
+            return Failed(str(error))
+        log.error("%s failed", what, exc_info=error)
+        return Failed(f"generation failed: {type(error).__name__}: {error}")
+
 
 class BatchScheduler(_Scheduler):
     """Continuous batching over one model (see the module docstring). `max_batch_size` rows decode
@@ -210,24 +236,38 @@ class BatchScheduler(_Scheduler):
                         break
                     while self._waiting and len(self._batch.rows) + len(self._joining) < self.max_batch_size:
                         self._joining.append(self._waiting.popleft())
-                try:
-                    joining = [h for h in self._joining if not h.cancelled]
-                    if joining:
-                        self._prefill(joining)
-                    with self._wake:
-                        self._joining = []
-                    self._drop([h for h in self._batch.rows if h.cancelled])
-                    if self._batch.rows:
-                        self._decode()
-                except Exception as e:  # a bug or out of memory: the rows fail, the scheduler goes on
-                    log.exception("batch step failed")
-                    for handle in self._joining + self._batch.rows:
-                        handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                    self._joining, self._batch = [], _Batch()
+                self._step()
         for handle in list(self._waiting) + self._batch.rows:
-            handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
+            self._end(handle, Failed("the model was unloaded or the server is shutting down", closed=True))
         self._waiting.clear()
         self._batch = _Batch()
+
+    def _step(self) -> None:
+        """Prefill the rows that join, then decode one token of every running row. What fails in one row's own
+        work (its constraint, sampling, logprobs, or its callback raising) ends that row alone, in
+        `_advance_rows`; here is what fails a whole pass (out of memory, a bug), and which rows it takes."""
+        joining = [h for h in self._joining if not h.cancelled]
+        try:
+            if joining:
+                self._prefill(joining)
+        except Exception as e:  # the joining rows' own pass; `_join` leaves the batch as it was when it fails
+            failed = self._failed(e, "a prefill")
+            for handle in joining:
+                self._end(handle, failed)
+        finally:
+            with self._wake:
+                self._joining = []
+        try:
+            self._drop([h for h in self._batch.rows if h.cancelled])
+            if self._batch.rows:
+                self._decode()
+        except Exception as e:
+            # The decode pass writes every row's keys and values into the shared cache, layer by layer: after a
+            # failure part way no row's cache can be trusted, so every running row fails.
+            failed = self._failed(e, "a decode step")
+            for handle in self._batch.rows:
+                self._end(handle, failed)
+            self._batch = _Batch()
 
     def _prefill(self, handles: list[Handle]) -> None:
         """Run the new prompts together (left-padded), report prompt logprobs where asked, choose each row's
@@ -254,12 +294,15 @@ class BatchScheduler(_Scheduler):
         logits = out.logits.float()
         generating = []
         for j, handle in enumerate(handles):
-            if handle.request.prompt_logprobs:
-                handle.emit(PromptLogprobs(self._prompt_tokens(handle.request, logits[j, width - lengths[j]:])))
-            if handle.request.max_new_tokens == 0:
-                handle.emit(Finished("length"))
-            else:
-                generating.append(j)
+            try:
+                if handle.request.prompt_logprobs:
+                    handle.emit(PromptLogprobs(self._prompt_tokens(handle.request, logits[j, width - lengths[j]:])))
+                if handle.request.max_new_tokens == 0:
+                    self._end(handle, Finished("length"))
+                else:
+                    generating.append(j)
+            except Exception as e:  # this row's own work: it fails alone
+                self._end(handle, self._failed(e, f"request {handle.id}"))
         going = self._advance_rows([handles[j] for j in generating], logits[generating, -1]) if generating else []
         rows = [j for j, go in zip(generating, going, strict=True) if go]
         if rows:
@@ -296,36 +339,44 @@ class BatchScheduler(_Scheduler):
         self._drop([h for h, go in zip(rows, going, strict=True) if not go])
 
     def _advance_rows(self, rows: list[Handle], logits) -> list[bool]:
-        """Choose each row's next token from its logits ([rows, vocab], float32) and emit it; whether each goes on."""
+        """Choose each row's next token from its logits ([rows, vocab], float32) and emit it; whether each goes on.
+        A row whose own work fails (its constraint, sampling or logprobs, its callback) ends alone with Failed."""
         import torch
 
         logprobs = torch.log_softmax(logits, dim=-1) if any(h.request.logprobs is not None for h in rows) else None
         greedy = logits.argmax(dim=-1).tolist()
         going = []
         for i, handle in enumerate(rows):
-            request = handle.request
-            if request.constraint is not None or request.temperature > 0:
-                token = self._choose(request, logits[i].clone(), handle.generator)
-            else:
-                token = greedy[i]
-            if request.constraint is not None:
-                request.constraint.accept(token)
-            if logprobs is not None and request.logprobs is not None:
-                top = _top(logprobs[i: i + 1], request.logprobs)
-                handle.emit(Token(token, logprobs[i, token].item(), top[0] if top else None))
-            else:
-                handle.emit(Token(token))
-            handle.generated += 1
-            handle.last = token
-            if token in self.eos_ids:
-                handle.emit(Finished("stop"))
-            elif handle.generated >= request.max_new_tokens:
-                handle.emit(Finished("length"))
-            else:
-                going.append(True)
-                continue
-            going.append(False)
+            try:
+                going.append(self._advance(handle, logits[i], greedy[i], None if logprobs is None else logprobs[i]))
+            except Exception as e:
+                self._end(handle, self._failed(e, f"request {handle.id}"))
+                going.append(False)
         return going
+
+    def _advance(self, handle: Handle, logits, greedy: int, logprobs) -> bool:
+        """One row's next token from its logits ([vocab]), emitted; whether the row goes on."""
+        request = handle.request
+        if request.constraint is not None or request.temperature > 0:
+            token = self._choose(request, logits.clone(), handle.generator)
+        else:
+            token = greedy
+        if request.constraint is not None:
+            request.constraint.accept(token)
+        if logprobs is not None and request.logprobs is not None:
+            top = _top(logprobs[None], request.logprobs)
+            handle.emit(Token(token, logprobs[token].item(), top[0] if top else None))
+        else:
+            handle.emit(Token(token))
+        handle.generated += 1
+        handle.last = token
+        if token in self.eos_ids:
+            self._end(handle, Finished("stop"))
+        elif handle.generated >= request.max_new_tokens:
+            self._end(handle, Finished("length"))
+        else:
+            return True
+        return False
 
     @staticmethod
     def _choose(request: BatchRequest, logits, generator) -> int:
@@ -334,6 +385,8 @@ class BatchScheduler(_Scheduler):
 
         if request.constraint is not None:
             request.constraint.mask(logits)
+            if bool((logits == float("-inf")).all()):  # argmax would pick token 0, and multinomial raise
+                raise Olmo2KitError("the response_format schema allows no next token: no JSON value may fit it")
         if request.temperature <= 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / request.temperature, dim=-1)
@@ -358,11 +411,22 @@ class BatchScheduler(_Scheduler):
             batch.rows, batch.cache, batch.mask = list(handles), cache, mask
             return
         width, length = batch.mask.shape[1], mask.shape[1]
-        for mine, theirs in zip(batch.cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):
-                old, new = getattr(mine, name), getattr(theirs, name)
-                setattr(mine, name, torch.cat([_pad_left(old, length - width), _pad_left(new, width - length)]))
-        batch.mask = torch.cat([_pad_left(batch.mask, length - width, dim=1), _pad_left(mask, width - length, dim=1)])
+        merged = []  # (layer, name) already replaced by the batch's rows and the new ones
+        try:
+            joined_mask = torch.cat([_pad_left(batch.mask, length - width, dim=1),
+                                     _pad_left(mask, width - length, dim=1)])
+            for mine, theirs in zip(batch.cache.layers, cache.layers, strict=True):
+                for name in ("keys", "values"):
+                    old, new = getattr(mine, name), getattr(theirs, name)
+                    setattr(mine, name, torch.cat([_pad_left(old, length - width), _pad_left(new, width - length)]))
+                    merged.append((mine, name))
+        except BaseException:
+            # Out of memory part way: the running rows get back their own keys and values (views of what was
+            # merged, no new memory), so that only the joining rows fail.
+            for layer, name in merged:
+                setattr(layer, name, getattr(layer, name)[: len(batch.rows), :, max(length - width, 0):])
+            raise
+        batch.mask = joined_mask
         batch.rows += handles
 
     def _drop(self, leaving: list[Handle]) -> None:
@@ -452,13 +516,12 @@ class SerialScheduler(_Scheduler):
             try:
                 if not handle.cancelled:
                     self._serve(handle)
-            except Exception as e:  # a bug or out of memory: the request fails, the scheduler goes on
-                log.exception("generation failed")
-                handle.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            except Exception as e:  # its engine, or its callback raising: the request fails, the next ones run
+                self._end(handle, self._failed(e, f"request {handle.id}"))
             with self._wake:
                 self._current = None
         for handle in self._waiting:
-            handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
+            self._end(handle, Failed("the model was unloaded or the server is shutting down", closed=True))
         self._waiting.clear()
 
     def _serve(self, handle: Handle) -> None:
@@ -466,7 +529,7 @@ class SerialScheduler(_Scheduler):
 
         request = handle.request
         if request.max_new_tokens < 1:
-            handle.emit(Finished("length"))
+            self._end(handle, Finished("length"))
             return
         sampled = request.temperature > 0
         sampling = SamplingOptions(max_new_tokens=request.max_new_tokens, do_sample=sampled,
@@ -477,15 +540,15 @@ class SerialScheduler(_Scheduler):
             for step in steps:
                 for token in step[0]:
                     if self._closed:  # shutdown or unload: the request ends as BatchScheduler's running rows do
-                        handle.emit(Failed("the model was unloaded or the server is shutting down", closed=True))
+                        self._end(handle, Failed("the model was unloaded or the server is shutting down", closed=True))
                         return
                     if handle.cancelled:
                         return
                     handle.emit(Token(token))
                     if token in self.eos_ids:
-                        handle.emit(Finished("stop"))
+                        self._end(handle, Finished("stop"))
                         return
-            handle.emit(Finished("length"))
+            self._end(handle, Finished("length"))
         finally:
             steps.close()
 
