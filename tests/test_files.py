@@ -1,6 +1,7 @@
 """The shared leaves: atomic writes and the one JSONL store that jobs, sweeps and the fine-tuning log use."""
 
 import json
+import os
 
 import pytest
 
@@ -154,3 +155,82 @@ def test_a_lock_is_held_across_processes_and_dies_with_its_holder(tmp_path):
     time.sleep(0.1)
     with output_lock(tmp_path, option="--output"):  # a killed holder leaves no lock behind
         pass
+
+
+# Writing through a symbolic link the user points at: the link stays, the file it leads to changes.
+
+def test_write_atomic_through_a_link_keeps_the_link(tmp_path):
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "7.json"
+    target.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to("runs/7.json")  # relative: resolved from the link's folder, not the working directory
+    assert write_atomic(link, b"new") == link
+    assert link.is_symlink() and os.readlink(link) == "runs/7.json"
+    assert target.read_text() == "new" and not target.is_symlink()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["7.json", "latest.json", "runs"]  # no temporary file
+
+
+def test_write_atomic_through_a_chain_of_two_links(tmp_path):
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    middle, link = tmp_path / "middle.json", tmp_path / "link.json"
+    middle.symlink_to(target)
+    link.symlink_to(middle.name)
+    write_atomic(link, b"new")
+    assert link.is_symlink() and middle.is_symlink() and os.readlink(link) == "middle.json"
+    assert target.read_text() == "new"
+
+
+def test_a_dangling_link_creates_its_target_where_its_folder_exists(tmp_path):
+    link = tmp_path / "link.json"
+    link.symlink_to("made.json")
+    write_atomic(link, b"new")
+    assert link.is_symlink() and (tmp_path / "made.json").read_text() == "new"
+    nowhere = tmp_path / "nowhere.json"
+    nowhere.symlink_to("no-such-folder/x.json")
+    with pytest.raises(Olmo2KitError, match=r"nowhere.json is a symbolic link to .*no-such-folder/x.json, and there "
+                                            r"is no directory .*no-such-folder: give the name of a regular file"):
+        write_atomic(nowhere, b"new")
+    assert nowhere.is_symlink() and not (tmp_path / "no-such-folder").exists()
+
+
+def test_a_loop_of_links_is_an_error_and_stays_as_it_is(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.symlink_to(b.name)
+    b.symlink_to(a.name)
+    for path in (a, b):
+        with pytest.raises(Olmo2KitError, match=r"is a symbolic link in a loop of links, so there is no file to write"):
+            write_atomic(path, b"new")
+    assert os.readlink(a) == "b.json" and os.readlink(b) == "a.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_a_store_appends_repairs_and_rewrites_through_a_link(store_and_record, tmp_path):
+    store, record = store_and_record
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "log.jsonl"
+    store.path.symlink_to(target)  # a dangling link: the first append creates the file
+    store.append([record])
+    store.append([record])
+    with target.open("ab") as f:
+        f.write(b'{"torn')
+    assert store.repair() is True
+    store.rewrite(store.read()[:1])
+    assert store.path.is_symlink() and os.readlink(store.path) == str(target)
+    assert [json.loads(line) for line in target.read_text().splitlines()] == [record]
+
+
+def test_links_to_one_output_share_its_lock(tmp_path):
+    from olmo2kit.files import output_lock
+
+    target = tmp_path / "results.jsonl"
+    one, other = tmp_path / "one.jsonl", tmp_path / "other.jsonl"
+    one.symlink_to(target.name)
+    other.symlink_to(target.name)
+    with output_lock(one, option="--output") as lock_file:
+        assert lock_file == tmp_path / ".results.jsonl.lock"
+        for path in (target, other):
+            with pytest.raises(Olmo2KitError, match=f"{path.name} is in use by another olmo2kit run"):
+                with output_lock(path, option="--output"):
+                    pass

@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -19,25 +20,59 @@ from pathlib import Path
 from olmo2kit.errors import Olmo2KitError
 
 
+def write_target(path: str | os.PathLike, hint: str = "give another file") -> Path:
+    """The file that a write to `path` changes: `path` itself, or, when `path` is a symbolic link, the file at
+    the end of its chain of links. Every writer here writes there, so the links stay links and the file they
+    point to gets the new content.
+
+    A dangling link names the file to create, and it is created where its directory exists. A link into a
+    directory that does not exist, or a loop of links, is an Olmo2KitError ending in `hint`.
+
+    >>> write_target("latest.json")  # latest.json -> runs/7.json  # doctest: +SKIP
+    PosixPath('/home/me/runs/7.json')
+    """
+    path = Path(path).expanduser()
+    if not path.is_symlink():
+        return path
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        target = Path(os.path.realpath(path))
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise cannot_write(path, e, hint) from None
+        target = path  # a loop of links: said below
+    if target.is_symlink():
+        raise Olmo2KitError(f"{path} is a symbolic link in a loop of links, so there is no file to write: {hint}")
+    if not target.parent.is_dir():
+        raise Olmo2KitError(f"{path} is a symbolic link to {target}, and there is no directory {target.parent}: "
+                            f"{hint}")
+    return target
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` through a temporary file in the same directory, synced, then renamed
     into place: readers see the old file or the new one, never part of one.
 
-    Only regular files are written: a directory, device, fifo or socket at `path` is an
-    Olmo2KitError and stays as it is. A failed write (a full disk, say) is an Olmo2KitError naming
-    `path`, and leaves the old file, if any, and no temporary file.
+    A symbolic link at `path` stays: the file it leads to is written, through a temporary file beside
+    that one (`write_target` says which file, dangling links included). Only regular files are written:
+    a directory, device, fifo or socket at `path` is an Olmo2KitError and stays as it is. A failed write
+    (a full disk, say) is an Olmo2KitError naming `path`, and leaves the old file, if any, and no
+    temporary file. Returns `path` as given.
     """
     path = Path(path)
-    _refuse_special(path, "give the name of a regular file to write")
+    hint = "give the name of a regular file to write"
+    target = write_target(path, hint)
+    _refuse_special(target, hint)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp makes it private
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -108,7 +143,8 @@ def output_lock(path: str | os.PathLike, *, option: str) -> Iterator[Path]:
     """Hold an exclusive lock on an output that a long-running command owns, for as long as the block runs.
 
     `path` is the output: a directory (the lock file goes inside it, which must exist) or a file (the
-    lock file goes beside it, `.NAME.lock`). A second run on the same output gets an Olmo2KitError
+    lock file goes beside it, `.NAME.lock`; beside the file a symbolic link leads to, so that every
+    link to one output shares one lock). A second run on the same output gets an Olmo2KitError
     naming the process that holds it and `option`, the command-line option that chose the output.
     The lock is the kernel's (flock): it goes with the process, so a killed run leaves none behind.
 
@@ -116,7 +152,11 @@ def output_lock(path: str | os.PathLike, *, option: str) -> Iterator[Path]:
     ...     run_the_job()
     """
     path = Path(path).expanduser()
-    lock_file = path / LOCK_NAME if path.is_dir() else path.parent / f".{path.name}.lock"
+    if path.is_dir():
+        lock_file = path / LOCK_NAME
+    else:
+        target = write_target(path, f"give another {option}")
+        lock_file = target.parent / f".{target.name}.lock"
     try:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -180,6 +220,9 @@ class JsonlStore:
     included, is an Olmo2KitError naming it: the file is not one this store wrote, and nothing in
     it is cut. Blank lines are skipped.
 
+    A symbolic link at the path stays a link: appends and rewrites go to the file it leads to
+    (`write_target`, which says what a dangling link does).
+
     The file is read a line at a time, so memory stays bounded: a line longer than
     `max_line_bytes` (its newline included) is an Olmo2KitError, and so is anything at the path
     that is not a regular file (a directory, a device such as /dev/zero, a fifo).
@@ -240,9 +283,10 @@ class JsonlStore:
         if not data:
             return
         self.check()
+        target = write_target(self.path, self.hint)
         try:
             # O_NONBLOCK: a fifo made in the meantime fails here instead of waiting for a reader
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
         except OSError as e:
             raise Olmo2KitError(f"cannot write {self.path} ({e.strerror}): {self.hint}") from None
         try:
@@ -322,3 +366,19 @@ class JsonlStore:
         except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting past Python's stack too
             return None
         return row if isinstance(row, dict) and self.is_record(row) else None
+
+
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes may have: its size, mtime, ctime, inode and device. The ctime is the
+    one no tool sets back (tar, Docker layers, Nix and `touch` set mtimes, not ctimes), so a file whose stamp is
+    the one recorded holds the bytes it held then, and one copied over it with the old mtime does not."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read a piece at a time (memory stays bounded for files of many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(chunk):
+            digest.update(piece)
+    return digest.hexdigest()

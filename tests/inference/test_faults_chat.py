@@ -269,3 +269,17 @@ def test_generate_reads_at_most_a_prompt_from_stdin(tiny_path):
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines()[-1].startswith("error: stdin holds more than 4,194,304 bytes")
+
+
+def test_save_through_a_link_writes_the_file_it_points_to(cli, tiny_instruct_path, tmp_path):
+    (tmp_path / "chats").mkdir()
+    target = tmp_path / "chats" / "today.json"
+    target.write_text("{}")
+    link = tmp_path / "chat.json"
+    link.symlink_to("chats/today.json")
+    code, _, err = cli("chat", "--model", str(tiny_instruct_path), "--greedy", "-n", "4",
+                       stdin=f"Hi\n/save {link}\nHello\n/save {link}\n")
+    assert code == 0 and errors(err) == [] and f"saved 4 messages to {link}" in err
+    assert link.is_symlink() and os.readlink(link) == "chats/today.json"
+    messages = json.loads(target.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hi", "Hello"]

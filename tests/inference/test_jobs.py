@@ -226,3 +226,22 @@ def test_output_beside_input_is_refused(chat_model, tmp_path):
         with pytest.raises(Olmo2KitError, match=r"cannot write in /proc \(No such file or directory\)"):
             run_job(model, tokenizer, source, "/proc/x")
     assert os.path.getsize(source) > 0
+
+
+def test_a_job_writes_through_a_link_to_its_output(cli, tiny_path, tmp_path):
+    from olmo2kit.files import output_lock
+
+    source = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "Hello"}, {"id": 2, "prompt": "Sea"}])
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "results.jsonl"
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)  # dangling until the job's first append creates the file
+    job = ("generate", "--input", str(source), "--output", str(link), "--model", str(tiny_path), "-n", "3", "--greedy")
+    code, _, err = cli(*job)
+    assert code == 0 and "2 result(s) appended" in err
+    assert link.is_symlink() and [r["id"] for r in read_results(target)] == [1, 2]
+    with output_lock(target, option="--output"):  # a job on the file by its own name: the link's job waits for it
+        code, _, err = cli(*job)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith(f"error: {link} is in use by another olmo2kit run"), err
+    assert [r["id"] for r in read_results(target)] == [1, 2]
