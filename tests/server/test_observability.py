@@ -301,7 +301,8 @@ def test_queue_depth_and_running_rows_are_read_at_scrape_time(observed, model):
         deadline = time.monotonic() + 20
         while True:  # until the second request is queued
             now = scrape(observed)
-            gauges = tuple(sample(now, name, model=served) for name in ("olmo2kit_queue_depth", "olmo2kit_running_rows"))
+            gauges = tuple(sample(now, name, model=served) for name in ("olmo2kit_queue_depth",
+                                                                       "olmo2kit_running_rows"))
             if gauges == (1, 1):
                 break
             assert time.monotonic() < deadline, gauges
