@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 REQUEST_ID_HEADER = "X-Request-Id"
 LOGGED_PROMPT_CHARS = 2000  # --log-prompts: a prompt is cut here, so one request cannot flood the log
-LOGGED_PATH_CHARS = 256  # a path is the client's to choose: the access log keeps this much of it
+LOGGED_PATH_CHARS = 100  # a path is the client's to choose (a model's name in it): longer ones are cut in the middle
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # An origin as a browser sends it: scheme://host[:port], no path (not even "/"), no user, query or fragment.
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)"
@@ -256,7 +256,7 @@ class Observe:
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "request_id": record.id,
             "method": scope["method"],
-            "path": scope["path"][:LOGGED_PATH_CHARS],
+            "path": _cut(scope["path"], LOGGED_PATH_CHARS),
             "status": status,
             "duration_ms": round(seconds * 1000, 1),
             "model": record.model,
@@ -270,6 +270,14 @@ class Observe:
         if record.log_prompts:
             line["prompt"] = record.prompt
         access_log.info(json.dumps(line))
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text`, or past `limit` characters its start and end around "..."."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) * 2 // 3
+    return f"{text[:head]}...{text[len(text) - (limit - 3 - head):]}"
 
 
 def _request_id(scope) -> str:
