@@ -113,6 +113,23 @@ def test_repetition_penalty_equals_transformers_greedy_fp32(tiny, fused):
     assert padded.any() and torch.equal(decoder.seen[:, tokenizer.pad_token_id], padded)  # pads seen where padded
 
 
+def test_pick_penalizes_repeated_tokens_as_transformers_does_negative_logits_included():
+    """The compiled step's penalty against transformers' RepetitionPenaltyLogitsProcessor on negative logits:
+    a repeated token's is multiplied by the penalty (made less likely), not divided."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    logits = -4 * torch.rand(512, 32, generator=generator) - 0.1  # all negative: the likeliest token too
+    input_ids = torch.randint(0, 32, (512, 8), generator=generator)
+    seen = torch.zeros(512, 32, dtype=torch.bool).scatter_(1, input_ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.5)(input_ids, logits.clone()).argmax(dim=-1)
+    one = torch.tensor(1.0)
+    got = _pick(logits, one, 0, one, True, seen=seen, penalty=torch.tensor(1.5))
+    assert torch.equal(got, expected)
+    divided = torch.where(seen, logits / 1.5, logits).argmax(dim=-1)
+    assert (divided != expected).sum() > 10  # rows whose choice hangs on a negative repeated logit
+
+
 def test_pick_min_p_keeps_tokens_within_min_p_of_the_likeliest():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, -1)
