@@ -5,6 +5,7 @@ Models load for real, from the loopback Hub."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 
 import httpx2 as httpx
@@ -126,3 +127,15 @@ def test_a_new_model_waits_for_no_busy_one_it_answers_503(checkpoints):
     finally:
         handle.cancel()
         gate.set()
+
+
+def test_a_directory_is_served_under_the_name_given_or_its_folders_name(tiny_path, tmp_path, monkeypatch):
+    twin = tmp_path / "elsewhere" / tiny_path.name  # another folder of the same name
+    shutil.copytree(tiny_path, twin)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    app = create_app([str(tiny_path), str(twin), "../elsewhere"], dtype="fp32", preload=False)
+    assert served_ids(app) == [tiny_path.name, f"elsewhere/{tiny_path.name}", "../elsewhere"]
+    response = complete(app, f"elsewhere/{tiny_path.name}")  # loaded by the path it was given
+    assert response.status_code == 200, response.text
+    assert str(tmp_path) not in call(app, "GET", "/v1/models").text
