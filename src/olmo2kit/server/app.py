@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextvars
 import hmac
 import json
 import logging
@@ -129,7 +130,8 @@ def create_app(models: Sequence[str] = (), *, dtype: str = "auto", quantize: str
 
 def _add_routes(app: FastAPI, registry: ModelRegistry, pool: ThreadPoolExecutor) -> None:
     async def off_loop(work: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+        # in the request's context, so that log lines written there carry its request id
+        return await asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, work, *args)
 
     @app.get("/health")
     async def health():
@@ -154,6 +156,7 @@ def _add_routes(app: FastAPI, registry: ModelRegistry, pool: ThreadPoolExecutor)
     async def completions(request: Request):
         body = await off_loop(_parse, CompletionRequest, await _body(request))
         served = await _served(registry, body.model)
+        observability.note_request(served.name, body)  # before the checks, so that a 400 is logged with its model
         job = await off_loop(_completion_job, served, body)
         return await _respond(request, served, job, _CompletionFormat(body), off_loop)
 
@@ -161,6 +164,7 @@ def _add_routes(app: FastAPI, registry: ModelRegistry, pool: ThreadPoolExecutor)
     async def chat_completions(request: Request):
         body = await off_loop(_parse, ChatCompletionRequest, await _body(request))
         served = await _served(registry, body.model)
+        observability.note_request(served.name, body)  # before the checks, so that a 400 is logged with its model
         job = await off_loop(_chat_job, served, body)
         return await _respond(request, served, job, _ChatFormat(body), off_loop)
 
@@ -454,7 +458,6 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
 async def _respond(request: Request, served: ServedModel, job: _Job, fmt, off_loop: Callable):
     """The whole response, or its stream of server-sent events."""
     body = fmt.body
-    observability.note_request(served.name, body)
     if body.stream:
         first = _run(request, served, job)
         try:  # a full queue or a bad row is an HTTP error before the stream starts
