@@ -54,6 +54,13 @@ def serve(
     preload: Annotated[
         bool, typer.Option("--preload/--no-preload", help="Load the named models before listening, or on first use.")
     ] = True,
+    header_timeout: Annotated[
+        float, typer.Option("--header-timeout", help="Seconds a connection has to send a whole request head.")
+    ] = 10.0,
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", help="Seconds a connection may stay silent between requests or "
+                                                   "within a body before it is closed.")
+    ] = 15.0,
     engine: EngineOpt = "auto",
     tensor_parallel_size: TensorParallelOpt = 1,
     pipeline_parallel_size: PipelineParallelOpt = 1,
@@ -81,18 +88,23 @@ def serve(
                              (max_models if max_models is not None else 1, "--max-models", 1)):
         if value < low:
             raise Olmo2KitError(f"{name} must be at least {low}, got {value}")
+    for value, name in ((header_timeout, "--header-timeout"), (idle_timeout, "--idle-timeout")):
+        if not value > 0:
+            raise Olmo2KitError(f"{name} must be a number of seconds above 0, got {value}")
+    timeouts = {"header_timeout": header_timeout, "idle_timeout": idle_timeout}
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    one = len(names) == 1 and not allow_load
+    one = len(names) == 1 and not allow_load and max_models is None
     # "auto" and vLLM look at the one model; llama.cpp runs every model, each converted to GGUF as it loads
     chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm) \
         if engine == "llamacpp" or (engine != "transformers" and one) else ("transformers", None)
     if chosen == "vllm":
-        _serve_with_vllm(names[0], _bind(host, port), note, host, dtype, device, vllm, max_batch_size, api_key)
+        _serve_with_vllm(names[0], _bind(host, port), note, host, dtype, device, vllm, max_batch_size, api_key,
+                         timeouts)
         return
     if engine == "vllm":
         raise Olmo2KitError("--engine vllm serves one model through vLLM's own server: give one --model, "
-                            "without --allow-load")
+                            "without --allow-load or --max-models")
     if vllm is not None:
         raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need --engine vllm")
     sock = _bind(host, port)
@@ -104,20 +116,24 @@ def serve(
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load)
-    _announce(sock, host, api_key, note, ", ".join(names) or "models loaded on first use")
-    run(app, sock)
+    served = [card if isinstance(card, str) else card.name for card in app.state.registry.names()]
+    _announce(sock, host, api_key, note, ", ".join(served) or "models loaded on first use")
+    run(app, sock, **timeouts)
 
 
 def _serve_with_vllm(name: str, sock: socket.socket, note: str | None, host: str, dtype: str, device: str, vllm,
-                     max_batch_size: int, api_key: str | None) -> None:
+                     max_batch_size: int, api_key: str | None, timeouts: dict) -> None:
     """Resolve, download and check the model, then hand it and the bound socket to vLLM's API server."""
     from olmo2kit.model.loading import resolve_model
+    from olmo2kit.server.registry import served_names
     from olmo2kit.server.vllm_server import serve_with_vllm
 
     loaded, tokenizer = load_model(name, None, dtype, None, device, engine="vllm", vllm=vllm, start=False)
-    names = list(dict.fromkeys([name, str(resolve_model(name))]))  # as given, and as the repo@revision it is
+    ref = resolve_model(name)
+    # A directory under the name olmo2kit's own server gives it; a Hub model as given and as the repo@revision it is.
+    names = served_names([name]) if ref.local else list(dict.fromkeys([name, str(ref)]))
     _announce(sock, host, api_key, note, ", ".join(names), " (vLLM; ready when /health answers)")
-    serve_with_vllm(loaded, tokenizer, names, sock, max_num_seqs=max_batch_size, api_key=api_key)
+    serve_with_vllm(loaded, tokenizer, names, sock, max_num_seqs=max_batch_size, api_key=api_key, **timeouts)
 
 
 def _announce(sock: socket.socket, host: str, api_key: str | None, note: str | None, what: str,
