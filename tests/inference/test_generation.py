@@ -114,6 +114,30 @@ def test_stop_string_ends_text(tiny):
     assert "".join(c.text for c in streamed) == cut and streamed[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("before, after", [(1, 3), (2, 2), (3, 1)])
+def test_a_stop_string_split_across_two_tokens_never_shows_in_the_stream(tiny, before, after):
+    """The stream holds back text that may begin a stop string: a stop string whose first `before` characters
+    end one token and whose last `after` start the next never shows, in part, in any chunk."""
+    model, tokenizer = tiny
+    ids = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30).token_ids
+    pieces = [tokenizer.decode([t]) for t in ids]
+    # The first two neighbouring tokens long enough, of printable characters only (no half characters), after
+    # some text that streams before them.
+    k = next(i for i in range(1, len(pieces) - 1) if len(pieces[i]) >= before and len(pieces[i + 1]) >= after
+             and (pieces[i] + pieces[i + 1]).isprintable() and "\ufffd" not in pieces[i] + pieces[i + 1])
+    stop = pieces[k][-before:] + pieces[k + 1][:after]
+    through_k = tokenizer.decode(ids[: k + 1])
+    assert stop not in through_k and tokenizer.decode(ids[: k + 2]).find(stop) == len(through_k) - before, stop
+    expected = through_k[:-before]
+    shown = ""
+    chunks = list(stream_generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=30, stop=[stop]))
+    for chunk in chunks:
+        shown += chunk.text
+        assert expected.startswith(shown), (stop, shown)  # nothing of the stop string, even for a while
+    assert shown == expected and chunks[-1].finish_reason == "stop"
+    assert len(chunks) > 1  # streamed, not in one piece at the end
+
+
 def test_end_of_text_token_finishes_with_stop(tiny_path):
     model, tokenizer = load(str(tiny_path), dtype="fp32", device="cpu")
     first = generate(model, tokenizer, PROMPT, do_sample=False, max_new_tokens=1).token_ids[0]
