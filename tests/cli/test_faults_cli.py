@@ -1,6 +1,7 @@
 """Faults at the command line: arguments and stdin that are not UTF-8, a stdout that cannot take the output,
 seeds out of range; and --version, the ignored outputs of the README's examples, the DDP launcher config."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -161,3 +162,73 @@ def test_a_lone_surrogate_argument_from_python_is_one_line(cli, tiny_path):
     code, out, err = cli("generate", "\ud800", "--model", str(tiny_path))
     assert code == 2 and out == ""
     assert err.strip() == "error: the argument '\\ud800' is not UTF-8 text: give it in UTF-8"
+
+
+# A model that cannot load: a batch job and a chat stop at the first failure, with exit code 2 and one line.
+
+@pytest.fixture(scope="module")
+def unloadable(tiny_path, tmp_path_factory):
+    """(a copy of the tiny checkpoint that llama.cpp cannot load, the environment of a run with a GGUF cache of its
+    own). Its config.json gives a feed-forward size its weights do not have: transformers refuses that as it loads,
+    and llama.cpp's engine, which loads on first use, at the first line of a job or the first turn of a chat."""
+    from importlib.util import find_spec
+
+    from olmo2kit.errors import Olmo2KitError
+    from olmo2kit.model.gguf import converter_dir
+
+    try:
+        if find_spec("llama_cpp") is None:
+            raise Olmo2KitError("llama-cpp-python is not installed")
+        converter_dir()
+    except Olmo2KitError as e:
+        pytest.skip(f"{e} (`make llamacpp` builds and installs both)")
+    path = tmp_path_factory.mktemp("unloadable") / "tiny-unloadable"
+    shutil.copytree(tiny_path, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    return path, {**os.environ, "OLMO2KIT_GGUF_CACHE": str(tmp_path_factory.mktemp("gguf-cache"))}
+
+
+def only_error(result: subprocess.CompletedProcess) -> str:
+    """The one error line of a run that stopped as a user error should: exit 2, no traceback, no warning."""
+    err = result.stderr.decode()
+    lines = [line for line in err.splitlines() if line.startswith(("error", "warning: line"))]
+    assert result.returncode == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert err.rstrip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+def test_a_model_that_cannot_load_stops_a_job_which_resumes_once_it_loads(cli, tiny_path, unloadable, tmp_path):
+    path, env = unloadable
+    source = tmp_path / "in.jsonl"
+    out = tmp_path / "out.jsonl"
+    job = ("generate", "--input", str(source), "--output", str(out), "--model", str(path), "-n", "3", "--greedy")
+    bad_config = (path / "config.json").read_bytes()
+    try:
+        shutil.copyfile(tiny_path / "config.json", path / "config.json")
+        source.write_text("".join(f'{{"id": {i}, "prompt": "Hello {i}"}}\n' for i in (1, 2)))
+        assert cli(*job)[0] == 0
+        written = out.read_bytes()
+        source.write_text("".join(f'{{"id": {i}, "prompt": "Hello {i}"}}\n' for i in (1, 2, 3, 4)))
+        (path / "config.json").write_bytes(bad_config)
+        line = only_error(subprocess.run([str(OLMO2KIT), *job, "--engine", "llamacpp"], capture_output=True,
+                                         env=env, timeout=600))
+        assert "tiny-unloadable" in line and "llama.cpp cannot load" in line, line
+        assert out.read_bytes() == written  # nothing after the failure was run; what was written stays
+        shutil.copyfile(tiny_path / "config.json", path / "config.json")
+        code, _, err = cli(*job)
+        assert code == 0 and "2 result(s) appended" in err and "2 already there" in err
+        assert [json.loads(row)["id"] for row in out.read_text().splitlines()] == [1, 2, 3, 4]
+    finally:
+        (path / "config.json").write_bytes(bad_config)
+
+
+def test_a_model_that_cannot_load_ends_a_chat_at_its_first_turn(unloadable, tmp_path):
+    path, env = unloadable
+    transcript = tmp_path / "chat.json"
+    result = subprocess.run([str(OLMO2KIT), "chat", "--model", str(path), "--engine", "llamacpp", "-n", "3"],
+                            input=f"Hi\n/save {transcript}\nHello\n".encode(), capture_output=True, env=env,
+                            timeout=600)
+    line = only_error(result)
+    assert "tiny-unloadable" in line and "llama.cpp cannot load" in line, line
+    assert result.stdout == b"" and not transcript.exists()  # the lines after the failure were not read

@@ -122,7 +122,10 @@ def chat(
 
 def _converse(session, name: str) -> None:
     """Read lines until the input ends or /exit: a message gets a streamed reply, a /command runs. An error
-    in one line is one line on stderr, and the session goes on with its conversation and options."""
+    in one line is one line on stderr, and the session goes on with its conversation and options; the model
+    failing (ModelFailed: it cannot load, say) ends the chat, as an Olmo2KitError, with the lines after unread."""
+    from olmo2kit.inference.chat import ModelFailed
+
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -148,6 +151,8 @@ def _converse(session, name: str) -> None:
                     return
             else:
                 _stream_reply(session.send(line))
+        except ModelFailed:  # every later turn would fail the same way
+            raise
         except Olmo2KitError as e:
             info(f"error: {e}")
 

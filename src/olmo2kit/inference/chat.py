@@ -2,7 +2,9 @@
 
 A session keeps the conversation whatever happens in one turn: a reply that fails (an Olmo2KitError)
 leaves the history as it was, and when the conversation outgrows the model's context the oldest
-turns are dropped (never the system message), with a warning on the "olmo2kit" logger.
+turns are dropped (never the system message), with a warning on the "olmo2kit" logger. A failure of
+the model itself, not of the turn (a model that cannot load, say), is a `ModelFailed`: no later turn
+could run either, so a chat ends there.
 
     >>> session = ChatSession(model, tokenizer, system="Be brief.", do_sample=False)  # doctest: +SKIP
     >>> session.reply("What is the capital of France?").text  # doctest: +SKIP
@@ -22,13 +24,17 @@ from olmo2kit.inference.engines import keeps_caller_cache
 from olmo2kit.inference.generation import Generation, check_prompt_size, join_chunks, stream_generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, encode_chat
-from olmo2kit.model.sizes import check_context, context_length
+from olmo2kit.model.sizes import ContextExceeded, check_context, context_length
 
 log = logging.getLogger("olmo2kit")
 
 # Bytes a transcript may have: far past any real one (OLMo 2's 4,096-token context is some 20 kB of text),
 # and a bound on what /load reads of a file that is no transcript.
 TRANSCRIPT_LIMIT = 64 * 2**20
+
+
+class ModelFailed(Olmo2KitError):
+    """The model failed on a turn that passed the session's checks (it cannot load, say): every turn would."""
 
 
 def save_transcript(path: str | os.PathLike, model: str, messages: Sequence[Mapping]) -> Path:
@@ -170,8 +176,8 @@ class ChatSession:
         try:
             prompt_ids, dropped = self._fit_context()
             cache = self._cache_for(prompt_ids) if self.reuse_cache else None
-            stream = stream_generate(self.model, self.tokenizer, messages=self.messages, cache=cache,
-                                     compile=self.compile, **self.options)
+            stream = self._model_run(stream_generate(self.model, self.tokenizer, messages=self.messages,
+                                                     cache=cache, compile=self.compile, **self.options))
             first = next(stream)
         except BaseException:
             self.turns = before
@@ -201,6 +207,16 @@ class ChatSession:
                 self._keep_cache(cache, prompt_ids + ids)
             else:  # after an interruption the generation thread may still be finishing a step
                 self._drop_cache()
+
+    def _model_run(self, stream: Iterator[Generation]) -> Iterator[Generation]:
+        """`stream`, its Olmo2KitErrors raised as ModelFailed, but for the context's: the turn passed
+        `_fit_context`, and what else fails now is the model, not the turn."""
+        try:
+            yield from stream
+        except ContextExceeded:  # an engine's context may be shorter than the config's (vLLM's max_model_len)
+            raise
+        except Olmo2KitError as error:
+            raise ModelFailed(f"{self.model.name_or_path} cannot run: {error}") from None
 
     def save(self, path: str | os.PathLike, model: str) -> Path:
         """Write the transcript, `{"model": model, "messages": [...]}`, to `path`."""

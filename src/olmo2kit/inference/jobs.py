@@ -20,10 +20,12 @@ finish_reason, tokens_per_s, elapsed_s, prompt_tps, peak_memory_gb; the speeds a
 batched call that made the line).
 
 Running a job again with the same output skips the ids already there, so a job stopped at any
-point, even by SIGKILL or a full disk, ends with every id exactly once. An id whose request changed
-since its result was written is an error. Lines are appended whole and synced to disk a batch at a
-time; a last line cut short is dropped when the job resumes. A job holds a lock on its output while
-it runs, so a second job on the same output stops at once.
+point, even by SIGKILL or a full disk, ends with every id exactly once. A line too long for the model's
+context is reported and skipped; any other failure while generating is the model's, not the line's (the
+model cannot load, say), so the job stops there with an Olmo2KitError, keeping the results written before.
+An id whose request changed since its result was written is an error. Lines are appended whole and
+synced to disk a batch at a time; a last line cut short is dropped when the job resumes. A job holds a
+lock on its output while it runs, so a second job on the same output stops at once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from olmo2kit.inference.generation import Generation, generate
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, user_messages
 from olmo2kit.model.engines import engine_info
+from olmo2kit.model.sizes import ContextExceeded
 
 log = logging.getLogger("olmo2kit")
 
@@ -160,6 +163,8 @@ def run_job(
     the model at once. `progress(done, total)` is called as batches finish; `model_name` and
     `revision` are recorded on each line (default: the model's name_or_path). The job holds
     `files.output_lock` on `output_path` while it runs; `lock=False` when the caller holds it.
+    The model failing (not a line: see the module's docstring) stops the job with an Olmo2KitError
+    naming the model, the line it stopped at and the cause; what was written stays, and a rerun resumes.
 
     >>> run_job(model, tokenizer, "prompts.jsonl", "results.jsonl", do_sample=False)  # doctest: +SKIP
     """
@@ -183,16 +188,25 @@ def run_job(
             warn(f"line {item.line} of {input_path}: {error}; skipped")
             skipped.append((item.line, str(error)))
 
+        def stop(items: list[JobItem], error: Olmo2KitError) -> Olmo2KitError:
+            # Every later line would fail the same way (and a model that cannot load would be loaded again
+            # for each): stop, as for a full disk, with the results so far on disk for the rerun.
+            return Olmo2KitError(
+                f"{model_name} failed at line {min(item.line for item in items)} of {input_path}, so the job "
+                f"stopped (the results before it stay in {output_path}; the same command resumes there): {error}"
+            )
+
         engine = engine_info(model)
 
         def record(item: JobItem, generation: Generation) -> dict:
             return _record(item, generation, model_name, revision, engine)
 
-        summary.written = _append_results(model, tokenizer, pending, store, batch_size, record, fail, progress)
+        summary.written = _append_results(model, tokenizer, pending, store, batch_size, record, fail, stop,
+                                          progress)
     return summary
 
 
-def _append_results(model, tokenizer, pending: list[JobItem], store: JsonlStore, batch_size: int, record, fail,
+def _append_results(model, tokenizer, pending: list[JobItem], store: JsonlStore, batch_size: int, record, fail, stop,
                     progress: Callable[[int, int], None] | None) -> int:
     """Generate `pending` a batch at a time, each batch's results appended before the next starts; how many."""
     import torch
@@ -203,7 +217,7 @@ def _append_results(model, tokenizer, pending: list[JobItem], store: JsonlStore,
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         try:
-            results = _generate_batch(model, tokenizer, batch, fail)
+            results = _generate_batch(model, tokenizer, batch, fail, stop)
         except torch.OutOfMemoryError:
             raise Olmo2KitError(
                 f"out of memory with batches of {batch_size}: rerun with a smaller --batch-size "
@@ -362,27 +376,33 @@ def _check_unchanged(items: list[JobItem], done: dict[str, str | None], output: 
         )
 
 
-def _generate_batch(model, tokenizer, batch: list[JobItem], fail) -> dict[int, Generation]:
-    """Generations for a batch, by line number; lines that share kind and options share a call."""
+def _generate_batch(model, tokenizer, batch: list[JobItem], fail, stop) -> dict[int, Generation]:
+    """Generations for a batch, by line number; lines that share kind and options share a call. A line too
+    long for the context goes to `fail(item, error)`; any other failure raises `stop(items, error)`."""
     groups: dict[tuple[str, SamplingOptions], list[JobItem]] = {}
     for item in batch:
         groups.setdefault(("prompt" if isinstance(item.request, str) else "messages", item.sampling), []).append(item)
     results: dict[int, Generation] = {}
     for (kind, sampling), group in groups.items():
-        for item, generation in _generate_group(model, tokenizer, group, kind, asdict(sampling), fail):
+        for item, generation in _generate_group(model, tokenizer, group, kind, asdict(sampling), fail, stop):
             results[item.line] = generation
     return results
 
 
-def _generate_group(model, tokenizer, group: list[JobItem], kind: str, options: dict, fail):
+def _generate_group(model, tokenizer, group: list[JobItem], kind: str, options: dict, fail, stop):
     try:
         made = generate(model, tokenizer, **{kind: [item.request for item in group]}, **options)
-    except Olmo2KitError as error:
+    except ContextExceeded as error:
         if len(group) == 1:
             fail(group[0], error)
             return []
-        # One line is at fault (too long for the context, say): run them one at a time to find it.
-        return [pair for item in group for pair in _generate_group(model, tokenizer, [item], kind, options, fail)]
+        # One line is at fault: run them one at a time to find it.
+        return [pair for item in group for pair in _generate_group(model, tokenizer, [item], kind, options, fail,
+                                                                   stop)]
+    except Olmo2KitError as error:
+        # Each line was checked as it was read, and the context is the one check left to generate: what fails
+        # now is the model (it cannot load, say), not a line.
+        raise stop(group, error) from None
     return list(zip(group, made, strict=True))
 
 
