@@ -32,6 +32,8 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
                                 device=device, vllm=vllm, say=info)
     if chosen == "vllm" and start:
         loaded.llm  # noqa: B018  (starts vLLM's engine processes, timed with the load)
+    if chosen == "llamacpp" and start:
+        loaded.llama  # noqa: B018  (loads the GGUF into llama.cpp now: a file it cannot load fails here, once)
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
     if chosen == "llamacpp":
         where = f"GGUF {loaded.dtype}"
