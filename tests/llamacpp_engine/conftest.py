@@ -38,17 +38,22 @@ def llamacpp_required(tmp_path_factory):
         os.environ["OLMO2KIT_GGUF_CACHE"] = before
 
 
+# llama.cpp's threads wait for one another spinning: on a shared machine (CI, two cores for several jobs) two of
+# them decode the tiny model 40 times slower than one.
+THREADS = 1
+
+
 @pytest.fixture(scope="session")
 def llamacpp_tiny(tiny_path):
-    """(model, tokenizer) of the tiny base checkpoint on llama.cpp, from an f32 GGUF."""
-    from olmo2kit.model.engines import load_model
+    """(model, tokenizer) of the tiny base checkpoint on llama.cpp, from an f32 GGUF, on one thread."""
+    from olmo2kit.model.llamacpp import load_llamacpp
 
-    return load_model(str(tiny_path), engine="llamacpp", dtype="fp32")
+    return load_llamacpp(str(tiny_path), dtype="fp32", threads=THREADS)
 
 
 @pytest.fixture(scope="session")
 def llamacpp_tiny_instruct(tiny_instruct_path):
-    """(model, tokenizer) of the tiny instruct checkpoint on llama.cpp, from an f32 GGUF."""
-    from olmo2kit.model.engines import load_model
+    """(model, tokenizer) of the tiny instruct checkpoint on llama.cpp, from an f32 GGUF, on one thread."""
+    from olmo2kit.model.llamacpp import load_llamacpp
 
-    return load_model(str(tiny_instruct_path), engine="llamacpp", dtype="fp32")
+    return load_llamacpp(str(tiny_instruct_path), dtype="fp32", threads=THREADS)

@@ -18,6 +18,8 @@ from olmo2kit.model.chat_template import render_chat
 from olmo2kit.model.engines import choose_engine, engine_info
 from olmo2kit.model.tiny import EOS, PAD
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # transformers' side: the tiny model is fastest on one thread
+
 PROMPTS = ["Language modeling is", "The capital of France is", "Hello, world! 1 2 3 100 1000", "I'm fine, you're"]
 GREEDY = dict(do_sample=False, max_new_tokens=24)
 CHATS = [
@@ -27,9 +29,14 @@ CHATS = [
      {"role": "assistant", "content": "The sea is wide, the sea is deep."},
      {"role": "user", "content": "Again, in 12345 words, room 0100 and 10010!  Don't stop.\n\nThanks 🚀 ✅ 我想"}],
 ]
-# llama.cpp keeps keys and values in f16 (its default cache type), so its f32 logits differ from transformers'
-# fp32 ones by rounding: measured up to 4.2e-4 on the tiny checkpoint (logits up to 0.7); 2e-3 leaves room.
-LOGIT_TOLERANCE = 2e-3
+# An f32 GGUF runs without flash attention and with keys and values in f32 (`attention_options`): its logits
+# are transformers' fp32 ones to rounding (measured up to 6e-7 on the tiny checkpoint, logits up to 0.6).
+LOGIT_TOLERANCE = 1e-5
+# Forty prompts, for greedy parity: with flash attention and an f16 key/value cache, 2 of them gave other tokens.
+PARITY_PROMPTS = [subject + verb for subject in (
+    "Language modeling", "The capital of France", "My favourite colour", "Water", "The quick brown fox",
+    "In 1969, the first", "Python code", "Hello, world!", "I'm fine, you're", "Numbers 1 2 3 100",
+) for verb in (" is", " was", " will be", " means")]
 
 
 def test_greedy_tokens_match_transformers_one_by_one_and_in_a_batch(llamacpp_tiny, tiny):
@@ -42,23 +49,65 @@ def test_greedy_tokens_match_transformers_one_by_one_and_in_a_batch(llamacpp_tin
     assert all(g.finish_reason == "length" and g.new_tokens == 24 for g in batch)
 
 
-def test_logits_agree_with_transformers(llamacpp_tiny, tiny):
+def test_fp32_greedy_tokens_equal_transformers_on_forty_prompts(llamacpp_tiny, tiny):
+    """--dtype fp32 is exact: llama.cpp's greedy tokens are transformers' (fp32) on every prompt, near-ties too."""
+    differ = [prompt for prompt in PARITY_PROMPTS
+              if generate(*llamacpp_tiny, prompt, **GREEDY).token_ids != generate(*tiny, prompt, **GREEDY).token_ids]
+    assert differ == []
+
+
+def _llama_logits(gguf, gguf_type: str, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `ids`, run as the engine runs a GGUF of `gguf_type`."""
     from llama_cpp import Llama
 
-    model, tokenizer = tiny
-    llama = Llama(model_path=str(llamacpp_tiny[0].gguf), n_ctx=256, logits_all=True, verbose=False)
+    from olmo2kit.model.llamacpp import attention_options
+
+    llama = Llama(model_path=str(gguf), n_ctx=512, n_threads=1, logits_all=True, verbose=False,
+                  **attention_options(gguf_type))
     try:
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            llama.reset()
-            llama.eval(ids)
-            ours = np.asarray(llama.scores[: len(ids)])
-            with torch.inference_mode():
-                theirs = model(torch.tensor([ids])).logits[0].numpy()
-            assert np.abs(ours - theirs).max() < LOGIT_TOLERANCE, prompt
-            assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+        llama.eval(ids)
+        return np.asarray(llama.scores[: len(ids)])
     finally:
         llama.close()
+
+
+def _transformers_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_logits_agree_with_transformers(llamacpp_tiny, tiny):
+    model, tokenizer = tiny
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ours, theirs = _llama_logits(llamacpp_tiny[0].gguf, "f32", ids), _transformers_logits(model, ids)
+        assert np.abs(ours - theirs).max() < LOGIT_TOLERANCE, prompt
+        assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+# Where speed wins (every GGUF type but f32: flash attention, an f16 key/value cache, and weights rounded to bf16
+# or quantized), llama.cpp's next-token log-probabilities on the forty prompts as one text (465 positions) are
+# transformers' fp32 ones within the first bound, its greedy pick is transformers' at the share of positions the
+# second names, and where they differ transformers' own top two were within the third (a near-tie). Measured on
+# the tiny checkpoint, whose logits span only 0.6: bf16 6.3e-3, 0.994, 1.7e-3; q4_k_m 0.12, 0.85, 0.058.
+SPEED_TOLERANCE = {"bf16": (2e-2, 0.95, 1e-2), "q4_k_m": (0.3, 0.7, 0.15)}
+
+
+@pytest.mark.parametrize("gguf_type", SPEED_TOLERANCE)
+def test_speed_types_agree_with_transformers_within_a_tolerance(tiny_path, tiny, gguf_type):
+    from olmo2kit.model.gguf import gguf_file
+
+    logprob_bound, agreement, near_tie = SPEED_TOLERANCE[gguf_type]
+    model, tokenizer = tiny
+    ids = tokenizer(" ".join(PARITY_PROMPTS), add_special_tokens=False)["input_ids"]
+    ours = _llama_logits(gguf_file(str(tiny_path), gguf_type=gguf_type, say=lambda _: None), gguf_type, ids)
+    theirs = _transformers_logits(model, ids)
+    logprobs = [x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in (ours, theirs)]
+    assert np.abs(logprobs[0] - logprobs[1]).max() < logprob_bound
+    picked, best = ours.argmax(-1), theirs.argmax(-1)
+    assert (picked == best).mean() >= agreement
+    rows = np.arange(len(ids))
+    assert (theirs[rows, best] - theirs[rows, picked]).max() < near_tie
 
 
 def test_gguf_carries_the_olmo2_tokenizer(llamacpp_tiny_instruct):

@@ -298,9 +298,11 @@ class LlamaCppEngine(Engine):
     `generate`, its tokens handed over one by one. A row's prompt that starts as the previous one did reuses
     those keys and values (llama.cpp's own prefix match), so a chat's history is not computed again.
 
-    Sampling is llama.cpp's: greedy decoding gives transformers' tokens (up to floating-point ties); a seed
-    repeats llama.cpp's own draws, which are not transformers' draws. Its repetition penalty looks back
-    `last_n_tokens_size` (64) tokens, where transformers' looks at the whole sequence.
+    Sampling is llama.cpp's. Greedy decoding from an f32 GGUF (--dtype fp32) gives transformers' fp32 tokens;
+    the other types run for speed (`model.llamacpp.attention_options`) and can pick another token where
+    transformers' top two are near-tied. A seed repeats llama.cpp's own draws, which are not transformers' draws.
+    Its repetition penalty looks back `last_n_tokens_size` (64) tokens, where transformers' looks at the whole
+    sequence.
     """
 
     name = "llamacpp"

@@ -3,8 +3,10 @@
 A checkpoint (size alias, `repo@revision`, local or fine-tuned directory) is converted once per GGUF type
 and kept in the GGUF cache beside the Hub cache (`$OLMO2KIT_GGUF_CACHE`, else `olmo2kit-gguf/` next to
 `$HF_HUB_CACHE`), keyed by repo, the commit the revision resolved to, and the type; a local directory is
-keyed by its path and its files' sizes and times, so a fine-tune written again is converted again. A
-conversion is written beside its place and renamed into it: the cache holds whole files or none.
+keyed by its content, a sha256 of every file the converter reads, so another checkpoint copied over it (with
+the old mtimes, as tar, Docker and Nix copy) is converted again. A conversion is written beside its place and
+renamed into it, with a record of its size and sha256: before a cached GGUF is used or exported it is checked
+against that record, and one that fails (cut short, its bytes changed) is removed and converted again.
 
 llama.cpp's converter (`convert_hf_to_gguf.py`, its `conversion` package and `gguf-py`) is not in the
 `llama-cpp-python` wheel; `make llamacpp` copies it from the same llama.cpp source into
@@ -17,17 +19,21 @@ pre-tokenizer is named explicitly when the tokenizer declares OLMo 2's split pat
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import cannot_write, make_output_dir
+from olmo2kit.files import cannot_write, file_sha256, file_stamp, make_output_dir, write_json_atomic
 from olmo2kit.model.chat_template import OLMO2_OLLAMA_TEMPLATE, OLMO2_STOP
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import ModelRef, resolve_model
@@ -104,17 +110,95 @@ def checkpoint_dir(model: str, revision: str | None = None) -> tuple[ModelRef, P
     return ref, path
 
 
-def cache_path(ref: ModelRef, source: Path, gguf_type: str, cache: Path | None = None) -> Path:
-    """Where the GGUF of `ref` (read from `source`) in `gguf_type` is cached (in `cache`, else the GGUF cache)."""
+def cache_path(ref: ModelRef, source: Path, gguf_type: str, cache: Path | None = None, *, say=log.info) -> Path:
+    """Where the GGUF of `ref` (read from `source`) in `gguf_type` is cached (in `cache`, else the GGUF cache).
+
+    A Hub checkpoint is keyed by its commit (content-addressed already), a local directory by a sha256 of the
+    files the converter reads (`converter_inputs`); reading them is remembered per file (`DIGESTS`), so only a
+    checkpoint's first load, or one after it changed, reads it whole (`say` tells of a long read)."""
     cache = cache or gguf_cache_dir()
     if ref.local:
-        # The path and every file's size and time: a checkpoint written again gets a new key.
         resolved = source.resolve()
-        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(resolved.iterdir()) if p.is_file()]
-        key = hashlib.sha256(json.dumps([str(resolved), stamp]).encode()).hexdigest()[:24]
+        digests = file_digests(converter_inputs(resolved), cache / "local" / DIGESTS, say=say)
+        named = [(Path(path).name, digest) for path, digest in digests.items()]
+        key = hashlib.sha256(json.dumps([_gguf_name(ref), named]).encode()).hexdigest()[:24]  # the name is in the GGUF
         return cache / "local" / f"{resolved.name}-{key}" / f"{gguf_type}.gguf"
     commit = source.name  # the Hub cache's snapshot directory is named by the commit
     return cache / ("models--" + ref.source.replace("/", "--")) / commit / f"{gguf_type}.gguf"
+
+
+# Weights in pickle formats: the converter reads them only where a checkpoint has no safetensors, and olmo2kit
+# converts safetensors only (`checkpoint_dir`), so a fine-tune's optimizer state or training arguments are not read.
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def converter_inputs(source: Path) -> list[Path]:
+    """The files of the checkpoint directory `source` that a conversion may read: every file at its top (config,
+    tokenizer files, safetensors, chat templates...) but hidden ones (locks, partial writes) and pickled weights."""
+    return sorted(p for p in source.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_PICKLED))
+
+
+# The JSON file, beside the local conversions, that remembers each checkpoint file's sha256 by its stamp.
+DIGESTS = "digests.json"
+# A file changed this recently could be written again within the same tick of the file system's clock, its
+# stamp unchanged: its digest is remembered only once it is older.
+SETTLED_NS = 100_000_000
+
+
+def file_digests(files: list[Path], memo: Path, *, say=log.info) -> dict[str, str]:
+    """The sha256 of each of `files`, by path, in their order: remembered in `memo` while a file's stamp
+    (`files.file_stamp`: size, mtime, ctime, inode) is the one it had when read, else read again."""
+    remembered = _read_memo(memo)
+    digests, unread = {}, []
+    for p in files:
+        stamp = file_stamp(p.stat())
+        if remembered.get(str(p), {}).get("stamp") == stamp:
+            digests[str(p)] = remembered[str(p)]["sha256"]
+        else:
+            unread.append((p, stamp))
+    if (size := sum(stamp[0] for _, stamp in unread)) > 1 << 30:
+        say(f"reading {size / 1e9:.1f} GB of {files[0].parent} once, to key its GGUF by content")
+    for p, stamp in unread:
+        digests[str(p)] = file_sha256(p)
+        after = p.stat()
+        if file_stamp(after) != stamp:
+            raise Olmo2KitError(f"{p} changed while olmo2kit read it: run again once it is written")
+        if time.time_ns() - after.st_ctime_ns > SETTLED_NS:
+            remembered[str(p)] = {"stamp": stamp, "sha256": digests[str(p)]}
+    if unread:
+        _write_memo(memo, remembered)
+    return {str(p): digests[str(p)] for p in files}
+
+
+def _read_memo(memo: Path) -> dict[str, dict]:
+    """The remembered digests, {path: {"stamp", "sha256"}}; none where the file is missing or not one of these."""
+    try:
+        entries = json.loads(memo.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {path: entry for path, entry in entries.items() if isinstance(entry, dict)
+            and isinstance(entry.get("stamp"), list) and isinstance(entry.get("sha256"), str)}
+
+
+def _write_memo(memo: Path, entries: dict[str, dict]) -> None:
+    """Write the remembered digests, less those of files gone or changed since. A memo that cannot be written
+    (a read-only cache) is no error: the files are read again next time. Two processes writing at once can lose
+    one another's entries, never make one wrong."""
+    def current(path: str, stamp: list[int]) -> bool:
+        try:
+            return file_stamp(os.stat(path)) == stamp
+        except OSError:
+            return False
+
+    kept = {path: entry for path, entry in entries.items() if current(path, entry["stamp"])}
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(memo, kept)
+    except (OSError, Olmo2KitError) as e:
+        log.debug("the GGUF cache's digests are not remembered: %s", e)
 
 
 def gguf_file(model: str, *, revision: str | None = None, gguf_type: str = "bf16", say=log.info) -> Path:
@@ -124,25 +208,108 @@ def gguf_file(model: str, *, revision: str | None = None, gguf_type: str = "bf16
 
 
 def cached_gguf(ref: ModelRef, source: Path, gguf_type: str, *, say=log.info, cache: Path | None = None) -> Path:
-    """As `gguf_file`, for a checkpoint `checkpoint_dir` has resolved (in `cache`, else the GGUF cache)."""
+    """As `gguf_file`, for a checkpoint `checkpoint_dir` has resolved (in `cache`, else the GGUF cache). A cached
+    file that fails its check (`checked_record`) is removed, said, and converted again."""
     kind = check_gguf_type(gguf_type)
-    path = cache_path(ref, source, kind.name, cache)
-    if path.is_file():
+    path = cache_path(ref, source, kind.name, cache, say=say)
+    if checked_record(path, say) is not None:
         return path
     say(f"converting {ref} to GGUF ({kind.name}) for llama.cpp, once: it is cached in {path.parent}")
     make_output_dir(path.parent)
-    _remove_abandoned(path)
-    convert(source, path, kind.name, name=_gguf_name(ref))
+    _remove_abandoned(path.parent)
+    convert(source, path, kind.name, name=_gguf_name(ref), record=True)
     return path
 
 
-def convert(source: Path, out: Path, gguf_type: str, *, name: str | None = None) -> Path:
+def record_path(gguf: Path) -> Path:
+    """The record of a cached GGUF's conversion: {"size", "sha256", "stamp"} (`files.file_stamp`) as written."""
+    return gguf.with_name(gguf.name + ".json")
+
+
+def checked_record(path: Path, say=log.info) -> dict | None:
+    """The record of the cached GGUF `path` when the file passes its check, else None (none there, or one that
+    fails, which is removed and said through `say`).
+
+    The check: a record of the conversion, the size written, a GGUF header, and, when the file's stamp is not the
+    one recorded (it was copied, touched or written to since), its sha256, read whole; a file that passes is
+    recorded with its new stamp, so it is read whole once."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    record = _read_record(path)
+    problem = _damage(path, stat.st_size, record)
+    if problem is None and record["stamp"] != file_stamp(stat):
+        if file_sha256(path) != record["sha256"]:
+            problem = "its bytes are not those written"
+        elif file_stamp(path.stat()) == file_stamp(stat):
+            record["stamp"] = file_stamp(stat)
+            _write_record(path, record)
+    if problem is None:
+        return record
+    discard(path, problem, say)
+    return None
+
+
+def _damage(path: Path, size: int, record: dict | None) -> str | None:
+    """What is wrong with the cached GGUF `path` of `size` bytes that a read of its header can tell, or None."""
+    if record is None:
+        return "no record of its conversion"
+    if size != record["size"]:
+        return f"{size:,} bytes where {record['size']:,} were written"
+    if not _gguf_header(path, size):
+        return "no GGUF header"
+    return None
+
+
+def _gguf_header(path: Path, size: int) -> bool:
+    """Whether `path` starts as a GGUF file: its magic, a version llama.cpp reads (2 or 3), and counts of tensors
+    and metadata entries that fit in the file."""
+    with path.open("rb") as f:
+        head = f.read(24)
+    if len(head) < 24:
+        return False
+    magic, version, tensors, entries = struct.unpack("<4sIQQ", head)
+    return magic == b"GGUF" and version in (2, 3) and tensors < size and entries < size
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(record_path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    fields = {"size": int, "sha256": str, "stamp": (list, type(None))}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items()):
+        return None
+    return record
+
+
+def _write_record(path: Path, record: dict) -> None:
+    try:
+        write_json_atomic(record_path(path), record)
+    except Olmo2KitError as e:  # a read-only cache: the file is read whole again next time
+        log.debug("the record of %s is not updated: %s", path, e)
+
+
+def discard(path: Path, problem: str, say=log.info) -> None:
+    """Remove the cached GGUF `path` and its record, saying why (`problem`) through `say`."""
+    say(f"the cached GGUF {path} failed its check ({problem}): converting it again")
+    try:
+        path.unlink(missing_ok=True)
+        record_path(path).unlink(missing_ok=True)
+    except OSError as e:
+        raise Olmo2KitError(f"cannot remove the damaged {path} ({e.strerror}): remove it, then run again") from None
+
+
+def convert(source: Path, out: Path, gguf_type: str, *, name: str | None = None, record: bool = False) -> Path:
     """Write the GGUF of the checkpoint directory `source` to `out` in `gguf_type` with llama.cpp's converter
-    (and its quantizer for the k-quants): beside `out` first, renamed into place when whole.
+    (and its quantizer for the k-quants): beside `out` first, renamed into place when whole; with `record`, its
+    record (`record_path`) too, written before the file appears, so a reader never finds a GGUF without one.
 
     The converter runs in a child process: it changes process-wide state (its logging, sys.path, its class
     registry) that the caller keeps none of. The child dies with this process (Linux), so a killed conversion
-    stops."""
+    stops, and its partial file is removed by the next conversion or export in that folder (`_remove_abandoned`).
+    A failed write (a full disk, say) is an Olmo2KitError saying why in one line."""
     kind = check_gguf_type(gguf_type)
     converter = converter_dir()
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -154,17 +321,49 @@ def convert(source: Path, out: Path, gguf_type: str, *, name: str | None = None)
             errors="replace", preexec_fn=_die_with_parent, check=False,
         )
         if done.returncode != 0:
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
-            said = next((line.removeprefix("error: ") for line in reversed(lines) if line.startswith("error: ")),
-                        lines[-1] if lines else f"exit status {done.returncode}")
-            raise Olmo2KitError(f"llama.cpp's converter failed on {source}: {said}")
-        os.replace(partial, out)
+            _raise_converter_failure(source, done.returncode, done.stderr)
+        _place(partial, out, record)
     except OSError as e:
         raise cannot_write(out, e, "give a directory you can write to, with room for the model") from None
     finally:
         for leftover in out.parent.glob(f".{out.name}.{os.getpid()}.*partial"):
             leftover.unlink(missing_ok=True)
     return out
+
+
+# How the converter's process names the errno of a failed write, on a line of its own on stderr.
+_ERRNO = "olmo2kit-errno: "
+_PROGRESS = re.compile(r"\d+%\|")  # a line of tqdm's progress bar
+
+
+def _raise_converter_failure(source: Path, returncode: int, stderr: str) -> None:
+    """Raise what the converter's process said of its failure: OSError for a failed write (its errno), else an
+    Olmo2KitError with its `error: ` line, or the last line it wrote (a traceback's, for a bug)."""
+    # The converter's progress bar redraws itself without a newline, even after the error: not a line to say.
+    lines = [line for line in stderr.splitlines() if line.strip() and not _PROGRESS.search(line)]
+    code = next((line.removeprefix(_ERRNO) for line in reversed(lines) if line.startswith(_ERRNO)), "")
+    if code.isdigit():
+        raise OSError(int(code), os.strerror(int(code)))
+    said = next((line.removeprefix("error: ") for line in reversed(lines) if line.startswith("error: ")),
+                lines[-1] if lines else f"exit status {returncode}")
+    raise Olmo2KitError(f"llama.cpp's converter failed on {source}: {said}")
+
+
+def _place(partial: Path, out: Path, record: bool) -> None:
+    """Rename the whole file `partial` to `out`; with `record`, its record first, and after the rename the stamp
+    of the file this process wrote (through its own descriptor: another process may put its file at `out`)."""
+    if not record:
+        os.replace(partial, out)
+        return
+    written = {"size": partial.stat().st_size, "sha256": file_sha256(partial), "stamp": None}
+    write_json_atomic(record_path(out), written)
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.replace(partial, out)
+        written["stamp"] = file_stamp(os.fstat(fd))  # the rename changed its ctime
+    finally:
+        os.close(fd)
+    write_json_atomic(record_path(out), written)
 
 
 def _convert_main() -> None:
@@ -180,8 +379,23 @@ def _convert_main() -> None:
         else:
             _run_converter(Path(converter), Path(source), out, kind.converter, name)
     except Olmo2KitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"\nerror: {e}", file=sys.stderr)  # on a line of its own, after the progress bar's
         sys.exit(2)
+    except OSError as e:
+        # The GGUF writer writes tensors with numpy's tofile, whose OSError on a full disk carries no errno
+        # ("N requested and M written"): a file system left with no room says what it was.
+        code = e.errno or (errno.ENOSPC if _out_of_space(out.parent) else None)
+        print(f"\n{_ERRNO}{code}" if code else f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _out_of_space(folder: Path) -> bool:
+    """Whether the file system of `folder` has less than a MiB left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def _die_with_parent() -> None:
@@ -193,11 +407,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-def _remove_abandoned(path: Path) -> None:
-    """Remove partial conversions of `path` whose process is gone (killed mid-conversion)."""
-    for partial in path.parent.glob(f".{path.name}.*.partial"):
-        pid = partial.name.removeprefix(f".{path.name}.").split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+# A file this module writes beside a GGUF before renaming it into place: `.NAME.gguf.PID.partial`, and the
+# converter's unquantized output `.NAME.gguf.PID.partial.TYPE.partial`, named by the process that writes them.
+_PARTIAL = re.compile(r"\.(?P<name>.+\.gguf)\.(?P<pid>\d+)\.partial(\.\w+\.partial)?")
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the partial GGUF files in `folder` whose process is gone (killed mid-conversion or mid-copy); a
+    running process's are left alone."""
+    for partial in folder.glob(".*.partial"):
+        match = _PARTIAL.fullmatch(partial.name)
+        if match and not _alive(int(match["pid"])):
             partial.unlink(missing_ok=True)
 
 
@@ -299,6 +519,8 @@ def _quantize(source: Path, out: Path, file_type: str) -> None:
     params.ftype = getattr(llama_cpp, file_type)
     params.nthread = os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        if _out_of_space(out.parent):  # llama.cpp says why only in its log
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise Olmo2KitError(f"llama.cpp's quantizer failed on {source}")
 
 
@@ -312,14 +534,18 @@ def export_gguf(model: str, out: str | os.PathLike, *, revision: str | None = No
 
 
 def _write_gguf(ref: ModelRef, source: Path, out: Path, kind: GgufType, say) -> Path:
-    """`export_gguf` for a checkpoint `checkpoint_dir` has resolved."""
-    cached = cache_path(ref, source, kind.name)
-    if cached.is_file():
+    """`export_gguf` for a checkpoint `checkpoint_dir` has resolved: the cached GGUF when it passes its check and
+    its copy has the bytes recorded, else a conversion straight to `out`."""
+    _remove_abandoned(out.parent)
+    cached = cache_path(ref, source, kind.name, say=say)
+    record = checked_record(cached, say)
+    if record is not None:
         say(f"copying the cached GGUF ({kind.name}) of {ref}")
-        _copy_atomic(cached, out)
-    else:
-        say(f"converting {ref} to GGUF ({kind.name})")
-        convert(source, out, kind.name, name=_gguf_name(ref))
+        if _copy_checked(cached, out, record["sha256"]):
+            return out
+        discard(cached, "its bytes are not those written", say)
+    say(f"converting {ref} to GGUF ({kind.name})")
+    convert(source, out, kind.name, name=_gguf_name(ref))
     return out
 
 
@@ -375,14 +601,21 @@ def _new_output_file(out: str | os.PathLike, suffix: str) -> Path:
     return out
 
 
-def _copy_atomic(source: Path, out: Path) -> None:
-    import shutil
-
+def _copy_checked(source: Path, out: Path, sha256: str) -> bool:
+    """Copy `source` to `out` when its bytes have the digest `sha256` (read once, as they are copied): `out`
+    appears whole, or not at all and False where they do not."""
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
     try:
-        shutil.copyfile(source, partial)
+        with source.open("rb") as read, partial.open("xb") as write:
+            while piece := read.read(1 << 20):
+                digest.update(piece)
+                write.write(piece)
+        if digest.hexdigest() != sha256:
+            return False
         os.replace(partial, out)
     except OSError as e:
         raise cannot_write(out, e, "give a directory you can write to, with room for the model") from None
     finally:
         partial.unlink(missing_ok=True)
+    return True

@@ -95,11 +95,9 @@ class LlamaCppModel:
         from llama_cpp import Llama
 
         try:
-            # flash_attn: llama.cpp's fused attention, which llama-bench's default (auto) turns on here and
-            # llama-cpp-python's turns off; measured on the 1B Q8_0 here: a 512-token prompt read in 6.0 s
-            # instead of 6.4, decode 2% faster.
             llama = Llama(model_path=str(self.gguf), n_ctx=self.context_length or 0, n_threads=self.threads,
-                          n_threads_batch=self.threads, n_batch=512, flash_attn=True, seed=0, verbose=False)
+                          n_threads_batch=self.threads, n_batch=512, seed=0, verbose=False,
+                          **attention_options(self.dtype))
         except (ValueError, RuntimeError) as e:  # how llama-cpp-python reports a file llama.cpp cannot load
             raise Olmo2KitError(f"llama.cpp cannot load {self.gguf}: {e}") from None
         # Freed while the interpreter still runs: llama-cpp-python's own __del__ fails at exit.
@@ -128,6 +126,21 @@ def load_llamacpp(model: str, *, revision: str | None = None, dtype: str = "auto
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LlamaCppModel(path, source, ref, gguf_type, threads=threads), tokenizer
+
+
+def attention_options(gguf_type: str) -> dict:
+    """llama.cpp's attention and key/value cache for a GGUF of `gguf_type` (keyword arguments of `Llama`).
+
+    f32, which --dtype fp32 asks for, is run exactly: no flash attention, keys and values kept in f32, which
+    gives transformers' fp32 logits to rounding. Flash attention with llama.cpp's f16 key/value cache moves
+    logits by about 1e-3 and so flips near-ties in greedy decoding. Every other type runs for speed, with flash
+    attention (llama-bench's default turns it on, llama-cpp-python's off; docs/benchmarks.md has both) and the
+    f16 cache."""
+    import llama_cpp
+
+    if gguf_type == "f32":
+        return {"flash_attn": False, "type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+    return {"flash_attn": True}
 
 
 def _usable_cores() -> int:
