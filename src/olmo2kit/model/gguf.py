@@ -212,11 +212,12 @@ def cached_gguf(ref: ModelRef, source: Path, gguf_type: str, *, say=log.info, ca
     file that fails its check (`checked_record`) is removed, said, and converted again."""
     kind = check_gguf_type(gguf_type)
     path = cache_path(ref, source, kind.name, cache, say=say)
+    if path.parent.is_dir():
+        _remove_abandoned(path.parent)
     if checked_record(path, say) is not None:
         return path
     say(f"converting {ref} to GGUF ({kind.name}) for llama.cpp, once: it is cached in {path.parent}")
     make_output_dir(path.parent)
-    _remove_abandoned(path.parent)
     convert(source, path, kind.name, name=_gguf_name(ref), record=True)
     return path
 
