@@ -32,12 +32,15 @@ A schema is refused (an Olmo2KitError naming the keyword and where it is, as a J
 compiles many keywords it then ignores, and a reply could break them. Enforced, and so accepted:
 - `type` (a name or a non-empty list of names), `enum` and `const` (their values must fit `type`; nothing else
   beside them: the grammar writes the listed values whatever else the schema says);
-- strings: `minLength`, `maxLength`, `pattern`, `format` (only `_FORMATS`, checked by their syntax: a date's day
-  is not checked against its month); `pattern` or `format` with a length or with each other is refused (the
-  grammar drops all but one), and so is a pattern with a feature the grammar ignores or reads otherwise:
-  lookahead and lookbehind, back-references, `\\b`, flags such as `(?i)`, possessive quantifiers, `^` or `$`
-  anywhere but at either end, escapes other than `\\d \\D \\w \\W \\s \\S \\n \\r \\t \\f \\v \\xHH \\uHHHH` and
-  escaped punctuation;
+- strings: `minLength`, `maxLength`, `pattern`, and `format` for the formats the grammar writes in full
+  (`_FORMATS`: email, time, duration, uuid, uri, uri-reference, uri-template, json-pointer,
+  relative-json-pointer; date, date-time, hostname, ipv4 and ipv6 are refused, since it lets through 2024-02-31,
+  labels over 63 characters and 1.2.3.04). `pattern` or `format` with a length, or with each other, is refused
+  (the grammar drops one), and so is a pattern with what the grammar ignores or reads otherwise: lookahead and
+  lookbehind, back-references, `\\b`, flags such as `(?i)`, possessive quantifiers, `^` or `$` anywhere but at
+  either end, escapes other than `\\d \\D \\w \\W \\s \\S \\n \\r \\t \\f \\v \\xHH \\uHHHH` and escaped
+  punctuation, and a quote, backslash or control character outside a class (written unescaped, it would break
+  the JSON, or could never be written);
 - numbers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`; `multipleOf` only for integers, by a
   whole number, without bounds (elsewhere the grammar ignores it);
 - objects: `properties`, `required` (only names `properties` defines: the grammar writes no other property),
@@ -331,8 +334,12 @@ _KEYWORDS_OF = {  # the keywords for one kind of value: enforced only where "typ
 _KIND = {keyword: kind for kind, keywords in _KEYWORDS_OF.items() for keyword in keywords}
 _COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-_FORMATS = ("email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
-            "uri-reference", "uri-template", "json-pointer", "relative-json-pointer")  # those xgrammar writes
+_FORMATS = ("email", "time", "duration", "uuid", "uri", "uri-reference", "uri-template", "json-pointer",
+            "relative-json-pointer")  # those xgrammar writes in full
+_LOOSE_FORMATS = {  # those it writes by a looser syntax, and a value of each it lets through
+    "date": "2024-02-31", "date-time": "2024-02-31T00:00:00Z", "hostname": "a label of 64 letters",
+    "ipv4": "1.2.3.04", "ipv6": "::ffff:1.2.3.04",
+}
 _NAMED_GROUP = re.compile(r"\(\?P?<[A-Za-z_]")
 _ESCAPES = frozenset("dDwWsSnrtfv")  # the letters xgrammar reads after a backslash as a regex means them
 
@@ -561,6 +568,9 @@ class _SchemaCheck:
                         + ("write the length into the pattern, as {1,8}" if key == "pattern" else "keep one of them"))
         if key == "format" and "pattern" in node:
             _refuse(at, '"format" with "pattern" is not enforced by the grammar (it drops the pattern): keep one')
+        if key == "format" and value in _LOOSE_FORMATS:
+            _refuse(at, f'"format": "{value}" is not enforced exactly by the grammar (it lets {_LOOSE_FORMATS[value]} '
+                        'through): use a "pattern"')
         if key == "format" and value not in _FORMATS:
             _refuse(at, f'"format": {reprlib.repr(value)} is not enforced by the grammar (it knows '
                         f'{", ".join(_FORMATS)}): use a "pattern"')
