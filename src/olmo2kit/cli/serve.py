@@ -54,10 +54,10 @@ def serve(
     preload: Annotated[
         bool, typer.Option("--preload/--no-preload", help="Load the named models before listening, or on first use.")
     ] = True,
-    header_timeout: Annotated[
+    header_timeout: Annotated[  # nginx's client_header_timeout is 60 s; a request head is one packet
         float, typer.Option("--header-timeout", help="Seconds a connection has to send a whole request head.")
     ] = 10.0,
-    idle_timeout: Annotated[
+    idle_timeout: Annotated[  # uvicorn's keep-alive is 5 s, nginx's client_body_timeout 60 s
         float, typer.Option("--idle-timeout", help="Seconds a connection may stay silent between requests or "
                                                    "within a body before it is closed.")
     ] = 15.0,

@@ -25,9 +25,6 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from olmo2kit.server.app import SHUTDOWN_GRACE_S
 from olmo2kit.server.observability import configure_logging
 
-HEADER_TIMEOUT_S = 10.0  # a request head, from the connection's first byte of it; nginx's client_header_timeout
-IDLE_TIMEOUT_S = 15.0  # silence between requests and within a body; nginx's client_body_timeout
-
 
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
@@ -112,15 +109,15 @@ class _Timeouts:
         self._head_timer = self._body_timer = None
 
 
-def timed_protocol(header_timeout: float = HEADER_TIMEOUT_S, idle_timeout: float = IDLE_TIMEOUT_S) -> type:
+def timed_protocol(header_timeout: float, idle_timeout: float) -> type:
     """uvicorn's HTTP protocol class (its `http=` option) with the two deadlines, in seconds."""
     return type("TimedHTTPProtocol", (_Timeouts, AutoHTTPProtocol),
                 {"header_timeout": header_timeout, "idle_timeout": idle_timeout})
 
 
-def run(app, sock: socket.socket, *, header_timeout: float = HEADER_TIMEOUT_S,
-        idle_timeout: float = IDLE_TIMEOUT_S) -> None:
-    """Serve `app` (from `create_app`) on the listening socket `sock` until SIGINT or SIGTERM."""
+def run(app, sock: socket.socket, *, header_timeout: float, idle_timeout: float) -> None:
+    """Serve `app` (from `create_app`) on the listening socket `sock` until SIGINT or SIGTERM, closing connections
+    past the timeouts, in seconds (`olmo2kit serve` holds their defaults)."""
     # uvicorn's access log stays off: olmo2kit's, one JSON line a request with its id, replaces it
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, access_log=False,
                             http=timed_protocol(header_timeout, idle_timeout), timeout_keep_alive=idle_timeout)

@@ -32,7 +32,7 @@ from olmo2kit.model.chat_template import OLMO2_CHAT_TEMPLATE
 from olmo2kit.model.vllm import VllmModel, prepare_vllm
 from olmo2kit.server.app import SHUTDOWN_GRACE_S
 from olmo2kit.server.protocol import error_body
-from olmo2kit.server.run import HEADER_TIMEOUT_S, IDLE_TIMEOUT_S, timed_protocol
+from olmo2kit.server.run import timed_protocol
 
 _EXIT_POLL_S = 0.2  # how often a running request looks whether the server is exiting
 _SHUTTING_DOWN = error_body("the server is shutting down: retry", type="server_error", code="unavailable")
@@ -61,8 +61,7 @@ def server_args(model: VllmModel, tokenizer, names: list[str], *, host: str, por
 
 
 def serve_with_vllm(model: VllmModel, tokenizer, names: list[str], sock: socket.socket, *, max_num_seqs: int,
-                    api_key: str | None, header_timeout: float = HEADER_TIMEOUT_S,
-                    idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+                    api_key: str | None, header_timeout: float, idle_timeout: float) -> None:
     """Run vLLM's API server for `model` on the bound `sock` until SIGINT or SIGTERM."""
     prepare_vllm(model.device)
     # vLLM's API server runs its engine in a process of its own whatever VLLM_ENABLE_V1_MULTIPROCESSING says.
