@@ -241,6 +241,8 @@ def checked_record(path: Path, say=log.info) -> dict | None:
     record = _read_record(path)
     problem = _damage(path, stat.st_size, record)
     if problem is None and record["stamp"] != file_stamp(stat):
+        if stat.st_size > 1 << 30:
+            say(f"reading the cached GGUF {path} whole, once, to check it: it was copied or touched since written")
         if file_sha256(path) != record["sha256"]:
             problem = "its bytes are not those written"
         elif file_stamp(path.stat()) == file_stamp(stat):

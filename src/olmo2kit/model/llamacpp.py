@@ -132,10 +132,10 @@ def attention_options(gguf_type: str) -> dict:
     """llama.cpp's attention and key/value cache for a GGUF of `gguf_type` (keyword arguments of `Llama`).
 
     f32, which --dtype fp32 asks for, is run exactly: no flash attention, keys and values kept in f32, which
-    gives transformers' fp32 logits to rounding. Flash attention with llama.cpp's f16 key/value cache moves
-    logits by about 1e-3 and so flips near-ties in greedy decoding. Every other type runs for speed, with flash
-    attention (llama-bench's default turns it on, llama-cpp-python's off; docs/benchmarks.md has both) and the
-    f16 cache."""
+    gives transformers' fp32 logits to rounding; llama.cpp's flash attention on the CPU, and its default f16
+    key/value cache, each round logits enough to flip near-ties in greedy decoding. Every other type runs for
+    speed, with flash attention (llama-bench's default turns it on, llama-cpp-python's off; docs/benchmarks.md
+    has both) and the f16 cache."""
     import llama_cpp
 
     if gguf_type == "f32":
