@@ -250,7 +250,7 @@ def checked_record(path: Path, say=log.info) -> dict | None:
             _write_record(path, record)
     if problem is None:
         return record
-    discard(path, problem, say)
+    _discard(path, problem, say)
     return None
 
 
@@ -294,7 +294,7 @@ def _write_record(path: Path, record: dict) -> None:
         log.debug("the record of %s is not updated: %s", path, e)
 
 
-def discard(path: Path, problem: str, say=log.info) -> None:
+def _discard(path: Path, problem: str, say=log.info) -> None:
     """Remove the cached GGUF `path` and its record, saying why (`problem`) through `say`."""
     say(f"the cached GGUF {path} failed its check ({problem}): converting it again")
     try:
@@ -546,7 +546,7 @@ def _write_gguf(ref: ModelRef, source: Path, out: Path, kind: GgufType, say) -> 
         say(f"copying the cached GGUF ({kind.name}) of {ref}")
         if _copy_checked(cached, out, record["sha256"]):
             return out
-        discard(cached, "its bytes are not those written", say)
+        _discard(cached, "its bytes are not those written", say)
     say(f"converting {ref} to GGUF ({kind.name})")
     convert(source, out, kind.name, name=_gguf_name(ref))
     return out
