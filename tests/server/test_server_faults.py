@@ -302,9 +302,16 @@ def stream_into(url: str, body: dict, events: list[str]) -> None:
         pass  # the server went away mid-stream
 
 
-def post_into(url: str, body: dict, into: dict, key: str) -> None:
+def post_into(url: str, body: dict, into: dict, key: str, sent: threading.Event) -> None:
+    """POST `body`, setting `sent` once the whole request is written to the server's socket."""
+
+    def trace(event: str, info: dict) -> None:
+        if event == "http11.send_request_body.complete":
+            sent.set()
+
     try:
-        into[key] = httpx.post(url + "/completions", json=body, timeout=30)
+        with httpx.Client(timeout=30) as client:
+            into[key] = client.post(url + "/completions", json=body, extensions={"trace": trace})
     except httpx.HTTPError as e:
         into[key] = repr(e)
 
@@ -326,33 +333,41 @@ def quiet(lines: list[str], seconds: float = 0.3) -> None:
 
 @pytest.fixture(scope="module")
 def sigterm_mid_stream(long_model) -> Shutdown:
-    with serving("--model", long_model, "--dtype", "fp32") as running:
+    # One thread: on a shared 2-core machine torch's two threads can make the tiny model 10x slower.
+    with serving("--model", long_model, "--dtype", "fp32", env={"OMP_NUM_THREADS": "1"}) as running:
         long_events: list[str] = []
         short_events: list[str] = []
         plain: dict = {}
-        # A short request is still running when the signal comes (sse-starlette looks for a shutdown every
-        # 0.5 s) but needs well under the 5 s grace: about 0.4 s of this machine's speed, measured warm.
-        plain_long = {**long_request(long_model), "stream": False}
-        seconds_for(running.url, {**plain_long, "max_tokens": 50})
-        speed = 500 / seconds_for(running.url, {**plain_long, "max_tokens": 500})
-        short_tokens = min(max(100, int(speed * 0.4)), 8000)
-        long, short = long_request(long_model), {**long_request(long_model), "max_tokens": short_tokens}
+        long = long_request(long_model)
+        sent = {"long": threading.Event(), "short": threading.Event()}
         clients = [threading.Thread(target=stream_into, args=(running.url, long, long_events)),
-                   threading.Thread(target=post_into, args=(running.url, {**long, "stream": False}, plain, "long")),
-                   threading.Thread(target=stream_into, args=(running.url, short, short_events)),
-                   threading.Thread(target=post_into, args=(running.url, {**short, "stream": False}, plain, "short"))]
-        for client in clients[:2]:
+                   threading.Thread(target=post_into, args=(running.url, {**long, "stream": False}, plain, "long",
+                                                            sent["long"]))]
+        seconds_for(running.url, {**long, "stream": False, "max_tokens": 50})  # warm
+        for client in clients:
             client.start()
         wait_until(lambda: len(long_events) >= 3)
-        for client in clients[2:]:
-            client.start()
+        assert sent["long"].wait(30)
+        # A short request is still running when the signal comes (sse-starlette looks for a shutdown every
+        # 0.5 s) but needs well under the 5 s grace: about 0.4 s of this machine's speed beside the long ones.
+        speed = 200 / seconds_for(running.url, {**long, "stream": False, "max_tokens": 200})
+        short = {**long, "max_tokens": min(max(50, int(speed * 0.4)), 8000)}
+        clients += [threading.Thread(target=post_into, args=(running.url, {**short, "stream": False}, plain, "short",
+                                                             sent["short"])),
+                    threading.Thread(target=stream_into, args=(running.url, short, short_events))]
+        clients[2].start()
+        assert sent["short"].wait(30)
+        # The streamed short request connects after both plain requests were written whole: the server accepts
+        # connections in order and reads what is waiting on them, so by the streamed one's first token it has
+        # both plain requests in hand, and the signal cannot find them unsent (a connection refused) or unread.
+        clients[3].start()
         wait_until(lambda: len(short_events) >= 1)
         short_done_before = "data: [DONE]" in short_events or "short" in plain
         seconds = running.stop(signal.SIGTERM)
         for client in clients:
             client.join(10)
         quiet(running.stderr)
-        return Shutdown(seconds, running.process.returncode, short_tokens, "".join(running.stderr), long_events,
+        return Shutdown(seconds, running.process.returncode, short["max_tokens"], "".join(running.stderr), long_events,
                         short_events, plain, short_done_before, any(c.is_alive() for c in clients))
 
 
