@@ -386,7 +386,7 @@ class BatchScheduler(_Scheduler):
         if request.constraint is not None:
             request.constraint.mask(logits)
             if bool((logits == float("-inf")).all()):  # argmax would pick token 0, and multinomial raise
-                raise Olmo2KitError("the response_format schema allows no next token: no JSON value may fit it")
+                raise Olmo2KitError("the response_format schema allows no next token: check that some JSON fits it")
         if request.temperature <= 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / request.temperature, dim=-1)
