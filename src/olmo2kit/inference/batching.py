@@ -90,6 +90,7 @@ class Finished:
 class Failed:
     message: str
     closed: bool = False  # the scheduler was closed (shutdown, or its model unloaded): the request may be retried
+    by_request: bool = False  # the request asked for what cannot be done (a schema that dead-ends): not a fault
 
 
 class QueueFull(Olmo2KitError):
@@ -189,7 +190,7 @@ class _Scheduler:
         done), else its type and message, logged with the traceback (a bug, or out of memory)."""
         if isinstance(error, Olmo2KitError):
             log.info("%s failed: %s", what, error)
-            return Failed(str(error))
+            return Failed(str(error), by_request=True)
         log.error("%s failed", what, exc_info=error)
         return Failed(f"generation failed: {type(error).__name__}: {error}")
 

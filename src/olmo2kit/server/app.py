@@ -418,6 +418,8 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
             if isinstance(event, Failed) and event.closed:
                 raise APIError(503, f"{event.message}: retry", type="server_error", code="unavailable",
                                headers={"Retry-After": "1"})
+            if isinstance(event, Failed) and event.by_request:
+                raise APIError(400, event.message, type="invalid_request_error")
             if isinstance(event, Failed):
                 raise APIError(500, event.message, type="server_error")
             if isinstance(event, PromptLogprobs):
