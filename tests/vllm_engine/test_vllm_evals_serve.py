@@ -1,8 +1,14 @@
 """vLLM behind olmo2kit's evaluation and serving, each command in a process of its own: perplexity through
 vLLM's prompt logprobs, lm-eval's own vLLM class on the local task, a sweep over Hub revisions, bench, and
-`serve --engine vllm` called by the official openai client; each against transformers."""
+`serve --engine vllm` called by the official openai client; each against transformers. The served model keeps
+olmo2kit's edges: no path of the server in /v1/models, half a request closed, SIGTERM ending a stream with the error
+object within the grace."""
 
 import json
+import shutil
+import signal
+import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +19,7 @@ from conftest import one_line_error
 from olmo2kit.evals.perplexity import perplexity
 from olmo2kit.inference.generation import generate
 from olmo2kit.model.vllm import vllm_version
+from olmo2kit.server.app import SHUTDOWN_GRACE_S
 from serving import serving
 
 from .conftest import VLLM_ENV
@@ -91,22 +98,40 @@ def test_bench_on_vllm_reports_its_engine(tiny64_path):
     assert report["decode_tokens_per_s"] > 0 and report["ttft_s"] > 0 and report["peak_memory_gb"] is None
 
 
-def test_serve_on_vllm_answers_the_openai_client_as_transformers(tiny64_instruct, tiny64_instruct_path):
+@pytest.fixture(scope="module")
+def long_instruct_path(tiny64_instruct_path, tmp_path_factory) -> Path:
+    """The head-64 instruct checkpoint with a 16384-token context (RoPE takes any position): a stream long
+    enough to outlast the shutdown grace. Its greedy text is the checkpoint's own."""
+    path = tmp_path_factory.mktemp("ckpt64-long") / "tiny-64-long"
+    shutil.copytree(tiny64_instruct_path, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    return path
+
+
+def test_serve_on_vllm_answers_the_openai_client_as_transformers(tiny64_instruct, long_instruct_path):
     from openai import OpenAI
 
     prompt, messages = "Language modeling is ", [{"role": "user", "content": "What is OLMo?"}]
-    with serving("--model", str(tiny64_instruct_path), *ON_VLLM, env=VLLM_ENV, timeout=300) as server:
+    name = long_instruct_path.name  # a directory named by its absolute path is served under its folder's name
+    with serving("--model", str(long_instruct_path), *ON_VLLM, "--header-timeout", "2", env=VLLM_ENV,
+                 timeout=300) as server:
         deadline = time.monotonic() + 300
         while not healthy(server.root):  # vLLM's server answers once its engine has started
             assert server.process.poll() is None and time.monotonic() < deadline, "".join(server.stderr)
             time.sleep(0.5)
         client = OpenAI(base_url=server.url, api_key="unused")
-        assert str(tiny64_instruct_path) in [m.id for m in client.models.list().data]
+        assert [m.id for m in client.models.list().data] == [name]
+        with urllib.request.urlopen(f"{server.url}/models", timeout=30) as listing:
+            assert str(long_instruct_path.parent) not in listing.read().decode()  # vLLM's `root` included
         ids = {"extra_body": {"return_token_ids": True}}  # vLLM's server gives the generated token ids too
-        completion = client.completions.create(model=str(tiny64_instruct_path), prompt=prompt, max_tokens=10,
-                                               temperature=0, **ids)
-        chat = client.chat.completions.create(model=str(tiny64_instruct_path), messages=messages, max_tokens=10,
-                                              temperature=0, **ids)
+        completion = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0, **ids)
+        chat = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=0, **ids)
+        assert half_a_request_line_is_closed(server.root, within=2 + 5)
+        seconds, events, returncode = sigterm_mid_stream(server, client, name)
+    assert seconds < SHUTDOWN_GRACE_S + 10, seconds  # the grace, then vLLM's teardown; it was 119 s
+    assert returncode == 0
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "unavailable", events[-3:]
     expected = generate(*tiny64_instruct, prompt, do_sample=False, max_new_tokens=10)
     assert completion.choices[0].token_ids == expected.token_ids
     assert completion.choices[0].text == held_back(expected.text)
@@ -115,6 +140,37 @@ def test_serve_on_vllm_answers_the_openai_client_as_transformers(tiny64_instruct
     assert chat.choices[0].token_ids == expected_chat.token_ids
     assert chat.choices[0].message.content == held_back(expected_chat.text)
     assert chat.usage.prompt_tokens == expected_chat.prompt_tokens
+
+
+def half_a_request_line_is_closed(root: str, within: float) -> bool:
+    host, port = root.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=within) as sock:
+        sock.sendall(b"GET /hea")
+        return sock.recv(1024) == b""
+
+
+def sigterm_mid_stream(server, client, name: str) -> tuple[float, list[str], int]:
+    """SIGTERM while a long stream runs: the seconds to the exit, the stream's events (what follows `data: `), and
+    the exit code."""
+    events: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with client.completions.with_streaming_response.create(model=name, prompt="Hello", max_tokens=15000,
+                                                               stream=True, temperature=0) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) >= 3:
+                        started.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert started.wait(120), events
+    seconds = server.stop(signal.SIGTERM, timeout=120)
+    reader.join(30)
+    assert not reader.is_alive()
+    return seconds, events, server.process.returncode
 
 
 def held_back(text: str) -> str:
@@ -141,3 +197,10 @@ def test_vllm_on_a_head_size_its_cpu_attention_lacks_is_one_line(tiny_path):
 def test_serve_on_vllm_takes_one_model(tiny64_path):
     result = olmo2kit("serve", "--model", str(tiny64_path), "--model", "1b", "--engine", "vllm", "--port", "0")
     one_line_error(result.returncode, result.stderr, "one model", alone=True)
+
+
+def test_serve_on_vllm_refuses_max_models(tiny64_path):
+    for models in ("1", "2"):  # README: no --max-models with --engine vllm
+        result = olmo2kit("serve", "--model", str(tiny64_path), "--engine", "vllm", "--max-models", models,
+                          "--port", "0")
+        one_line_error(result.returncode, result.stderr, "--max-models", alone=True)
