@@ -222,7 +222,8 @@ class ModelRegistry:
         return list(self.loaded.values()) + [n for k, n in self.named.items() if k not in self.loaded]
 
     async def get(self, name: str) -> ServedModel:
-        """The model `name` asks for, loading it if it may be; ModelNotFound or ModelsBusy otherwise."""
+        """The model `name` asks for, loading it if it may be; ModelNotFound, ModelsBusy, or ModelUnavailable
+        (a named model that fails to load) otherwise."""
         key = self._resolve_key(name)
         if key in self.loaded:
             self.loaded.move_to_end(key)
