@@ -53,7 +53,7 @@ def shown(name: str) -> str:
     """A name a client sent, as messages and logs show it: quoted, and cut in the middle past 80 characters.
 
     >>> shown("a" * 300)
-    "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'"
+    "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'"
     """
     return _SHOWN.repr(name)
 
