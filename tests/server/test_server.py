@@ -74,6 +74,13 @@ def token_name(tokenizer, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
+def text_of(names: list[str]) -> str:
+    """The text of tokens given by their logprob names (`bytes:\\xNN` for a token that is not whole UTF-8)."""
+    data = b"".join(bytes.fromhex(n[6:].replace("\\x", "")) if n.startswith("bytes:") else n.encode()
+                    for n in names)
+    return data.decode("utf-8", "replace")
+
+
 def assert_top_logprobs(served: dict[str, float], row, tokenizer, k: int) -> None:
     """`served` (token name -> logprob) holds the k likeliest tokens of `row`, each under its own name."""
     values, indices = row.topk(k)
@@ -90,8 +97,9 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def base(tiny_path) -> str:
-    """The served id of the tiny checkpoint."""
-    return str(tiny_path)
+    """The served id of the tiny checkpoint: a directory named by an absolute path is served under its folder's
+    name, never the server's path."""
+    return tiny_path.name
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +173,9 @@ def test_stop_cuts_the_text_before_the_stop_string(client, base, tiny):
     assert reply.usage.completion_tokens == len(choice.logprobs.token_logprobs)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     # the tokens kept are those whose text reaches the stop string, no more
-    assert "".join(choice.logprobs.tokens).startswith(choice.text)
-    assert stop in "".join(choice.logprobs.tokens)
-    assert stop not in "".join(choice.logprobs.tokens[:-1])
+    assert text_of(choice.logprobs.tokens).startswith(choice.text)
+    assert stop in text_of(choice.logprobs.tokens)
+    assert stop not in text_of(choice.logprobs.tokens[:-1])
     streamed = greedy(client, base, PROMPTS[1], max_tokens=24, stop=[stop], stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed) == choice.text
 
