@@ -484,7 +484,7 @@ def test_bad_serve_options_are_one_line_errors(model, tmp_path):
     refused(run_olmo2kit("serve", "--model", model, "--port", "70000"), "--port")
     refused(run_olmo2kit("serve", "--model", model, "--port", "-1"), "--port")
     refused(run_olmo2kit("serve", "--model", model, "--max-batch-size", "0"), "--max-batch-size")
-    refused(run_olmo2kit("serve", "--model", model, "--max-queue", "-1"), "--max-queue")
+    refused(run_olmo2kit("serve", "--model", model, "--max-queue", "0"), "--max-queue")  # nothing could ever queue
     refused(run_olmo2kit("serve"), "--model")
     refused(run_olmo2kit("serve", "--port", "0", "--model", str(tmp_path / "missing")), "missing")
     with socket.socket() as taken:

@@ -61,6 +61,15 @@ def serve(
         float, typer.Option("--idle-timeout", help="Seconds a connection may stay silent between requests or "
                                                    "within a body before it is closed.")
     ] = 15.0,
+    cors_origins: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="Let browser pages from this origin (scheme://host[:port], or *) call "
+                                           "the API (repeatable; default: none)."),
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Put each request's prompt or messages (cut at 2000 characters) "
+                                                 "in its access-log line on stderr.")
+    ] = False,
     engine: EngineOpt = "auto",
     tensor_parallel_size: TensorParallelOpt = 1,
     pipeline_parallel_size: PipelineParallelOpt = 1,
@@ -84,7 +93,7 @@ def serve(
     names = models or []
     if not names and not allow_load:
         raise Olmo2KitError("no model to serve: pass --model (e.g. --model 1b-instruct), or --allow-load")
-    for value, name, low in ((max_batch_size, "--max-batch-size", 1), (max_queue, "--max-queue", 0),
+    for value, name, low in ((max_batch_size, "--max-batch-size", 1), (max_queue, "--max-queue", 1),
                              (max_models if max_models is not None else 1, "--max-models", 1)):
         if value < low:
             raise Olmo2KitError(f"{name} must be at least {low}, got {value}")
@@ -92,12 +101,20 @@ def serve(
         if not value > 0:
             raise Olmo2KitError(f"{name} must be a number of seconds above 0, got {value}")
     timeouts = {"header_timeout": header_timeout, "idle_timeout": idle_timeout}
+    if cors_origins:
+        from olmo2kit.server.observability import check_origin
+
+        for origin in cors_origins:
+            check_origin(origin)
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     one = len(names) == 1 and not allow_load and max_models is None
     # "auto" and vLLM look at the one model; llama.cpp runs every model, each converted to GGUF as it loads
     chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm) \
         if engine == "llamacpp" or (engine != "transformers" and one) else ("transformers", None)
+    if chosen == "vllm" and (cors_origins or log_prompts):
+        raise Olmo2KitError("--cors-origin and --log-prompts are not served with --engine vllm (vLLM's own server): "
+                            "leave them out, or serve on --engine transformers")
     if chosen == "vllm":
         _serve_with_vllm(names[0], _bind(host, port), note, host, dtype, device, vllm, max_batch_size, api_key,
                          timeouts)
@@ -115,7 +132,8 @@ def serve(
         return load_model(name, None, dtype, quantize, device, engine=chosen)
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
-                     allow_load=allow_load, api_key=api_key, preload=preload, load=load)
+                     allow_load=allow_load, api_key=api_key, preload=preload, load=load,
+                     cors_origins=cors_origins or (), log_prompts=log_prompts)
     served = [card if isinstance(card, str) else card.name for card in app.state.registry.names()]
     _announce(sock, host, api_key, note, ", ".join(served) or "models loaded on first use")
     run(app, sock, **timeouts)
