@@ -275,6 +275,8 @@ def _completion_job(served: ServedModel, body: CompletionRequest) -> _Job:
         _check_rows(served, len(ids), body.n)
         if not ids or any(not row for row in ids):
             raise APIError(400, "the prompt is empty: give some text or token ids", param="prompt")
+        # the context before a pass over every id
+        _checked(lambda: check_context(max(len(row) for row in ids), 0, served.context_length), "prompt")
         vocab = served.model.config.vocab_size
         if any(not 0 <= t < vocab for row in ids for t in row):
             raise APIError(400, f"a prompt token id is outside the vocabulary (0 to {vocab - 1})", param="prompt")

@@ -52,7 +52,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # token ids before strings: a long list of ids is then checked once, not first as strings (an error each)
+    prompt: str | list[int] | list[list[int]] | list[str]
     max_tokens: Annotated[int, Field(ge=0)] | None = COMPLETION_TOKENS
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
