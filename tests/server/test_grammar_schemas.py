@@ -71,6 +71,7 @@ REFUSED = [
     ({"anyOf": []}, '"anyOf" must be a non-empty list', "#"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, '"oneOf" schemas 0 and 1 may both fit', "#"),
     ({"oneOf": [record(k={"const": "a"}), record(k={"enum": ["a", "b"]})]}, '"oneOf" schemas 0 and 1', "#"),
+    ({"oneOf": [{"const": 1}, {"const": 3}, {"enum": [2, 1.0]}]}, '"oneOf" schemas 0 and 2 may both fit', "#"),
     ({"type": "object", "patternProperties": {"^a": integer()}}, '"patternProperties"', "#"),
     ({"type": "object", "propertyNames": {"maxLength": 1}}, '"propertyNames"', "#"),
     ({"type": "object", "properties": {"a": integer()}, "unevaluatedProperties": string()},
@@ -134,6 +135,9 @@ REFUSED = [
     ({"type": "object", "properties": {"a": {"$id": "x", "type": "integer"}}}, '"$id" below the root',
      "#/properties/a"),
     ({"type": "object", "properties": {"a": False}}, "false: no value fits it", "#/properties/a"),
+    ({"$defs": {f"a{i}": record(next={"$ref": f"#/$defs/a{i + 1}"}) for i in range(300)} | {"a300": integer()},
+      "$ref": "#/$defs/a0"}, "nests too deeply through its $refs (a chain of more than 512 schemas)", "#"),
+    ({"oneOf": [record(k=integer(i, i)) for i in range(65)]}, '"oneOf" of more than 64 schemas', "#"),
     # schemas nothing satisfies
     ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "refers back to itself (#/$defs/a -> #/$defs/a)",
      "#/$defs/a"),
@@ -174,6 +178,12 @@ def test_what_the_grammar_does_not_enforce_is_refused(tiny, schema, names, at):
     {"type": "object", "properties": {"a": integer()}, "additionalProperties": False, "unevaluatedProperties": False},
     {"type": "array", "prefixItems": [integer()], "items": False, "unevaluatedItems": False, "uniqueItems": False},
     {"type": "integer", "multipleOf": 7},
+    {"oneOf": [{"const": i, "description": f"choice {i}"} for i in range(1000)]},
+    {"$defs": {"node": {"type": "object", "properties": {"name": string(maxLength=3), "kids": {
+        "type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}, "required": ["name"]}},
+     "$ref": "#/$defs/node"},
+    {"$defs": {f"a{i}": {"type": "object", "properties": {"next": {"$ref": f"#/$defs/a{i + 1}"}}} for i in range(200)}
+     | {"a200": integer()}, "$ref": "#/$defs/a0"},
     {"type": "string", "pattern": "^(?:[a-z]|(?P<d>\\d)|(?<u>_)){1,3}\\.\\-\\/[^\"\\\\\\n]*?$"},
     {"type": "object", "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}],
                                               "discriminator": {"propertyName": "kind"}}}, "required": ["pet"],

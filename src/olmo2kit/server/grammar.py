@@ -64,7 +64,10 @@ keyword.
 A schema nothing can satisfy is refused too: `enum: []`, an empty `anyOf`, bounds that leave nothing (`minimum`
 over `maximum`, `minLength` over `maxLength`, ...), a `$ref` cycle through no object or array, recursion that
 only an infinitely deep value would fit, and, after compiling, a grammar that allows no first token. A schema
-nested deeper than MAX_SCHEMA_DEPTH is refused before anything reads it. Should a grammar still reach a dead end
+nested deeper than MAX_SCHEMA_DEPTH is refused before anything reads it, and one nested deeper than
+MAX_SCHEMA_CHAIN through its $refs before xgrammar reads it (a chain of some thousands overflows its stack and
+kills the process); a `oneOf` of more than MAX_ONE_OF schemas that do not all list their values is refused too,
+since telling them apart takes every pair. Should a grammar still reach a dead end
 while decoding (a pattern nothing matches, say), `mask` raises an Olmo2KitError rather than leave every logit
 at -inf.
 """
@@ -91,6 +94,8 @@ if TYPE_CHECKING:
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per tokenizer; the least recently used goes first
 MAX_SCHEMA_DEPTH = 64  # objects and arrays nested in a schema document, as vLLM allows: compiling grows steeply
+MAX_SCHEMA_CHAIN = 512  # schemas nested through $refs; xgrammar's stack overflows past some 3,000 (see check_chains)
+MAX_ONE_OF = 64  # the schemas of a "oneOf" checked pair by pair (a "oneOf" of listed values, any number)
 _ANY_OBJECT = '{"type":"object"}'
 _EXAMPLE = '{"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object", ...}}}'
 _WHERE = "response_format.json_schema.schema"
@@ -437,15 +442,22 @@ class _SchemaCheck:
     def __init__(self, root: dict) -> None:
         self.root = root
         self.nodes: dict[str, dict | bool] = {}  # JSON pointer -> every schema in the document, in walk order
+        self.children: dict[str, list[str]] = {}  # JSON pointer -> the schemas written inside that one
         self.one_of: list[str] = []  # the schemas with a "oneOf" of several
 
     def run(self) -> None:
         self.visit(self.root, "#")
         self.check_references()
+        self.check_chains()
         self.check_cycles()
         for at in self.one_of:
             self.check_disjoint(at)
         self.check_finite()
+
+    def visit_child(self, at: str, schema, *names) -> None:
+        child = _pointer(at, *names)
+        self.children.setdefault(at, []).append(child)
+        self.visit(schema, child)
 
     def visit(self, node, at: str) -> None:
         if node is True:
@@ -467,7 +479,7 @@ class _SchemaCheck:
                 if not isinstance(value, dict):
                     _refuse(at, f'"{key}" must be an object of schemas')
                 for name, schema in value.items():
-                    self.visit(schema, _pointer(at, key, name))
+                    self.visit_child(at, schema, key, name)
             elif key in _COMBINATIONS:
                 self.combination(key, value, at)
             elif key in ("enum", "const"):
@@ -514,7 +526,7 @@ class _SchemaCheck:
         if key == "allOf" and len(value) > 1:
             _refuse(at, '"allOf" of several schemas is not enforced by the grammar: merge them into one schema')
         for i, schema in enumerate(value):
-            self.visit(schema, _pointer(at, key, i))
+            self.visit_child(at, schema, key, i)
         if key == "oneOf" and len(value) > 1:
             self.one_of.append(at)
 
@@ -584,16 +596,16 @@ class _SchemaCheck:
             if not isinstance(value, dict):
                 _refuse(at, '"properties" must be an object of schemas')
             for name, schema in value.items():
-                self.visit(schema, _pointer(at, key, name))
+                self.visit_child(at, schema, key, name)
         elif key == "prefixItems":
             if not isinstance(value, list):
                 _refuse(at, '"prefixItems" must be a list of schemas')
             for i, schema in enumerate(value):
-                self.visit(schema, _pointer(at, key, i))
+                self.visit_child(at, schema, key, i)
         elif not isinstance(value, bool):  # items or additionalProperties: false forbids, true allows anything
             if not isinstance(value, dict):
                 _refuse(at, f'"{key}" must be a schema' + (' (a list of schemas is "prefixItems")' * (key == "items")))
-            self.visit(value, _pointer(at, key))
+            self.visit_child(at, value, key)
 
     @staticmethod
     def required(node: dict, value, at: str) -> None:
@@ -622,6 +634,50 @@ class _SchemaCheck:
         for at, node in self.nodes.items():
             if isinstance(node, dict) and "$ref" in node and node["$ref"] not in self.nodes:
                 _refuse(at, f'"$ref" {reprlib.repr(node["$ref"])} points at no schema of this document')
+
+    def check_chains(self) -> None:
+        """Schemas nested through $refs past MAX_SCHEMA_CHAIN: xgrammar converts a schema by recursion, each
+        $ref target once, and a chain of some thousands of them overflows its stack (the process dies). No
+        recursion of its can nest deeper than the longest path of schemas, a cycle counted whole: found over the
+        strongly connected components (Tarjan's, which finishes a component after those it leads to)."""
+        graph = {at: self.children.get(at, []) + ([node["$ref"]] if isinstance(node, dict) and "$ref" in node else [])
+                 for at, node in self.nodes.items()}
+        order: dict[str, int] = {}
+        low: dict[str, int] = {}
+        component: dict[str, int] = {}
+        longest: list[int] = []  # component -> the most schemas on a path from it
+        stack: list[str] = []
+        for root in graph:
+            if root in order:
+                continue
+            order[root] = low[root] = len(order)
+            stack.append(root)
+            walk = [(root, iter(graph[root]))]
+            while walk:
+                at, children = walk[-1]
+                child = next(children, None)
+                if child is not None:
+                    if child not in order:
+                        order[child] = low[child] = len(order)
+                        stack.append(child)
+                        walk.append((child, iter(graph[child])))
+                    elif child not in component:  # on the stack: in the component being found
+                        low[at] = min(low[at], order[child])
+                    continue
+                walk.pop()
+                if walk:
+                    low[walk[-1][0]] = min(low[walk[-1][0]], low[at])
+                if low[at] == order[at]:
+                    members = []
+                    while not members or members[-1] != at:
+                        members.append(stack.pop())
+                        component[members[-1]] = len(longest)
+                    after = [longest[component[c]] for m in members for c in graph[m] if component.get(c) is not None
+                             and component[c] != len(longest)]
+                    longest.append(len(members) + max(after, default=0))
+        if max(longest) > MAX_SCHEMA_CHAIN:
+            _refuse("#", f"it nests too deeply through its $refs (a chain of more than {MAX_SCHEMA_CHAIN} "
+                         "schemas): flatten it")
 
     def same_place(self, at: str) -> list[str]:
         """The schemas that describe the same value as the one at `at`: what its $ref, anyOf, oneOf, allOf name."""
@@ -711,6 +767,13 @@ class _SchemaCheck:
 
     def check_disjoint(self, at: str) -> None:
         branches = [_pointer(at, "oneOf", i) for i in range(len(self.nodes[at]["oneOf"]))]
+        listed = [self.values_at(b) for b in branches]
+        if None not in listed:  # values only: disjoint when no value is listed twice (in one pass, for long lists)
+            if sum(map(len, listed)) == len(set().union(*listed)):
+                return
+        elif len(branches) > MAX_ONE_OF:
+            _refuse(at, f'"oneOf" of more than {MAX_ONE_OF} schemas is not checked for overlaps unless each lists '
+                        'its values ("const" or "enum"): use "anyOf"')
         for i, a in enumerate(branches):
             for j in range(i + 1, len(branches)):
                 if not self.disjoint(a, branches[j]):
