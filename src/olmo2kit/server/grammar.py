@@ -156,9 +156,10 @@ class JsonConstraint:
 
     def accept(self, token: int) -> None:
         """Advance past `token`, chosen from logits `mask` left finite; any other token is a bug."""
-        if not self._matcher.accept_token(token) or not self._tokens.utf8_allowed[self._utf8, token]:
+        state = int(self._tokens.utf8_next[self._utf8, token])
+        if state == _UTF8_REJECT or not self._matcher.accept_token(token):
             raise AssertionError(f"token {token} is outside the grammar: it was not chosen from masked logits")
-        self._utf8 = int(self._tokens.utf8_next[self._utf8, token])
+        self._utf8 = state
         self._accepted += 1
 
 
@@ -239,7 +240,7 @@ class _Compiler:
 
 class _TokenTables:
     """What a row's mask needs besides its grammar, made once per vocabulary:
-    - `utf8_allowed[state, token]`: the tokens that may come in each state of the UTF-8 automaton (see `_UTF8`),
+    - `utf8_allowed[state, token]`: the tokens that may come in each state of the UTF-8 automaton (`_UTF8_LEADS`),
       less those never allowed in a reply: special tokens such as <|pad|> (xgrammar reads them as their text,
       which a JSON string may hold, but the text layer drops them, so one chosen would vanish from the string and
       its minLength) and tokens with a raw control character (U+0000 to U+001F: JSON strings must escape them,
@@ -261,14 +262,13 @@ class _TokenTables:
         after[0, [i for i in eos_ids if i < vocab_size]] = 0  # the text may end between characters only
         self.utf8_next = after
         self.utf8_allowed = torch.from_numpy(after != _UTF8_REJECT)
+        self._bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self, matcher, bitmask: torch.Tensor, state: int) -> torch.Tensor:
         """The tokens (bool, [vocab_size]) that `matcher`'s grammar allows next and the UTF-8 automaton allows
         in `state`; `bitmask` is scratch space for the grammar's."""
-        import torch
-
         matcher.fill_next_token_bitmask(bitmask)
-        bits = (bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # bit j of word i is token 32 i + j
+        bits = (bitmask[0, :, None] >> self._bits) & 1  # bit j of word i is token 32 i + j
         return bits.flatten()[: self.vocab_size].bool() & self.utf8_allowed[state]
 
 
