@@ -38,9 +38,10 @@ compiles many keywords it then ignores, and a reply could break them. Enforced, 
   labels over 63 characters and 1.2.3.04). `pattern` or `format` with a length, or with each other, is refused
   (the grammar drops one), and so is a pattern with what the grammar ignores or reads otherwise: lookahead and
   lookbehind, back-references, `\\b`, flags such as `(?i)`, possessive quantifiers, `^` or `$` anywhere but at
-  either end, escapes other than `\\d \\D \\w \\W \\s \\S \\n \\r \\t \\f \\v \\xHH \\uHHHH` and escaped
-  punctuation, and a quote, backslash or control character outside a class (written unescaped, it would break
-  the JSON, or could never be written);
+  either end, escapes other than `\\d \\w \\s \\n \\r \\t \\f \\v \\xHH \\uHHHH` and escaped punctuation, `\\D \\W
+  \\S` and `\\d \\w \\s` in a negated class (the grammar reads them by ASCII, so it writes é for `\\W` and U+00A0
+  for `\\S`, which Unicode-aware validators such as Python's refuse), and a quote, backslash or control character
+  outside a class (written unescaped, it would break the JSON, or could never be written);
 - numbers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`; `multipleOf` only for integers, by a
   whole number, without bounds (elsewhere the grammar ignores it);
 - objects: `properties`, `required` (only names `properties` defines: the grammar writes no other property),
@@ -346,7 +347,7 @@ _LOOSE_FORMATS = {  # those it writes by a looser syntax, and a value of each it
     "ipv4": "1.2.3.04", "ipv6": "::ffff:1.2.3.04",
 }
 _NAMED_GROUP = re.compile(r"\(\?P?<[A-Za-z_]")
-_ESCAPES = frozenset("dDwWsSnrtfv")  # the letters xgrammar reads after a backslash as a regex means them
+_ESCAPES = frozenset("dwsnrtfv")  # the letters xgrammar reads after a backslash as a regex means them
 
 
 def _refuse(at: str, problem: str) -> NoReturn:
@@ -401,7 +402,7 @@ def _pattern_problem(pattern: str) -> str | None:
     xgrammar always matches a whole string, which fits JSON Schema's search anywhere; it writes a character the
     pattern names outside a class as it is, unescaped, so a quote or backslash would break the JSON and a control
     character could never be written (inside a class it leaves them out)."""
-    i, n, in_class, quantified = 0, len(pattern), False, False
+    i, n, in_class, negated, quantified = 0, len(pattern), False, False, False
     while i < n:
         c, step, literal = pattern[i], 1, pattern[i]
         if c == "\\":
@@ -410,6 +411,9 @@ def _pattern_problem(pattern: str) -> str | None:
                 step, literal = 4, chr(int(pattern[i + 2: i + 4], 16))
             elif e == "u" and re.fullmatch(r"[0-9A-Fa-f]{4}", pattern[i + 2: i + 6]):
                 step, literal = 6, chr(int(pattern[i + 2: i + 6], 16))
+            elif e and (e in "WDS" or (e in "wds" and in_class and negated)):
+                return f"\\{e}{' in a negated class' * (e in 'wds')} (the grammar reads \\w, \\d and \\s by ASCII, " \
+                       "Unicode-aware validators do not)"
             elif e and e in _ESCAPES:
                 step, literal = 2, "\n" if e in "nrtfv" else None
             elif e and e.isascii() and not e.isalnum():
@@ -421,7 +425,7 @@ def _pattern_problem(pattern: str) -> str | None:
         if in_class:  # (c is "\\" for an escape, which none of these take for a class, group, anchor or quantifier)
             in_class = c != "]"
         elif c == "[":
-            in_class = True
+            in_class, negated = True, pattern[i + 1: i + 2] == "^"
         elif c == "(" and pattern.startswith("(?", i) and not (
                 pattern.startswith("(?:", i) or _NAMED_GROUP.match(pattern, i)):
             return f"the group {pattern[i: i + 4]}... (a lookaround or flags)"
