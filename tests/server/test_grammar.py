@@ -331,3 +331,20 @@ def test_a_deep_schema_is_refused_before_compiling(tiny):
     deep = functools.reduce(lambda inner, _: {"type": "array", "items": inner}, range(450), {})
     with pytest.raises(Olmo2KitError, match="nests too deeply .*64 levels"):
         factory(tiny, {"type": "json_schema", "json_schema": {"name": "d", "schema": deep}})
+
+
+def test_a_grammar_too_slow_to_follow_raises(tiny, monkeypatch):
+    """This pattern's parse grows at each character (7 s a token by the 60th sampled); the whole batch would wait."""
+    import torch
+
+    from olmo2kit.server import grammar
+
+    monkeypatch.setattr(grammar, "MAX_MASK_SECONDS", 0.05)
+    _, tokenizer = tiny
+    constraint = factory(tiny, {"type": "json_schema", "json_schema": {
+        "name": "slow", "schema": {"type": "string", "pattern": "^(?:(-*|(\\w?|[^a-c]|é*){2})*?)*$"}}})()
+    constraint.accept(byte_token(tokenizer, ord('"')))
+    with pytest.raises(Olmo2KitError, match="^the response_format schema takes too long to follow .* simplify"):
+        for _ in range(80):
+            constraint.mask(torch.zeros(tiny[0].config.vocab_size))
+            constraint.accept(byte_token(tokenizer, ord("x")))

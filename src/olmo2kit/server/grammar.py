@@ -70,7 +70,8 @@ MAX_SCHEMA_CHAIN through its $refs before xgrammar reads it (a chain of some tho
 kills the process); a `oneOf` of more than MAX_ONE_OF schemas that do not all list their values is refused too,
 since telling them apart takes every pair. Should a grammar still reach a dead end
 while decoding (a pattern nothing matches, say), `mask` raises an Olmo2KitError rather than leave every logit
-at -inf.
+at -inf; it does too when the grammar takes over MAX_MASK_SECONDS to find one token's successors, as some
+patterns come to (their parse grows at each token), since the whole batch waits on it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ import json
 import re
 import reprlib
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -97,6 +99,9 @@ GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per tokenizer; the least recen
 MAX_SCHEMA_DEPTH = 64  # objects and arrays nested in a schema document, as vLLM allows: compiling grows steeply
 MAX_SCHEMA_CHAIN = 512  # schemas nested through $refs; xgrammar's stack overflows past some 3,000 (see check_chains)
 MAX_ONE_OF = 64  # the schemas of a "oneOf" checked pair by pair (a "oneOf" of listed values, any number)
+# The longest one row's grammar may take to find its next tokens (usually well under a millisecond): a pattern
+# that nests optional repeats (^(?:(-*|(\w?|[^a-c]|é*){2})*?)*$) takes longer at each token, 7 s by the 60th.
+MAX_MASK_SECONDS = 1.0
 _ANY_OBJECT = '{"type":"object"}'
 _EXAMPLE = '{"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object", ...}}}'
 _WHERE = "response_format.json_schema.schema"
@@ -147,9 +152,15 @@ class JsonConstraint:
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set to -inf, in place, the logits (one row, [vocab_size], float32) of the tokens that may not come
-        next; once the JSON is complete, of every token but the end-of-text ones. An Olmo2KitError when no token
-        may come (a schema that cannot be completed), before any logit is changed."""
+        next; once the JSON is complete, of every token but the end-of-text ones. An Olmo2KitError, before any
+        logit is changed, when no token may come (a schema that cannot be completed) or when finding them took
+        over MAX_MASK_SECONDS."""
+        start = time.perf_counter()
         allowed = self._tokens.allowed(self._matcher, self._bitmask, self._utf8)
+        took = time.perf_counter() - start
+        if took > MAX_MASK_SECONDS:  # every row of the batch waits on this one: end it before it gets slower
+            raise Olmo2KitError(f"the response_format schema takes too long to follow ({took:.1f} s for token "
+                                f"{self._accepted + 1}): simplify its patterns (nested repeats of optional parts)")
         if not allowed.any():
             raise Olmo2KitError(f"the response_format schema allows no next token after the {self._accepted} "
                                 "tokens written so far: no reply can complete it; check its patterns and $refs")
@@ -402,7 +413,7 @@ def _pattern_problem(pattern: str) -> str | None:
     xgrammar always matches a whole string, which fits JSON Schema's search anywhere; it writes a character the
     pattern names outside a class as it is, unescaped, so a quote or backslash would break the JSON and a control
     character could never be written (inside a class it leaves them out)."""
-    i, n, in_class, negated, quantified = 0, len(pattern), False, False, False
+    i, n, in_class, negated, quantified = 0, len(pattern), False, False, ""  # quantified: "", "greedy", "lazy"
     while i < n:
         c, step, literal = pattern[i], 1, pattern[i]
         if c == "\\":
@@ -433,9 +444,12 @@ def _pattern_problem(pattern: str) -> str | None:
             return "^ after the start"
         elif c == "$" and i < n - 1:
             return "$ before the end"
-        elif c == "+" and quantified:
-            return "a possessive quantifier"
-        quantified = not in_class and c in "*+?}" and not (c == "?" and quantified)  # a lazy "?" ends it
+        elif c in "*+?{" and quantified and not (c == "?" and quantified == "greedy"):  # a lazy "?" may follow
+            return "a quantifier on a quantifier (possessive, or repeated)"
+        if c == "?" and quantified == "greedy":
+            quantified = "lazy"
+        else:
+            quantified = "greedy" if not in_class and c in "*+?}" else ""
         i += step
     return None
 
