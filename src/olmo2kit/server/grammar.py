@@ -37,11 +37,12 @@ compiles many keywords it then ignores, and a reply could break them. Enforced, 
   relative-json-pointer; date, date-time, hostname, ipv4 and ipv6 are refused, since it lets through 2024-02-31,
   labels over 63 characters and 1.2.3.04). `pattern` or `format` with a length, or with each other, is refused
   (the grammar drops one), and so is a pattern with what the grammar ignores or reads otherwise: lookahead and
-  lookbehind, back-references, `\\b`, flags such as `(?i)`, possessive quantifiers, `^` or `$` anywhere but at
-  either end, escapes other than `\\d \\w \\s \\n \\r \\t \\f \\v \\xHH \\uHHHH` and escaped punctuation, `\\D \\W
-  \\S` and `\\d \\w \\s` in a negated class (the grammar reads them by ASCII, so it writes é for `\\W` and U+00A0
-  for `\\S`, which Unicode-aware validators such as Python's refuse), and a quote, backslash or control character
-  outside a class (written unescaped, it would break the JSON, or could never be written);
+  lookbehind, back-references, `\\b`, flags such as `(?i)`, a quantifier on a quantifier (`a*+`, `a{2}{3}`),
+  `^` or `$` anywhere but at either end, escapes other than `\\d \\w \\s \\n \\r \\t \\f \\v \\xHH \\uHHHH` and
+  escaped punctuation, `\\D \\W \\S` and `\\d \\w \\s` in a negated class (the grammar reads them by ASCII, so it
+  writes é for `\\W` and U+00A0 for `\\S`, which Unicode-aware validators such as Python's refuse), and a quote,
+  backslash or control character outside a class (written unescaped, it would break the JSON, or could never
+  be written);
 - numbers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`; `multipleOf` only for integers, by a
   whole number, without bounds (elsewhere the grammar ignores it);
 - objects: `properties`, `required` (only names `properties` defines: the grammar writes no other property),
@@ -68,10 +69,10 @@ only an infinitely deep value would fit, and, after compiling, a grammar that al
 nested deeper than MAX_SCHEMA_DEPTH is refused before anything reads it, and one nested deeper than
 MAX_SCHEMA_CHAIN through its $refs before xgrammar reads it (a chain of some thousands overflows its stack and
 kills the process); a `oneOf` of more than MAX_ONE_OF schemas that do not all list their values is refused too,
-since telling them apart takes every pair. Should a grammar still reach a dead end
-while decoding (a pattern nothing matches, say), `mask` raises an Olmo2KitError rather than leave every logit
-at -inf; it does too when the grammar takes over MAX_MASK_SECONDS to find one token's successors, as some
-patterns come to (their parse grows at each token), since the whole batch waits on it.
+since telling them apart takes every pair. Should a grammar still reach a dead end while decoding (a pattern
+nothing matches, say), `mask` raises an Olmo2KitError rather than leave every logit at -inf; it does too when
+the grammar takes over MAX_MASK_SECONDS to find one token's successors, as some patterns come to (their parse
+grows at each token), since the whole batch waits on it.
 """
 
 from __future__ import annotations
