@@ -31,6 +31,24 @@ def tiny_instruct_path(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-instruct", instruct=True, seed=1)
 
 
+# The context of `tiny_long_path`: a request that holds its batch slot for seconds needs more than the tiny
+# checkpoint's 1024 positions (the tiny model writes about 1000 tokens a second).
+LONG_CONTEXT = 16384
+
+
+@pytest.fixture(scope="session")
+def tiny_long_path(tiny_path, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a 16384-token context (RoPE takes any position)."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-long"
+    shutil.copytree(tiny_path, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_path):
     """(model, tokenizer) loaded through olmo2kit in fp32 on the CPU."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import threading
 import time
@@ -17,24 +16,18 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import one_line_error, run_olmo2kit
+from conftest import LONG_CONTEXT, one_line_error, run_olmo2kit
 from serving import Server, serving
 
 KEY = "observability-key-41d7"
 ORIGIN = "http://front.example:3000"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG_CONTEXT = 16384  # a stream that holds its batch slot for seconds (the tiny model writes ~1000 tokens a second)
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @pytest.fixture(scope="module")
-def model(tiny_path, tmp_path_factory) -> str:
-    """The tiny checkpoint with a 16384-token context (RoPE takes any position)."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-long"
-    shutil.copytree(tiny_path, path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
-    return str(path)
+def model(tiny_long_path) -> str:
+    return str(tiny_long_path)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from conftest import one_line_error, run_olmo2kit
 from serving import serving
 
 TIMEOUT = 1.5  # --header-timeout and --idle-timeout of the server under test, in seconds
-LONG_CONTEXT = 16384  # the checkpoint's positions: a stream of 16000 tokens outlasts both timeouts many times
 # Names a client may send that no file can have, or that name no file: each was an OSError (a 500) or is one
 # step from it. Over 255 characters, a NUL byte, `~user` of no user, only dots, a path too long for the system.
 ODD_NAMES = ["a" * 300, "/" + "b" * 300, "org/" + "c" * 300, "x\x00y", "~no-such-user-9z/model", "...", "....",
@@ -26,13 +25,8 @@ ODD_NAMES = ["a" * 300, "/" + "b" * 300, "org/" + "c" * 300, "x\x00y", "~no-such
 
 
 @pytest.fixture(scope="module")
-def long_model(tiny_path, tmp_path_factory) -> Path:
-    """The tiny checkpoint with a 16384-token context (RoPE takes any position)."""
-    path = tmp_path_factory.mktemp("edges") / "tiny-long"
-    shutil.copytree(tiny_path, path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
-    return path
+def long_model(tiny_long_path) -> Path:
+    return tiny_long_path
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ away, requests OpenAI's API refuses, a full queue, SIGTERM mid-stream, and bad c
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,6 @@ CLIENTS = 8
 # The tiny model writes ~1000 tokens a second on an idle CPU, so a request that must hold its batch slot for
 # a while needs more context than the tiny checkpoint's 1024: `long_model` has 16384 positions, and LONG new
 # tokens after a 5-token prompt take it 40 s or more.
-LONG_CONTEXT = 16384
 LONG = 16000
 
 
@@ -39,13 +37,8 @@ def model(tiny_path) -> str:
 
 
 @pytest.fixture(scope="module")
-def long_model(tiny_path, tmp_path_factory) -> str:
-    """The tiny checkpoint with a 16384-token context (RoPE takes any position)."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-long"
-    shutil.copytree(tiny_path, path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
-    return str(path)
+def long_model(tiny_long_path) -> str:
+    return str(tiny_long_path)
 
 
 @pytest.fixture(scope="module")
