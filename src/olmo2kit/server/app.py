@@ -52,6 +52,7 @@ DEFAULT_NEW_TOKENS = 256  # max_tokens left out, when the model's context is unk
 # whatever still runs is ended with an error object (see `ModelRegistry.stop`), so no client is cut off silently.
 SHUTDOWN_GRACE_S = 5
 CPU_WORKERS = 2  # threads that parse, tokenize, compile schemas and format answers, off the event loop
+INLINE_BODY_BYTES = 16 << 10  # a body up to this is read and tokenized on the event loop: about a millisecond
 # OpenAI's APIs that are not served, each a 400 saying so (README, "Not supported")
 UNSUPPORTED_APIS = {"embeddings": "embeddings", "responses": "Responses", "fine_tuning": "fine-tuning",
                     "images": "images", "audio": "audio", "moderations": "moderations", "files": "files",
@@ -133,6 +134,14 @@ def _add_routes(app: FastAPI, registry: ModelRegistry, pool: ThreadPoolExecutor)
         # in the request's context, so that log lines written there carry its request id
         return await asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, work, *args)
 
+    async def inline(work: Callable, *args):
+        return work(*args)
+
+    def where(raw: bytes) -> Callable:
+        """Where a request's parsing and tokenizing run: a small body on the event loop (a hop to a thread and back
+        costs more than the work), a large one off it."""
+        return off_loop if len(raw) > INLINE_BODY_BYTES else inline
+
     @app.get("/health")
     async def health():
         failed = registry.failures()
@@ -154,19 +163,26 @@ def _add_routes(app: FastAPI, registry: ModelRegistry, pool: ThreadPoolExecutor)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await off_loop(_parse, CompletionRequest, await _body(request))
+        raw = await _body(request)
+        cpu = where(raw)
+        body = await cpu(_parse, CompletionRequest, raw)
         served = await _served(registry, body.model)
         observability.note_request(served.name, body)  # before the checks, so that a 400 is logged with its model
-        job = await off_loop(_completion_job, served, body)
-        return await _respond(request, served, job, _CompletionFormat(body), off_loop)
+        job = await cpu(_completion_job, served, body)
+        # log probabilities (of an echoed prompt, say) make a long answer to format
+        return await _respond(request, served, job, _CompletionFormat(body),
+                              off_loop if body.logprobs is not None else cpu)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await off_loop(_parse, ChatCompletionRequest, await _body(request))
+        raw = await _body(request)
+        cpu = where(raw)
+        body = await cpu(_parse, ChatCompletionRequest, raw)
         served = await _served(registry, body.model)
         observability.note_request(served.name, body)  # before the checks, so that a 400 is logged with its model
-        job = await off_loop(_chat_job, served, body)
-        return await _respond(request, served, job, _ChatFormat(body), off_loop)
+        heavy = body.response_format is not None or body.logprobs  # a schema may take seconds to compile
+        job = await (off_loop if heavy else cpu)(_chat_job, served, body)
+        return await _respond(request, served, job, _ChatFormat(body), off_loop if heavy else cpu)
 
     for api, title in UNSUPPORTED_APIS.items():
         for path in (f"/v1/{api}", f"/v1/{api}/{{rest:path}}"):
@@ -459,7 +475,7 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
     events.put_nowait((None, None))
 
 
-async def _respond(request: Request, served: ServedModel, job: _Job, fmt, off_loop: Callable):
+async def _respond(request: Request, served: ServedModel, job: _Job, fmt, cpu: Callable):
     """The whole response, or its stream of server-sent events."""
     body = fmt.body
     if body.stream:
@@ -486,7 +502,7 @@ async def _respond(request: Request, served: ServedModel, job: _Job, fmt, off_lo
     pieces: dict[int, list[_Piece]] = {}
     async for i, piece in _run(request, served, job):
         pieces.setdefault(i, []).append(piece)
-    return await off_loop(fmt.response, job, pieces)
+    return await cpu(fmt.response, job, pieces)
 
 
 def _usage(job: _Job) -> dict:
