@@ -134,7 +134,7 @@ def serve(
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load,
                      cors_origins=cors_origins or (), log_prompts=log_prompts)
-    served = [card if isinstance(card, str) else card.name for card in app.state.registry.names()]
+    served = app.state.registry.served()
     _announce(sock, host, api_key, note, ", ".join(served) or "models loaded on first use")
     run(app, sock, **timeouts)
 

@@ -309,15 +309,9 @@ def check_prompt_tokens(tokenizer, request: str | list[dict], context: int) -> N
 def _longest_token(tokenizer) -> int:
     """Characters in the tokenizer's longest token (a byte-level token's spelling has a character per byte, at
     least as many as its text), at least 1."""
-    try:
-        return _longest[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
-    try:
-        _longest[tokenizer] = longest
-    except TypeError:  # a tokenizer that takes no weak reference is measured each time
-        pass
+    longest = _longest.get(tokenizer)
+    if longest is None:
+        longest = _longest[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1) or 1
     return longest
 
 

@@ -212,8 +212,7 @@ def cached_gguf(ref: ModelRef, source: Path, gguf_type: str, *, say=log.info, ca
     file that fails its check (`checked_record`) is removed, said, and converted again."""
     kind = check_gguf_type(gguf_type)
     path = cache_path(ref, source, kind.name, cache, say=say)
-    if path.parent.is_dir():
-        _remove_abandoned(path.parent)
+    _remove_abandoned(path.parent)  # a folder not made yet holds nothing to remove
     if checked_record(path, say) is not None:
         return path
     say(f"converting {ref} to GGUF ({kind.name}) for llama.cpp, once: it is cached in {path.parent}")
@@ -240,13 +239,14 @@ def checked_record(path: Path, say=log.info) -> dict | None:
         return None
     record = _read_record(path)
     problem = _damage(path, stat.st_size, record)
-    if problem is None and record["stamp"] != file_stamp(stat):
+    stamp = file_stamp(stat)
+    if problem is None and record["stamp"] != stamp:
         if stat.st_size > 1 << 30:
             say(f"reading the cached GGUF {path} whole, once, to check it: it was copied or touched since written")
         if file_sha256(path) != record["sha256"]:
             problem = "its bytes are not those written"
-        elif file_stamp(path.stat()) == file_stamp(stat):
-            record["stamp"] = file_stamp(stat)
+        elif file_stamp(path.stat()) == stamp:
+            record["stamp"] = stamp
             _write_record(path, record)
     if problem is None:
         return record
@@ -412,7 +412,7 @@ def _die_with_parent() -> None:
 
 # A file this module writes beside a GGUF before renaming it into place: `.NAME.gguf.PID.partial`, and the
 # converter's unquantized output `.NAME.gguf.PID.partial.TYPE.partial`, named by the process that writes them.
-_PARTIAL = re.compile(r"\.(?P<name>.+\.gguf)\.(?P<pid>\d+)\.partial(\.\w+\.partial)?")
+_PARTIAL = re.compile(r"\..+\.gguf\.(?P<pid>\d+)\.partial(\.\w+\.partial)?")
 
 
 def _remove_abandoned(folder: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from olmo2kit.compat import hub_network_errors, offline_mode, quiet_bitsandbytes
 from olmo2kit.devices import resolve_device, resolve_dtype
-from olmo2kit.errors import Olmo2KitError
+from olmo2kit.errors import Olmo2KitError, first_line
 from olmo2kit.model.sizes import (
     DEFAULT_MODEL,
     QUANTIZATIONS,
@@ -198,7 +198,7 @@ def _checked_config(ref: ModelRef, local_files_only: bool):
     except OSError as e:
         raise Olmo2KitError(explain_load_error(ref, e)) from e
     except (ValueError, StrictDataclassError) as e:  # a model_type transformers does not know, a value of a wrong type
-        raise Olmo2KitError(f"the config.json of {ref} is not one transformers can read ({_first_line(e)}): "
+        raise Olmo2KitError(f"the config.json of {ref} is not one transformers can read ({first_line(e)}): "
                             "restore the checkpoint's own") from None
     checkpoint_architecture(str(ref), config)
     return config
@@ -215,7 +215,7 @@ def _load_tokenizer(ref: ModelRef, local_files_only: bool = False):
     except OSError as e:
         raise Olmo2KitError(explain_load_error(ref, e)) from e
     except ValueError as e:  # no tokenizer file it can use (missing, or one it cannot convert)
-        raise Olmo2KitError(f"cannot load the tokenizer of {ref} ({_first_line(e)}): a checkpoint needs its "
+        raise Olmo2KitError(f"cannot load the tokenizer of {ref} ({first_line(e)}): a checkpoint needs its "
                             "tokenizer.json and tokenizer_config.json, copy them from the model it came from") from None
 
 
@@ -290,10 +290,6 @@ def _fetch_again(ref: ModelRef) -> str:
     if ref.local:
         return "copy the checkpoint again from where it came, or save it again"
     return f"remove them with `hf cache rm model/{ref.source}` and load again"
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _load_adapter(path: Path, **options):

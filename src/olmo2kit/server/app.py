@@ -268,11 +268,11 @@ class _Job:
     """The rows to run for one request: a prompt's ids and options for each choice."""
 
     prompts: list[list[int]]  # one per prompt; each runs n times
-    prompt_texts: list[str]
     requests: list[BatchRequest]  # prompt-major: prompt i, choice j is i * n + j
     stop: tuple[str, ...]
     n: int
     constraint_of: Callable[[], object] | None = None
+    prompt_texts: list[str] = field(default_factory=list)  # each prompt's text, for echo only
     choices: list[_Choice] = field(default_factory=list)  # filled as the rows are submitted
 
 
@@ -360,7 +360,7 @@ def _job(served: ServedModel, body, ids: list[list[int]], max_tokens: int | None
                 row, new, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, seed=seed, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs))
-    return _Job(ids, [""] * len(ids), requests, body.stops(), body.n)
+    return _Job(ids, requests, body.stops(), body.n)
 
 
 def _checked(make: Callable, param: str):
@@ -571,7 +571,7 @@ class _CompletionFormat(_Format):
             out["token_logprobs"].append(token.logprob)
             out["top_logprobs"].append({names.name(t): lp for t, lp in token.top} if token.top is not None else None)
             out["text_offset"].append(offset)
-            offset += len(text.decode(names.raw[token.id] if token.id < len(names.raw) else b""))
+            offset += len(text.decode(names.data(token.id)))
         return out
 
 

@@ -129,7 +129,9 @@ def constraint_factory(
     if kind == "text":
         return None
     with _lock:
-        compilers = _compilers.setdefault(tokenizer, _Once())
+        compilers = _compilers.get(tokenizer)  # not setdefault: that would build a _Once for every request
+        if compilers is None:
+            compilers = _compilers[tokenizer] = _Once()
     key = (vocab_size, tuple(sorted(eos_ids)))
     compiler = compilers.get(key, lambda: _Compiler(tokenizer, vocab_size, eos_ids))
     grammar = compiler.grammar(text, schema, strict=kind == "json_schema")

@@ -123,12 +123,6 @@ class _Record:
 _current: ContextVar[_Record | None] = ContextVar("olmo2kit_request", default=None)
 
 
-def request_id() -> str | None:
-    """The id of the request being answered, None outside one."""
-    record = _current.get()
-    return record.id if record is not None else None
-
-
 def id_header() -> dict[str, str]:
     """`{"X-Request-Id": id}` of the request being answered (empty outside one), for an answer built outside
     `Observe` (Starlette answers a 500 from its own outermost middleware)."""

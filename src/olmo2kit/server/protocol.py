@@ -54,7 +54,7 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     # token ids before strings: a long list of ids is then checked once, not first as strings (an error each)
     prompt: str | list[int] | list[list[int]] | list[str]
-    max_tokens: Annotated[int, Field(ge=0)] | None = COMPLETION_TOKENS
+    max_tokens: Annotated[int, Field(ge=0)] = COMPLETION_TOKENS  # null too (the validator below)
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # only equal to n: no server-side ranking

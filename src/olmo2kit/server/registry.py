@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from olmo2kit.errors import Olmo2KitError
+from olmo2kit.errors import Olmo2KitError, first_line
 from olmo2kit.inference.batching import BatchScheduler, SerialScheduler, scheduler_for
 from olmo2kit.model.loading import ModelRef, resolve_model
 from olmo2kit.model.sizes import aliases, context_length
@@ -161,7 +161,7 @@ def served_names(names: list[str]) -> list[str]:
 def _one_line(error: BaseException, hidden: dict[str, str] | None = None) -> str:
     """The first line of `error`, each of `hidden`'s strings (a checkpoint's path) replaced by its value, cut in
     the middle past 300 characters."""
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    line = first_line(error)
     for secret, public in (hidden or {}).items():
         line = line.replace(secret, public)
     return line if len(line) <= 300 else f"{line[:148]}...{line[-149:]}"
@@ -221,6 +221,10 @@ class ModelRegistry:
         """The models served: loaded ones, then named ones not loaded yet."""
         return list(self.loaded.values()) + [n for k, n in self.named.items() if k not in self.loaded]
 
+    def served(self) -> list[str]:
+        """The names the models are served under, as `names` orders them."""
+        return [s.name if isinstance(s, ServedModel) else s for s in self.names()]
+
     async def get(self, name: str) -> ServedModel:
         """The model `name` asks for, loading it if it may be; ModelNotFound, ModelsBusy, or ModelUnavailable
         (a named model that fails to load) otherwise."""
@@ -279,7 +283,7 @@ class ModelRegistry:
 
     def _not_served(self, name: str) -> str:
         """One message whatever `name` is on this machine: a client learns nothing of the server's files."""
-        served = [s.name if isinstance(s, ServedModel) else s for s in self.names()]
+        served = self.served()
         pool = served + (list(aliases()) if self.allow_load else [])
         near = difflib.get_close_matches(name, pool, n=3, cutoff=0.5) if len(name) <= MAX_NAME else []
         hint = f"; did you mean {', '.join(near)}?" if near else f"; served: {', '.join(served) or 'none'}"

@@ -32,8 +32,11 @@ class TokenNames:
     def name(self, token: int) -> str:
         return self.names[token] if 0 <= token < len(self.names) else f"token_id:{token}"
 
+    def data(self, token: int) -> bytes:
+        return self.raw[token] if 0 <= token < len(self.raw) else b""
+
     def bytes(self, token: int) -> list[int]:
-        return list(self.raw[token]) if 0 <= token < len(self.raw) else []
+        return list(self.data(token))
 
 
 def token_names(tokenizer) -> TokenNames:
