@@ -96,11 +96,17 @@ def test_health_answers_within_a_second_while_heavy_requests_run(server, model):
 
     poller = threading.Thread(target=poll)
     poller.start()
+    answers = []
     try:
         with ThreadPoolExecutor(len(heavy) * 2) as pool:
             paths = ["/chat/completions" if "messages" in body else "/completions" for body in heavy]
-            answers = list(pool.map(lambda p, b: httpx.post(server.url + p, json=b, timeout=120), paths * 2,
-                                    heavy * 2))
+            # Rounds go on until /health was asked at least 3 times while they ran: a fast machine is done with
+            # one round before the poller has asked 3 times.
+            for _ in range(10):
+                answers += pool.map(lambda p, b: httpx.post(server.url + p, json=b, timeout=120), paths * 2,
+                                    heavy * 2)
+                if len(latencies) >= 3:
+                    break
     finally:
         done.set()
         poller.join()
