@@ -1,4 +1,5 @@
-"""Training data in OLMo's layout: chat or text examples -> input_ids.npy, label_mask.npy, manifest.json.
+"""Training data in OLMo's layout: chat or text examples -> input_ids.npy, label_mask.npy, manifest.json;
+preference pairs -> chosen_input_ids.npy, chosen_label_mask.npy, rejected_input_ids.npy, rejected_label_mask.npy.
 
 The files are what OLMo's trainer reads with `--data.paths` and `--data.label_mask_paths`:
 
@@ -10,6 +11,9 @@ The files are what OLMo's trainer reads with `--data.paths` and `--data.label_ma
                    complete run.
 
 One example fills one row (OLMo's `prepare_tulu_data.py` does the same); longer ones are cut.
+A preference pair ({"chosen": [messages], "rejected": [messages]}, the layout of AllenAI's preference mixes, e.g.
+allenai/olmo-2-1124-7b-preference-mix) fills row i of each of its four files, in the same layout: a shared prompt
+(unlabelled) and one answer each, labelled on the answer's content and end-of-text.
 A run is resumable: progress is kept beside the partial files and a rerun with the same
 input and settings goes on from the last recorded line.
 """
@@ -39,10 +43,20 @@ log = logging.getLogger("olmo2kit")
 INPUT_IDS = "input_ids.npy"
 LABEL_MASK = "label_mask.npy"
 MANIFEST = "manifest.json"
-FORMATS = ("chat", "text")
+CHOSEN_INPUT_IDS = "chosen_input_ids.npy"
+CHOSEN_LABEL_MASK = "chosen_label_mask.npy"
+REJECTED_INPUT_IDS = "rejected_input_ids.npy"
+REJECTED_LABEL_MASK = "rejected_label_mask.npy"
+FORMATS = ("chat", "text", "preference")
+# The (ids, mask) files of each format, one pair per side of an example: one side for chat and text, two for a
+# preference pair (chosen, then rejected).
+_SIDES = {
+    "chat": ((INPUT_IDS, LABEL_MASK),),
+    "text": ((INPUT_IDS, LABEL_MASK),),
+    "preference": ((CHOSEN_INPUT_IDS, CHOSEN_LABEL_MASK), (REJECTED_INPUT_IDS, REJECTED_LABEL_MASK)),
+}
 LAYOUT_VERSION = 1
 _PROGRESS = ".prepare-progress.json"
-_PARTIAL = {INPUT_IDS: ".input_ids.npy.partial", LABEL_MASK: ".label_mask.npy.partial"}
 _SYNC_EVERY = 2000  # examples between progress records: what a killed run loses at most
 # A row is one example; a million tokens is 250 times OLMo 2's context, and a row of it already takes 4 MB.
 MAX_SEQ_LEN = 1 << 20
@@ -72,12 +86,35 @@ class PreparedData:
         return self.input_ids.shape[1]
 
 
-def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) -> tuple[list[int], list[bool]]:
+@dataclass
+class PreferenceData:
+    """A prepared preference directory, read back as memmaps (no copy): row i of chosen_* and of rejected_* is pair i,
+    both with the same prompt (unlabelled) and each with its answer labelled."""
+
+    path: Path
+    chosen_ids: np.memmap  # uint32 [rows, seq_len]
+    chosen_mask: np.memmap  # bool [rows, seq_len]
+    rejected_ids: np.memmap  # uint32 [rows, seq_len]
+    rejected_mask: np.memmap  # bool [rows, seq_len]
+    manifest: dict
+
+    @property
+    def rows(self) -> int:
+        return self.chosen_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.chosen_ids.shape[1]
+
+
+def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None, *,
+                  answer_only: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of a rendered conversation and its label mask: True on each assistant turn's content and end.
 
-    Each labelled span (what the template renders after the assistant header: the content and
+    Each assistant span (what the template renders after the assistant header: the content and
     its end-of-text) is tokenized on its own, as the model produces it at inference after the
-    generation prompt, so the labelled tokens decode to exactly that text.
+    generation prompt, so the labelled tokens decode to exactly that text. With `answer_only`
+    only the last assistant turn is labelled (the answer of a preference pair); the ids are the same.
     """
     template = template or chat_template_of(tokenizer)[0]
 
@@ -91,8 +128,9 @@ def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) 
     ids: list[int] = []
     mask: list[bool] = []
     start = 0
-    for span_start, span_end in [*spans, (len(text), len(text))]:  # the end: the text after the last reply
-        for segment, learn in ((text[start:span_start], False), (text[span_start:span_end], True)):
+    for k, (span_start, span_end) in enumerate([*spans, (len(text), len(text))]):  # the end: text after the last reply
+        labelled = not answer_only or k == len(spans) - 1
+        for segment, learn in ((text[start:span_start], False), (text[span_start:span_end], labelled)):
             if segment:
                 piece = tokenizer.encode(segment, add_special_tokens=False)
                 ids += piece
@@ -143,12 +181,14 @@ def prepare_data(
 ) -> dict:
     """Tokenize `source` into OLMo's layout in `outdir` and return the manifest.
 
-    `source` is a JSONL file of {"messages": [...]} (chat) or {"text": ...} (text) objects, or a
-    dataset name or directory for `datasets.load_dataset` (the `datasets` extra). `format` is
+    `source` is a JSONL file of {"messages": [...]} (chat), {"text": ...} (text) or
+    {"chosen": [...], "rejected": [...]} (preference) objects, or a dataset name or directory for
+    `datasets.load_dataset` (the `datasets` extra; other columns are ignored). `format` is
     guessed from the first example when not given. `progress(read, total)` is called as examples are
     read (from the resumed position on; for a file, lines), and once with read == total at the end.
     `outdir` is locked for the run. Examples with no token to learn are dropped;
-    longer ones are cut to `seq_len`; both are counted in the manifest. A bad line raises
+    longer ones are cut to `seq_len`; both are counted in the manifest. A preference pair is
+    dropped when either answer is cut entirely, and counted as truncated when either is cut. A bad line raises
     Olmo2KitError naming its line number, and leaves no file that looks complete.
 
     >>> prepare_data("chats.jsonl", "data/sft", model="1b", seq_len=4096)["rows"]  # doctest: +SKIP
@@ -159,7 +199,7 @@ def prepare_data(
         raise Olmo2KitError(f"--seq-len must be at most {MAX_SEQ_LEN:,} tokens, got {seq_len:,}: a row holds one "
                             "example, and OLMo 2's context is 4,096 tokens")
     if format is not None and format not in FORMATS:
-        raise Olmo2KitError(f"unknown format {format!r}: use chat or text")
+        raise Olmo2KitError(f"unknown format {format!r}: use chat, text or preference")
     outdir = Path(outdir)
     source = _open_source(str(source), split)
     make_output_dir(outdir)
@@ -185,11 +225,10 @@ def _prepare(source: _Source, outdir: Path, model: str, revision: str | None, se
     fmt, counts = _write_rows(outdir, source, tokenizer, template, pad_id, settings, state, progress)
     if counts["rows"] == 0:
         _discard_partial(outdir)
-        raise Olmo2KitError(
-            f"no example in {source.name} has a token to learn "
-            f"({counts['examples']} read, {counts['dropped']} dropped): "
-            "chat examples need an assistant turn, and --seq-len must leave room for it"
-        )
+        need = ("each pair's prompt and the start of both answers must fit in --seq-len" if fmt == "preference" else
+                "chat examples need an assistant turn, and --seq-len must leave room for it")
+        raise Olmo2KitError(f"no example in {source.name} has a token to learn "
+                            f"({counts['examples']} read, {counts['dropped']} dropped): {need}")
     manifest = _manifest(tokenizer, settings, fmt, counts, pad_id, template_origin)
     _publish(outdir, manifest)
     return manifest
@@ -207,7 +246,7 @@ def _checked_tokenizer(model: str, revision: str | None, seq_len: int):
 
 
 def _write_rows(outdir: Path, source: _Source, tokenizer, template: str, pad_id: int, settings: dict,
-                state: dict | None, progress: Callable[[int, int], None] | None) -> tuple[str | None, dict]:
+                state: dict | None, progress: Callable[[int, int], None] | None) -> tuple[str, dict]:
     """Tokenize the records after `state`'s position into the partial files: (format, counts), all rows synced.
 
     Without `state` the partial files start empty. A progress record is written every `_SYNC_EVERY`
@@ -217,20 +256,16 @@ def _write_rows(outdir: Path, source: _Source, tokenizer, template: str, pad_id:
     counts = state["counts"] if state else {"examples": 0, "rows": 0, "truncated": 0, "dropped": 0, "tokens": 0,
                                              "label_tokens": 0}
     position = start = state["position"] if state else 0
-    fmt = state["format"] if state else settings["format"]
     report = progress or (lambda done, total: None)
-    files = {name: open(outdir / partial, "r+b" if state else "wb") for name, partial in _PARTIAL.items()}
+    files: dict = {}
     try:
-        if state:  # drop anything written after the last progress record
-            files[INPUT_IDS].truncate(counts["rows"] * seq_len * 4)
-            files[LABEL_MASK].truncate(counts["rows"] * seq_len)
-            for f in files.values():
-                f.seek(0, os.SEEK_END)
+        # The format picks the files, so it is known before they open: from the first record when not given.
+        fmt = state["format"] if state else settings["format"] or _first_format(source)
+        files = _open_partials(outdir, fmt, counts["rows"] * seq_len if state else None)
         report(position, source.total)
         for position, record in source.records(start):
-            fmt = fmt or _guess_format(record, origin, position)
-            ids, mask = _tokenize_record(tokenizer, record, fmt, template, origin, position)
-            _append_example(files, counts, ids, mask, seq_len, pad_id)
+            sides = _tokenize_record(tokenizer, record, fmt, template, origin, position)
+            _append_example(files, _SIDES[fmt], counts, sides, seq_len, pad_id)
             report(position, source.total)
             if counts["examples"] % _SYNC_EVERY == 0:
                 _write_progress(outdir, files, settings, fmt, position, counts)
@@ -246,34 +281,53 @@ def _write_rows(outdir: Path, source: _Source, tokenizer, template: str, pad_id:
     return fmt, counts
 
 
-def _append_example(files: dict, counts: dict, ids: list[int], mask: list[bool], seq_len: int, pad_id: int) -> None:
-    """Count one tokenized example and write it as a row cut or padded to `seq_len`, unless it has nothing to learn."""
+def _open_partials(outdir: Path, fmt: str, resume_items: int | None) -> dict:
+    """The partial files of `fmt` by final name, open at their end: empty, or cut to `resume_items` items each
+    (anything written after the last progress record dropped)."""
+    files = {}
+    for ids_name, mask_name in _SIDES[fmt]:
+        for name, itemsize in ((ids_name, 4), (mask_name, 1)):
+            f = files[name] = open(outdir / _partial(name), "wb" if resume_items is None else "r+b")
+            if resume_items is not None:
+                f.truncate(resume_items * itemsize)
+                f.seek(0, os.SEEK_END)
+    return files
+
+
+def _partial(name: str) -> str:
+    return f".{name}.partial"
+
+
+def _append_example(files: dict, sides_files: tuple, counts: dict, sides: list[tuple[list[int], list[bool]]],
+                    seq_len: int, pad_id: int) -> None:
+    """Count one tokenized example and write each of its sides (one, or a pair's two) as a row cut or padded to
+    `seq_len` into that side's files, unless a side has nothing left to learn: then the example is dropped."""
     counts["examples"] += 1
-    truncated = len(ids) > seq_len
-    ids, mask = ids[:seq_len], mask[:seq_len]
-    if not any(mask[1:]):  # the first token has no context to be predicted from
+    cut = [(ids[:seq_len], mask[:seq_len]) for ids, mask in sides]
+    if not all(any(mask[1:]) for _, mask in cut):  # the first token has no context to be predicted from
         counts["dropped"] += 1
         return
     counts["rows"] += 1
-    counts["truncated"] += truncated
-    counts["tokens"] += len(ids)
-    counts["label_tokens"] += sum(mask[1:])
-    row = np.full(seq_len, pad_id, dtype=np.uint32)
-    row[: len(ids)] = ids
-    files[INPUT_IDS].write(row.tobytes())
-    row_mask = np.zeros(seq_len, dtype=np.bool_)
-    row_mask[: len(mask)] = mask
-    files[LABEL_MASK].write(row_mask.tobytes())
+    counts["truncated"] += any(len(ids) > seq_len for ids, _ in sides)
+    for (ids, mask), (ids_name, mask_name) in zip(cut, sides_files, strict=True):
+        counts["tokens"] += len(ids)
+        counts["label_tokens"] += sum(mask[1:])
+        row = np.full(seq_len, pad_id, dtype=np.uint32)
+        row[: len(ids)] = ids
+        files[ids_name].write(row.tobytes())
+        row_mask = np.zeros(seq_len, dtype=np.bool_)
+        row_mask[: len(mask)] = mask
+        files[mask_name].write(row_mask.tobytes())
 
 
 def _manifest(tokenizer, settings: dict, fmt: str, counts: dict, pad_id: int, template_origin) -> dict:
     return {
         "layout": "olmo", "layout_version": LAYOUT_VERSION,
-        "files": {"input_ids": INPUT_IDS, "label_mask": LABEL_MASK},
+        "files": {name.removesuffix(".npy"): name for side in _SIDES[fmt] for name in side},
         "dtype": "uint32", "label_mask_dtype": "bool", "seq_len": settings["seq_len"], "rows": counts["rows"],
         "format": fmt, "tokenizer": settings["tokenizer"], "vocab_size": len(tokenizer),
         "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-        "chat_template": template_origin if fmt == "chat" else None,
+        "chat_template": template_origin if fmt in ("chat", "preference") else None,
         "source": settings["source"], "split": settings["split"],
         "examples": counts["examples"], "truncated": counts["truncated"], "dropped": counts["dropped"],
         "tokens": counts["tokens"], "label_tokens": counts["label_tokens"],
@@ -285,20 +339,50 @@ def _publish(outdir: Path, manifest: dict) -> None:
     """Rename the synced partial files into place, then write the manifest: the mark of a complete run."""
     # A directory that held an earlier run stops looking complete before its files change.
     (outdir / MANIFEST).unlink(missing_ok=True)
-    for name, partial in _PARTIAL.items():
-        os.replace(outdir / partial, outdir / name)
+    names = manifest["files"].values()
+    for name in {name for sides in _SIDES.values() for side in sides for name in side} - set(names):
+        (outdir / name).unlink(missing_ok=True)  # an earlier run's files of another format: no manifest holds them
+    for name in names:
+        os.replace(outdir / _partial(name), outdir / name)
     write_json_atomic(outdir / MANIFEST, manifest)
     (outdir / _PROGRESS).unlink(missing_ok=True)
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
-    """Open a directory written by `prepare_data`, checked against its manifest: shapes, and every token id
-    below the manifest's vocab_size (a larger one would fail deep in training)."""
+    """Open a directory written by `prepare_data` in chat or text format, checked against its manifest: shapes, and
+    every token id below the manifest's vocab_size (a larger one would fail deep in training)."""
     path = Path(path)
+    manifest = _read_manifest(path, "")
+    if manifest.get("format") == "preference":
+        raise Olmo2KitError(f"{path} holds preference data (chosen and rejected answers), not examples to fine-tune on:"
+                            " train on it with `olmo2kit finetune --method dpo`")
+    arrays = _open_arrays(path, manifest, (INPUT_IDS, LABEL_MASK))
+    return PreparedData(path, *arrays, manifest)
+
+
+def load_preference(path: str | os.PathLike) -> PreferenceData:
+    """Open a directory written by `prepare_data` in preference format, checked as `load_prepared` checks: the four
+    files' shapes, every token id below the manifest's vocab_size.
+
+    >>> load_preference("data/prefs").chosen_ids.shape  # doctest: +SKIP
+    """
+    path = Path(path)
+    manifest = _read_manifest(path, " --format preference")
+    if manifest.get("format") != "preference":
+        raise Olmo2KitError(f"{path} holds {manifest.get('format')} data, not preference pairs: fine-tune on it with "
+                            "`olmo2kit finetune` (SFT), or prepare chosen/rejected pairs with "
+                            "`olmo2kit prepare-data INPUT DIR --format preference` for --method dpo")
+    arrays = _open_arrays(path, manifest, (CHOSEN_INPUT_IDS, CHOSEN_LABEL_MASK, REJECTED_INPUT_IDS,
+                                           REJECTED_LABEL_MASK))
+    return PreferenceData(path, *arrays, manifest)
+
+
+def _read_manifest(path: Path, options: str) -> dict:
+    """The checked manifest of prepared directory `path`; its absence says to run prepare-data with `options`."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         what = "was interrupted" if (path / _PROGRESS).exists() else "is not prepared data"
-        raise Olmo2KitError(f"{path} {what} (no {MANIFEST}): run `olmo2kit prepare-data INPUT {path}`")
+        raise Olmo2KitError(f"{path} {what} (no {MANIFEST}): run `olmo2kit prepare-data INPUT {path}{options}`")
     try:
         manifest = json.loads(manifest_path.read_text())
         rows, seq_len, vocab_size = int(manifest["rows"]), int(manifest["seq_len"]), int(manifest["vocab_size"])
@@ -308,15 +392,25 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
             raise ValueError("rows, seq_len and vocab_size must be positive")
     except (ValueError, KeyError, TypeError) as e:
         raise Olmo2KitError(f"{manifest_path} is damaged ({e}): run prepare-data again") from None
-    arrays = {}
-    for name, dtype in ((INPUT_IDS, np.uint32), (LABEL_MASK, np.bool_)):
+    return manifest
+
+
+def _open_arrays(path: Path, manifest: dict, names: tuple[str, ...]) -> list[np.memmap]:
+    """`names` in `path` as read-only memmaps of the manifest's shape (ids files: uint32, checked against the
+    vocabulary; mask files: bool); Olmo2KitError on a file of the wrong size or an id beyond the vocabulary."""
+    rows, seq_len = int(manifest["rows"]), int(manifest["seq_len"])
+    arrays = []
+    for name in names:
+        dtype = np.bool_ if name.endswith("label_mask.npy") else np.uint32
         file = path / name
         expected = rows * seq_len * np.dtype(dtype).itemsize
         if not file.exists() or file.stat().st_size != expected:
             raise Olmo2KitError(f"{file} is missing or not the {expected:,} bytes {MANIFEST} says: prepare it again")
-        arrays[name] = np.memmap(file, dtype=dtype, mode="r", shape=(rows, seq_len))
-    _check_token_ids(path / INPUT_IDS, rows, seq_len, vocab_size)
-    return PreparedData(path, arrays[INPUT_IDS], arrays[LABEL_MASK], manifest)
+        arrays.append(np.memmap(file, dtype=dtype, mode="r", shape=(rows, seq_len)))
+    for name in names:
+        if not name.endswith("label_mask.npy"):
+            _check_token_ids(path / name, rows, seq_len, int(manifest["vocab_size"]))
+    return arrays
 
 
 def _check_token_ids(file: Path, rows: int, seq_len: int, vocab_size: int) -> None:
@@ -435,16 +529,30 @@ def _count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
+def _first_format(source: _Source) -> str:
+    """The format of `source`'s first record; chat for a source without one (whose run then writes no row)."""
+    for number, record in source.records(0):
+        return _guess_format(record, source.origin, number)
+    return "chat"
+
+
 def _guess_format(record: dict, origin: dict, number: int) -> str:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "text" in record:
         return "text"
-    raise Olmo2KitError(f"{_where(origin, number)}: has neither a 'messages' (chat) nor a 'text' (text) field")
+    raise Olmo2KitError(f"{_where(origin, number)}: has neither a 'messages' (chat) nor a 'text' (text) field, nor "
+                        "'chosen' and 'rejected' (preference)")
 
 
-def _tokenize_record(tokenizer, record: dict, fmt: str, template: str, origin: dict, number: int):
+def _tokenize_record(tokenizer, record: dict, fmt: str, template: str, origin: dict,
+                     number: int) -> list[tuple[list[int], list[bool]]]:
+    """The (ids, mask) of each side of one record: one for chat and text, chosen and rejected for preference."""
     where = _where(origin, number)
+    if fmt == "preference":
+        return _tokenize_pair(tokenizer, record, template, where)
     field = "text" if fmt == "text" else "messages"
     if field not in record:
         raise Olmo2KitError(f"{where}: has no {field!r} field, which every example needs in {fmt} format; "
@@ -453,20 +561,55 @@ def _tokenize_record(tokenizer, record: dict, fmt: str, template: str, origin: d
         text = record["text"]
         if not isinstance(text, str):
             raise Olmo2KitError(f"{where}: 'text' must be a string, got {_kind(text)}")
-        return tokenize_text(tokenizer, text)
-    messages = record["messages"]
-    if not isinstance(messages, list):
-        raise Olmo2KitError(f"{where}: 'messages' must be a list, got {_kind(messages)}")
-    try:
-        turns = check_messages(messages, need_user=False)
-    except Olmo2KitError as e:
-        raise Olmo2KitError(f"{where}: {e}") from None
+        return [tokenize_text(tokenizer, text)]
+    turns = _checked_messages(record, "messages", where)
     if not any(m["role"] == "assistant" for m in turns):
-        return [], []  # nothing to learn: dropped and counted
+        return [([], [])]  # nothing to learn: dropped and counted
     try:
-        return tokenize_chat(tokenizer, turns, template)
+        return [tokenize_chat(tokenizer, turns, template)]
     except ValueError as e:
         raise Olmo2KitError(f"{where}: {e}") from None
+
+
+def _tokenize_pair(tokenizer, record: dict, template: str, where: str) -> list[tuple[list[int], list[bool]]]:
+    """Chosen and rejected, each tokenized whole with only its answer (the last message) labelled; Olmo2KitError
+    unless both are message lists that share every message but the last and end in a non-empty assistant answer."""
+    for field in ("chosen", "rejected"):
+        if field not in record:
+            raise Olmo2KitError(f"{where}: has no {field!r} field, which every pair needs in preference format; give "
+                                "each pair 'chosen' and 'rejected' message lists that share their prompt")
+    sides = {field: _checked_messages(record, field, where) for field in ("chosen", "rejected")}
+    for field, turns in sides.items():
+        answer = turns[-1]
+        if answer["role"] != "assistant":
+            raise Olmo2KitError(f"{where}: the last message of {field!r} has role {answer['role']!r}: each list of a "
+                                "pair ends with the assistant's answer")
+        if not answer["content"].strip():
+            raise Olmo2KitError(f"{where}: the answer in {field!r} (its last message) is empty")
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    if len(chosen) != len(rejected):
+        raise Olmo2KitError(f"{where}: 'chosen' has {len(chosen)} messages and 'rejected' {len(rejected)}: a pair "
+                            "shares its prompt (every message but the last) and differs in the answer")
+    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=True), 1):
+        if a != b:
+            raise Olmo2KitError(f"{where}: 'chosen' and 'rejected' differ at message {i}: a pair shares its prompt "
+                                "(every message but the last) and differs in the answer")
+    try:
+        return [tokenize_chat(tokenizer, turns, template, answer_only=True) for turns in (chosen, rejected)]
+    except ValueError as e:
+        raise Olmo2KitError(f"{where}: {e}") from None
+
+
+def _checked_messages(record: dict, field: str, where: str) -> list[dict]:
+    """`record[field]` checked as a conversation (check_messages), errors naming the record and, for a pair's
+    lists, the field."""
+    messages = record[field]
+    if not isinstance(messages, list):
+        raise Olmo2KitError(f"{where}: {field!r} must be a list, got {_kind(messages)}")
+    try:
+        return check_messages(messages, need_user=False)
+    except Olmo2KitError as e:
+        raise Olmo2KitError(f"{where}: {e}" if field == "messages" else f"{where}: {field!r}: {e}") from None
 
 
 def _where(origin: dict, number: int) -> str:
@@ -485,10 +628,11 @@ def _read_progress(outdir: Path, settings: dict) -> dict | None:
         state = json.loads((outdir / _PROGRESS).read_text())
         if state["settings"] != settings:
             return None
-        sizes = [(outdir / p).stat().st_size for p in _PARTIAL.values()]
-        rows, seq_len = state["counts"]["rows"], settings["seq_len"]
-        if sizes[0] < rows * seq_len * 4 or sizes[1] < rows * seq_len:
-            return None
+        items = state["counts"]["rows"] * settings["seq_len"]
+        for ids_name, mask_name in _SIDES[state["format"]]:
+            if (outdir / _partial(ids_name)).stat().st_size < items * 4 or \
+                    (outdir / _partial(mask_name)).stat().st_size < items:
+                return None
         return state
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -507,5 +651,6 @@ def _sync(files: dict) -> None:
 
 
 def _discard_partial(outdir: Path) -> None:
-    for name in (*_PARTIAL.values(), _PROGRESS):
+    partials = {_partial(name) for sides in _SIDES.values() for side in sides for name in side}
+    for name in (*partials, _PROGRESS):
         (outdir / name).unlink(missing_ok=True)
