@@ -15,23 +15,29 @@ from olmo2kit.errors import Olmo2KitError
 
 
 def prepare_data_command(
-    source: Annotated[str, typer.Argument(help='JSONL of {"messages": [...]} or {"text": ...}, or a dataset name.')],
-    outdir: Annotated[str, typer.Argument(help="Directory for input_ids.npy, label_mask.npy and manifest.json.")],
+    source: Annotated[str, typer.Argument(
+        help='JSONL of {"messages": [...]}, {"text": ...} or {"chosen": [...], "rejected": [...]}, or a dataset name.'
+    )],
+    outdir: Annotated[str, typer.Argument(help="Directory for the .npy files and manifest.json.")],
     model: ModelOpt = "1b",
     revision: RevisionOpt = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per row; longer examples are cut.")] = 4096,
     data_format: Annotated[
-        str | None, typer.Option("--format", help="chat or text (default: from the first example).")
+        str | None, typer.Option("--format", help="chat, text or preference (default: from the first example).")
     ] = None,
     split: Annotated[str, typer.Option(help="Dataset split, when SOURCE is a dataset name.")] = "train",
     as_json: JsonOpt = False,
 ) -> None:
-    """Tokenize chat or text examples into OLMo's training layout.
+    """Tokenize chat, text or preference examples into OLMo's training layout.
 
     Writes input_ids.npy (headerless uint32 memmap, rows x seq-len, padded
     with the pad id), label_mask.npy (bool memmap, True on the tokens to
     learn: assistant content and its end-of-text for chat, every token for
     text) and manifest.json, last. OLMo's own trainer reads the same files.
+    Preference pairs ({"chosen": [...], "rejected": [...]}, a shared prompt
+    and two answers) go to chosen_ and rejected_ input_ids.npy and
+    label_mask.npy, row i of each the same pair, labelled on the answer
+    only, for `finetune --method dpo`.
     Examples with nothing to learn are dropped and counted; an interrupted
     run continues where it stopped, and a second run into OUTDIR while one
     is going is refused. Progress goes to stderr.
@@ -43,6 +49,8 @@ def prepare_data_command(
       olmo2kit prepare-data notes.jsonl data/notes --format text --json
 
       olmo2kit prepare-data allenai/tulu-3-sft-olmo-2-mixture data/tulu
+
+      olmo2kit prepare-data allenai/olmo-2-1124-7b-preference-mix data/prefs
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.training.data import prepare_data
@@ -62,7 +70,8 @@ def prepare_data_command(
         (str(manifest["rows"]), str(manifest["seq_len"]), str(manifest["examples"]), str(manifest["truncated"]),
          str(manifest["dropped"]), f"{manifest['tokens']:,}", f"{manifest['label_tokens']:,}", manifest["format"]),
     ])
-    info(f"wrote {outdir}/input_ids.npy, label_mask.npy, manifest.json (tokenizer {manifest['tokenizer']})")
+    written = ", ".join([*manifest["files"].values(), "manifest.json"])
+    info(f"wrote {outdir}/{written} (tokenizer {manifest['tokenizer']})")
 
 
 def finetune_command(
