@@ -42,6 +42,8 @@ _EXPORTS = {
     "prepare_data": "olmo2kit.training.data",
     "load_prepared": "olmo2kit.training.data",
     "PreparedData": "olmo2kit.training.data",
+    "load_preference": "olmo2kit.training.data",
+    "PreferenceData": "olmo2kit.training.data",
     "FinetuneConfig": "olmo2kit.training.finetune",
     "FinetuneResult": "olmo2kit.training.finetune",
     "finetune": "olmo2kit.training.finetune",
