@@ -20,7 +20,8 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.generation import generate
 from olmo2kit.model.loading import load
 from olmo2kit.training.data import load_prepared, prepare_data
-from olmo2kit.training.finetune import DataOrder, FinetuneConfig, load_config, merge_adapter
+from olmo2kit.training.finetune import FinetuneConfig, load_config, merge_adapter
+from olmo2kit.training.loop import DataOrder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
 

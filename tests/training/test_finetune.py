@@ -20,7 +20,8 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_json_atomic
 from olmo2kit.model.loading import load
 from olmo2kit.training.data import prepare_data
-from olmo2kit.training.finetune import FinetuneConfig, finetune, learning_rate, load_config
+from olmo2kit.training.finetune import FinetuneConfig, finetune, load_config
+from olmo2kit.training.loop import learning_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
 

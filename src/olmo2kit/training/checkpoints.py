@@ -1,0 +1,158 @@
+"""Training checkpoints: checkpoints/step-N written whole or not at all, found and loaded again for --resume,
+with the RNG state and the identity of the run that wrote them.
+
+A checkpoint holds the trainable weights (whole tensors, gathered from FSDP shards), the optimizer,
+each process's RNG state, and state.json: the step, the tokens so far and the run's identity, which
+a resumed run must share. The learning rate and the data order are functions of the step and the
+seed, so nothing else is needed to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import write_json_atomic
+from olmo2kit.training.config import FinetuneConfig
+from olmo2kit.training.data import PreparedData
+
+log = logging.getLogger("olmo2kit")
+
+CHECKPOINTS = "checkpoints"
+# Identity keys a checkpoint may lack, with the value its absence means.
+_IDENTITY_DEFAULTS = {"val_fraction": 0.0}
+
+
+def run_identity(config: FinetuneConfig, data: PreparedData, global_batch: int, seq_len: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "model": config.model, "revision": config.revision, "lora": config.lora, "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha, "quantize": config.quantize, "seed": config.seed,
+        "global_batch": global_batch, "seq_len": seq_len, "val_fraction": config.val_fraction,
+        "data": {"path": str(data.path.resolve()), "rows": data.rows, "created": data.manifest.get("created")},
+    }
+
+
+def saved_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a checkpoint is renamed into place only once whole)."""
+    found = []
+    for path in (output / CHECKPOINTS).glob("step-*"):
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and (path / "state.json").exists():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def checkpoint_to_resume(output: Path, config: FinetuneConfig) -> Path | None:
+    if not config.resume:
+        return None
+    found = saved_checkpoints(output)
+    if not found:
+        log.warning(f"--resume: no checkpoint in {output / 'checkpoints'} yet, so training starts at step 0")
+    return found[-1][1] if found else None
+
+
+def check_same_run(checkpoint: Path, identity: dict) -> None:
+    saved = {**_IDENTITY_DEFAULTS, **json.loads((checkpoint / "state.json").read_text())["identity"]}
+    differ = [key for key in identity if saved.get(key) != identity[key]]
+    if differ:
+        details = "; ".join(f"{key}: {saved.get(key)!r} then, {identity[key]!r} now" for key in differ)
+        raise Olmo2KitError(
+            f"{checkpoint} is from a different run ({details}): resume with the same settings, "
+            "or pick another --output"
+        )
+
+
+def state_dict_options(**options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **options)
+
+
+def _trainable_names(model, accelerator) -> set[str]:
+    unwrapped = accelerator.unwrap_model(model)
+    return {name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            for name, p in unwrapped.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model, optimizer, accelerator,
+                     config: FinetuneConfig) -> None:
+    """Write checkpoints/step-N whole or not at all: into a temporary directory, renamed when complete."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = output / CHECKPOINTS
+    staging = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Frozen weights (the base of a LoRA run) come back from the base model; only what trains is saved.
+    weights, optim = get_state_dict(model, optimizer, options=state_dict_options(ignore_frozen_params=True))
+    names = _trainable_names(model, accelerator)
+    torch.save(_rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in weights.items() if k in names}, staging / "trainable.safetensors")
+        torch.save(optim, staging / "optimizer.pt")
+        # The learning rate is a function of the step, so the step is the whole scheduler state;
+        # the data order is a function of the seed and the step.
+        write_json_atomic(staging / "state.json", {"step": step, "tokens": tokens, "identity": identity,
+                                                   "processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fsync_tree(staging)
+        final = root / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for _, old in saved_checkpoints(output)[:-config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer, accelerator) -> tuple[int, int]:
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = json.loads((checkpoint / "state.json").read_text())
+    weights = load_file(checkpoint / "trainable.safetensors")
+    names = _trainable_names(model, accelerator)
+    if set(weights) != names:
+        raise Olmo2KitError(f"{checkpoint} does not hold this model's trainable weights: pick another --output")
+    optim = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=state_dict_options(strict=False))
+    rng = checkpoint / f"rng-{accelerator.process_index}.pt"
+    if rng.exists():  # absent when resuming on more processes than before
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return state["step"], state["tokens"]
+
+
+def _rng_state() -> dict:
+    """The random state dropout draws from (the data order needs none: it is seeded per epoch)."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+

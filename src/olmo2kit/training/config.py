@@ -1,0 +1,135 @@
+"""A fine-tune run's settings, `FinetuneConfig`, and the YAML recipes that set them (configs/finetune/)."""
+
+from __future__ import annotations
+
+import math
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from olmo2kit.devices import check_device
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.sampling import check_seed
+from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tune run needs; a YAML recipe sets any of these fields by name."""
+
+    data: str
+    output: str
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    quantize: str | None = None  # nf4 (QLoRA) or int8, with lora
+    epochs: int | None = None  # neither epochs nor max_steps: one epoch
+    max_steps: int | None = None
+    lr: float = 2e-5
+    warmup: float = 0.03  # fraction of the steps with a linear warm-up; then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1  # rows per process per micro-batch
+    grad_accum: int = 1
+    seq_len: int | None = None  # cut rows shorter than the data's seq_len
+    gradient_checkpointing: bool = False
+    save_every: int | None = None  # steps between checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False
+    merge: bool = False  # LoRA: also write the adapter merged into the base weights
+    val_fraction: float = 0.0  # share of the rows held out for validation, never trained on
+    eval_every: int | None = None  # steps between evaluations of the validation split (always at the end)
+    seed: int = 0
+    fsdp: bool = False  # CPU processes: shard with torch's FSDP2 (on GPUs, configs/accelerate/fsdp.yaml does)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
+
+    def __post_init__(self) -> None:
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "lora_r": self.lora_r, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if not value > 0:
+                raise Olmo2KitError(f"{name} must be positive, got {value}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise Olmo2KitError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("epochs", "max_steps", "save_every", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise Olmo2KitError(f"{name} must be at least 1, got {value}")
+        if self.seq_len is not None and self.seq_len < 2:
+            # One token has nothing after it to predict: the step would learn nothing.
+            raise Olmo2KitError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.epochs is not None and self.max_steps is not None:
+            raise Olmo2KitError("give --epochs or --max-steps, not both")
+        if not 0.0 <= self.warmup < 1.0:
+            raise Olmo2KitError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise Olmo2KitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise Olmo2KitError(f"val_fraction is a share of the rows, in [0, 1); got {self.val_fraction}")
+        if self.eval_every is not None and not self.val_fraction:
+            raise Olmo2KitError("--eval-every evaluates the validation split: add --val-fraction, e.g. 0.05")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise Olmo2KitError("weight_decay must be 0 or more and max_grad_norm positive")
+        if self.quantize and not self.lora:
+            raise Olmo2KitError(
+                f"quantized weights cannot be trained directly: add --lora to train an adapter on the "
+                f"{self.quantize} model (QLoRA)"
+            )
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise Olmo2KitError(f"unknown quantization {self.quantize!r}: use nf4 (QLoRA), fp4 or int8")
+        if self.merge and not self.lora:
+            raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
+        if self.fsdp and self.quantize:
+            raise Olmo2KitError("--fsdp cannot shard quantized weights: drop --quantize, or --fsdp")
+        check_device(self.device)
+        check_seed(self.seed)
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The fields a YAML recipe sets, checked against FinetuneConfig."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise Olmo2KitError(f"no such config file: {path} (recipes are in configs/finetune/)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise Olmo2KitError(f"cannot read {path} ({e.strerror}): give a recipe file you can read") from None
+    except UnicodeDecodeError as e:
+        raise Olmo2KitError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise Olmo2KitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise Olmo2KitError(f"{path} must be a mapping of option: value")
+    types = typing.get_type_hints(FinetuneConfig)
+    unknown = sorted(str(key) for key in values if key not in types)  # YAML keys may be numbers too
+    if unknown:
+        raise Olmo2KitError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(types)}")
+    return {key: _coerce(path, key, value, types[key]) for key, value in values.items()}
+
+
+def _coerce(path: Path, key: str, value, annotation):
+    """`value` as the field's type: str, int, float or bool, or None where the field allows it."""
+    # PyYAML reads 2e-5 (no dot) as a string; recipes should not have to know that.
+    kinds = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    kind = kinds[0]
+    if value is None and type(None) in typing.get_args(annotation) or kind is str and isinstance(value, str):
+        return value
+    if value is None:
+        raise Olmo2KitError(f"{path}: {key} needs a value ({kind.__name__})")
+    whole = not (kind is int and isinstance(value, float) and not value.is_integer())  # 2.5 epochs is no int
+    if (kind is bool and isinstance(value, bool) or kind is not bool and not isinstance(value, bool)) and whole:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise Olmo2KitError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+

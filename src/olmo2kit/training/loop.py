@@ -1,0 +1,216 @@
+"""The training loop: the data order, the learning rate, optimizer steps over global batches, evaluation of
+the validation split, the training log and progress.
+
+One optimizer step trains on one global batch: batch_size rows per process, times grad_accum,
+times the processes. Its loss is the mean over the labelled tokens of the whole global batch,
+so the same global batch gives the same update on one process or eight. Rows are visited in a
+seeded shuffle per epoch, a pure function of the step: a resumed run sees the same order.
+With a validation split, a seeded share of the rows is held out of every epoch and evaluated
+with the same loss (the mean over its labelled tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import typing
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.files import JsonlStore
+from olmo2kit.training.checkpoints import save_checkpoint, saved_checkpoints
+from olmo2kit.training.config import FinetuneConfig
+from olmo2kit.training.data import PreparedData
+from olmo2kit.training.objectives import run_length, sft_loss_sum
+
+if typing.TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
+    """The rate for optimizer step `step` (0-based): linear warm-up, then linear decay towards 0."""
+    warm = math.ceil(warmup * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * (total - step) / (total - warm)
+
+
+class DataOrder:
+    """Which rows each optimizer step trains on: a seeded shuffle per epoch, cut into global batches.
+
+    The leftover rows of an epoch (fewer than a global batch) wait for the next shuffle. With a
+    `val_fraction`, a seeded share of the rows (at least one) is held out as `val_rows` and never trained on.
+    """
+
+    def __init__(self, rows: int, global_batch: int, seed: int, val_fraction: float = 0.0) -> None:
+        held_out = max(1, round(val_fraction * rows)) if val_fraction else 0
+        # A stream of its own: the epochs' shuffles draw from [seed, epoch].
+        self.val_rows = np.sort(np.random.default_rng([seed, 0, 1]).permutation(rows)[:held_out])
+        self.train_rows = np.setdiff1d(np.arange(rows), self.val_rows)
+        if len(self.train_rows) < global_batch:
+            held = f" ({held_out} held out for validation)" if held_out else ""
+            raise Olmo2KitError(
+                f"the data has {rows} rows{held}, fewer than one global batch of {global_batch} "
+                "(batch size x grad accum x processes): lower --batch-size or --grad-accum"
+            )
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.steps_per_epoch = len(self.train_rows) // global_batch
+
+    @lru_cache(maxsize=1)  # noqa: B019 (one order per run; the instance lives as long as the run)
+    def _epoch(self, epoch: int) -> np.ndarray:
+        return self.train_rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_rows))]
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return self._epoch(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
+
+
+@dataclass
+class Run:
+    """A run as set up before the model loads: its processes, data order and length, and the checkpoint it resumes."""
+
+    accelerator: Accelerator
+    bf16: bool  # autocast, on a GPU that has it
+    data: PreparedData
+    output: Path
+    seq_len: int  # positions of a row that train: config.seq_len, at most the data's
+    order: DataOrder
+    total: int  # optimizer steps, counting those of the run being resumed
+    checkpoint: Path | None
+    identity: dict  # what a resumed run must share with this one
+    train_log: JsonlStore
+    say: Callable[[str], None]  # silent outside the first process
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(config: FinetuneConfig, run: Run, model, optimizer, start_step: int, tokens: int,
+           progress: Callable[[int, int, float | None], None] | None
+           ) -> tuple[float | None, float | None, int, float]:
+    """Train from `start_step` to the last step, logging each and saving checkpoints on the way.
+
+    Returns the last step's loss, the last validation loss (None without a validation split), the
+    tokens of the whole run so far, and the seconds the steps took.
+    """
+    model.train()
+    progress = progress if run.main else None
+    if progress is not None:
+        progress(start_step, run.total, None)
+    loss_value = eval_loss = None
+    begin = time.perf_counter()
+    for step in range(start_step, run.total):
+        rows = run.order.batch(step)
+        lr = learning_rate(step, run.total, config.lr, config.warmup)
+        loss_value, step_tokens = _train_step(model, optimizer, run.accelerator, run.data, rows, run.seq_len, lr,
+                                              config)
+        if loss_value is not None and not math.isfinite(loss_value):
+            # The loss is reduced over the processes, so every process stops here; the weights are lost.
+            raise _non_finite_loss(run, step + 1, loss_value, config.lr)
+        tokens += step_tokens
+        if run.main:
+            run.train_log.append([{"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens}])
+        if progress is not None:
+            progress(step + 1, run.total, loss_value)
+        if _evaluates_after(step + 1, run, config):
+            eval_loss = _evaluate(model, run, config.batch_size)
+            if run.main:
+                run.train_log.append([{"step": step + 1, "eval_loss": eval_loss}])
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < run.total:
+            save_checkpoint(run.output, step + 1, tokens, run.identity, model, optimizer, run.accelerator, config)
+    return loss_value, eval_loss, tokens, time.perf_counter() - begin
+
+
+def _evaluates_after(step: int, run: Run, config: FinetuneConfig) -> bool:
+    """Whether the validation split is evaluated after `step`: every eval_every steps, and after the last."""
+    every = config.eval_every
+    return len(run.order.val_rows) > 0 and (step == run.total or every is not None and step % every == 0)
+
+
+def _non_finite_loss(run: Run, step: int, loss: float, lr: float) -> Olmo2KitError:
+    """The error that stops a run whose loss became NaN or infinite at `step`, saying which checkpoint is kept.
+
+    A checkpoint of the step before holds the very weights that gave that loss, and resuming from it
+    would fail the same way: it is set aside as step-N.non-finite, which --resume does not read.
+    """
+    found = saved_checkpoints(run.output)
+    if found and found[-1][0] == step - 1:
+        bad = found.pop()[1]
+        if run.main:
+            aside = bad.with_name(f"{bad.name}.non-finite")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+    if found:
+        kept = f"the last good checkpoint, {found[-1][1]}, is kept: lower --lr (now {lr:g}) and add --resume"
+    else:
+        kept = f"there is no good checkpoint to keep: lower --lr (now {lr:g}) and run again"
+    return Olmo2KitError(f"the loss became {loss} at step {step}, so training stopped without saving a result; {kept}")
+
+
+def _evaluate(model, run: Run, batch_size: int) -> float | None:
+    """The validation loss, defined as in training: the mean over the labelled tokens of the held-out rows."""
+    import torch
+
+    rows, accelerator = run.order.val_rows, run.accelerator
+    labelled = int(run.data.label_mask[rows][:, 1:run.seq_len].sum())
+    if labelled == 0:
+        return None
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = rows[rank::world]
+    # Every process runs as many forward passes as the others (FSDP gathers the weights in each):
+    # one that has run out of rows runs a row that it does not count.
+    passes = -(-len(rows) // (world * batch_size))
+    loss_sum = torch.zeros((), device=accelerator.device)
+    model.eval()
+    with torch.no_grad():
+        for i in range(passes):
+            index = mine[i * batch_size:(i + 1) * batch_size]
+            loss = sft_loss_sum(model, run.data, index if len(index) else rows[:1], run.seq_len, accelerator.device)
+            if len(index):
+                loss_sum += loss
+    model.train()
+    return accelerator.reduce(loss_sum, reduction="sum").item() / labelled
+
+
+def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndarray, seq_len: int, lr: float,
+                config: FinetuneConfig) -> tuple[float | None, int]:
+    """One optimizer step over one global batch: (mean loss over its labelled tokens, positions run)."""
+    import torch
+
+    # Every process knows the whole global batch, so it knows the token count to divide by
+    # without talking to the others.
+    mask = data.label_mask[np.sort(rows)][:, :seq_len]
+    labelled = int(mask[:, 1:].sum())
+    micro = [rows[i:i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+    lengths = [run_length(data.label_mask[np.sort(m)][:, :seq_len]) for m in micro]
+    positions = sum(len(m) * n for m, n in zip(micro, lengths, strict=True))
+    if labelled == 0:
+        return None, 0  # nothing to learn: the weights and the optimizer's moments stay as they are
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = [k * world + rank for k in range(config.grad_accum)]  # micro-batches of this process
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for n, k in enumerate(mine):
+        # A model sharded by --fsdp has no no_sync: its micro-batches reduce-scatter as they go, which sums the same.
+        sync = nullcontext() if n == len(mine) - 1 else accelerator.no_sync(model)
+        with sync:
+            token_loss = sft_loss_sum(model, data, np.sort(micro[k]), seq_len, accelerator.device) / labelled
+            # DDP and FSDP average gradients over processes; the loss is a sum over the whole batch.
+            accelerator.backward(token_loss * world)
+        loss_sum += token_loss.detach()
+    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(loss_sum, reduction="sum").item(), positions
+
