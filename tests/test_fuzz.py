@@ -200,8 +200,24 @@ def test_chat_reads_any_stdin(work, lines):
                                 stdin=b"\n".join(lines) + b"\n"))
 
 
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", ""]),
+                                 "content": st.one_of(WEIRD_TEXT, JSON_VALUES)})
+# Preference pairs: mostly a shared prompt and two answers (valid or nearly), sometimes anything under the two keys.
+PAIRS = st.one_of(
+    st.builds(lambda prompt, good, bad: {"chosen": [*prompt, good], "rejected": [*prompt, bad]},
+              st.lists(MESSAGE, max_size=2), MESSAGE, MESSAGE),
+    st.builds(lambda prompt, good, bad: {"chosen": [*prompt, good], "rejected": [*prompt, bad]},
+              st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=20)}), max_size=2),
+              st.fixed_dictionaries({"role": st.just("assistant"), "content": st.text(min_size=1, max_size=20)}),
+              st.fixed_dictionaries({"role": st.just("assistant"), "content": st.text(min_size=1, max_size=20)})),
+    st.fixed_dictionaries({"chosen": JSON_VALUES, "rejected": JSON_VALUES}),
+)
+PREPARE_LINES = st.lists(st.one_of(st.one_of(RECORDS, PAIRS).map(lambda r: json.dumps(r).encode()),
+                                   st.binary(max_size=60)), max_size=5)
+
+
 @FUZZ
-@given(lines=LINES, data_format=st.sampled_from([None, "chat", "text"]))
+@given(lines=PREPARE_LINES, data_format=st.sampled_from([None, "chat", "text", "preference"]))
 def test_prepare_data_reads_any_jsonl(work, lines, data_format):
     source, outdir = work / "inputs" / "train.jsonl", work / "prepared"
     source.write_bytes(jsonl(lines))
