@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_tiny": "olmo2kit.model.tiny",
     "export_gguf": "olmo2kit.model.gguf",
     "export_ollama": "olmo2kit.model.gguf",
+    "soup": "olmo2kit.model.soup",
     "Revision": "olmo2kit.model.revisions",
     "parse_revision": "olmo2kit.model.revisions",
     "list_revisions": "olmo2kit.model.revisions",

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import bench, chat, evals, export, generate, hub, models, serve, training
+from olmo2kit.cli import bench, chat, evals, export, generate, hub, models, serve, soup, training
 from olmo2kit.errors import Olmo2KitError
 
 app = typer.Typer(
@@ -66,6 +66,7 @@ COMMANDS = [
     ("prepare-data", training.prepare_data_command),
     ("finetune", training.finetune_command),
     ("merge", training.merge_command),
+    ("soup", soup.soup_command),
     ("download", hub.download),
     ("cache", hub.cache),
     ("serve", serve.serve),
