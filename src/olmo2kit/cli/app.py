@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli import bench, chat, evals, export, generate, hub, models, serve, soup, training
+from olmo2kit.cli import bench, chat, evals, export, generate, hub, imports, models, serve, soup, training
 from olmo2kit.errors import Olmo2KitError
 
 app = typer.Typer(
@@ -74,6 +74,7 @@ COMMANDS = [
 for name, command in COMMANDS:
     app.command(name)(command)
 app.add_typer(export.app, name="export")
+app.add_typer(imports.app, name="import")
 
 
 class _Warnings(logging.StreamHandler):

@@ -1,4 +1,5 @@
-"""`olmo2kit export gguf` and `export ollama`: a checkpoint as a GGUF file for llama.cpp, ollama or LM Studio."""
+"""`olmo2kit export gguf` and `export ollama`: a checkpoint as a GGUF file for llama.cpp, ollama or LM Studio; and
+`export olmo-core`: a checkpoint for OLMo's trainer (OLMo-core) to train on."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import typer
 from olmo2kit.cli.options import RevisionOpt
 from olmo2kit.cli.output import info
 
-app = typer.Typer(help="Write a checkpoint as GGUF, for llama.cpp, LM Studio and ollama.", no_args_is_help=True,
+app = typer.Typer(help="Write a checkpoint as GGUF, for llama.cpp, LM Studio and ollama, or as an OLMo-core "
+                       "checkpoint, for OLMo's trainer.", no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 _Model = Annotated[str, typer.Argument(help="Size alias (1b-instruct, ...), Hub repo id, repo@revision, or local "
@@ -74,3 +76,39 @@ def ollama(
     written = export_ollama(model, directory, revision=revision, gguf_type=quantize, parameters=parameters, say=info)
     info(f"import it with: ollama create NAME -f {written / 'Modelfile'}")
     print(written)
+
+
+@app.command("olmo-core")
+def olmo_core(
+    model: Annotated[str, typer.Argument(help="Size alias (1b, ...), Hub repo id, repo@revision, local directory (a "
+                                              "fine-tune), or a LoRA adapter directory (merged into its base).")],
+    out: Annotated[str, typer.Argument(help="The directory to write (a new or empty one).")],
+    revision: RevisionOpt = None,
+) -> None:
+    """Convert a checkpoint to an OLMo-core checkpoint that OLMo's trainer loads to train on: the model as a torch
+    distributed checkpoint in OUT/model_and_optim, its TransformerConfig in OUT/config.json. OLMo-core's model is
+    checked against transformers' on a probe batch first (the largest logit difference is said); nothing is
+    written where they differ. Needs OLMo-core (`make olmo-core`).
+
+    Examples:
+
+      olmo2kit export olmo-core 1b ./olmo2-1b-olmo-core
+
+      olmo2kit export olmo-core 1b@stage1-step140000-tokens294B ./1b-step140k-olmo-core
+
+      olmo2kit export olmo-core ./my-lora-adapter ./my-finetune-olmo-core
+
+    Then train on it with OLMo-core: torchrun ... SCRIPT.py --save-folder=RUN --load_path=OUT
+    """
+    import time
+
+    from olmo2kit.compat import quiet_transformers
+    from olmo2kit.model.olmo_core import export_olmo_core
+
+    quiet_transformers()
+    start = time.perf_counter()
+    done = export_olmo_core(model, out, revision=revision, say=info)
+    info(f"OLMo-core's model gives transformers' logits on the probe batch (largest difference "
+         f"{done.max_logit_diff:.3g}); wrote {done.tensors} tensors ({done.parameters:,} parameters, {done.dtype}) "
+         f"in {time.perf_counter() - start:.1f} s")
+    print(done.path)

@@ -1,0 +1,528 @@
+"""OLMo-core checkpoints of OLMo 2, both ways: what OLMo's trainer loads to train on, and what it writes, back.
+
+OLMo-core (`ai2-olmo-core`, OLMo's trainer since the 1B and 32B of OLMo 2) keeps a model as a torch distributed
+checkpoint (DCP: a `.metadata` index and `*.distcp` shards, each rank writing its own), in `stepN/model_and_optim/`
+beside the run's `config.json`, whose `model` entry is the `TransformerConfig`. Both ways use OLMo-core's own code:
+its config (`olmo_core.nn.transformer.TransformerConfig`), its key mapping (`olmo_core.nn.hf.convert_state_from_hf`,
+`convert_state_to_hf`, `get_hf_config`) and its checkpoint functions (`olmo_core.distributed.checkpoint`).
+
+An export writes what OLMo-core's own converter writes (allenai/OLMo-core,
+src/examples/huggingface/convert_checkpoint_from_hf.py): `OUT/model_and_optim/` and `OUT/config.json` holding
+`{"model": ..., "dataset": {"tokenizer": ...}}`; and, for the way back without a network, the Hugging Face
+tokenizer in `OUT/tokenizer/`. OLMo-core's trainer loads it as `load_path=OUT` (its Checkpointer reads
+`OUT/model_and_optim`, olmo_core/train/checkpoint.py, Checkpointer.load).
+
+Each conversion is checked before anything is written: a probe batch runs through OLMo-core's model and through
+transformers' in fp32, and logits further apart than OLMo-core's own check allows are refused. The output directory
+is built beside its place and renamed into it whole.
+
+Reading a DCP means unpickling: its `.metadata` is a pickle and each shard a `torch.save` file, which OLMo-core's
+reader loads with `weights_only=False`. Checkpoints are read here through a reader that unpickles only the
+checkpoint's own metadata classes and loads tensors with `weights_only=True`, so a checkpoint cannot run code.
+
+    >>> export_olmo_core("1b", "olmo2-1b-olmo-core")          # doctest: +SKIP
+    >>> import_olmo_core("run/step1000", "olmo2-1b-step1000")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from olmo2kit.errors import Olmo2KitError, first_line
+from olmo2kit.files import cannot_write, make_output_dir
+from olmo2kit.model.sizes import CONTEXT_LENGTH, MODEL_TYPE, read_config
+
+log = logging.getLogger("olmo2kit")
+
+MODEL_DIR = "model_and_optim"  # OLMo-core's Checkpointer: the model (and optimizer) state of a step
+CONFIG_FILE = "config.json"  # OLMo-core's experiment config, beside model_and_optim (ConfigSaverCallback)
+TOKENIZER_DIR = "tokenizer"  # olmo2kit's addition: the Hugging Face tokenizer of an exported checkpoint
+# The Makefile's `make olmo-core`: OLMo-core 3.0.0 pins huggingface_hub<2 through cached-path, so it goes in
+# without its declared dependencies, and the ones it uses are named.
+INSTALL = ("run `make olmo-core`, or: pip install --no-deps ai2-olmo-core==3.0.0 cached-path==1.8.10 && "
+           "pip install bettermap==1.3.1 dataclass-extensions==0.5.0 importlib_resources==7.1.0 "
+           "google-cloud-storage==3.17.2 boto3==1.44.18")
+# The probe: two rows of 64 token ids drawn with a fixed seed.
+PROBE_ROWS, PROBE_TOKENS, PROBE_SEED = 2, 64, 0
+# OLMo-core's own check of a conversion: torch.testing.assert_close(rtol=1e-4, atol=1e-4) on the logits
+# (olmo_core/nn/hf/convert_checkpoint.py, validate_conversion).
+RTOL = ATOL = 1e-4
+# Fields of old experiment configs that TransformerConfig no longer takes; OLMo-core's converter drops them too
+# (convert_checkpoint.py, convert_checkpoint_to_hf).
+_DEPRECATED_FIELDS = ("compile", "dp_config", "tp_config", "float8_config")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What a conversion wrote: the directory, the largest logit difference of the probe between OLMo-core's
+    model and transformers', the number of tensors and parameters, and the weights' dtype."""
+
+    path: Path
+    max_logit_diff: float
+    tensors: int
+    parameters: int
+    dtype: str
+
+
+def require_olmo_core() -> None:
+    """An Olmo2KitError saying how to install OLMo-core, where it is not installed."""
+    try:
+        import olmo_core  # noqa: F401
+    except ImportError:
+        raise Olmo2KitError(f"this needs OLMo-core, OLMo's trainer: {INSTALL}") from None
+
+
+def export_olmo_core(model: str, out: str | os.PathLike, *, revision: str | None = None,
+                     say=log.info) -> Conversion:
+    """Write the checkpoint `model` (size alias, `repo@revision`, local or fine-tuned directory, or a LoRA
+    adapter, merged into its base) as an OLMo-core checkpoint in the new directory `out`, in the checkpoint's own
+    dtype; an Olmo2KitError, and nothing written, where OLMo-core's model does not give transformers' logits."""
+    require_olmo_core()
+    out = _new_output_dir(out)
+    hf_model, tokenizer, dtype = _load_hf(model, revision, say)
+    say(f"building OLMo-core's model of {model}")
+    model_config = transformer_config(hf_model.config)
+    oc_model = _build(model_config)
+    from olmo_core.nn.hf import convert_state_from_hf
+
+    oc_model.load_state_dict(convert_state_from_hf(hf_model.config, hf_model.state_dict()), assign=True)
+    diff = check_logits(oc_model, hf_model, hf_model.config.vocab_size, what=f"{model} in OLMo-core's model")
+    del hf_model
+    tensors, parameters = _count(oc_model)
+    with _staging(out) as staging:
+        from olmo_core.distributed.checkpoint import save_model_and_optim_state
+
+        say(f"writing the OLMo-core checkpoint ({_dtype_name(dtype)}) to {out}")
+        with warnings.catch_warnings():  # torch's note that a process with no process group saves alone
+            warnings.simplefilter("ignore", UserWarning)
+            save_model_and_optim_state(str(staging / MODEL_DIR), oc_model.to(dtype))
+        experiment = {"model": model_config.as_config_dict(),
+                      "dataset": {"tokenizer": _tokenizer_config(tokenizer, model, revision)}}
+        (staging / CONFIG_FILE).write_text(json.dumps(experiment, indent=2))
+        tokenizer.save_pretrained(staging / TOKENIZER_DIR)
+    return Conversion(out, diff, tensors, parameters, _dtype_name(dtype))
+
+
+def import_olmo_core(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
+                     say=log.info) -> Conversion:
+    """Write the OLMo-core checkpoint `checkpoint` (a step directory its trainer wrote, `stepN/` or
+    `stepN/model_and_optim/`, sharded by any number of ranks; or a directory `export_olmo_core` wrote) as a Hugging
+    Face checkpoint (safetensors, config.json, tokenizer) in the new directory `out`, in the checkpoint's dtype.
+
+    The tokenizer is `tokenizer` (a name or directory olmo2kit loads) when given, else the one an export left
+    beside the checkpoint, else the one its config names (`dataset.tokenizer.identifier`, e.g.
+    allenai/dolma2-tokenizer). An Olmo2KitError, and nothing written, where transformers' model does not give
+    OLMo-core's logits."""
+    require_olmo_core()
+    weights, config_path = find_checkpoint(checkpoint)
+    experiment = read_config(config_path)
+    model_config = _config_of(experiment, config_path)
+    out = _new_output_dir(out)
+    hf_tokenizer = _tokenizer_for(weights, experiment, tokenizer, config_path)
+    oc_model = _build(model_config)
+    from olmo_core.nn.hf import convert_state_to_hf, get_hf_config
+
+    hf_config = _olmo2_hf_config(get_hf_config, oc_model, config_path)
+    dtype = checkpoint_dtype(weights)
+    say(f"reading the OLMo-core checkpoint {weights} ({_dtype_name(dtype)})")
+    load_checkpoint(weights, oc_model)
+    _set_token_ids(hf_config, hf_tokenizer)
+    hf_config.max_position_embeddings = _context_length(hf_config, hf_tokenizer)
+    hf_model = _hf_model(hf_config, convert_state_to_hf(hf_config, oc_model.state_dict()))
+    diff = check_logits(oc_model, hf_model, hf_config.vocab_size, what=f"{checkpoint} in transformers' model")
+    del oc_model
+    tensors, parameters = _count(hf_model)
+    with _staging(out) as staging:
+        say(f"writing the Hugging Face checkpoint ({_dtype_name(dtype)}) to {out}")
+        hf_model.to(dtype).save_pretrained(staging)
+        hf_tokenizer.save_pretrained(staging)
+    return Conversion(out, diff, tensors, parameters, _dtype_name(dtype))
+
+
+def transformer_config(hf_config):
+    """OLMo-core's `TransformerConfig` of an OLMo 2 transformers config: OLMo 2's blocks (norms after attention
+    and feed-forward, "reordered_norm"; QK-norm over all heads) at its sizes, as OLMo-core's olmo2_* presets
+    build them (olmo_core/nn/transformer/config.py), with the feed-forward width given as it is."""
+    from olmo_core.nn.feed_forward import FeedForwardConfig
+    from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
+
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    unsupported = [what for what, present in (
+        ("attention biases", getattr(hf_config, "attention_bias", False)),
+        ("tied embeddings", getattr(hf_config, "tie_word_embeddings", False)),
+        (f"RoPE scaling ({rope.get('rope_type')})", rope.get("rope_type", "default") != "default"),
+        (f"the activation {hf_config.hidden_act}", hf_config.hidden_act != "silu"),
+    ) if present]
+    if unsupported:
+        raise Olmo2KitError(f"the checkpoint has {', '.join(unsupported)}, which OLMo 2 has not: olmo2kit converts "
+                            "OLMo 2's architecture only")
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    return TransformerConfig.llama_like(
+        d_model=hf_config.hidden_size,
+        vocab_size=hf_config.vocab_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads,
+        qk_norm=True,
+        layer_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=int(theta),
+        block_name=TransformerBlockType.reordered_norm,
+        feed_forward=FeedForwardConfig(hidden_size=hf_config.intermediate_size, bias=False),
+    )
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(the DCP directory, the experiment config.json) of an OLMo-core checkpoint: `path` is a step directory
+    (`model_and_optim/` in it) or the DCP directory itself (its config.json beside it or one level up)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise Olmo2KitError(f"no such directory: {path} (give an OLMo-core checkpoint, e.g. RUN/step1000)")
+    if (path / MODEL_DIR / ".metadata").is_file():
+        weights = path / MODEL_DIR
+    elif (path / ".metadata").is_file():
+        weights = path
+    else:
+        steps = sorted((p for p in path.glob("step*") if (p / MODEL_DIR / ".metadata").is_file()),
+                       key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+        if steps:
+            raise Olmo2KitError(f"{path} holds the checkpoints of a run ({', '.join(p.name for p in steps[-3:])}): "
+                                f"give one of them, e.g. {steps[-1]}")
+        raise Olmo2KitError(f"{path} is not an OLMo-core checkpoint: it holds no {MODEL_DIR}/.metadata (a torch "
+                            "distributed checkpoint); give a step directory its trainer wrote, e.g. RUN/step1000")
+    for place in (weights.parent, weights) if weights.name == MODEL_DIR else (weights, weights.parent):
+        if (place / CONFIG_FILE).is_file():
+            return weights, place / CONFIG_FILE
+    raise Olmo2KitError(f"no {CONFIG_FILE} beside {weights}: OLMo-core's trainer writes the run's config there "
+                        "(its ConfigSaverCallback); copy it from the run's save folder")
+
+
+def checkpoint_dtype(weights: Path):
+    """The dtype of the model's weights in the DCP directory `weights` (its embeddings')."""
+    metadata = read_metadata(weights)
+    entry = metadata.state_dict_metadata.get("model.embeddings.weight")
+    if entry is None or not hasattr(entry, "properties"):
+        raise Olmo2KitError(f"{weights} holds no model.embeddings.weight: it is not an OLMo-core model's checkpoint")
+    return entry.properties.dtype
+
+
+def read_metadata(weights: Path):
+    """The DCP index (`.metadata`) of `weights`, unpickled with only the classes a DCP index holds."""
+    try:
+        with open(weights / ".metadata", "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise Olmo2KitError(f"cannot read {weights / '.metadata'} ({e.strerror}): check the checkpoint") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as e:
+        raise Olmo2KitError(f"{weights / '.metadata'} is not a torch distributed checkpoint's index "
+                            f"({first_line(e)}): copy the checkpoint again") from None
+
+
+# What a DCP index unpickles to: torch's checkpoint metadata (torch/distributed/checkpoint/metadata.py), the shard
+# locations of OLMo-core's writer and of torch's own, sizes, layouts and dtypes. Anything else is refused.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "olmo_core.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch":
+            import torch
+
+            if name == "Size" or isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which no checkpoint index holds")
+
+
+def load_checkpoint(weights: Path, oc_model) -> None:
+    """Load the model state of the DCP directory `weights` into the OLMo-core model `oc_model` (in place, in its
+    dtype), through OLMo-core's reader with tensors loaded as weights only and no pickled objects read."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": oc_model.state_dict()}
+    try:
+        with warnings.catch_warnings():  # torch's note that a process with no process group loads alone
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.state_dict_loader.load(state, checkpoint_id=str(weights), storage_reader=_safe_reader(weights))
+    except Olmo2KitError:
+        raise
+    except Exception as e:  # DCP wraps a shard's failure (a missing key, a short file) in its own exception
+        raise Olmo2KitError(f"cannot read the model of {weights} ({_dcp_failure(e)}): the checkpoint does not "
+                            "match its config.json, or a shard is missing or cut short") from None
+    oc_model.load_state_dict(state["model"])
+
+
+def _dcp_failure(error: Exception) -> str:
+    """The line that says what went wrong, from DCP's wrapped failures (CheckpointException lists each rank's)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        error = next(iter(failures.values()))
+        error = getattr(error, "exc", error)  # torch's _WrappedException
+    return first_line(error)
+
+
+def _safe_reader(weights: Path):
+    """OLMo-core's DCP reader (local or remote paths, its shard layout) reading the index with
+    `_MetadataUnpickler`, and tensors with `torch.load(weights_only=True)`; pickled objects are refused."""
+    import torch
+    from olmo_core.distributed.checkpoint.filesystem import RemoteFileSystemReader, _narrow_tensor_by_index
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import LoadItemType
+    from torch.futures import Future
+
+    class SafeReader(RemoteFileSystemReader):
+        def read_metadata(self):
+            if self._metadata is None:
+                metadata = read_metadata(Path(self.path))
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._metadata = metadata
+            return self._metadata
+
+        def read_data(self, plan, planner):
+            for item in plan.items:  # as RemoteFileSystemReader.read_data, one item at a time
+                if item.type == LoadItemType.BYTE_IO:
+                    raise Olmo2KitError(f"{weights} holds a pickled object where the model's tensors are: "
+                                        "olmo2kit reads tensors only")
+                _, content = self._get_content_for_read(item)
+                tensor = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+                tensor = _narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+                target = planner.resolve_tensor(item).detach()
+                if target.size() != tensor.size():
+                    raise Olmo2KitError(f"{weights} holds {item.storage_index.fqn} of shape {tuple(tensor.size())} "
+                                        f"where its config.json makes {tuple(target.size())}: give the config of "
+                                        "this run")
+                target.copy_(tensor)
+                planner.commit_tensor(item, target)
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
+    return SafeReader(str(weights), thread_count=1)
+
+
+def check_logits(oc_model, hf_model, vocab_size: int, *, what: str) -> float:
+    """The largest difference between the logits of OLMo-core's model and transformers' on the probe batch, both
+    in fp32; an Olmo2KitError naming `what` where they differ by more than OLMo-core's own check allows."""
+    import torch
+
+    ids = torch.randint(0, vocab_size, (PROBE_ROWS, PROBE_TOKENS), generator=torch.Generator().manual_seed(PROBE_SEED))
+    oc_model.float().eval()
+    hf_model.float().eval()
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids).logits
+        got = oc_model(input_ids=ids)
+    diff = (expected - got).abs()
+    largest = float(diff.max())
+    if not torch.isfinite(got).all() or not torch.isfinite(expected).all():
+        raise Olmo2KitError(f"{what} gives logits that are not finite on a probe batch: nothing written; the "
+                            "checkpoint's weights hold NaN or infinity")
+    if not torch.all(diff <= ATOL + RTOL * expected.abs()):
+        raise Olmo2KitError(f"{what} does not give the same logits as the checkpoint (largest difference "
+                            f"{largest:.3g}, over {ATOL:g} + {RTOL:g} x |logit|): nothing written; the checkpoint's "
+                            "weights do not fit its config, or a tensor is damaged")
+    return largest
+
+
+def _load_hf(model: str, revision: str | None, say):
+    """The transformers model of `model` in fp32 on the CPU (an adapter merged), its tokenizer, and the dtype of
+    its weights as saved."""
+    from olmo2kit.model.loading import load
+
+    say(f"loading {model}")
+    loaded, tokenizer = load(model, revision=revision, dtype="fp32", device="cpu")
+    dtype = _saved_dtype(loaded)
+    if hasattr(loaded, "merge_and_unload"):  # a LoRA adapter on its base
+        loaded = loaded.merge_and_unload()
+    return loaded, tokenizer, dtype
+
+
+def _saved_dtype(loaded):
+    """The dtype the checkpoint's config.json gives for its weights (of an adapter: its base's); fp32 if none."""
+    import torch
+    from transformers import AutoConfig
+
+    base = getattr(loaded, "base_model", None)
+    config = getattr(getattr(base, "model", base), "config", None) if base is not None else loaded.config
+    source = getattr(config, "_name_or_path", "") or getattr(loaded, "name_or_path", "")
+    try:
+        saved = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return torch.float32
+    dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _build(model_config):
+    """OLMo-core's model of `model_config`, empty, on the CPU, with its plain-torch attention (as OLMo-core's
+    converter runs it: no flash attention on a CPU)."""
+    from olmo_core.nn.attention import AttentionBackendName, AttentionConfig
+    from olmo_core.nn.transformer import TransformerBlockConfig
+
+    model_config = copy.deepcopy(model_config)
+    block = model_config.block
+    if not isinstance(block, TransformerBlockConfig) or not isinstance(block.sequence_mixer, AttentionConfig) \
+            or block.feed_forward_moe is not None or model_config.block_overrides:
+        raise Olmo2KitError("the checkpoint's model is not OLMo 2's (its blocks are not attention and one "
+                            "feed-forward, the same in every layer): olmo2kit converts OLMo 2 only")
+    block.sequence_mixer.backend = AttentionBackendName.torch
+    block.sequence_mixer.use_flash = None
+    try:
+        built = model_config.build(init_device="meta")
+    except Exception as e:  # OLMo-core's configuration errors, of many types
+        raise Olmo2KitError(f"OLMo-core cannot build the checkpoint's model ({first_line(e)}): give the config.json "
+                            "of its run") from None
+    built.to_empty(device="cpu")
+    return built
+
+
+def _config_of(experiment: dict, config_path: Path):
+    """The `TransformerConfig` of an experiment config (its `model` entry)."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    model = experiment.get("model")
+    if not isinstance(model, dict):
+        raise Olmo2KitError(f"{config_path} has no model entry: it is not an OLMo-core experiment config")
+    model = {k: v for k, v in copy.deepcopy(model).items() if k not in _DEPRECATED_FIELDS}
+    try:
+        return TransformerConfig.from_dict(model)
+    except Exception as e:  # from_dict raises what the dataclasses raise
+        raise Olmo2KitError(f"the model entry of {config_path} is not a TransformerConfig OLMo-core 3.0 reads "
+                            f"({first_line(e)})") from None
+
+
+def _olmo2_hf_config(get_hf_config, oc_model, config_path: Path):
+    try:
+        hf_config = get_hf_config(oc_model)
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        raise Olmo2KitError(f"OLMo-core has no transformers model for the model of {config_path} "
+                            f"({first_line(e)}): olmo2kit converts OLMo 2 only") from None
+    if hf_config.model_type != MODEL_TYPE:
+        raise Olmo2KitError(f"the model of {config_path} is {hf_config.model_type}, not OLMo 2 ({MODEL_TYPE}): "
+                            "olmo2kit converts OLMo 2 only")
+    hf_config.architectures = ["Olmo2ForCausalLM"]
+    return hf_config
+
+
+def _hf_model(hf_config, state: dict):
+    """transformers' OLMo 2 model of `hf_config` holding the tensors of `state` (not copied)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(hf_config)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise Olmo2KitError(f"OLMo-core's mapping left {len(missing)} weights missing and {len(unexpected)} "
+                            "unexpected: the checkpoint is not OLMo 2's")
+    rotary = hf_model.model.rotary_emb  # its buffers are computed from the config, not loaded: made here
+    hf_model.model.rotary_emb = type(rotary)(config=hf_config)
+    hf_model.generation_config = GenerationConfig(bos_token_id=hf_config.bos_token_id,
+                                                  eos_token_id=hf_config.eos_token_id,
+                                                  pad_token_id=hf_config.pad_token_id)
+    return hf_model.eval()
+
+
+def _tokenizer_for(weights: Path, experiment: dict, tokenizer: str | None, config_path: Path):
+    """The Hugging Face tokenizer to write beside an imported checkpoint (see `import_olmo_core`)."""
+    from olmo2kit.model.loading import load_tokenizer
+
+    if tokenizer is None:
+        for place in (weights.parent, weights):
+            if (place / TOKENIZER_DIR / "tokenizer_config.json").is_file():
+                tokenizer = str(place / TOKENIZER_DIR)
+                break
+    if tokenizer is None:
+        named = ((experiment.get("dataset") or {}).get("tokenizer") or {}).get("identifier")
+        if not isinstance(named, str) or not named:
+            raise Olmo2KitError(f"{config_path} names no tokenizer (dataset.tokenizer.identifier): give one with "
+                                "--tokenizer, e.g. allenai/dolma2-tokenizer or the directory of a checkpoint")
+        tokenizer = named
+    return load_tokenizer(tokenizer)
+
+
+def _tokenizer_config(tokenizer, model: str, revision: str | None) -> dict:
+    """OLMo-core's TokenizerConfig of `tokenizer`, as its `config.json` keeps it (olmo_core/data/tokenizer.py)."""
+    from olmo2kit.model.loading import resolve_model
+
+    ref = resolve_model(model, revision)
+    return {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "identifier": None if ref.local else ref.source}
+
+
+def _context_length(hf_config, tokenizer) -> int:
+    """The context to write in config.json, where OLMo-core's exporter writes -1 (olmo_core/nn/hf/config.py,
+    get_hf_config): the size table's for an OLMo 2 size, else the tokenizer's `model_max_length` where it gives one
+    (OLMo-core's converter takes it from there too), else the size table's."""
+    from olmo2kit.model.sizes import SIZES, Size
+
+    architecture = Size.from_config("the checkpoint", hf_config)
+    if any(size.same_architecture(architecture) for size in SIZES.values()):
+        return CONTEXT_LENGTH
+    given = getattr(tokenizer, "model_max_length", None)
+    return given if isinstance(given, int) and 0 < given <= 1 << 20 else CONTEXT_LENGTH
+
+
+def _set_token_ids(hf_config, tokenizer) -> None:
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(hf_config, name, getattr(tokenizer, name))
+
+
+def _count(module) -> tuple[int, int]:
+    state = module.state_dict()
+    return len(state), sum(t.numel() for t in state.values())
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _new_output_dir(out: str | os.PathLike) -> Path:
+    """`out` as a directory to create: not there yet, or empty; its parent made."""
+    out = Path(out).expanduser()
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise Olmo2KitError(f"{out} exists: give a new directory (or remove it)")
+    make_output_dir(out.parent)
+    return out
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A directory beside `out` to write into, renamed to `out` when the block ends; removed if anything fails."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise cannot_write(out, e, "give a directory you can write to") from None
+    try:
+        yield staging
+        _new_output_dir(out)  # again: it may have appeared while the conversion ran
+        os.replace(staging, out)  # onto nothing, or onto an empty directory
+    except OSError as e:
+        raise cannot_write(out, e, "give a directory you can write to, with room for the model") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
