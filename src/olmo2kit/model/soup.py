@@ -205,10 +205,12 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     for w in values:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise Olmo2KitError(f"weight {w!r}: each weight is a finite number, 0 or more")
-    total = math.fsum(values)
-    if not total > 0 or not math.isfinite(total):
-        raise Olmo2KitError("the weights add up to 0 (or past the largest number): give at least one above 0")
-    return [w / total for w in values]
+    largest = max(values)
+    if not largest > 0:
+        raise Olmo2KitError("the weights add up to 0: give at least one above 0")
+    scaled = [w / largest for w in values]  # first, so that weights near the largest float add up without overflow
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def _check_output(path: Path) -> Path:
