@@ -120,9 +120,20 @@ def finetune_command(
                                               "on GPUs use configs/accelerate/fsdp.yaml."),
     ] = None,
     device: DeviceOpt = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="sft (prepared examples, the default) or dpo (preference pairs).")
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option("--beta", help="DPO: how far the model may move from the reference "
+                                                  "(default 0.1; 5 with --dpo-loss length-normalized).")
+    ] = None,
+    dpo_loss: Annotated[
+        str | None, typer.Option("--dpo-loss", help="DPO: sigmoid (the default) or length-normalized "
+                                                    "(OLMo 2's recipe: log-probabilities averaged over the answer).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune a model or checkpoint on prepared data: full, LoRA or QLoRA.
+    """Fine-tune a model or checkpoint on prepared data: full, LoRA or QLoRA; SFT or DPO.
 
     Runs unchanged under torchrun and accelerate launch (configs/accelerate/).
     The loss log is DIR/train_log.jsonl; with --val-fraction it also holds
@@ -131,6 +142,12 @@ def finetune_command(
     same data order. A loss that becomes NaN stops the run and keeps the
     checkpoints. A run from a Hub revision starts a fresh optimizer: Hub
     checkpoints hold weights only (OLMo's --reset_trainer_state).
+
+    --method dpo trains on preference pairs (prepare-data --format
+    preference) against the starting model: its log-probabilities of every
+    answer are computed once and stored in DATA/reference/ for later runs.
+    The log then also holds chosen_reward, rejected_reward, margin and
+    accuracy per step.
 
     Examples:
 
@@ -152,6 +169,9 @@ def finetune_command(
       torchrun --nproc_per_node 2 $(which olmo2kit) finetune --fsdp \\
         --model ./tiny --data data/tiny -o out/tiny-fsdp --device cpu
 
+      olmo2kit finetune --method dpo --dpo-loss length-normalized \
+        --model out/1b-sft --data data/prefs -o out/1b-dpo --lr 5e-7
+
       olmo2kit generate "Hello" --model out/1b-sft
     """
     from olmo2kit.compat import quiet_transformers
@@ -162,7 +182,7 @@ def finetune_command(
         quantize=quantize, epochs=epochs, max_steps=max_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
         batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         save_every=save_every, val_fraction=val_fraction, eval_every=eval_every, merge=merge, seed=seed, fsdp=fsdp,
-        device=device,
+        device=device, method=method, beta=beta, dpo_loss=dpo_loss,
     )
     values = load_config(config) if config else {}
     values.update({key: value for key, value in given.items() if value is not None})

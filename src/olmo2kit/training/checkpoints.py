@@ -18,21 +18,23 @@ from pathlib import Path
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_json_atomic
 from olmo2kit.training.config import FinetuneConfig
-from olmo2kit.training.data import PreparedData
+from olmo2kit.training.data import PreferenceData, PreparedData
 
 log = logging.getLogger("olmo2kit")
 
 CHECKPOINTS = "checkpoints"
 # Identity keys a checkpoint may lack, with the value its absence means.
-_IDENTITY_DEFAULTS = {"val_fraction": 0.0}
+_IDENTITY_DEFAULTS = {"val_fraction": 0.0, "method": "sft", "beta": None, "dpo_loss": None}
 
 
-def run_identity(config: FinetuneConfig, data: PreparedData, global_batch: int, seq_len: int) -> dict:
+def run_identity(config: FinetuneConfig, data: PreparedData | PreferenceData, global_batch: int, seq_len: int
+                 ) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {
         "model": config.model, "revision": config.revision, "lora": config.lora, "lora_r": config.lora_r,
         "lora_alpha": config.lora_alpha, "quantize": config.quantize, "seed": config.seed,
         "global_batch": global_batch, "seq_len": seq_len, "val_fraction": config.val_fraction,
+        "method": config.method, "beta": config.beta, "dpo_loss": config.dpo_loss,
         "data": {"path": str(data.path.resolve()), "rows": data.rows, "created": data.manifest.get("created")},
     }
 

@@ -13,6 +13,12 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.sampling import check_seed
 from olmo2kit.model.sizes import DEFAULT_MODEL, QUANTIZATIONS
 
+METHODS = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "length-normalized")
+# beta when none is given, per DPO loss. sigmoid: 0.1, as in Rafailov et al. (arXiv:2305.18290) and TRL's DPOConfig.
+# length-normalized: 5, OLMo 2's DPO recipe (allenai/open-instruct scripts/train/olmo2/dpo_7b.sh: --loss_type dpo_norm
+# --beta 5); a log-probability averaged over the answer's tokens is far smaller than a sum, so beta is larger.
+DEFAULT_BETA = {"sigmoid": 0.1, "length-normalized": 5.0}
 
 @dataclass
 class FinetuneConfig:
@@ -46,8 +52,12 @@ class FinetuneConfig:
     seed: int = 0
     fsdp: bool = False  # CPU processes: shard with torch's FSDP2 (on GPUs, configs/accelerate/fsdp.yaml does)
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
+    method: str = "sft"  # sft (prepared examples) or dpo (preference pairs)
+    beta: float | None = None  # dpo: how far the policy may move from the reference (default per dpo_loss)
+    dpo_loss: str | None = None  # dpo: sigmoid (the default) or length-normalized (OLMo 2's recipe)
 
     def __post_init__(self) -> None:
+        self._check_method()
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "lora_r": self.lora_r, "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
@@ -88,6 +98,25 @@ class FinetuneConfig:
             raise Olmo2KitError("--fsdp cannot shard quantized weights: drop --quantize, or --fsdp")
         check_device(self.device)
         check_seed(self.seed)
+
+    def _check_method(self) -> None:
+        """Check the method and its options; a DPO run without a loss or beta gets sigmoid, and beta per loss."""
+        if self.method not in METHODS:
+            raise Olmo2KitError(f"unknown method {self.method!r}: use sft (prepared examples) or dpo (preference "
+                                "pairs)")
+        if self.method != "dpo":
+            for name, option in (("beta", "--beta"), ("dpo_loss", "--dpo-loss")):
+                if getattr(self, name) is not None:
+                    raise Olmo2KitError(f"{option} applies to --method dpo: add --method dpo, or drop {option}")
+            return
+        self.dpo_loss = self.dpo_loss or "sigmoid"
+        if self.dpo_loss not in DPO_LOSSES:
+            raise Olmo2KitError(f"unknown DPO loss {self.dpo_loss!r}: use sigmoid or length-normalized")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.dpo_loss]
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise Olmo2KitError(f"beta must be a positive finite number, got {self.beta} (e.g. 0.1, or 5 with "
+                                "--dpo-loss length-normalized)")
 
 
 def load_config(path: str | os.PathLike) -> dict:

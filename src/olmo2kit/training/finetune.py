@@ -1,6 +1,7 @@
-"""Fine-tune OLMo 2 on prepared data: full, LoRA or QLoRA, in one process or many.
+"""Fine-tune OLMo 2 on prepared data: full, LoRA or QLoRA, in one process or many, with SFT on examples or DPO on
+preference pairs.
 
-The loop is plain torch, readable top to bottom (loop.py; the loss in objectives.py, checkpoints
+The loop is plain torch, readable top to bottom (loop.py; the losses in objectives.py, checkpoints
 in checkpoints.py). accelerate's Accelerator only sets up the processes (so `accelerate launch`
 and `torchrun` run the same command), wraps the model for DDP or FSDP and turns on bf16 autocast;
 checkpoints go through torch.distributed.checkpoint's state-dict API, which reads plain, DDP and
@@ -11,7 +12,8 @@ Output in DIR:
   config.json, model.safetensors, tokenizer   full fine-tune, or the merged model with --merge
   adapter_config.json, adapter_model...       a LoRA adapter (olmo2kit.load puts it on its base)
   adapter/                                     the adapter, when --merge put the merged model in DIR
-  train_log.jsonl                              {"step", "loss", "lr", "tokens"} per step, and
+  train_log.jsonl                              {"step", "loss", "lr", "tokens"} per step (DPO adds "chosen_reward",
+                                               "rejected_reward", "margin", "accuracy"), and
                                                {"step", "eval_loss"} per evaluation of the validation split
   checkpoints/step-N/                          trainable weights, optimizer, RNG, step (for --resume)
   finetune.json                                the settings and results; written last
@@ -25,7 +27,7 @@ import os
 import shutil
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +35,7 @@ from pathlib import Path
 from olmo2kit.compat import quiet_bitsandbytes
 from olmo2kit.devices import peak_memory_gb, resolve_device
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import LOCK_NAME, JsonlStore, make_output_dir, output_lock, write_json_atomic
+from olmo2kit.files import LOCK_NAME, JsonlStore, file_stamp, make_output_dir, output_lock, write_json_atomic
 from olmo2kit.model.loading import ModelRef, load, resolve_model
 from olmo2kit.training.checkpoints import (
     CHECKPOINTS,
@@ -46,8 +48,16 @@ from olmo2kit.training.checkpoints import (
     state_dict_options,
 )
 from olmo2kit.training.config import FinetuneConfig, load_config
-from olmo2kit.training.data import PreparedData, load_prepared
+from olmo2kit.training.data import PreferenceData, PreparedData, load_preference, load_prepared
 from olmo2kit.training.loop import DataOrder, Run, train
+from olmo2kit.training.objectives import (
+    DPO,
+    SFT,
+    read_reference,
+    reference_log_probs,
+    reference_path,
+    write_reference,
+)
 
 if typing.TYPE_CHECKING:
     from accelerate import Accelerator
@@ -91,8 +101,10 @@ def finetune(
     that becomes NaN or infinite stops the run with an Olmo2KitError; its checkpoints are kept.
 
     >>> finetune(FinetuneConfig(data="data/sft", output="out/1b-sft", model="1b", epochs=2))  # doctest: +SKIP
+    >>> finetune(FinetuneConfig(data="data/prefs", output="out/1b-dpo", model="out/1b-sft", method="dpo",
+    ...                         dpo_loss="length-normalized"))  # doctest: +SKIP
     """
-    data = load_prepared(config.data)
+    data = load_preference(config.data) if config.method == "dpo" else load_prepared(config.data)
     output = Path(config.output)
     accelerator, bf16 = _start_processes(config)
     order = DataOrder(data.rows, config.batch_size * config.grad_accum * accelerator.num_processes, config.seed,
@@ -109,9 +121,11 @@ def _run(config: FinetuneConfig, run: Run, progress: Callable[[int, int, float |
          ) -> FinetuneResult:
     """Load the model, train it from the checkpoint or the start, save the result and record it in finetune.json."""
     model, optimizer, tokenizer, ref = _model_to_train(config, run)
+    run.objective = _objective(config, run, model, ref)  # before a checkpoint's weights load: DPO's reference
     start_step, start_tokens = _starting_point(run, model, optimizer, ref)
     held_out = f" ({len(run.order.val_rows)} held out for validation)" if len(run.order.val_rows) else ""
-    run.say(f"{run.data.rows} rows of {run.seq_len} tokens{held_out}, global batch {run.order.global_batch} rows, "
+    rows = "pairs" if config.method == "dpo" else "rows"
+    run.say(f"{run.data.rows} {rows} of {run.seq_len} tokens{held_out}, global batch {run.order.global_batch} {rows}, "
             f"{run.order.steps_per_epoch} steps per epoch, {run.total} steps, "
             f"{run.accelerator.num_processes} process(es)" + (", bf16 autocast" if run.bf16 else ""))
 
@@ -174,8 +188,8 @@ def _holding_output(output: Path, accelerator: Accelerator) -> Iterator[None]:
         yield
 
 
-def _set_up_run(config: FinetuneConfig, data: PreparedData, output: Path, accelerator: Accelerator, bf16: bool,
-                order: DataOrder, say: Callable[[str], None] | None) -> Run:
+def _set_up_run(config: FinetuneConfig, data: PreparedData | PreferenceData, output: Path, accelerator: Accelerator,
+                bf16: bool, order: DataOrder, say: Callable[[str], None] | None) -> Run:
     """The run's length and the checkpoint it resumes, if any (checked to come from the same settings)."""
     seq_len = min(config.seq_len or data.seq_len, data.seq_len)
     checkpoint = checkpoint_to_resume(output, config)
@@ -223,6 +237,51 @@ def _shard(model, run: Run) -> None:
     run.say(f"FSDP2 over {run.accelerator.num_processes} processes: the first holds {held:,} of the {total:,} weights")
 
 
+def _objective(config: FinetuneConfig, run: Run, model, ref: ModelRef) -> SFT | DPO:
+    """What the run minimises; for DPO, with the reference log-probabilities of the model as loaded (the base, for
+    LoRA), read from the data directory or computed now and stored there for the next run."""
+    if config.method == "sft":
+        return SFT(run.data, run.seq_len)
+    return DPO(run.data, run.seq_len, _reference(config, run, model, ref), config.beta,
+               length_normalized=config.dpo_loss == "length-normalized")
+
+
+def _reference(config: FinetuneConfig, run: Run, model, ref: ModelRef):
+    """The reference log-probabilities of every pair: stored ones if every process finds them, else computed."""
+    import torch
+
+    key = _reference_key(config, run, model, ref)
+    path = reference_path(run.data, key)
+    stored = read_reference(path, key, run.data.rows)
+    found = torch.tensor(float(stored is not None), device=run.accelerator.device)
+    if run.accelerator.reduce(found, reduction="sum").item() == run.accelerator.num_processes:
+        run.say(f"reference log-probabilities from {path}")
+        return stored
+    run.say(f"computing the reference log-probabilities of {run.data.rows} pairs with {ref}, once: they are stored "
+            f"in {path}")
+    unwrapped = run.accelerator.unwrap_model(model)
+    without_adapter = unwrapped.disable_adapter if config.lora else nullcontext  # a LoRA run's reference: its base
+    reference = reference_log_probs(model, run.data, run.seq_len, config.batch_size, run.accelerator,
+                                    without_adapter)
+    if run.main:
+        write_reference(path, key, reference)
+    run.accelerator.wait_for_everyone()
+    return reference
+
+
+def _reference_key(config: FinetuneConfig, run: Run, model, ref: ModelRef) -> dict:
+    """What the reference log-probabilities depend on: the weights, how they run, and the data's rows and length."""
+    if ref.local:  # a directory's weights, by the stamps of its files (a changed file changes them)
+        weights = {p.name: file_stamp(p.stat()) for p in sorted(Path(ref.source).glob("*.safetensors"))}
+    else:  # a Hub revision, by the commit it resolved to
+        weights = getattr(run.accelerator.unwrap_model(model).config, "_commit_hash", None)
+    return {
+        "model": str(ref), "weights": weights, "quantize": config.quantize,
+        "dtype": "bf16" if run.bf16 and config.lora else "fp32", "autocast": run.bf16, "seq_len": run.seq_len,
+        "data": {"rows": run.data.rows, "created": run.data.manifest.get("created")},
+    }
+
+
 def _starting_point(run: Run, model, optimizer, ref) -> tuple[int, int]:
     """(step, tokens) to start from: the checkpoint's, loaded into `model` and `optimizer`, else (0, 0).
 
@@ -249,7 +308,7 @@ def _record_result(config: FinetuneConfig, run: Run, ref, result: FinetuneResult
     })
 
 
-def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData):
+def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData | PreferenceData):
     """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
     ref = _base(config)
     device = _process_device(accelerator)
@@ -293,7 +352,7 @@ def _process_device(accelerator) -> str:
     return accelerator.device.type
 
 
-def _check_tokenizer(data: PreparedData, tokenizer, model, config: FinetuneConfig) -> None:
+def _check_tokenizer(data: PreparedData | PreferenceData, tokenizer, model, config: FinetuneConfig) -> None:
     manifest = data.manifest
     if manifest.get("eos_token_id") != tokenizer.eos_token_id or manifest.get("vocab_size", 0) != len(tokenizer):
         raise Olmo2KitError(

@@ -1,12 +1,12 @@
-"""The training loop: the data order, the learning rate, optimizer steps over global batches, evaluation of
-the validation split, the training log and progress.
+"""The training loop, one for every objective: the data order, the learning rate, optimizer steps over global
+batches, evaluation of the validation split, the training log and progress.
 
-One optimizer step trains on one global batch: batch_size rows per process, times grad_accum,
-times the processes. Its loss is the mean over the labelled tokens of the whole global batch,
-so the same global batch gives the same update on one process or eight. Rows are visited in a
-seeded shuffle per epoch, a pure function of the step: a resumed run sees the same order.
-With a validation split, a seeded share of the rows is held out of every epoch and evaluated
-with the same loss (the mean over its labelled tokens).
+One optimizer step trains on one global batch: batch_size rows (pairs, for DPO) per process, times
+grad_accum, times the processes. Its loss is the objective's mean over the whole global batch (over
+its labelled tokens for SFT, its pairs for DPO), so the same global batch gives the same update on one
+process or eight. Rows are visited in a seeded shuffle per epoch, a pure function of the step: a
+resumed run sees the same order. With a validation split, a seeded share of the rows is held out of
+every epoch and evaluated with the same loss.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import JsonlStore
 from olmo2kit.training.checkpoints import save_checkpoint, saved_checkpoints
 from olmo2kit.training.config import FinetuneConfig
-from olmo2kit.training.data import PreparedData
-from olmo2kit.training.objectives import run_length, sft_loss_sum
+from olmo2kit.training.data import PreferenceData, PreparedData
+from olmo2kit.training.objectives import DPO, SFT
 
 if typing.TYPE_CHECKING:
     from accelerate import Accelerator
@@ -79,7 +79,7 @@ class Run:
 
     accelerator: Accelerator
     bf16: bool  # autocast, on a GPU that has it
-    data: PreparedData
+    data: PreparedData | PreferenceData
     output: Path
     seq_len: int  # positions of a row that train: config.seq_len, at most the data's
     order: DataOrder
@@ -88,6 +88,7 @@ class Run:
     identity: dict  # what a resumed run must share with this one
     train_log: JsonlStore
     say: Callable[[str], None]  # silent outside the first process
+    objective: SFT | DPO | None = None  # set once the model is loaded: DPO's reference log-probabilities need it
 
     @property
     def main(self) -> bool:
@@ -111,14 +112,14 @@ def train(config: FinetuneConfig, run: Run, model, optimizer, start_step: int, t
     for step in range(start_step, run.total):
         rows = run.order.batch(step)
         lr = learning_rate(step, run.total, config.lr, config.warmup)
-        loss_value, step_tokens = _train_step(model, optimizer, run.accelerator, run.data, rows, run.seq_len, lr,
-                                              config)
+        values, step_tokens = _train_step(model, optimizer, run, rows, lr, config)
+        loss_value = values["loss"]
         if loss_value is not None and not math.isfinite(loss_value):
             # The loss is reduced over the processes, so every process stops here; the weights are lost.
             raise _non_finite_loss(run, step + 1, loss_value, config.lr)
         tokens += step_tokens
         if run.main:
-            run.train_log.append([{"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens}])
+            run.train_log.append([{"step": step + 1, **values, "lr": lr, "tokens": tokens}])
         if progress is not None:
             progress(step + 1, run.total, loss_value)
         if _evaluates_after(step + 1, run, config):
@@ -157,60 +158,58 @@ def _non_finite_loss(run: Run, step: int, loss: float, lr: float) -> Olmo2KitErr
 
 
 def _evaluate(model, run: Run, batch_size: int) -> float | None:
-    """The validation loss, defined as in training: the mean over the labelled tokens of the held-out rows."""
+    """The validation loss, defined as in training: the objective's mean over the held-out rows."""
     import torch
 
-    rows, accelerator = run.order.val_rows, run.accelerator
-    labelled = int(run.data.label_mask[rows][:, 1:run.seq_len].sum())
-    if labelled == 0:
+    rows, accelerator, objective = run.order.val_rows, run.accelerator, run.objective
+    count = objective.count(rows)
+    if count == 0:
         return None
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = rows[rank::world]
     # Every process runs as many forward passes as the others (FSDP gathers the weights in each):
     # one that has run out of rows runs a row that it does not count.
     passes = -(-len(rows) // (world * batch_size))
-    loss_sum = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(len(objective.names), device=accelerator.device)
     model.eval()
     with torch.no_grad():
         for i in range(passes):
             index = mine[i * batch_size:(i + 1) * batch_size]
-            loss = sft_loss_sum(model, run.data, index if len(index) else rows[:1], run.seq_len, accelerator.device)
+            found = objective.sums(model, index if len(index) else rows[:1], accelerator.device)
             if len(index):
-                loss_sum += loss
+                sums += found
     model.train()
-    return accelerator.reduce(loss_sum, reduction="sum").item() / labelled
+    return accelerator.reduce(sums, reduction="sum")[0].item() / count
 
 
-def _train_step(model, optimizer, accelerator, data: PreparedData, rows: np.ndarray, seq_len: int, lr: float,
-                config: FinetuneConfig) -> tuple[float | None, int]:
-    """One optimizer step over one global batch: (mean loss over its labelled tokens, positions run)."""
+def _train_step(model, optimizer, run: Run, rows: np.ndarray, lr: float, config: FinetuneConfig
+                ) -> tuple[dict[str, float | None], int]:
+    """One optimizer step over one global batch: (the objective's means over it, by name; positions run)."""
     import torch
 
-    # Every process knows the whole global batch, so it knows the token count to divide by
-    # without talking to the others.
-    mask = data.label_mask[np.sort(rows)][:, :seq_len]
-    labelled = int(mask[:, 1:].sum())
+    objective, accelerator = run.objective, run.accelerator
+    # Every process knows the whole global batch, so it knows what to divide by (its labelled tokens
+    # or its pairs) without talking to the others.
+    count = objective.count(rows)
     micro = [rows[i:i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
-    lengths = [run_length(data.label_mask[np.sort(m)][:, :seq_len]) for m in micro]
-    positions = sum(len(m) * n for m, n in zip(micro, lengths, strict=True))
-    if labelled == 0:
-        return None, 0  # nothing to learn: the weights and the optimizer's moments stay as they are
+    positions = sum(objective.positions(m) for m in micro)
+    if count == 0:  # nothing to learn: the weights and the optimizer's moments stay as they are
+        return dict.fromkeys(objective.names), 0
 
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = [k * world + rank for k in range(config.grad_accum)]  # micro-batches of this process
-    loss_sum = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(len(objective.names), device=accelerator.device)
     for n, k in enumerate(mine):
         # A model sharded by --fsdp has no no_sync: its micro-batches reduce-scatter as they go, which sums the same.
         sync = nullcontext() if n == len(mine) - 1 else accelerator.no_sync(model)
         with sync:
-            token_loss = sft_loss_sum(model, data, np.sort(micro[k]), seq_len, accelerator.device) / labelled
+            means = objective.sums(model, np.sort(micro[k]), accelerator.device) / count
             # DDP and FSDP average gradients over processes; the loss is a sum over the whole batch.
-            accelerator.backward(token_loss * world)
-        loss_sum += token_loss.detach()
+            accelerator.backward(means[0] * world)
+        sums += means.detach()
     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(loss_sum, reduction="sum").item(), positions
-
+    return dict(zip(objective.names, accelerator.reduce(sums, reduction="sum").tolist(), strict=True)), positions
