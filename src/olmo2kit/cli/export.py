@@ -98,7 +98,7 @@ def olmo_core(
 
       olmo2kit export olmo-core ./my-lora-adapter ./my-finetune-olmo-core
 
-    Then train on it with OLMo-core: torchrun ... SCRIPT.py --save-folder=RUN --load_path=OUT
+    Then train on it with OLMo-core: torchrun ... SCRIPT.py --save-folder=RUN --load_path=OUT/model_and_optim
     """
     import time
 

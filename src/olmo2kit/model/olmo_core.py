@@ -9,8 +9,10 @@ its config (`olmo_core.nn.transformer.TransformerConfig`), its key mapping (`olm
 An export writes what OLMo-core's own converter writes (allenai/OLMo-core,
 src/examples/huggingface/convert_checkpoint_from_hf.py): `OUT/model_and_optim/` and `OUT/config.json` holding
 `{"model": ..., "dataset": {"tokenizer": ...}}`; and, for the way back without a network, the Hugging Face
-tokenizer in `OUT/tokenizer/`. OLMo-core's trainer loads it as `load_path=OUT` (its Checkpointer reads
-`OUT/model_and_optim`, olmo_core/train/checkpoint.py, Checkpointer.load).
+tokenizer in `OUT/tokenizer/`. OLMo-core's trainer loads it as `load_path=OUT/model_and_optim`: its Checkpointer
+takes a directory with a DCP index and no trainer state for model (and optimizer) weights alone
+(olmo_core/train/checkpoint.py, Checkpointer.load and dir_is_checkpoint); `OUT` itself it does not take for a
+checkpoint, having no `train/` state, and a trainer's `load_path=OUT` would start from scratch.
 
 Each conversion is checked before anything is written: a probe batch runs through OLMo-core's model and through
 transformers' in fp32, and logits further apart than OLMo-core's own check allows are refused. The output directory
@@ -78,6 +80,9 @@ class Conversion:
 
 def require_olmo_core() -> None:
     """An Olmo2KitError saying how to install OLMo-core, where it is not installed."""
+    # OLMo-core warns on import that NVIDIA's transformer_engine is missing (olmo_core/nn/attention/te_attn_api.py):
+    # a GPU kernel library that no conversion uses.
+    logging.getLogger("olmo_core.nn.attention.te_attn_api").setLevel(logging.ERROR)
     try:
         import olmo_core  # noqa: F401
     except ImportError:

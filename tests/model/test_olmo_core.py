@@ -1,0 +1,258 @@
+"""export olmo-core / import olmo-core: OLMo 2 checkpoints to OLMo-core's distributed checkpoint and back, checked
+against OLMo-core itself (its model, its checkpoint functions, its trainer's Checkpointer), not a copy of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.model.olmo_core import CONFIG_FILE, MODEL_DIR, export_olmo_core, import_olmo_core
+
+pytest.importorskip("olmo_core")
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no group: as meant
+
+# Both models in fp32 on the same weights: measured 0 on the tiny checkpoints; 1e-5 is the issue's bound.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_path) -> Path:
+    return export_olmo_core(str(tiny_path), tmp_path_factory.mktemp("oc") / "exported").path
+
+
+def probe(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(7))
+
+
+def olmo_core_model(config_path: Path):
+    """OLMo-core's model of an experiment config.json, empty, built by OLMo-core."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    model = TransformerConfig.from_dict(json.loads(config_path.read_text())["model"]).build(init_device="cpu")
+    return model.eval()
+
+
+def olmo_core_checkpoint(step: Path, tokenizer: Path, *, seed: int = 0, corrupt: str | None = None):
+    """A checkpoint of a 4-layer OLMo 2 (OLMo-core's olmo2_14M preset at the tiny vocabulary) as OLMo-core writes
+    one: model and AdamW state after one step by its save_model_and_optim_state, and the run's config.json."""
+    from olmo_core.data import TokenizerConfig
+    from olmo_core.distributed.checkpoint import save_model_and_optim_state
+    from olmo_core.nn.transformer import TransformerConfig
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    config = TransformerConfig.olmo2_14M(vocab_size=len(hf_tokenizer))
+    torch.manual_seed(seed)
+    model = config.build(init_device="cpu")
+    model.init_weights(device=torch.device("cpu"))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=probe(len(hf_tokenizer))).logsumexp(-1).mean().backward()
+    optim.step()
+    if corrupt:
+        with torch.no_grad():
+            model.get_parameter(corrupt).view(-1)[0] = float("nan")
+    save_model_and_optim_state(str(step / MODEL_DIR), model, optim)
+    tokenizer_config = TokenizerConfig(vocab_size=len(hf_tokenizer), eos_token_id=hf_tokenizer.eos_token_id,
+                                       pad_token_id=hf_tokenizer.pad_token_id, identifier=str(tokenizer))
+    (step / CONFIG_FILE).write_text(json.dumps({"model": config.as_config_dict(),
+                                                "dataset": {"tokenizer": tokenizer_config.as_config_dict()}}))
+    return model.eval()
+
+
+def test_export_loads_in_olmo_cores_trainer_with_transformers_logits(exported, tiny, tmp_path):
+    """OLMo-core's trainer's Checkpointer loads the export (as `load_path`) into a train module's model, whose
+    logits are transformers' on the same checkpoint."""
+    from olmo_core.optim import AdamWConfig
+    from olmo_core.train.checkpoint import Checkpointer
+    from olmo_core.train.train_module import TransformerTrainModuleConfig
+
+    hf_model, _ = tiny
+    model = olmo_core_model(exported / CONFIG_FILE)
+    train_module = TransformerTrainModuleConfig(rank_microbatch_size=64, max_sequence_length=64,
+                                                optim=AdamWConfig(lr=1e-4)).build(model)
+    load_path = exported / MODEL_DIR
+    assert Checkpointer.contains_checkpoint(load_path)
+    Checkpointer(work_dir=tmp_path).load(load_path, train_module)
+    ids = probe(hf_model.config.vocab_size)
+    with torch.no_grad():
+        expected, got = hf_model(input_ids=ids).logits, model.eval()(input_ids=ids)
+    assert (expected - got).abs().max() <= TOLERANCE
+
+
+def test_hf_to_olmo_core_to_hf_is_bit_exact(exported, tiny_path, tmp_path):
+    back = import_olmo_core(exported, tmp_path / "back")
+    assert back.max_logit_diff <= TOLERANCE
+    original, returned = load_file(tiny_path / "model.safetensors"), load_file(back.path / "model.safetensors")
+    assert sorted(original) == sorted(returned)
+    for name, tensor in original.items():
+        assert returned[name].dtype == tensor.dtype and torch.equal(returned[name], tensor), name
+    config = json.loads((back.path / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024  # the tiny tokenizer's, not OLMo-core's -1
+    assert (back.path / "tokenizer.json").read_bytes() == (tiny_path / "tokenizer.json").read_bytes()
+
+
+def test_a_bf16_checkpoint_stays_bf16_and_exact(tiny, tiny_path, tmp_path):
+    hf_model, tokenizer = tiny
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_path, bf16)
+    (bf16 / "model.safetensors").unlink()
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in hf_model.state_dict().items()},
+              bf16 / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((bf16 / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    exported = export_olmo_core(str(bf16), tmp_path / "oc")
+    assert exported.dtype == "bfloat16"
+    back = import_olmo_core(exported.path, tmp_path / "back")
+    original, returned = load_file(bf16 / "model.safetensors"), load_file(back.path / "model.safetensors")
+    assert all(returned[k].dtype == torch.bfloat16 and torch.equal(returned[k], v) for k, v in original.items())
+
+
+def test_a_checkpoint_olmo_core_wrote_generates_and_scores(tiny_path, tmp_path):
+    """A model built, stepped and saved by OLMo-core's own code comes back as a checkpoint olmo2kit loads, with
+    OLMo-core's logits; generate and perplexity run on it."""
+    import olmo2kit
+
+    step = tmp_path / "run" / "step1"
+    trained = olmo_core_checkpoint(step, tiny_path)
+    done = import_olmo_core(step, tmp_path / "hf")
+    assert done.max_logit_diff <= TOLERANCE and done.dtype == "float32"
+    model, tokenizer = olmo2kit.load(str(done.path), dtype="fp32", device="cpu")
+    ids = probe(len(tokenizer))
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - trained(input_ids=ids)).abs().max() <= TOLERANCE
+    generation = olmo2kit.generate(model, tokenizer, "Language modeling is", max_new_tokens=5, do_sample=False)
+    assert generation.new_tokens > 0
+    scored = olmo2kit.perplexity(model, tokenizer, "The capital of France is Paris.")
+    assert 1 < scored.perplexity < float("inf")
+
+
+SHARDED = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from safetensors.torch import save_file
+from olmo_core.distributed.checkpoint import save_model_and_optim_state
+from olmo_core.nn.transformer import TransformerConfig
+
+step, vocab = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo")
+config = TransformerConfig.olmo2_14M(vocab_size=vocab)
+torch.manual_seed(0)
+model = config.build(init_device="cpu")
+model.init_weights(device=torch.device("cpu"))
+for block in model.blocks.values():
+    fully_shard(block)
+fully_shard(model)
+optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(dist.get_rank()))
+model(input_ids=ids).logsumexp(-1).mean().backward()
+optim.step()
+save_model_and_optim_state(step + "/model_and_optim", model, optim)
+full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+if dist.get_rank() == 0:
+    save_file(full, step + "/reference.safetensors")
+    with open(step + "/config.json", "w") as f:
+        json.dump({"model": config.as_config_dict()}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_a_checkpoint_sharded_by_two_processes_imports(tiny_path, tmp_path):
+    """Two processes (FSDP2 over gloo) each write their shards of model and optimizer; the import gathers them."""
+    from olmo_core.nn.hf import convert_state_to_hf, get_hf_config
+    from transformers import AutoTokenizer
+
+    step = tmp_path / "run" / "step1"
+    step.mkdir(parents=True)
+    (tmp_path / "sharded.py").write_text(SHARDED)
+    vocab = len(AutoTokenizer.from_pretrained(tiny_path))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "sharded.py"),
+                           str(step), str(vocab)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name[:3] for p in (step / MODEL_DIR).glob("*.distcp")} == {"__0", "__1"}  # both ranks wrote
+    back = import_olmo_core(step, tmp_path / "hf", tokenizer=str(tiny_path))
+    reference = load_file(step / "reference.safetensors")
+    model = olmo_core_model(step / CONFIG_FILE)
+    expected = convert_state_to_hf(get_hf_config(model), reference)
+    returned = load_file(back.path / "model.safetensors")
+    assert sorted(returned) == sorted(expected)
+    assert all(torch.equal(returned[k], v) for k, v in expected.items())
+
+
+def nothing_written(out: Path) -> bool:
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+def test_a_mismatch_is_refused_and_nothing_written(exported, tmp_path):
+    """A config whose model transformers cannot express (the final norm's epsilon, which Olmo2Config shares with
+    every norm) gives other logits: refused, with the largest difference said."""
+    changed = tmp_path / "changed"
+    shutil.copytree(exported, changed)
+    config = json.loads((changed / CONFIG_FILE).read_text())
+    config["model"]["lm_head"]["layer_norm"]["eps"] = 10.0
+    (changed / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(Olmo2KitError, match="largest difference") as refused:
+        import_olmo_core(changed, tmp_path / "out")
+    assert "\n" not in str(refused.value)
+    assert nothing_written(tmp_path / "out")
+
+
+def test_a_corrupted_tensor_is_refused_and_nothing_written(tiny_path, tmp_path):
+    step = tmp_path / "run" / "step1"
+    olmo_core_checkpoint(step, tiny_path, corrupt="blocks.1.feed_forward.w2.weight")
+    with pytest.raises(Olmo2KitError, match="not finite"):
+        import_olmo_core(step, tmp_path / "out")
+    assert nothing_written(tmp_path / "out")
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_index_that_would_run_code_is_refused(exported, tmp_path):
+    """The DCP index is a pickle: one that names anything but a checkpoint's classes is refused unrun."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(exported, hostile)
+    marker = tmp_path / "ran"
+    (hostile / MODEL_DIR / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(Olmo2KitError, match="not a torch distributed checkpoint's index"):
+        import_olmo_core(hostile, tmp_path / "out")
+    assert not marker.exists()
+    assert nothing_written(tmp_path / "out")
+
+
+def test_without_olmo_core_the_error_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "olmo_core", None)  # what `import olmo_core` meets where it is not installed
+    with pytest.raises(Olmo2KitError, match="make olmo-core"):
+        import_olmo_core(tmp_path, tmp_path / "out")
+
+
+def test_the_inputs_are_checked_before_any_work(exported, tmp_path):
+    with pytest.raises(Olmo2KitError, match="no such directory"):
+        import_olmo_core(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(Olmo2KitError, match="not an OLMo-core checkpoint"):
+        import_olmo_core(tmp_path, tmp_path / "out")
+    shutil.copytree(exported, tmp_path / "run" / "step5")
+    with pytest.raises(Olmo2KitError, match="give one of them, e.g."):
+        import_olmo_core(tmp_path / "run", tmp_path / "out")  # a run's folder of step directories
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(Olmo2KitError, match="exists"):
+        import_olmo_core(exported, tmp_path / "taken")
+    with pytest.raises(Olmo2KitError, match="exists"):
+        export_olmo_core(str(exported), tmp_path / "taken")
