@@ -97,6 +97,10 @@ def test_the_format_is_detected_from_the_first_line(tmp_path, tiny_instruct_path
     source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": PAIRS[0]["chosen"]}, PAIRS[1]])
     with pytest.raises(Olmo2KitError, match="chat.jsonl line 2: has no 'messages' field"):
         prepare_data(source, tmp_path / "chat", model=str(tiny_instruct_path), seq_len=96)
+    # Half a pair is no format: the message names all three.
+    source = write_jsonl(tmp_path / "half.jsonl", [{"chosen": PAIRS[0]["chosen"]}])
+    with pytest.raises(Olmo2KitError, match=r"line 1: has neither .* nor 'chosen' and 'rejected' \(preference\)"):
+        prepare_data(source, tmp_path / "half", model=str(tiny_instruct_path), seq_len=96)
 
 
 def test_hub_dataset_rows_with_other_columns(tmp_path, tiny_instruct_path):
@@ -187,11 +191,12 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_instruct_path,
     expected = prepare_data(source, tmp_path / "whole", model=model, seq_len=96)
 
     monkeypatch.setattr(data_module, "_SYNC_EVERY", 4)
-    real_tokenize, calls = data_module._tokenize_record, []
+    real_tokenize, calls, killed = data_module._tokenize_record, [], []
 
     def killed_at_ten(*args):
         calls.append(1)
-        if len(calls) == 10:
+        if len(calls) == 10 and not killed:
+            killed.append(1)  # once: a rerun that started over must fail the count below, not stop pytest
             raise KeyboardInterrupt  # as a Ctrl-C or a kill between two pairs
         return real_tokenize(*args)
 
