@@ -98,13 +98,16 @@ def export_olmo_core(model: str, out: str | os.PathLike, *, revision: str | None
     out = _new_output_dir(out)
     hf_model, tokenizer, dtype = _load_hf(model, revision, say)
     say(f"building OLMo-core's model of {model}")
-    model_config = transformer_config(hf_model.config)
-    oc_model = _build(model_config)
+    hf_config, model_config = hf_model.config, transformer_config(hf_model.config)
+    oc_model = _build(model_config, device="meta")
+    ids = probe_ids(hf_config.vocab_size)
+    expected = logits(hf_model, ids)
     from olmo_core.nn.hf import convert_state_from_hf
 
-    oc_model.load_state_dict(convert_state_from_hf(hf_model.config, hf_model.state_dict()), assign=True)
-    diff = check_logits(oc_model, hf_model, hf_model.config.vocab_size, what=f"{model} in OLMo-core's model")
-    del hf_model
+    state = hf_model.state_dict()
+    del hf_model  # its tensors go one by one as they are converted: one model in memory, not two
+    oc_model.load_state_dict(convert_each(convert_state_from_hf, hf_config, state), assign=True)
+    diff = check_logits(expected, logits(oc_model, ids), what=f"{model} in OLMo-core's model")
     tensors, parameters = _count(oc_model)
     with _staging(out) as staging:
         from olmo_core.distributed.checkpoint import save_model_and_optim_state
@@ -145,9 +148,12 @@ def import_olmo_core(checkpoint: str | os.PathLike, out: str | os.PathLike, *, t
     load_checkpoint(weights, oc_model)
     _set_token_ids(hf_config, hf_tokenizer)
     hf_config.max_position_embeddings = _context_length(hf_config, hf_tokenizer)
-    hf_model = _hf_model(hf_config, convert_state_to_hf(hf_config, oc_model.state_dict()))
-    diff = check_logits(oc_model, hf_model, hf_config.vocab_size, what=f"{checkpoint} in transformers' model")
-    del oc_model
+    ids = probe_ids(hf_config.vocab_size)
+    expected = logits(oc_model, ids)
+    state = oc_model.state_dict()
+    del oc_model  # its tensors go one by one as they are converted: one model in memory, not two
+    hf_model = _hf_model(hf_config, convert_each(convert_state_to_hf, hf_config, state))
+    diff = check_logits(expected, logits(hf_model, ids), what=f"{checkpoint} in transformers' model")
     tensors, parameters = _count(hf_model)
     with _staging(out) as staging:
         say(f"writing the Hugging Face checkpoint ({_dtype_name(dtype)}) to {out}")
@@ -328,22 +334,44 @@ def _safe_reader(weights: Path):
     return SafeReader(str(weights), thread_count=1)
 
 
-def check_logits(oc_model, hf_model, vocab_size: int, *, what: str) -> float:
-    """The largest difference between the logits of OLMo-core's model and transformers' on the probe batch, both
-    in fp32; an Olmo2KitError naming `what` where they differ by more than OLMo-core's own check allows."""
+def convert_each(convert, hf_config, state: dict) -> dict:
+    """`convert` (OLMo-core's convert_state_from_hf or convert_state_to_hf) of `state`, a tensor at a time, each
+    taken out of `state` as it is converted: OLMo 2's mapping is one name to one name, and the converter copies."""
+    converted = {}
+    for name in list(state):
+        converted.update(convert(hf_config, {name: state.pop(name)}))
+    return converted
+
+
+def probe_ids(vocab_size: int):
+    """The probe batch: PROBE_ROWS rows of PROBE_TOKENS token ids, the same every time."""
     import torch
 
-    ids = torch.randint(0, vocab_size, (PROBE_ROWS, PROBE_TOKENS), generator=torch.Generator().manual_seed(PROBE_SEED))
-    oc_model.float().eval()
-    hf_model.float().eval()
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(0, vocab_size, (PROBE_ROWS, PROBE_TOKENS), generator=generator)
+
+
+def logits(model, ids):
+    """The fp32 logits of `model` (transformers' or OLMo-core's, which it leaves in fp32) on `ids`."""
+    import torch
+
+    model.float().eval()
     with torch.no_grad():
-        expected = hf_model(input_ids=ids).logits
-        got = oc_model(input_ids=ids)
-    diff = (expected - got).abs()
-    largest = float(diff.max())
+        out = model(input_ids=ids)
+    return getattr(out, "logits", out)
+
+
+def check_logits(expected, got, *, what: str) -> float:
+    """The largest difference between the probe's logits `expected` (from the checkpoint as it was read) and `got`
+    (from the converted model); an Olmo2KitError naming `what` where they differ by more than OLMo-core's own check
+    allows, or are not finite."""
+    import torch
+
     if not torch.isfinite(got).all() or not torch.isfinite(expected).all():
         raise Olmo2KitError(f"{what} gives logits that are not finite on a probe batch: nothing written; the "
                             "checkpoint's weights hold NaN or infinity")
+    diff = (expected - got).abs()
+    largest = float(diff.max())
     if not torch.all(diff <= ATOL + RTOL * expected.abs()):
         raise Olmo2KitError(f"{what} does not give the same logits as the checkpoint (largest difference "
                             f"{largest:.3g}, over {ATOL:g} + {RTOL:g} x |logit|): nothing written; the checkpoint's "
@@ -382,9 +410,10 @@ def _saved_dtype(loaded):
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def _build(model_config):
-    """OLMo-core's model of `model_config`, empty, on the CPU, with its plain-torch attention (as OLMo-core's
-    converter runs it: no flash attention on a CPU)."""
+def _build(model_config, device: str = "cpu"):
+    """OLMo-core's model of `model_config`, empty, on `device` ("meta": no memory, for weights to be assigned), with
+    its plain-torch attention (as OLMo-core's converter runs it: no flash attention on a CPU). It has no buffers:
+    every tensor is a weight."""
     from olmo_core.nn.attention import AttentionBackendName, AttentionConfig
     from olmo_core.nn.transformer import TransformerBlockConfig
 
@@ -401,7 +430,8 @@ def _build(model_config):
     except Exception as e:  # OLMo-core's configuration errors, of many types
         raise Olmo2KitError(f"OLMo-core cannot build the checkpoint's model ({first_line(e)}): give the config.json "
                             "of its run") from None
-    built.to_empty(device="cpu")
+    if device != "meta":
+        built.to_empty(device=device)
     return built
 
 
