@@ -252,6 +252,39 @@ def test_finetune_reads_any_config(work, config):
         check("finetune", run(*args))
 
 
+DPO_KEYS = [*FINETUNE_KEYS, "method", "beta", "dpo_loss", "lora_dropout", "val_fraction"]
+
+
+@FUZZ
+@given(config=st.dictionaries(st.sampled_from(DPO_KEYS), st.one_of(
+    JSON_VALUES, st.sampled_from(["sft", "dpo", "sigmoid", "length-normalized"]), WEIRD_NUMBERS), max_size=3),
+    on_sft_data=st.booleans())
+def test_finetune_dpo_reads_any_config(work, config, on_sft_data):
+    """finetune --method dpo, on preference data or on SFT data, with a random recipe (beta, dpo_loss, method...)."""
+    import shutil
+
+    data = work / "dpo-data"
+    if not (data / "manifest.json").exists():
+        source = work / "inputs" / "pairs.jsonl"
+        user = {"role": "user", "content": "Say hello."}
+        source.write_text("".join(json.dumps({"chosen": [user, {"role": "assistant", "content": good}],
+                                              "rejected": [user, {"role": "assistant", "content": bad}]}) + "\n"
+                                  for good, bad in [("Hello!", "No."), ("Hi there.", "Go away.")]))
+        run("prepare-data", str(source), str(data), "--model", str(work / "tiny-instruct"), "--seq-len", "32")
+    if on_sft_data and not (work / "ft-data" / "manifest.json").exists():
+        source = work / "inputs" / "ft.jsonl"
+        source.write_text(json.dumps({"text": "Language modeling is the task of predicting the next word."}) + "\n")
+        run("prepare-data", str(source), str(work / "ft-data"), "--model", str(work / "tiny"), "--seq-len", "32")
+    recipe, out = work / "inputs" / "recipe.yaml", work / "dpo-out"
+    recipe.write_text(json.dumps(config))
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["finetune", "--method", "dpo", "--config", str(recipe), "--data",
+            str(work / "ft-data" if on_sft_data else data), "--output", str(out), "--model",
+            str(work / "tiny-instruct"), "--max-steps", "1", "--device", "cpu"]
+    with unchanged(work, out, data / "reference"):  # the reference log-probabilities are stored with the data
+        check("finetune --method dpo", run(*args))
+
+
 CONFIG_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "vocab_size", "max_position_embeddings", "model_type"]
 
