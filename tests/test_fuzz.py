@@ -306,6 +306,72 @@ def test_estimate_reads_any_config(work, config):
         check("estimate", run("estimate", str(folder), "--device", "cpu"))
 
 
+# Fields of an OLMo-core experiment config (its "model" entry, a TransformerConfig), by path.
+OLMO_CORE_FIELDS = ["d_model", "n_layers", "vocab_size", "block.sequence_mixer.n_heads",
+                    "block.sequence_mixer.n_kv_heads", "block.feed_forward.hidden_size", "block.name",
+                    "block.layer_norm.eps", "lm_head", "block.sequence_mixer.rope.theta", "_CLASS_"]
+
+
+def olmo_core_step(work: Path) -> Path:
+    """A step directory of the tiny checkpoint exported to OLMo-core, made once."""
+    step = work / "oc-export"
+    if not (step / "config.json").exists():
+        code, _, err = run("export", "olmo-core", str(work / "tiny"), str(step))
+        assert code == 0, err
+    return step
+
+
+def set_path(config: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        config = config.setdefault(key, {}) if isinstance(config.get(key, {}), dict) else {}
+    config[last] = value
+
+
+@FUZZ
+@given(config=st.one_of(
+    st.binary(max_size=80), JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    # the real config with a field or two changed, most often not at all: past the first checks
+    st.dictionaries(st.sampled_from(OLMO_CORE_FIELDS), st.one_of(WEIRD_NUMBERS, WEIRD_TEXT, st.integers(1, 64)),
+                    max_size=2).map(lambda changes: {"changes": changes}),
+), index=st.one_of(st.none(), st.none(), st.none(), st.binary(max_size=120)),
+   tokenizer=st.one_of(st.none(), st.none(), WEIRD_TEXT))
+def test_import_olmo_core_reads_any_checkpoint(work, config, index, tokenizer):
+    """import olmo-core of the tiny export with its config.json and DCP index replaced by anything."""
+    import shutil
+
+    step, out = work / "inputs" / "oc-step", work / "oc-import"
+    shutil.rmtree(step, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(olmo_core_step(work), step)
+    if isinstance(config, dict):
+        real = json.loads((step / "config.json").read_text())
+        for path, value in config["changes"].items():
+            set_path(real["model"], path, value)
+        config = json.dumps(real).encode()
+    (step / "config.json").write_bytes(config)
+    if index is not None:
+        (step / "model_and_optim" / ".metadata").write_bytes(index)
+    args = ["import", "olmo-core", str(step), str(out), *([] if tokenizer is None else ["--tokenizer", tokenizer])]
+    with unchanged(work, out, step, work / "oc-export"):
+        check("import olmo-core", run(*args))
+    assert FUZZ_OK["import olmo-core"] or FUZZ_COUNT["import olmo-core"] < EXAMPLES  # some inputs run to the end
+
+
+def test_olmo_core_conversions_refuse_bad_paths_in_one_line(work):
+    """A missing directory, one that is no OLMo-core checkpoint, a run's folder of steps, an output that exists."""
+    step, taken = olmo_core_step(work), work / "inputs"
+    for args in (["import", "olmo-core", str(work / "missing"), str(work / "o1")],
+                 ["import", "olmo-core", str(work / "tiny"), str(work / "o1")],
+                 ["import", "olmo-core", str(work), str(work / "o1")],
+                 ["import", "olmo-core", str(step), str(taken)],
+                 ["export", "olmo-core", str(work / "tiny"), str(taken)],
+                 ["export", "olmo-core", str(work / "missing"), str(work / "o1")]):
+        with unchanged(work):
+            code, _, err = run(*args)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (args, err)
+
+
 
 def test_zz_the_fuzzed_inputs_reached_the_work():
     """Runs after the tests above in this file: inputs that are all refused at the first check prove little, so
