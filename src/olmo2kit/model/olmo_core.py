@@ -270,6 +270,7 @@ def load_checkpoint(weights: Path, oc_model) -> None:
     """Load the model state of the DCP directory `weights` into the OLMo-core model `oc_model` (in place, in its
     dtype), through OLMo-core's reader with tensors loaded as weights only and no pickled objects read."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     state = {"model": oc_model.state_dict()}
     try:
@@ -278,7 +279,8 @@ def load_checkpoint(weights: Path, oc_model) -> None:
             dcp.state_dict_loader.load(state, checkpoint_id=str(weights), storage_reader=_safe_reader(weights))
     except Olmo2KitError:
         raise
-    except Exception as e:  # DCP wraps a shard's failure (a missing key, a short file) in its own exception
+    except (Exception, CheckpointException) as e:  # DCP wraps each failure (a shape, a short file) in its own,
+        # a BaseException (torch/distributed/checkpoint/api.py)
         raise Olmo2KitError(f"cannot read the model of {weights} ({_dcp_failure(e)}): the checkpoint does not "
                             "match its config.json, or a shard is missing or cut short") from None
     oc_model.load_state_dict(state["model"])
@@ -382,8 +384,9 @@ def check_logits(expected, got, *, what: str) -> float:
 def _load_hf(model: str, revision: str | None, say):
     """The transformers model of `model` in fp32 on the CPU (an adapter merged), its tokenizer, and the dtype of
     its weights as saved."""
-    from olmo2kit.model.loading import load
+    from olmo2kit.model.loading import load, resolve_model
 
+    resolve_model(model, revision)  # a name that is no model is said before any loading is
     say(f"loading {model}")
     loaded, tokenizer = load(model, revision=revision, dtype="fp32", device="cpu")
     dtype = _saved_dtype(loaded)
