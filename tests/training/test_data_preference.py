@@ -55,8 +55,10 @@ def test_pairs_read_back_as_tokenize_chat_with_only_the_answer_labelled(tmp_path
     data = load_preference(tmp_path / "out")
     assert (data.rows, data.seq_len) == (2, 96) and data.chosen_ids.dtype == np.uint32
     assert data.chosen_mask.dtype == np.bool_ and data.rejected_ids.shape == data.rejected_mask.shape == (2, 96)
-    for name in ("chosen_input_ids.npy", "rejected_input_ids.npy"):  # headerless: exactly rows x seq_len items
-        assert (tmp_path / "out" / name).stat().st_size == 2 * 96 * 4
+    for name, array in (("chosen_input_ids.npy", data.chosen_ids), ("rejected_input_ids.npy", data.rejected_ids)):
+        assert (tmp_path / "out" / name).stat().st_size == 2 * 96 * 4  # headerless: exactly rows x seq_len items
+        raw = np.memmap(tmp_path / "out" / name, dtype=np.uint32, mode="r").reshape(2, 96)
+        assert np.array_equal(raw, array)  # each file holds the side its name says
     pad = manifest["pad_token_id"]
     for row, pair in enumerate(PAIRS):
         prompt_len = None

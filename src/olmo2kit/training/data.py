@@ -55,6 +55,7 @@ _SIDES = {
     "text": ((INPUT_IDS, LABEL_MASK),),
     "preference": ((CHOSEN_INPUT_IDS, CHOSEN_LABEL_MASK), (REJECTED_INPUT_IDS, REJECTED_LABEL_MASK)),
 }
+_ALL_FILES = {name for sides in _SIDES.values() for side in sides for name in side}
 LAYOUT_VERSION = 1
 _PROGRESS = ".prepare-progress.json"
 _SYNC_EVERY = 2000  # examples between progress records: what a killed run loses at most
@@ -304,7 +305,8 @@ def _append_example(files: dict, sides_files: tuple, counts: dict, sides: list[t
     `seq_len` into that side's files, unless a side has nothing left to learn: then the example is dropped."""
     counts["examples"] += 1
     cut = [(ids[:seq_len], mask[:seq_len]) for ids, mask in sides]
-    if not all(any(mask[1:]) for _, mask in cut):  # the first token has no context to be predicted from
+    # The first token has no context to be predicted from; a pair goes whole, so that its rows stay aligned.
+    if not all(any(mask[1:]) for _, mask in cut):
         counts["dropped"] += 1
         return
     counts["rows"] += 1
@@ -340,7 +342,7 @@ def _publish(outdir: Path, manifest: dict) -> None:
     # A directory that held an earlier run stops looking complete before its files change.
     (outdir / MANIFEST).unlink(missing_ok=True)
     names = manifest["files"].values()
-    for name in {name for sides in _SIDES.values() for side in sides for name in side} - set(names):
+    for name in _ALL_FILES - set(names):
         (outdir / name).unlink(missing_ok=True)  # an earlier run's files of another format: no manifest holds them
     for name in names:
         os.replace(outdir / _partial(name), outdir / name)
@@ -356,8 +358,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     if manifest.get("format") == "preference":
         raise Olmo2KitError(f"{path} holds preference data (chosen and rejected answers), not examples to fine-tune on:"
                             " train on it with `olmo2kit finetune --method dpo`")
-    arrays = _open_arrays(path, manifest, (INPUT_IDS, LABEL_MASK))
-    return PreparedData(path, *arrays, manifest)
+    return PreparedData(path, *_open_arrays(path, manifest, _SIDES["chat"]), manifest)
 
 
 def load_preference(path: str | os.PathLike) -> PreferenceData:
@@ -372,9 +373,7 @@ def load_preference(path: str | os.PathLike) -> PreferenceData:
         raise Olmo2KitError(f"{path} holds {manifest.get('format')} data, not preference pairs: fine-tune on it with "
                             "`olmo2kit finetune` (SFT), or prepare chosen/rejected pairs with "
                             "`olmo2kit prepare-data INPUT DIR --format preference` for --method dpo")
-    arrays = _open_arrays(path, manifest, (CHOSEN_INPUT_IDS, CHOSEN_LABEL_MASK, REJECTED_INPUT_IDS,
-                                           REJECTED_LABEL_MASK))
-    return PreferenceData(path, *arrays, manifest)
+    return PreferenceData(path, *_open_arrays(path, manifest, _SIDES["preference"]), manifest)
 
 
 def _read_manifest(path: Path, options: str) -> dict:
@@ -395,21 +394,21 @@ def _read_manifest(path: Path, options: str) -> dict:
     return manifest
 
 
-def _open_arrays(path: Path, manifest: dict, names: tuple[str, ...]) -> list[np.memmap]:
-    """`names` in `path` as read-only memmaps of the manifest's shape (ids files: uint32, checked against the
-    vocabulary; mask files: bool); Olmo2KitError on a file of the wrong size or an id beyond the vocabulary."""
+def _open_arrays(path: Path, manifest: dict, sides: tuple) -> list[np.memmap]:
+    """The (ids, mask) files of each of `sides` in `path`, flat, as read-only memmaps of the manifest's shape (ids
+    uint32, masks bool); Olmo2KitError on a file of the wrong size or an id beyond the vocabulary."""
     rows, seq_len = int(manifest["rows"]), int(manifest["seq_len"])
     arrays = []
-    for name in names:
-        dtype = np.bool_ if name.endswith("label_mask.npy") else np.uint32
-        file = path / name
-        expected = rows * seq_len * np.dtype(dtype).itemsize
-        if not file.exists() or file.stat().st_size != expected:
-            raise Olmo2KitError(f"{file} is missing or not the {expected:,} bytes {MANIFEST} says: prepare it again")
-        arrays.append(np.memmap(file, dtype=dtype, mode="r", shape=(rows, seq_len)))
-    for name in names:
-        if not name.endswith("label_mask.npy"):
-            _check_token_ids(path / name, rows, seq_len, int(manifest["vocab_size"]))
+    for ids_name, mask_name in sides:
+        for name, dtype in ((ids_name, np.uint32), (mask_name, np.bool_)):
+            file = path / name
+            expected = rows * seq_len * np.dtype(dtype).itemsize
+            if not file.exists() or file.stat().st_size != expected:
+                raise Olmo2KitError(f"{file} is missing or not the {expected:,} bytes {MANIFEST} says: prepare it "
+                                    "again")
+            arrays.append(np.memmap(file, dtype=dtype, mode="r", shape=(rows, seq_len)))
+    for ids_name, _ in sides:
+        _check_token_ids(path / ids_name, rows, seq_len, int(manifest["vocab_size"]))
     return arrays
 
 
@@ -651,6 +650,5 @@ def _sync(files: dict) -> None:
 
 
 def _discard_partial(outdir: Path) -> None:
-    partials = {_partial(name) for sides in _SIDES.values() for side in sides for name in side}
-    for name in (*partials, _PROGRESS):
+    for name in (*map(_partial, _ALL_FILES), _PROGRESS):
         (outdir / name).unlink(missing_ok=True)
