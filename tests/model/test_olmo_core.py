@@ -89,6 +89,31 @@ def test_export_loads_in_olmo_cores_trainer_with_transformers_logits(exported, t
     assert (expected - got).abs().max() <= TOLERANCE
 
 
+def test_a_lora_adapter_is_exported_merged_into_its_base(tiny, tiny_path, tmp_path):
+    from olmo_core.distributed.checkpoint import load_model_and_optim_state
+    from peft import LoraConfig, get_peft_model
+
+    from olmo2kit.model.loading import load
+
+    base, _ = load(str(tiny_path), dtype="fp32", device="cpu")
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter): make it act
+                param.normal_(0, 0.5)
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = probe(base.config.vocab_size)
+    with torch.no_grad():
+        expected, unadapted = adapted(input_ids=ids).logits, tiny[0](input_ids=ids).logits
+    done = export_olmo_core(str(tmp_path / "adapter"), tmp_path / "oc")
+    model = olmo_core_model(done.path / CONFIG_FILE)
+    load_model_and_optim_state(str(done.path / MODEL_DIR), model)
+    with torch.no_grad():
+        got = model(input_ids=ids)
+    assert (expected - got).abs().max() <= TOLERANCE < (unadapted - got).abs().max()
+
+
 def test_hf_to_olmo_core_to_hf_is_bit_exact(exported, tiny_path, tmp_path):
     back = import_olmo_core(exported, tmp_path / "back")
     assert back.max_logit_diff <= TOLERANCE
