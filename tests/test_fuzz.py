@@ -372,10 +372,51 @@ def test_olmo_core_conversions_refuse_bad_paths_in_one_line(work):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (args, err)
 
 
+SOUP_DAMAGE = st.one_of(
+    st.none(), st.none(),  # the second checkpoint as it is
+    st.dictionaries(st.sampled_from([*CONFIG_FIELDS, "rms_norm_eps", "tie_word_embeddings"]),
+                    st.one_of(WEIRD_NUMBERS, WEIRD_TEXT, st.integers(1, 64)), max_size=2).map(lambda c: ("config", c)),
+    st.tuples(st.just("bytes"), st.integers(0, 600), st.binary(min_size=1, max_size=16)),  # its safetensors header
+    st.tuples(st.just("cut"), st.integers(0, 600_000)),
+    st.tuples(st.just("index"), JSON_VALUES),
+)
+SOUP_WEIGHTS = st.one_of(st.none(), st.none(), WEIRD_TEXT,
+                         st.lists(mostly(1, 2, 0.5), min_size=1, max_size=3).map(lambda ws: ",".join(map(str, ws))))
+
+
+@FUZZ
+@given(damage=SOUP_DAMAGE, weights=SOUP_WEIGHTS, compare=st.one_of(st.none(), st.just("tiny"), WEIRD_TEXT))
+def test_soup_reads_any_checkpoint_and_weights(work, damage, weights, compare):
+    """soup of tiny and a copy of it with its config, safetensors or index damaged, with any --weights and --compare."""
+    import shutil
+
+    other, out = work / "inputs" / "soup-b", work / "soup-out"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(work / "tiny", other)
+    kind = damage and damage[0]
+    if kind == "config":
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, **damage[1]}))
+    elif kind == "bytes":
+        with open(other / "model.safetensors", "r+b") as f:
+            f.seek(damage[1])
+            f.write(damage[2])
+    elif kind == "cut":
+        os.truncate(other / "model.safetensors", damage[1])
+    elif kind == "index":
+        (other / "model.safetensors.index.json").write_text(json.dumps(damage[1]))
+    args = ["soup", "tiny", str(other), "--output", str(out)]
+    args += [] if weights is None else [f"--weights={weights}"]
+    args += [] if compare is None else [f"--compare={compare}"]
+    with unchanged(work, out, other):
+        check("soup", run(*args))
+
+
 
 def test_zz_the_fuzzed_inputs_reached_the_work():
     """Runs after the tests above in this file: inputs that are all refused at the first check prove little, so
     each command fuzzed with inputs that can be valid must have run some of them to the end."""
-    for command in ("generate options", "estimate", "generate --input", "chat", "perplexity"):
+    for command in ("generate options", "estimate", "generate --input", "chat", "perplexity", "soup"):
         if FUZZ_COUNT[command]:
             assert FUZZ_OK[command] > 0, f"{command}: none of {FUZZ_COUNT[command]} inputs ran to the end"
