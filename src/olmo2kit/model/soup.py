@@ -449,11 +449,13 @@ class _Averager:
         for start in range(0, info.elements, self.chunk):
             n = min(self.chunk, info.elements - start)
             total, term = self.sum[:n], self.term[:n]
-            total.zero_()
+            first = True
             for part, weight in zip(self.parts, self.weights, strict=True):
-                if weight:
-                    term.copy_(self._read(part.tensors[tensor], start, n))
-                    total.add_(term.mul_(weight))
+                if weight:  # the first term lands in the sum itself: a pass less than adding it to zeros
+                    (total if first else term).copy_(self._read(part.tensors[tensor], start, n)).mul_(weight)
+                    if not first:
+                        total.add_(term)
+                    first = False
             out = self.out[: n * width].view(dtype)
             out.copy_(total)
             if self.reference is not None:
