@@ -304,6 +304,8 @@ def test_python_callers_get_the_same_checks(seeds, tmp_path):
         soup([str(seeds["a"]), str(seeds["b"])], tmp_path / "soup", weights=[1, 2, 3])
     with pytest.raises(Olmo2KitError, match="finite"):
         soup([str(seeds["a"]), str(seeds["b"])], tmp_path / "soup", weights=[math.inf, 1])
+    with pytest.raises(Olmo2KitError, match="a list of checkpoints"):
+        soup(str(seeds["a"]), tmp_path / "soup")
     no_soup_at(tmp_path / "soup")
     assert check_weights([1e308, 1e308], 2) == [0.5, 0.5]  # they add up past the largest float
     assert check_weights(None, 4) == [0.25] * 4

@@ -161,6 +161,8 @@ def soup(
     ingredient (its repo and commit, or its directory) and weight. `progress(what, bytes done, bytes in all)`
     follows downloads and the averaging.
     """
+    if isinstance(checkpoints, str):
+        raise Olmo2KitError("soup takes a list of checkpoints, not one name: soup([first, second, ...], ...)")
     if len(checkpoints) < 2:
         raise Olmo2KitError(f"a soup needs 2 checkpoints or more, {len(checkpoints)} given: name each ingredient")
     normalised = check_weights(weights, len(checkpoints))
