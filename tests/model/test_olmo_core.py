@@ -89,6 +89,21 @@ def test_export_loads_in_olmo_cores_trainer_with_transformers_logits(exported, t
     assert (expected - got).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("size, preset", [("1b", "olmo2_1B_v2"), ("7b", "olmo2_7B"), ("13b", "olmo2_13B"),
+                                          ("32b", "olmo2_32B")])
+def test_the_config_of_each_size_is_olmo_cores_own_preset(size, preset):
+    """The exported config of each OLMo 2 size is the preset OLMo-core's training scripts build (1B:
+    src/scripts/train/OLMo2/OLMo2-1B.py; 32B: src/scripts/official/OLMo2/OLMo-2-0325-32B-train.py), so their
+    models take the export's weights by name and shape."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    from olmo2kit.model.olmo_core import transformer_config
+    from olmo2kit.model.sizes import VOCAB_SIZE, hf_config
+
+    expected = getattr(TransformerConfig, preset)(vocab_size=VOCAB_SIZE)
+    assert transformer_config(hf_config(size)).as_config_dict() == expected.as_config_dict()
+
+
 def test_a_lora_adapter_is_exported_merged_into_its_base(tiny, tiny_path, tmp_path):
     from olmo_core.distributed.checkpoint import load_model_and_optim_state
     from peft import LoraConfig, get_peft_model

@@ -165,7 +165,9 @@ def import_olmo_core(checkpoint: str | os.PathLike, out: str | os.PathLike, *, t
 def transformer_config(hf_config):
     """OLMo-core's `TransformerConfig` of an OLMo 2 transformers config: OLMo 2's blocks (norms after attention
     and feed-forward, "reordered_norm"; QK-norm over all heads) at its sizes, as OLMo-core's olmo2_* presets
-    build them (olmo_core/nn/transformer/config.py), with the feed-forward width given as it is."""
+    build them (olmo_core/nn/transformer/config.py), with the feed-forward width given as it is. For the four
+    OLMo 2 sizes it equals the preset OLMo-core trains them with (olmo2_1B_v2, olmo2_7B, olmo2_13B, olmo2_32B)."""
+    from olmo_core.config import DType
     from olmo_core.nn.feed_forward import FeedForwardConfig
     from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
 
@@ -185,12 +187,14 @@ def transformer_config(hf_config):
         vocab_size=hf_config.vocab_size,
         n_layers=hf_config.num_hidden_layers,
         n_heads=hf_config.num_attention_heads,
-        n_kv_heads=hf_config.num_key_value_heads,
+        # None when every head has its own keys and values, as OLMo-core's presets leave it
+        n_kv_heads=None if hf_config.num_key_value_heads == hf_config.num_attention_heads
+        else hf_config.num_key_value_heads,
         qk_norm=True,
         layer_norm_eps=hf_config.rms_norm_eps,
         rope_theta=int(theta),
         block_name=TransformerBlockType.reordered_norm,
-        feed_forward=FeedForwardConfig(hidden_size=hf_config.intermediate_size, bias=False),
+        feed_forward=FeedForwardConfig(hidden_size=hf_config.intermediate_size, bias=False, dtype=DType.float32),
     )
 
 
