@@ -23,6 +23,8 @@ _EXPORTS = {
     "build_tiny": "olmo2kit.model.tiny",
     "export_gguf": "olmo2kit.model.gguf",
     "export_ollama": "olmo2kit.model.gguf",
+    "export_olmo_core": "olmo2kit.model.olmo_core",
+    "import_olmo_core": "olmo2kit.model.olmo_core",
     "soup": "olmo2kit.model.soup",
     "Revision": "olmo2kit.model.revisions",
     "parse_revision": "olmo2kit.model.revisions",
