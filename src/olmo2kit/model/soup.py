@@ -526,8 +526,12 @@ def _write_soup(target: Path, parts: list[_Checkpoint], weights: list[float], gi
     with output_lock(staging, option="--output") as lock:
         try:
             for item in staging.iterdir():  # what a killed run left
-                if item.name != LOCK_NAME:
-                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                if item.name == LOCK_NAME:
+                    continue
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
             _write_files(staging, parts, weights, given, averaged)
             _check_output(target)  # again: something may have appeared there meanwhile
             lock.unlink()  # the lock itself holds on: the file goes so that the soup holds none
