@@ -129,6 +129,61 @@ def test_a_lora_adapter_is_exported_merged_into_its_base(tiny, tiny_path, tmp_pa
     assert (expected - got).abs().max() <= TOLERANCE < (unadapted - got).abs().max()
 
 
+TRAIN = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
+from olmo_core.nn.transformer import TransformerConfig
+from olmo_core.optim import AdamWConfig
+from olmo_core.train import Duration, TrainerConfig, prepare_training_environment, teardown_training_environment
+from olmo_core.train.callbacks import ConfigSaverCallback
+from olmo_core.train.train_module import TransformerTrainModuleConfig
+
+export, root, load_path = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+prepare_training_environment(backend="gloo")
+experiment = json.loads((export / "config.json").read_text())
+tokenizer = TokenizerConfig.from_dict(experiment["dataset"]["tokenizer"])
+model = TransformerConfig.from_dict(experiment["model"]).build(init_device="meta")
+train_module = TransformerTrainModuleConfig(rank_microbatch_size=128, max_sequence_length=64,
+                                            optim=AdamWConfig(lr=0.0, weight_decay=0.0)).build(model)
+tokens = root / "tokens.npy"
+np.random.default_rng(0).integers(0, tokenizer.vocab_size, 64 * 8, dtype=np.uint32).tofile(tokens)
+dataset = NumpyFSLDatasetConfig(tokenizer=tokenizer, paths=[str(tokens)], sequence_length=64,
+                                work_dir=str(root / "work")).build()
+loader = NumpyDataLoaderConfig(global_batch_size=128, seed=0, work_dir=str(root / "work")).build(dataset)
+trainer = (TrainerConfig(save_folder=str(root / "run"), load_path=load_path, max_duration=Duration.steps(1))
+           .with_callback("config_saver", ConfigSaverCallback())).build(train_module, loader)
+trainer.callbacks["config_saver"].config = experiment
+trainer.fit()
+print(json.dumps({"loaded": trainer.checkpoint_loaded}))
+teardown_training_environment()
+"""
+
+
+def train_one_step(export: Path, root: Path, load_path: Path) -> bool:
+    """OLMo-core's Trainer, in one process under torchrun, one step at lr 0 from `load_path`: whether it loaded."""
+    (root / "train.py").write_text(TRAIN)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "1", str(root / "train.py"),
+                           str(export), str(root), str(load_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["loaded"]
+
+
+def test_olmo_cores_trainer_continues_from_an_export_and_its_step_comes_back(exported, tiny_path, tmp_path):
+    """OLMo-core's own Trainer takes `OUT/model_and_optim` as its load path and trains a step (at lr 0, so the
+    weights stay); the step directory it writes (model, AdamW state, trainer state, config.json) imports back to
+    the tensors it started from, bit for bit. Given `OUT` itself, the Trainer finds no checkpoint there."""
+    assert train_one_step(exported, tmp_path, exported / MODEL_DIR)
+    back = import_olmo_core(tmp_path / "run" / "step1", tmp_path / "back")
+    original, returned = load_file(tiny_path / "model.safetensors"), load_file(back.path / "model.safetensors")
+    assert all(torch.equal(returned[k], v) for k, v in original.items())
+    shutil.rmtree(tmp_path / "run")
+    assert not train_one_step(exported, tmp_path, exported)  # what the README warns of
+
+
 def test_hf_to_olmo_core_to_hf_is_bit_exact(exported, tiny_path, tmp_path):
     back = import_olmo_core(exported, tmp_path / "back")
     assert back.max_logit_diff <= TOLERANCE

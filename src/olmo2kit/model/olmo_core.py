@@ -512,9 +512,11 @@ def _tokenizer_config(tokenizer, model: str, revision: str | None) -> dict:
     from olmo2kit.model.loading import resolve_model
 
     ref = resolve_model(model, revision)
+    # "a path or HuggingFace identifier" (TokenizerConfig.identifier): the checkpoint's, so that the steps a
+    # trainer writes from it, whose config.json carries this on, name their tokenizer
     return {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "identifier": None if ref.local else ref.source}
+            "identifier": str(Path(ref.source).expanduser().resolve()) if ref.local else ref.source}
 
 
 def _context_length(hf_config, tokenizer) -> int:
