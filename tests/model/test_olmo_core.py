@@ -303,6 +303,16 @@ def test_a_mismatch_is_refused_and_nothing_written(exported, tmp_path):
     assert nothing_written(tmp_path / "out")
 
 
+def test_what_a_killed_conversion_left_is_removed_by_the_next(exported, tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".back.{gone.stdout.strip()}.abc.partial"  # a staging directory whose process has ended
+    (left / MODEL_DIR).mkdir(parents=True)
+    running = tmp_path / f".back.{os.getpid()}.xyz.partial"  # one of a process still running: kept
+    running.mkdir()
+    import_olmo_core(exported, tmp_path / "back")
+    assert not left.exists() and running.exists()
+
+
 def test_a_corrupted_tensor_is_refused_and_nothing_written(tiny_path, tmp_path):
     step = tmp_path / "run" / "step1"
     olmo_core_checkpoint(step, tiny_path, corrupt="blocks.1.feed_forward.w2.weight")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import io
 import json
 import logging
@@ -557,9 +558,12 @@ def _new_output_dir(out: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A directory beside `out` to write into, renamed to `out` when the block ends; removed if anything fails."""
+    """A directory beside `out` to write into, renamed to `out` when the block ends; removed if anything fails.
+    It is named by this process, `.OUT.PID.*.partial`, so that what a killed conversion left is removed by the next
+    one into `out`."""
+    _remove_abandoned(out)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     except OSError as e:
         raise cannot_write(out, e, "give a directory you can write to") from None
     try:
@@ -570,3 +574,21 @@ def _staging(out: Path) -> Iterator[Path]:
         raise cannot_write(out, e, "give a directory you can write to, with room for the model") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove the staging directories of conversions into `out` whose process is gone."""
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        pid = partial.name[len(out.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, and another user's
+        pass
+    return True
