@@ -141,9 +141,9 @@ def import_olmo_core(checkpoint: str | os.PathLike, out: str | os.PathLike, *, t
     out = _new_output_dir(out)
     hf_tokenizer = _tokenizer_for(weights, experiment, tokenizer, config_path)
     oc_model = _build(model_config)
-    from olmo_core.nn.hf import convert_state_to_hf, get_hf_config
+    from olmo_core.nn.hf import convert_state_to_hf
 
-    hf_config = _olmo2_hf_config(get_hf_config, oc_model, config_path)
+    hf_config = _olmo2_hf_config(oc_model, config_path)
     dtype = checkpoint_dtype(weights)
     say(f"reading the OLMo-core checkpoint {weights} ({_dtype_name(dtype)})")
     load_checkpoint(weights, oc_model)
@@ -458,7 +458,11 @@ def _config_of(experiment: dict, config_path: Path):
                             f"({first_line(e)})") from None
 
 
-def _olmo2_hf_config(get_hf_config, oc_model, config_path: Path):
+def _olmo2_hf_config(oc_model, config_path: Path):
+    """OLMo-core's transformers config of `oc_model` (its get_hf_config), or an Olmo2KitError where it is not
+    OLMo 2's."""
+    from olmo_core.nn.hf import get_hf_config
+
     try:
         hf_config = get_hf_config(oc_model)
     except (NotImplementedError, ValueError, RuntimeError) as e:
