@@ -310,3 +310,16 @@ def test_an_adapter_on_a_size_alias_or_a_hub_repo_is_not_a_relative_path(adapter
     hub.reset()
     with pytest.raises(Olmo2KitError, match="allenai/OLMo-2-0425-1B not found on the Hub"):  # looked up, not refused
         load(str(path), dtype="fp32", device="cpu")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_path, tmp_path, cli):
+    """Another model's tokenizer, with more tokens than the embeddings, would fail mid-generation on its last ids."""
+    path = copy(tiny_path, tmp_path)
+    tokenizer = load_tokenizer(str(path))
+    vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tokenizer) + 1)])
+    tokenizer.save_pretrained(path)
+    message = f"the tokenizer of {path} has {vocab_size + 1:,} tokens, more than the model's {vocab_size:,} embeddings"
+    with raises(message):
+        load(str(path), dtype="fp32", device="cpu")
+    assert_one_line_error(cli, path, message)

@@ -149,6 +149,7 @@ def load(
 
     config = _checked_config(ref, kwargs["local_files_only"])
     tokenizer = _load_tokenizer(ref, kwargs["local_files_only"])
+    _check_vocabulary(ref, tokenizer, config)
     loaded = _load_weights(ref, config, kwargs)
     loaded.eval()
     loaded.config.use_cache = True
@@ -217,6 +218,14 @@ def _load_tokenizer(ref: ModelRef, local_files_only: bool = False):
     except ValueError as e:  # no tokenizer file it can use (missing, or one it cannot convert)
         raise Olmo2KitError(f"cannot load the tokenizer of {ref} ({first_line(e)}): a checkpoint needs its "
                             "tokenizer.json and tokenizer_config.json, copy them from the model it came from") from None
+
+
+def _check_vocabulary(ref: ModelRef, tokenizer, config) -> None:
+    """A tokenizer with more tokens than the model has embeddings would index past them on its last tokens
+    (an IndexError mid-generation): refused at load. Fewer is normal: OLMo 2 pads its 100,278 to 100,352."""
+    if len(tokenizer) > config.vocab_size:
+        raise Olmo2KitError(f"the tokenizer of {ref} has {len(tokenizer):,} tokens, more than the model's "
+                            f"{config.vocab_size:,} embeddings: it is another model's tokenizer, copy this one's")
 
 
 def _check_tokenizer_files(directory: Path) -> None:
