@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_dpo.py                                   # tiny checkpoint, CPU, 1 thread
     .venv/bin/python benchmarks/bench_dpo.py --size 1b --arch num_hidden_layers=4 --arch hidden_size=256 \
-        --arch intermediate_size=1024 --arch num_attention_heads=4 --arch num_key_value_heads=4 --arch vocab_size=512
+        --arch intermediate_size=1024 --arch num_attention_heads=4 --arch num_key_value_heads=4 \
+        --arch vocab_size=512 --arch eos_token_id=0
     .venv/bin/python benchmarks/bench_dpo.py --device cuda --size 1b --seq-len 2048 --steps 10 --batch-size 2
 
 The same preference pairs are prepared twice: as pairs (`prepare-data --format preference`) for DPO, and

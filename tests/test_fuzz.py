@@ -285,6 +285,40 @@ def test_finetune_dpo_reads_any_config(work, config, on_sft_data):
         check("finetune --method dpo", run(*args))
 
 
+@FUZZ
+@given(from_end=st.one_of(st.integers(1, 8), st.integers(1, 1 << 16)), junk=st.binary(min_size=1, max_size=16))
+def test_finetune_dpo_never_uses_a_damaged_stored_reference(work, from_end, junk):
+    """Some bytes of the stored reference log-probabilities overwritten: the run computes them again (its first
+    loss is ln 2, the policy being the reference) or stops in one line; it never trains against the damage."""
+    import math
+    import shutil
+
+    data, out = work / "dpo-ref-data", work / "dpo-ref-out"
+    args = ["finetune", "--method", "dpo", "--data", str(data), "--output", str(out), "--model",
+            str(work / "tiny-instruct"), "--max-steps", "1", "--device", "cpu"]
+    if not (data / "manifest.json").exists():
+        source = work / "inputs" / "ref-pairs.jsonl"
+        user = {"role": "user", "content": "Say hello."}
+        source.write_text(json.dumps({"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+                                      "rejected": [user, {"role": "assistant", "content": "No."}]}) + "\n")
+        run("prepare-data", str(source), str(data), "--model", str(work / "tiny-instruct"), "--seq-len", "32")
+    shutil.rmtree(out, ignore_errors=True)
+    if not list((data / "reference").glob("*.safetensors")):
+        run(*args)
+        shutil.rmtree(out)
+    [stored] = (data / "reference").glob("*.safetensors")
+    raw = bytearray(stored.read_bytes())
+    at = len(raw) - 1 - (from_end - 1) % len(raw)  # often in the values: the last 8 bytes hold the one pair's
+    raw[at:at + len(junk)] = junk
+    stored.write_bytes(bytes(raw))
+    with unchanged(work, out, data / "reference"):
+        result = run(*args)
+    check("finetune --method dpo, damaged reference", result)
+    if result[0] == 0:
+        first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+        assert abs(first["loss"] - math.log(2)) < 1e-6, first
+
+
 CONFIG_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "vocab_size", "max_position_embeddings", "model_type"]
 

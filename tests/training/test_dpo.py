@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_finetune import assert_same_weights, read_log, weights
+from safetensors.torch import load_file, save_file
+from test_finetune import assert_same_weights, random_adapter, read_log, weights
 
 from conftest import OLMO2KIT, one_line_error, run_olmo2kit
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.loading import load
 from olmo2kit.training.data import load_preference, prepare_data
 from olmo2kit.training.finetune import FinetuneConfig, finetune, load_config
-from olmo2kit.training.objectives import DPO, REFERENCE_DIR
+from olmo2kit.training.objectives import DPO, answer_log_probs
+from olmo2kit.training.reference import REFERENCE_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
 
@@ -203,6 +204,114 @@ def test_resume_without_the_stored_reference_continues_exactly(whole, prefs, tin
     for key in ("loss", "margin", "accuracy"):
         assert [e[key] for e in read_log(cut)] == pytest.approx([e[key] for e in read_log(whole)], abs=1e-6)
     assert_same_weights(weights(cut), weights(whole), atol=1e-6)
+
+
+def own_copy(prefs: Path, tmp_path: Path) -> Path:
+    """The prepared pairs without their stored references, for a test that stores others (or damages them)."""
+    shutil.copytree(prefs, tmp_path / "prefs", ignore=shutil.ignore_patterns(REFERENCE_DIR))
+    return tmp_path / "prefs"
+
+
+def test_resume_refuses_starting_weights_that_changed(prefs, tiny_instruct_path, tmp_path):
+    """Weights rewritten between a kill and --resume would make a second reference mid-run: refused in one line."""
+    model, out, prefs = tmp_path / "model", tmp_path / "out", own_copy(prefs, tmp_path)
+    shutil.copytree(tiny_instruct_path, model)
+    dpo(prefs, out, model, max_steps=4, lr=1e-3, batch_size=2, save_every=2)
+    finished_like_a_kill_after(out, 2)
+    state = json.loads((out / "checkpoints" / "step-2" / "state.json").read_text())
+    assert set(state["identity"]["weights"]["files"]) == {"model.safetensors"}
+    tensors = load_file(model / "model.safetensors")
+    tensors["lm_head.weight"] += 0.01
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Olmo2KitError, match=r"^the starting model's weights changed since step-2 was written: resume "
+                                            r"with the same weights, or pick another --output$"):
+        dpo(prefs, out, model, max_steps=4, lr=1e-3, batch_size=2, save_every=2, resume=True)
+
+
+def damage(path: Path, how: str) -> None:
+    """Overwrite the stored reference's values: with other bytes (its sha256 then differs), or with NaN under a
+    sha256 that matches them."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file as save_numpy
+
+    with safe_open(str(path), framework="np") as f:
+        metadata, values = f.metadata(), f.get_tensor("log_probs")
+    if how == "bytes":
+        raw = bytearray(path.read_bytes())
+        raw[-8:] = b"\xff\xff\x7e\xfe" * 2  # two float32 of about -8.5e37
+        path.write_bytes(bytes(raw))
+    else:
+        import hashlib
+
+        values[0, 0] = np.nan
+        metadata["sha256"] = hashlib.sha256(values.tobytes()).hexdigest()
+        save_numpy({"log_probs": values}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("how", ["bytes", "nan"])
+def test_a_damaged_stored_reference_is_computed_again(prefs, tiny_instruct_path, tmp_path, caplog, how):
+    data = own_copy(prefs, tmp_path)
+    dpo(data, tmp_path / "first", tiny_instruct_path, max_steps=1, batch_size=2)
+    path = stored_reference(data)
+    good = load_file(path)["log_probs"].clone()  # not a view of the file damaged in place below
+    damage(path, how)
+    dpo(data, tmp_path / "out", tiny_instruct_path, max_steps=1, batch_size=2)
+    assert f"{path} is damaged" in caplog.text
+    assert abs(read_log(tmp_path / "out")[0]["loss"] - math.log(2)) < 1e-6
+    assert torch.equal(load_file(path)["log_probs"], good)  # stored again, whole
+
+
+def test_a_starting_model_with_non_finite_log_probs_is_one_line(cli, prefs, tiny_instruct_path, tmp_path):
+    model, data = tmp_path / "model", own_copy(prefs, tmp_path)
+    shutil.copytree(tiny_instruct_path, model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["lm_head.weight"][0, 0] = float("inf")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = cli("finetune", "--method", "dpo", "--model", str(model), "--data", str(data), "--output",
+                       str(tmp_path / "out"), "--device", "cpu", "--max-steps", "1", "--batch-size", "2")
+    assert f"the starting model {model} gives non-finite log-probabilities" in one_line_error(code, err)
+    assert not stored_references(data)
+
+
+def test_rewritten_data_gets_its_own_reference(prefs, tiny_instruct_path, tmp_path):
+    """The data is known by its files' stamps, not its row count and creation second: other answers with the same
+    rows and manifest are another reference."""
+    data = own_copy(prefs, tmp_path)
+    dpo(data, tmp_path / "same", tiny_instruct_path, max_steps=1, batch_size=2)
+    assert len(stored_references(data)) == 1
+    rejected = data / "rejected_input_ids.npy"
+    ids = np.fromfile(rejected, dtype=np.uint32)
+    rejected.write_bytes(np.roll(ids, 1).tobytes())
+    dpo(data, tmp_path / "rewritten", tiny_instruct_path, max_steps=1, batch_size=2)
+    assert len(stored_references(data)) == 2
+    assert abs(read_log(tmp_path / "rewritten")[0]["loss"] - math.log(2)) < 1e-6
+
+
+def test_dpo_from_a_lora_adapter_uses_the_merged_model_as_reference(cli, prefs, tiny_instruct_path, tmp_path):
+    adapter, out, prefs = random_adapter(tiny_instruct_path, tmp_path / "adapter"), tmp_path / "out", own_copy(prefs,
+                                                                                                            tmp_path)
+    result = dpo(prefs, out, adapter, max_steps=2, lr=1e-3, batch_size=2)
+    assert result.saved == "full" and abs(read_log(out)[0]["loss"] - math.log(2)) < 1e-6
+    merged, _ = load(str(adapter), dtype="fp32", device="cpu")
+    merged = merged.merge_and_unload()
+    data = load_preference(prefs)
+    with torch.no_grad():
+        expected = answer_log_probs(merged, data, np.arange(data.rows), 64, "cpu")[0].view(2, -1).T.numpy()
+    [path] = stored_references(prefs)
+    assert np.allclose(load_file(path)["log_probs"].numpy(), expected, atol=1e-5)
+    assert set(safe_key(path)["weights"]) == {"files", "base"}
+    code, text, err = cli("generate", "x", "--model", str(out), "-n", "3", "--greedy")
+    assert code == 0 and text.strip(), err
+    code, _, err = cli("finetune", "--method", "dpo", "--lora", "--model", str(adapter), "--data", str(prefs),
+                       "--output", str(tmp_path / "lora"), "--device", "cpu")
+    assert "is a LoRA adapter: merge it into its base first" in one_line_error(code, err)
+
+
+def safe_key(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        return json.loads(f.metadata()["key"])
 
 
 def test_lora_sigkill_then_resume_equals_an_uninterrupted_run(prefs, tiny_instruct_path, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import OLMO2KIT, run_olmo2kit
+from conftest import OLMO2KIT, one_line_error, run_olmo2kit
 from hub import REPO
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import write_json_atomic
@@ -57,6 +57,20 @@ def read_log(output: Path) -> list[dict]:
 
 def weights(path: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     return load_file(path / name)
+
+
+def random_adapter(base: Path, output: Path) -> Path:
+    """A LoRA adapter on `base` saved as `finetune --lora` saves one, its B matrices random (peft starts them at 0,
+    a no-op): a model that differs from its base."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load(str(base), dtype="fp32", device="cpu")
+    torch.manual_seed(3)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                               init_lora_weights=False))
+    adapted.save_pretrained(output, save_embedding_layers=False)
+    tokenizer.save_pretrained(output)
+    return output
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -188,6 +202,25 @@ def test_lora_adapter_loads_on_its_base(cli, chat_data, tiny_instruct_path, tmp_
     ids = tokenizer("The capital of France", return_tensors="pt").input_ids
     with torch.no_grad():
         assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_from_a_lora_adapter_trains_its_merged_model(cli, chat_data, tiny_instruct_path, tmp_path):
+    """A LoRA adapter directory starts a full fine-tune as its merged model would; --lora on it is refused (the new
+    adapter would need the merged model on disk as its base)."""
+    from olmo2kit.training.finetune import merge_adapter
+
+    adapter = random_adapter(tiny_instruct_path, tmp_path / "adapter")
+    merged = merge_adapter(adapter, tmp_path / "merged", device="cpu")
+    out, reference = tmp_path / "from-adapter", tmp_path / "from-merged"
+    assert run(chat_data, out, adapter, max_steps=2, lr=1e-3, batch_size=2).saved == "full"
+    run(chat_data, reference, merged, max_steps=2, lr=1e-3, batch_size=2)
+    assert [e["loss"] for e in read_log(out)] == pytest.approx([e["loss"] for e in read_log(reference)], abs=1e-6)
+    assert_same_weights(weights(out), weights(reference), atol=1e-6)
+    code, text, err = cli("generate", "x", "--model", str(out), "-n", "3", "--greedy")
+    assert code == 0 and text.strip(), err
+    code, _, err = cli("finetune", "--lora", "--model", str(adapter), "--data", str(chat_data), "--output",
+                       str(tmp_path / "lora"), "--device", "cpu")
+    assert "is a LoRA adapter: merge it into its base first (`olmo2kit merge" in one_line_error(code, err)
 
 
 def test_qlora_nf4_trains_and_merges(chat_data, tiny_instruct_path, tmp_path):

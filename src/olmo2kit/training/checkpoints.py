@@ -15,8 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import write_json_atomic
+from olmo2kit.files import file_stamp, write_json_atomic
 from olmo2kit.training.config import FinetuneConfig
 from olmo2kit.training.data import PreferenceData, PreparedData
 
@@ -27,15 +29,21 @@ CHECKPOINTS = "checkpoints"
 _IDENTITY_DEFAULTS = {"val_fraction": 0.0, "method": "sft", "beta": None, "dpo_loss": None}
 
 
+def data_identity(data: PreparedData | PreferenceData) -> dict:
+    """The data a run trains on: its directory and the stamps of its arrays' files (rewritten data changes them)."""
+    files = [array.filename for array in vars(data).values() if isinstance(array, np.memmap)]
+    return {"path": str(data.path.resolve()), "files": {Path(f).name: file_stamp(os.stat(f)) for f in sorted(files)}}
+
+
 def run_identity(config: FinetuneConfig, data: PreparedData | PreferenceData, global_batch: int, seq_len: int
                  ) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint."""
+    """What a resumed run must share with the run that wrote the checkpoint. The starting model's weights join it
+    once the model is loaded (`check_same_start`)."""
     return {
         "model": config.model, "revision": config.revision, "lora": config.lora, "lora_r": config.lora_r,
         "lora_alpha": config.lora_alpha, "quantize": config.quantize, "seed": config.seed,
         "global_batch": global_batch, "seq_len": seq_len, "val_fraction": config.val_fraction,
-        "method": config.method, "beta": config.beta, "dpo_loss": config.dpo_loss,
-        "data": {"path": str(data.path.resolve()), "rows": data.rows, "created": data.manifest.get("created")},
+        "method": config.method, "beta": config.beta, "dpo_loss": config.dpo_loss, "data": data_identity(data),
     }
 
 
@@ -67,6 +75,15 @@ def check_same_run(checkpoint: Path, identity: dict) -> None:
             f"{checkpoint} is from a different run ({details}): resume with the same settings, "
             "or pick another --output"
         )
+
+
+def check_same_start(checkpoint: Path, weights) -> None:
+    """Refuse to resume from starting weights other than the ones `checkpoint`'s run started from (a directory
+    rewritten, a Hub branch that moved): a LoRA base or DPO reference would silently change mid-run."""
+    saved = json.loads((checkpoint / "state.json").read_text())["identity"]
+    if "weights" in saved and saved["weights"] != weights:  # checkpoints from before weights were recorded lack it
+        raise Olmo2KitError(f"the starting model's weights changed since {checkpoint.name} was written: resume with "
+                            "the same weights, or pick another --output")
 
 
 def state_dict_options(**options):

@@ -20,6 +20,7 @@ DPO_LOSSES = ("sigmoid", "length-normalized")
 # --beta 5); a log-probability averaged over the answer's tokens is far smaller than a sum, so beta is larger.
 DEFAULT_BETA = {"sigmoid": 0.1, "length-normalized": 5.0}
 
+
 @dataclass
 class FinetuneConfig:
     """Everything a fine-tune run needs; a YAML recipe sets any of these fields by name."""

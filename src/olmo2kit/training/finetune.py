@@ -1,10 +1,10 @@
 """Fine-tune OLMo 2 on prepared data: full, LoRA or QLoRA, in one process or many, with SFT on examples or DPO on
 preference pairs.
 
-The loop is plain torch, readable top to bottom (loop.py; the losses in objectives.py, checkpoints
-in checkpoints.py). accelerate's Accelerator only sets up the processes (so `accelerate launch`
-and `torchrun` run the same command), wraps the model for DDP or FSDP and turns on bf16 autocast;
-checkpoints go through torch.distributed.checkpoint's state-dict API, which reads plain, DDP and
+The loop is plain torch, readable top to bottom (loop.py; the losses in objectives.py, DPO's reference
+log-probabilities in reference.py, checkpoints in checkpoints.py). accelerate's Accelerator only sets up the
+processes (so `accelerate launch` and `torchrun` run the same command), wraps the model for DDP or FSDP and turns
+on bf16 autocast; checkpoints go through torch.distributed.checkpoint's state-dict API, which reads plain, DDP and
 FSDP models alike. accelerate runs FSDP on GPUs only, so on CPU processes `fsdp` shards the model
 with torch's own FSDP2 (`fully_shard`, over gloo).
 
@@ -40,6 +40,7 @@ from olmo2kit.model.loading import ModelRef, load, resolve_model
 from olmo2kit.training.checkpoints import (
     CHECKPOINTS,
     check_same_run,
+    check_same_start,
     checkpoint_to_resume,
     fsync_tree,
     load_checkpoint,
@@ -50,14 +51,8 @@ from olmo2kit.training.checkpoints import (
 from olmo2kit.training.config import FinetuneConfig, load_config
 from olmo2kit.training.data import PreferenceData, PreparedData, load_preference, load_prepared
 from olmo2kit.training.loop import DataOrder, Run, train
-from olmo2kit.training.objectives import (
-    DPO,
-    SFT,
-    read_reference,
-    reference_log_probs,
-    reference_path,
-    write_reference,
-)
+from olmo2kit.training.objectives import DPO, SFT
+from olmo2kit.training.reference import reference_key, stored_or_computed
 
 if typing.TYPE_CHECKING:
     from accelerate import Accelerator
@@ -120,7 +115,10 @@ def finetune(
 def _run(config: FinetuneConfig, run: Run, progress: Callable[[int, int, float | None], None] | None
          ) -> FinetuneResult:
     """Load the model, train it from the checkpoint or the start, save the result and record it in finetune.json."""
-    model, optimizer, tokenizer, ref = _model_to_train(config, run)
+    model, optimizer, tokenizer, ref, weights = _model_to_train(config, run)
+    if run.checkpoint is not None:
+        check_same_start(run.checkpoint, weights)
+    run.identity["weights"] = weights  # recorded in every checkpoint, for the check above
     run.objective = _objective(config, run, model, ref)  # before a checkpoint's weights load: DPO's reference
     start_step, start_tokens = _starting_point(run, model, optimizer, ref)
     held_out = f" ({len(run.order.val_rows)} held out for validation)" if len(run.order.val_rows) else ""
@@ -205,11 +203,12 @@ def _set_up_run(config: FinetuneConfig, data: PreparedData | PreferenceData, out
 
 
 def _model_to_train(config: FinetuneConfig, run: Run):
-    """The model and its AdamW optimizer, prepared for this run's processes; also the tokenizer and ModelRef."""
+    """The model and its AdamW optimizer, prepared for this run's processes; also the tokenizer, ModelRef and the
+    starting weights' identity (`_starting_weights`)."""
     import torch
 
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
-    model, tokenizer, ref = _load_model(config, run.accelerator, run.bf16, run.data)
+    model, tokenizer, ref, weights = _load_model(config, run.accelerator, run.bf16, run.data)
     if config.fsdp:
         _shard(model, run)  # before the optimizer: sharding replaces the parameters
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -219,7 +218,7 @@ def _model_to_train(config: FinetuneConfig, run: Run):
     else:
         model, optimizer = run.accelerator.prepare(model, optimizer)
     torch.manual_seed(config.seed + run.accelerator.process_index)  # dropout differs between processes
-    return model, optimizer, tokenizer, ref
+    return model, optimizer, tokenizer, ref, weights
 
 
 def _shard(model, run: Run) -> None:
@@ -247,39 +246,14 @@ def _objective(config: FinetuneConfig, run: Run, model, ref: ModelRef) -> SFT | 
 
 
 def _reference(config: FinetuneConfig, run: Run, model, ref: ModelRef):
-    """The reference log-probabilities of every pair: stored ones if every process finds them, else computed."""
-    import torch
-
-    key = _reference_key(config, run, model, ref)
-    path = reference_path(run.data, key)
-    stored = read_reference(path, key, run.data.rows)
-    found = torch.tensor(float(stored is not None), device=run.accelerator.device)
-    if run.accelerator.reduce(found, reduction="sum").item() == run.accelerator.num_processes:
-        run.say(f"reference log-probabilities from {path}")
-        return stored
-    run.say(f"computing the reference log-probabilities of {run.data.rows} pairs with {ref}, once: they are stored "
-            f"in {path}")
+    """The reference log-probabilities of every pair (reference.py): stored ones, else computed now and stored."""
+    key = reference_key(str(ref), run.identity["weights"], config.quantize,
+                        dtype="bf16" if run.bf16 and config.lora else "fp32", autocast=run.bf16, seq_len=run.seq_len,
+                        data=run.identity["data"])
     unwrapped = run.accelerator.unwrap_model(model)
     without_adapter = unwrapped.disable_adapter if config.lora else nullcontext  # a LoRA run's reference: its base
-    reference = reference_log_probs(model, run.data, run.seq_len, config.batch_size, run.accelerator,
-                                    without_adapter)
-    if run.main:
-        write_reference(path, key, reference)
-    run.accelerator.wait_for_everyone()
-    return reference
-
-
-def _reference_key(config: FinetuneConfig, run: Run, model, ref: ModelRef) -> dict:
-    """What the reference log-probabilities depend on: the weights, how they run, and the data's rows and length."""
-    if ref.local:  # a directory's weights, by the stamps of its files (a changed file changes them)
-        weights = {p.name: file_stamp(p.stat()) for p in sorted(Path(ref.source).glob("*.safetensors"))}
-    else:  # a Hub revision, by the commit it resolved to
-        weights = getattr(run.accelerator.unwrap_model(model).config, "_commit_hash", None)
-    return {
-        "model": str(ref), "weights": weights, "quantize": config.quantize,
-        "dtype": "bf16" if run.bf16 and config.lora else "fp32", "autocast": run.bf16, "seq_len": run.seq_len,
-        "data": {"rows": run.data.rows, "created": run.data.manifest.get("created")},
-    }
+    return stored_or_computed(key, model, run.data, run.seq_len, config.batch_size, run.accelerator, without_adapter,
+                              run.say)
 
 
 def _starting_point(run: Run, model, optimizer, ref) -> tuple[int, int]:
@@ -309,13 +283,24 @@ def _record_result(config: FinetuneConfig, run: Run, ref, result: FinetuneResult
 
 
 def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData | PreferenceData):
-    """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer and ModelRef."""
+    """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer, ModelRef and starting
+    weights' identity. A LoRA adapter to start from is merged into its base first: training starts from the merged
+    model, which is also DPO's reference."""
     ref = _base(config)
     device = _process_device(accelerator)
     # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen base can be bf16.
     dtype = "bf16" if bf16 and config.lora else "fp32"
+    adapter = ref.local and (Path(ref.source) / "adapter_config.json").is_file()
+    if adapter and (config.lora or config.quantize):
+        # A new adapter records the base it trains on, and a merged start exists on no disk for it to name.
+        raise Olmo2KitError(f"{config.model} is a LoRA adapter: merge it into its base first (`olmo2kit merge "
+                            f"{config.model} DIR`), then fine-tune DIR with --lora")
     # An adapter records the name the base loaded from (peft's base_model_name_or_path) and its revision.
     model, tokenizer = load(ref.source, revision=ref.revision, dtype=dtype, quantize=config.quantize, device=device)
+    weights = _starting_weights(ref, model)
+    if adapter:
+        model = model.merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base it merged into
     _check_tokenizer(data, tokenizer, model, config)
     model.config.use_cache = False
     if config.quantize:
@@ -335,7 +320,26 @@ def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedD
             target_modules="all-linear", task_type="CAUSAL_LM", revision=ref.revision,
         )
         model = get_peft_model(model, lora)
-    return model, tokenizer, ref
+    return model, tokenizer, ref, weights
+
+
+def _starting_weights(ref: ModelRef, model) -> dict:
+    """Which weights a run starts from: a directory's by the stamps of its safetensors files (a rewritten file
+    changes them), a Hub revision's by the commit it resolved to; an adapter's and its base's both."""
+    weights = {"files": _stamps(Path(ref.source))} if ref.local else {"commit": _commit(model)}
+    if ref.local and (Path(ref.source) / "adapter_config.json").is_file():
+        base = model.peft_config["default"].base_model_name_or_path
+        weights["base"] = {"files": _stamps(Path(base))} if Path(base).is_dir() else {"commit": _commit(model)}
+    return weights
+
+
+def _stamps(directory: Path) -> dict:
+    return {p.name: file_stamp(p.stat()) for p in sorted(directory.glob("*.safetensors"))}
+
+
+def _commit(model) -> str | None:
+    """The Hub commit the model's files came from (transformers records it in the config it loads)."""
+    return getattr(model.config, "_commit_hash", None)
 
 
 def _base(config: FinetuneConfig) -> ModelRef:
@@ -382,7 +386,8 @@ def _finished(output: Path, config: FinetuneConfig) -> FinetuneResult | None:
 
 
 def _log_store(output: Path) -> JsonlStore:
-    """The loss log: {"step", "loss", "lr", "tokens"} a line."""
+    """The training log: {"step", "loss", "lr", "tokens"} a line, with DPO's "chosen_reward", "rejected_reward",
+    "margin" and "accuracy", and {"step", "eval_loss"} after each evaluation."""
     return JsonlStore(output / LOG, what="training log line", hint="pick another --output",
                       is_record=lambda row: isinstance(row.get("step"), int))
 

@@ -29,7 +29,7 @@ from olmo2kit.files import JsonlStore
 from olmo2kit.training.checkpoints import save_checkpoint, saved_checkpoints
 from olmo2kit.training.config import FinetuneConfig
 from olmo2kit.training.data import PreferenceData, PreparedData
-from olmo2kit.training.objectives import DPO, SFT
+from olmo2kit.training.objectives import DPO, SFT, process_share
 
 if typing.TYPE_CHECKING:
     from accelerate import Accelerator
@@ -165,18 +165,12 @@ def _evaluate(model, run: Run, batch_size: int) -> float | None:
     count = objective.count(rows)
     if count == 0:
         return None
-    world, rank = accelerator.num_processes, accelerator.process_index
-    mine = rows[rank::world]
-    # Every process runs as many forward passes as the others (FSDP gathers the weights in each):
-    # one that has run out of rows runs a row that it does not count.
-    passes = -(-len(rows) // (world * batch_size))
     sums = torch.zeros(len(objective.names), device=accelerator.device)
     model.eval()
     with torch.no_grad():
-        for i in range(passes):
-            index = mine[i * batch_size:(i + 1) * batch_size]
-            found = objective.sums(model, index if len(index) else rows[:1], accelerator.device)
-            if len(index):
+        for index, counted in process_share(rows, batch_size, accelerator):
+            found = objective.sums(model, index, accelerator.device)
+            if counted:
                 sums += found
     model.train()
     return accelerator.reduce(sums, reduction="sum")[0].item() / count
