@@ -41,6 +41,22 @@ def test_a_downloaded_revision_loads_offline(hub, hub_env, monkeypatch):
     assert model.config.model_type == "olmo2"
 
 
+def test_a_cached_revision_is_its_own_download_offline_or_with_the_hub_down(hub, hub_env, monkeypatch):
+    from huggingface_hub import constants
+
+    path = download(REPO, REV)
+    asked = hub.count()
+    with monkeypatch.context() as m:
+        m.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert download(REPO, REV) == path and hub.count() == asked  # the Hub is not asked
+        with pytest.raises(Olmo2KitError, match="not in the local cache and huggingface_hub is in offline mode"):
+            download(REPO, "main")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert download(f"{REPO}@{REV}") == path
+    with pytest.raises(Olmo2KitError, match="not in the local cache and the Hub cannot be reached"):
+        download(REPO, "main")
+
+
 def test_cache_lists_and_removes_a_revision(hub, hub_env):
     assert cached_revisions() == []
     download(REPO, REV)

@@ -79,9 +79,20 @@ def seeds(tiny_path, tmp_path_factory) -> dict[str, Path]:
 
 
 def no_soup_at(output: Path) -> None:
-    """Nothing at `output`, and nothing a soup stages beside it."""
+    """Nothing at `output`, and nothing a soup stages beside it (its lock file aside, which stays, as each of
+    files.output_lock's does)."""
     assert not output.exists()
-    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.soup")]
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.soup")
+                and p.name != f".{output.name}.soup.lock"]
+
+
+def olmo_soup(parts: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """One tensor souped as OLMo's own script does (allenai/OLMo, scripts/olmo_soup.py at 58a9e5b0): from zeros,
+    `+= x / N` in the checkpoints' order, here in fp32."""
+    average = torch.zeros_like(parts[0][name], dtype=torch.float32)
+    for p in parts:
+        average += p[name].float() / len(parts)
+    return average
 
 
 def test_the_average_of_two_fp32_checkpoints_is_their_mean_exactly(seeds, tmp_path):
@@ -97,11 +108,13 @@ def test_three_fp32_checkpoints_average_as_computed_by_hand(seeds, tmp_path):
     soup([str(seeds[k]) for k in "abc"], tmp_path / "soup", chunk_elements=PIECE)
     parts = [weights_of(seeds[k]) for k in "abc"]
     made = weights_of(tmp_path / "soup")
+    differ_from_products = 0
     for name, tensor in made.items():
-        by_hand = parts[0][name] * (1 / 3) + parts[1][name] * (1 / 3) + parts[2][name] * (1 / 3)  # sums in fp32
-        assert torch.equal(tensor, by_hand), name
+        assert torch.equal(tensor, olmo_soup(parts, name)), name
         exact = torch.stack([p[name].double() for p in parts]).mean(0)
         assert torch.allclose(tensor.double(), exact, rtol=1e-6, atol=1e-7), name
+        differ_from_products += not torch.equal(tensor, sum(p[name] * (1 / 3) for p in parts))
+    assert differ_from_products, "x * (1/3) would give the same soup: the test could not tell it from x / 3"
 
 
 def test_bf16_checkpoints_average_in_fp32_and_save_in_bf16(seeds, tmp_path):
@@ -111,8 +124,7 @@ def test_bf16_checkpoints_average_in_fp32_and_save_in_bf16(seeds, tmp_path):
     differ_from_bf16_sums = 0
     for name, tensor in made.items():
         assert tensor.dtype == torch.bfloat16, name
-        by_hand = sum(p[name].float() * (1 / 3) for p in parts)  # fp32
-        assert torch.equal(tensor, by_hand.to(torch.bfloat16)), name
+        assert torch.equal(tensor, olmo_soup(parts, name).to(torch.bfloat16)), name
         exact = torch.stack([p[name].double() for p in parts]).mean(0)
         # within bf16 rounding of the exact mean (half a unit in the last place: 8 bits of mantissa), plus what fp32
         # sums lose where the terms cancel (a few units in fp32's last place of the largest term)
@@ -201,7 +213,7 @@ def test_compare_is_zero_against_the_soup_itself_and_the_largest_difference_othe
     code, out, err = cli("soup", *ingredients, "--compare", str(seeds["a"]), "--json")  # fp32 against the bf16 soup
     assert code == 0, err
     report = json.loads(out)
-    assert report["output"] is None and not list(tmp_path.glob(".*"))
+    assert report["output"] is None and [p.name for p in tmp_path.glob(".*")] == [".soup.soup.lock"]  # the first run's
     made, reference = weights_of(tmp_path / "soup"), weights_of(seeds["a"])
     by_hand = {n: float((made[n].float() - reference[n]).abs().max()) for n in made}
     assert {t["name"]: t["max_abs_diff"] for t in report["comparison"]["tensors"]} == by_hand
@@ -209,12 +221,196 @@ def test_compare_is_zero_against_the_soup_itself_and_the_largest_difference_othe
     assert report["comparison"]["worst_tensor"] == max(by_hand, key=by_hand.get)
 
 
+def test_compare_is_zero_against_the_soup_olmos_own_script_makes(seeds, tmp_path, cli):
+    parts = [weights_of(seeds[k]) for k in "abc"]
+    reference = copy(seeds["a"], tmp_path / "reference", lambda ts: {n: olmo_soup(parts, n) for n in ts})
+    for weights in ([], ["--weights", "2,2,2"]):
+        code, out, err = cli("soup", *(str(seeds[k]) for k in "abc"), "--compare", str(reference), *weights)
+        assert code == 0, err
+        assert out.splitlines()[-1] == f"largest difference from {reference}: 0", weights
+
+
+def test_cached_revisions_soup_offline_and_with_the_hub_down(hub_env, hub, tmp_path, cli, monkeypatch):
+    from huggingface_hub import constants
+
+    from olmo2kit.model.hub_cache import download
+
+    first, second = "stage1-step1000-tokens3B", "stage1-step2000-tokens5B"
+    for revision in (first, second, "main"):
+        download(REPO, revision)
+    expected = {c: commit_for(REPO, r) for c, r in (("first", first), ("second", second))}
+    for where, setting in (("offline", ("HF_HUB_OFFLINE", True)), ("down", ("ENDPOINT", "http://127.0.0.1:9"))):
+        with monkeypatch.context() as m:
+            m.setattr(constants, *setting)
+            output = tmp_path / where
+            code, out, err = cli("soup", f"{REPO}@{first}", f"{REPO}@{second}", "--output", str(output),
+                                 "--compare", "main", "--json")
+            assert code == 0, (where, err)
+            report = json.loads(out)
+            assert [i["commit"] for i in report["ingredients"]] == [expected["first"], expected["second"]], where
+            assert report["comparison"]["max_abs_diff"] > 0 and (output / "model.safetensors").is_file(), where
+            code, _, err = cli("soup", f"{REPO}@{first}", f"{REPO}@{'0' * 40}", "--output",  # a commit not cached
+                               str(tmp_path / f"{where}-uncached"))
+            one_line_error(code, err, "not in the local cache")
+
+
+def test_the_lock_is_held_across_the_rename_and_a_second_run_is_refused(seeds, tmp_path, monkeypatch):
+    from olmo2kit.files import output_lock
+
+    output = tmp_path / "soup"
+    lock_name = output.with_name("soup.soup")  # the lock beside the output: .soup.soup.lock
+    with output_lock(lock_name, option="--output"):  # another run holds it
+        with pytest.raises(Olmo2KitError, match="in use by another olmo2kit run"):
+            soup([str(seeds["a"]), str(seeds["b"])], output)
+    no_soup_at(output)
+
+    real_replace, held = os.replace, []
+
+    def replace(source, target, *args, **kwargs):
+        if str(source).endswith(".soup-partial"):
+            try:
+                with output_lock(lock_name, option="--output"):
+                    held.append(False)
+            except Olmo2KitError:
+                held.append(True)
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    soup([str(seeds["a"]), str(seeds["b"])], output)
+    assert held == [True] and (output / "model.safetensors").is_file()
+
+
+def test_what_a_killed_run_staged_is_cleared_before_the_free_space_is_counted(seeds, tmp_path, monkeypatch):
+    output = tmp_path / "soup"
+    staging = tmp_path / ".soup.soup-partial"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"\0" * 1000)  # what the killed run wrote
+    real_usage, staged_then = shutil.disk_usage, []
+
+    def disk_usage(path):
+        staged_then.append(staging.exists())
+        return real_usage(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    soup([str(seeds["a"]), str(seeds["b"])], output)
+    assert staged_then == [False] and not staging.exists()
+
+
+@pytest.mark.parametrize("output", [".", "", "..", "/", "./."])
+def test_an_output_naming_the_current_directory_or_above_is_one_line_before_any_work(seeds, tmp_path, cli,
+                                                                                     monkeypatch, output):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    code, _, err = cli("soup", str(seeds["a"]), str(tmp_path / "nowhere"), "--output", output)  # refused first
+    one_line_error(code, err, "the current directory or one above it", alone=True)
+    assert not list(empty.iterdir()) and not list(tmp_path.glob(".*"))
+
+
+def test_a_relative_output_is_made_where_it_is_named(seeds, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = soup([str(seeds["a"]), str(seeds["b"])], "made/./soup/")
+    assert result.output == tmp_path / "made" / "soup" and (tmp_path / "made" / "soup" / "model.safetensors").is_file()
+
+
+def test_the_help_examples_are_whole_commands(cli):
+    code, out, _ = cli("soup", "--help")
+    assert code == 0
+    lines = [line.strip() for line in out.split("Examples:")[1].split("╭")[0].splitlines()]
+    lines = [line.strip("│ ") for line in lines if line.strip("│ ")]
+    commands, joined = [], ""
+    for line in lines:
+        if not line.startswith("olmo2kit") and not joined:  # a line that does not continue a command: not copyable
+            pytest.fail(f"{line!r} continues no command (the line before it ends without a backslash)")
+        joined += line.removesuffix("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(joined.strip())
+            joined = ""
+    assert [c.split(" --output")[0].count("@stage2") for c in commands] == [3, 0]
+
+
+def big_tokenizer(path: Path, size: int = 100_278) -> Path:
+    """A byte-level BPE tokenizer.json of `size` tokens, as many as OLMo 2's (its merges made up), at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab, merges = {t: i for i, t in enumerate(tokens)}, []
+    pairs = ((i, j) for i in range(400) for j in range(400))
+    while len(vocab) < size - 1:
+        i, j = next(pairs)
+        if max(i, j) < len(tokens) and tokens[i] + tokens[j] not in vocab:
+            vocab[tokens[i] + tokens[j]] = len(tokens)
+            tokens.append(tokens[i] + tokens[j])
+            merges.append((tokens[i], tokens[j]))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(path))
+    return path
+
+
+MEMORY = """
+import sys
+from pathlib import Path
+
+import torch  # noqa: F401  (before the baseline, as the benchmark does: its memory is not the soup's)
+
+from olmo2kit.model.soup import soup
+
+
+def kb(key):
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(key + ":"))
+
+
+before = kb("VmRSS")
+soup(sys.argv[1:3], sys.argv[3], say=lambda message: None)
+print((kb("VmHWM") - before) << 10)
+"""
+
+
+def test_tokenizers_of_olmo2s_size_are_compared_in_little_memory(tiny_path, tmp_path):
+    big_tokenizer(tmp_path / "tokenizer.json")
+    a, b = copy(tiny_path, tmp_path / "a"), copy(tiny_path, tmp_path / "b")
+    for path in (a, b):
+        shutil.copyfile(tmp_path / "tokenizer.json", path / "tokenizer.json")
+    done = subprocess.run([sys.executable, "-c", MEMORY, str(a), str(b), str(tmp_path / "soup")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    added = int(done.stdout.split()[-1])
+    assert added < 30e6, f"the soup of two tiny checkpoints took {added / 1e6:.0f} MB"  # parsing both: 120 MB
+
+
+def test_a_tokenizer_saved_otherwise_with_the_same_vocabulary_is_the_same_and_another_is_not(seeds, tmp_path):
+    data = json.loads((seeds["a"] / "tokenizer.json").read_text())
+    other = copy(seeds["b"], tmp_path / "b")
+    (other / "tokenizer.json").write_text(json.dumps(data, indent=4, ensure_ascii=True))  # other bytes, same tokens
+    soup([str(seeds["a"]), str(other)], tmp_path / "soup")
+    data["added_tokens"][0]["id"] += 1000
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(Olmo2KitError, match="another tokenizer"):
+        soup([str(seeds["a"]), str(other)], tmp_path / "soup2")
+
+
+def test_configs_that_differ_in_bookkeeping_or_in_how_they_say_the_same_are_souped(seeds, tmp_path):
+    def older(config: dict) -> None:  # as transformers 4 saved it, with other bookkeeping
+        rope = config.pop("rope_parameters")
+        config.update(rope_theta=rope["rope_theta"], rope_scaling=None, torch_dtype="bfloat16",
+                      transformers_version="4.48.0", architectures=["Olmo2Model"], use_cache=False)
+        config.pop("hidden_act", None)  # transformers' default, silu
+
+    other = edit_json(copy(seeds["b"], tmp_path / "b"), "config.json", older)
+    soup([str(seeds["a"]), str(other)], tmp_path / "soup")
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
+
+
 def without(name: str):
     return lambda ts: {k: v for k, v in ts.items() if k != name}
 
 
-def renamed(name: str):
-    return lambda ts: {(k + ".renamed" if k == name else k): v for k, v in ts.items()}
+def added(name: str):
+    return lambda ts: {**ts, name: torch.zeros(4)}
 
 
 def narrowed(name: str):
@@ -234,14 +430,66 @@ def swap_two_tokens(data: dict) -> None:
     vocab[first], vocab[second] = vocab[second], vocab[first]
 
 
+def reheader(path: Path, change) -> Path:
+    """Rewrite a checkpoint's model.safetensors as `change(header, data)` returns them."""
+    file = path / "model.safetensors"
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header, data = change(json.loads(raw[8:8 + length]), raw[8 + length:])
+    encoded = json.dumps(header).encode()
+    file.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+def by_offset(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def shifted(header: dict, by: int, after: int = -1) -> dict:
+    """`header` with the tensors that start past byte `after` moved `by` bytes."""
+    return {k: v if k == "__metadata__" or v["data_offsets"][0] <= after else
+            {**v, "data_offsets": [o + by for o in v["data_offsets"]]} for k, v in header.items()}
+
+
+def overlapping(header: dict, data: bytes) -> tuple[dict, bytes]:
+    """The last tensor starting 4 bytes into the one before it (and the data 4 bytes shorter)."""
+    last = by_offset(header)[-1]
+    start = header[last]["data_offsets"][0]
+    return shifted(header, -4, after=start - 1), data[:-4]
+
+
+# Files safetensors itself refuses (safetensors/src/tensor.rs, Metadata::validate): the tests check it does.
+HEADER_DAMAGE = {
+    "overlapping tensors": overlapping,
+    "a gap before the first tensor": lambda h, d: (shifted(h, 8), b"\0" * 8 + d),
+    "bytes after the last tensor": lambda h, d: (h, d + b"\0" * 8),
+    "metadata of numbers": lambda h, d: ({**h, "__metadata__": {"format": 1}}, d),
+    "metadata not a map": lambda h, d: ({**h, "__metadata__": ["pt"]}, d),
+}
+
+
+def test_safetensors_refuses_the_damaged_headers_too(seeds, tmp_path):
+    from safetensors import safe_open
+
+    for what, change in HEADER_DAMAGE.items():
+        path = reheader(copy(seeds["b"], tmp_path / what.replace(" ", "-")), change)
+        with pytest.raises(Exception):  # noqa: B017 (safetensors raises its own SafetensorError, or a plain one)
+            with safe_open(path / "model.safetensors", framework="pt") as f:
+                [f.get_tensor(k) for k in f.keys()]
+            pytest.fail(f"safetensors reads a file with {what}")
+
+
 def mismatches(seeds, root: Path) -> dict[str, tuple[list[str], str]]:
     """Inputs a soup must refuse: (arguments after the output, a piece of the one-line error)."""
     a, b = str(seeds["a"]), str(seeds["b"])
     wide = build_tiny(root / "wide", seed=5, head_dim=32)
     eps = edit_json(copy(seeds["b"], root / "eps"), "config.json", lambda c: c.update(rms_norm_eps=1e-5))
+    act = edit_json(copy(seeds["b"], root / "act"), "config.json", lambda c: c.update(hidden_act="gelu"))
+    scaled = edit_json(copy(seeds["b"], root / "scaled"), "config.json",
+                       lambda c: c["rope_parameters"].update(rope_type="linear", factor=2.0))
     tokens = edit_json(copy(seeds["b"], root / "tokens"), "tokenizer.json", swap_two_tokens)
     missing = copy(seeds["b"], root / "missing", without("model.norm.weight"))
-    extra = copy(seeds["b"], root / "extra", renamed("model.norm.weight"))
+    extra = copy(seeds["b"], root / "extra", added("model.extra.weight"))
     shape = copy(seeds["b"], root / "shape", narrowed("model.layers.0.mlp.up_proj.weight"))
     adapter = root / "adapter"
     adapter.mkdir()
@@ -251,20 +499,25 @@ def mismatches(seeds, root: Path) -> dict[str, tuple[list[str], str]]:
     cut = copy(seeds["b"], root / "cut")
     with open(cut / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(cut / "model.safetensors") // 2)
+    damaged = {what: reheader(copy(seeds["b"], root / what.replace(" ", "-")), change)
+               for what, change in HEADER_DAMAGE.items()}
     llama = edit_json(copy(seeds["b"], root / "llama"), "config.json", lambda c: c.update(model_type="llama"))
     return {
         "one checkpoint": ([a], "2 checkpoints or more"),
         "another width": ([a, str(wide)], "another architecture"),
         "another rms_norm_eps": ([a, str(eps)], "rms_norm_eps"),
+        "another hidden_act": ([a, str(act)], "(hidden_act 'gelu' against 'silu')"),
+        "another rope scaling": ([a, str(scaled)], "(rope_parameters {"),
         "another tokenizer": ([a, str(tokens)], "another tokenizer"),
         "a tensor missing": ([a, str(missing)], "lacks 1 tensors"),
-        "a tensor besides": ([a, str(extra)], "lacks 1 tensors"),
+        "a tensor besides": ([a, str(extra)], "has 1 tensors besides those of"),
         "another shape": ([a, str(shape)], "model.layers.0.mlp.up_proj.weight has shape"),
         "another dtype": ([a, str(seeds["b16"])], "is BF16 in"),
         "a LoRA adapter": ([a, str(adapter)], "olmo2kit merge"),
         "pickled weights": ([a, str(pickled)], "safetensors only"),
         "a cut file": ([a, str(cut)], "not a whole safetensors file"),
         "not OLMo 2": ([a, str(llama)], "not an OLMo 2 checkpoint"),
+        **{what: ([a, str(path)], "not a whole safetensors file") for what, path in damaged.items()},
         "no such directory": ([a, str(root / "nowhere")], "no such directory"),
         "a reference of another shape": ([a, b, "--compare", str(shape)], "has shape"),
         "a bare revision of local checkpoints": ([a, b, "--compare", "main"], "unknown model"),
@@ -282,10 +535,10 @@ def test_every_mismatch_is_refused_in_one_line_and_nothing_is_written(seeds, tmp
     root = tmp_path / "inputs"
     root.mkdir()
     for what, (args, needle) in mismatches(seeds, root).items():
-        output = tmp_path / "soup"
+        output = tmp_path / "new" / "soup"
         code, _, err = cli("soup", *args, "--output", str(output))
         assert needle in one_line_error(code, err, alone=True), what
-        no_soup_at(output)
+        assert not output.parent.exists(), what  # not even the folder it would have gone in
 
 
 def test_an_output_that_exists_is_refused_and_kept(seeds, tmp_path, cli):

@@ -34,8 +34,10 @@ def soup_command(
 
     Examples:
 
-      olmo2kit soup 7b@stage2-ingredient1-step11931-tokens50B 7b@stage2-ingredient2-step11931-tokens50B
-      7b@stage2-ingredient3-step11931-tokens50B --output out/7b-soup --compare main
+      olmo2kit soup 7b@stage2-ingredient1-step11931-tokens50B \\
+        7b@stage2-ingredient2-step11931-tokens50B \\
+        7b@stage2-ingredient3-step11931-tokens50B \\
+        --output out/7b-soup --compare main
 
       olmo2kit soup out/run-a out/run-b --output out/ab --weights 2,1
     """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from olmo2kit.compat import hub_network_errors, offline_mode
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.model.loading import resolve_model
+from olmo2kit.model.loading import ModelRef, _cached_instead, resolve_model
 from olmo2kit.model.revisions import check_revision
 
 # What loading reads: config, generation config, tokenizer, the weights and their index.
@@ -41,6 +41,8 @@ def download(model: str, revision: str | None = None, *,
              progress: Callable[[int, int], None] | None = None) -> Path:
     """Download what `load(model, revision=...)` reads into the cache, and return the snapshot directory.
 
+    Offline (HF_HUB_OFFLINE), or when the Hub cannot be reached, the cached snapshot is returned instead, by the
+    rule `load` follows (`loading._cached_instead`); an Olmo2KitError when the cache holds none.
     `progress(bytes done, bytes in all)` is called as bytes arrive (files already cached count as done).
 
     >>> download("1b", "stage1-step140000-tokens294B")  # doctest: +SKIP
@@ -51,9 +53,11 @@ def download(model: str, revision: str | None = None, *,
     if ref.local:
         raise Olmo2KitError(f"{model} is a local directory: there is nothing to download")
     if offline_mode():
-        raise Olmo2KitError("huggingface_hub is in offline mode (HF_HUB_OFFLINE): unset it to download")
-    if ref.revision:
-        check_revision(ref.source, ref.revision)  # a mistyped branch is named with its nearest ones
+        if ref.revision:
+            check_revision(ref.source, ref.revision)  # against the cached list of revisions, where there is one
+        return _cached_snapshot(ref)
+    if _cached_instead(ref, model):  # asks the Hub once, and names a mistyped branch with its nearest ones
+        return _cached_snapshot(ref)
     report = progress or (lambda done, total: None)
     with _hub_errors(str(ref)):
         planned = snapshot_download(ref.source, revision=ref.revision, allow_patterns=LOADED_FILES, dry_run=True)
@@ -72,6 +76,21 @@ def download(model: str, revision: str | None = None, *,
             if not Path(info.local_path).exists():
                 hf_hub_download(ref.source, info.filename, revision=info.commit_hash, tqdm_class=_bytes_to(add))
         return Path(planned[0].local_path).parents[len(Path(planned[0].filename).parts) - 1]
+
+
+def _cached_snapshot(ref: ModelRef) -> Path:
+    """The snapshot directory of a revision in the cache, without asking the Hub; an Olmo2KitError when the cache
+    holds none."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(ref.source, revision=ref.revision, allow_patterns=LOADED_FILES,
+                                      local_files_only=True))
+    except LocalEntryNotFoundError:
+        why = "huggingface_hub is in offline mode (HF_HUB_OFFLINE)" if offline_mode() else "the Hub cannot be reached"
+        raise Olmo2KitError(f"{ref} is not in the local cache and {why}: download it where the Hub can be reached "
+                            "(`olmo2kit download MODEL`)") from None
 
 
 def cached_revisions(model: str | None = None) -> list[CachedRevision]:

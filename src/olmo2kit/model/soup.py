@@ -27,10 +27,10 @@ from pathlib import Path
 
 from olmo2kit.devices import get_dtype
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import LOCK_NAME, cannot_write, make_output_dir, output_lock, write_json_atomic
+from olmo2kit.files import cannot_write, make_output_dir, output_lock, write_json_atomic
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import resolve_model
-from olmo2kit.model.sizes import ARCHITECTURE_FIELDS, checkpoint_architecture, read_config
+from olmo2kit.model.sizes import checkpoint_architecture, read_config
 
 log = logging.getLogger("olmo2kit")
 
@@ -47,6 +47,14 @@ RECORD = "soup.json"
 # What a soup copies from its first ingredient besides the weights: the configs and the tokenizer's files.
 COPIED = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
           "merges.txt", "chat_template.jinja", "chat_template.json")
+# Config keys that say nothing of what the weights compute: two checkpoints of one model may differ in them.
+BOOKKEEPING = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path",
+                         "use_cache", "output_attentions", "output_hidden_states", "return_dict", "bos_token_id",
+                         "eos_token_id", "pad_token_id"})  # the token ids: the tokenizers are compared on their own
+# What transformers reads where an OLMo 2 config leaves a key out (transformers/models/olmo2/configuration_olmo2.py,
+# Olmo2Config; rope_theta 10000 in rope_parameters' default), so that a key left out and its default agree.
+DEFAULTS = {"hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
+            "rms_norm_eps": 1e-5, "initializer_range": 0.02, "max_position_embeddings": 2048}
 # Weights in pickle formats, which olmo2kit never reads.
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -168,7 +176,7 @@ def soup(
     normalised = check_weights(weights, len(checkpoints))
     if output is None and compare is None:
         raise Olmo2KitError("nothing to do: give --output DIR to write the soup, --compare REF to compare it, or both")
-    target = None if output is None else _check_output(Path(output).expanduser())
+    target = None if output is None else _check_output(output_path(output))
     report = progress or (lambda what, done, total: None)
     if weights is not None:
         say(f"weights {', '.join(f'{w:g}' for w in weights)} normalised to sum 1: "
@@ -215,11 +223,24 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     return [w / total for w in scaled]
 
 
+def output_path(output: str | os.PathLike) -> Path:
+    """`output` as an absolute path, its folders' links resolved and its own name kept (a link there is refused
+    later); an Olmo2KitError when it names no new directory: empty, `.`, `..`, the root, or a folder the current
+    directory is in (a soup renamed over it would leave the shell in a deleted directory)."""
+    text = os.fspath(output)
+    path = Path(text).expanduser()
+    here = Path.cwd().resolve()
+    target = path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve()
+    if not text.strip() or not target.name or target == here or target in here.parents:
+        raise Olmo2KitError(f"--output {text!r} is the current directory or one above it: give a new directory for "
+                            "the soup (e.g. --output out/soup)")
+    return target
+
+
 def _check_output(path: Path) -> Path:
-    """`path`, when it is free or an empty directory (its parent made); else an Olmo2KitError."""
+    """`path`, when it is free or an empty directory; else an Olmo2KitError (nothing is created here)."""
     if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
         raise Olmo2KitError(f"{path} already exists: give a new or empty directory for the soup")
-    make_output_dir(path.parent)
     return path
 
 
@@ -318,6 +339,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     data_size = size - 8 - length
+    metadata = header.get("__metadata__")  # null or a map of strings, as safetensors reads it
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("its __metadata__ is not a map of strings to strings")
     tensors = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -334,15 +358,25 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         nbytes = math.prod(shape) * get_dtype(SAFETENSORS_DTYPES[dtype]).bytes
         if offsets[1] - offsets[0] != nbytes:
             raise bad(f"{name} takes {offsets[1] - offsets[0]} bytes, its shape {nbytes}")
-        tensors.append((offsets[0], name, TensorInfo(path, dtype, tuple(shape), 8 + length + offsets[0], nbytes)))
-    return {name: info for _, name, info in sorted(tensors)}
+        tensors.append((offsets[0], offsets[1], name, TensorInfo(path, dtype, tuple(shape), 8 + length + offsets[0],
+                                                                  nbytes)))
+    # As safetensors' own reader demands (safetensors/src/tensor.rs, Metadata::validate): sorted by offset, each
+    # tensor starts where the one before ends, from 0, and the last ends where the file does.
+    end = 0
+    for begin, stop, name, _ in sorted(tensors):
+        if begin != end:
+            raise bad(f"{name} starts at byte {begin} of the data, the tensor before it ends at {end}")
+        end = stop
+    if end != data_size:
+        raise bad(f"its tensors end at byte {end} of {data_size} bytes of data")
+    return {name: info for _, _, name, info in sorted(tensors)}
 
 
 def _check_same(first: _Checkpoint, other: _Checkpoint) -> None:
     """An Olmo2KitError naming what differs when `other` cannot be averaged with `first`."""
     a, b = first.ingredient.name, other.ingredient.name
     _check_architecture(first, other)
-    if _vocabulary(first.ingredient) != _vocabulary(other.ingredient):
+    if not _same_tokenizer(first.ingredient, other.ingredient):
         raise Olmo2KitError(f"{b} has another tokenizer than {a} (their tokenizer files differ): soup checkpoints "
                             "that share one tokenizer")
     _check_tensors(first, other, dtypes=True)
@@ -355,46 +389,77 @@ def _check_reference(first: _Checkpoint, reference: _Checkpoint) -> None:
 
 
 def _check_architecture(first: _Checkpoint, other: _Checkpoint) -> None:
-    mine, theirs = _architecture(first.config), _architecture(other.config)
-    for key, value in mine.items():
-        if theirs[key] != value:
+    mine, theirs = _architecture(first), _architecture(other)  # the first key that differs is named
+    for key in sorted(mine.keys() | theirs.keys()):
+        if mine.get(key) != theirs.get(key):
             raise Olmo2KitError(f"{other.ingredient.name} has another architecture than {first.ingredient.name} "
-                                f"({key} {theirs[key]!r} against {value!r}): soup checkpoints of one model")
+                                f"({key} {theirs.get(key)!r} against {mine.get(key)!r}): soup checkpoints of one model")
 
 
-def _architecture(config: dict) -> dict:
-    """What must agree for two checkpoints' tensors to mean the same: the sizes, and the settings that change
-    what a layer computes (rope_theta sits in rope_parameters in configs that transformers 5 saves)."""
-    rope = config.get("rope_parameters")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else config.get("rope_theta")
-    sizes = {key: config.get(key) for key in ARCHITECTURE_FIELDS}
-    sizes["num_key_value_heads"] = config.get("num_key_value_heads") or config.get("num_attention_heads")
-    return {**sizes, "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
-            "rms_norm_eps": config.get("rms_norm_eps"), "rope_theta": theta}
+def _architecture(checkpoint: _Checkpoint) -> dict:
+    """What must agree for two checkpoints' tensors to mean the same: the whole config less `BOOKKEEPING`, with
+    transformers' defaults where a key is left out and the rope settings in one place (`rope_parameters`, as
+    transformers 5 saves them; rope_theta and rope_scaling at the top level in configs transformers 4 saved)."""
+    config = {**DEFAULTS, **{k: v for k, v in checkpoint.config.items() if k not in BOOKKEEPING}}
+    if config.get("num_key_value_heads") is None:
+        config["num_key_value_heads"] = config.get("num_attention_heads")
+    rope: dict = {"rope_type": "default", "rope_theta": config.pop("rope_theta", 10000.0)}
+    for key in ("rope_scaling", "rope_parameters"):
+        settings = config.pop(key, None)
+        if isinstance(settings, dict):
+            rope.update({("rope_type" if k == "type" else k): v for k, v in settings.items()})
+        elif settings is not None:
+            rope[key] = settings  # not a map: compared as it is
+    return {**config, "rope_parameters": rope}
 
 
-def _vocabulary(ingredient: Ingredient):
-    """What identifies a tokenizer: the vocabulary of its tokenizer.json (token -> id, added tokens included), or
-    where there is none a digest of the other tokenizer files."""
-    path = ingredient.directory / "tokenizer.json"
-    if path.is_file():
-        from tokenizers import Tokenizer
+def _same_tokenizer(first: Ingredient, other: Ingredient) -> bool:
+    """Whether two checkpoints have one tokenizer: their tokenizer files byte for byte (read a piece at a time: the
+    common case, and nothing parsed), else the vocabularies of their tokenizer.json (token -> id, added tokens
+    included), parsed one file at a time."""
+    if _files_digest(first) == _files_digest(other):
+        return True
+    if not ((first.directory / "tokenizer.json").is_file() and (other.directory / "tokenizer.json").is_file()):
+        return False
+    return _vocabulary_digest(first.directory / "tokenizer.json") == _vocabulary_digest(
+        other.directory / "tokenizer.json")
 
-        try:
-            return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-        except Exception as e:
-            if type(e) is not Exception:  # tokenizers reports a file it cannot parse as a bare Exception
-                raise
-            raise Olmo2KitError(f"{path} is not a tokenizer file ({e}): copy it again") from None
+
+def _files_digest(ingredient: Ingredient) -> str:
+    """A digest of a checkpoint's tokenizer files: its tokenizer.json, or where there is none the others."""
     digest = hashlib.sha256()
+    names = ["tokenizer.json"] if (ingredient.directory / "tokenizer.json").is_file() else \
+        ["vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"]
     found = False
-    for name in ("vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"):
+    for name in names:
         if (ingredient.directory / name).is_file():
             found = True
-            digest.update(name.encode() + b"\0" + (ingredient.directory / name).read_bytes())
+            digest.update(name.encode() + b"\0")
+            with open(ingredient.directory / name, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
     if not found:
         raise Olmo2KitError(f"{ingredient.name} holds no tokenizer files: copy them from the model it came from")
     return digest.hexdigest()
+
+
+def _vocabulary_digest(path: Path) -> str:
+    """A digest of the vocabulary of a tokenizer.json (its model's vocab and its added tokens, token -> id); the
+    parsed file is dropped before the next is read."""
+    def bad(why: str) -> Olmo2KitError:
+        return Olmo2KitError(f"{path} is not a tokenizer file ({why}): copy it again")
+
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise bad("not JSON") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = data.get("added_tokens", []) if isinstance(data, dict) else None
+    if not isinstance(vocab, dict) or not isinstance(added, list) or \
+            not all(isinstance(t, dict) and "content" in t and "id" in t for t in added):
+        raise bad("no model.vocab map, or added_tokens that are not a list of tokens")
+    tokens = {**vocab, **{t["content"]: t["id"] for t in added}}
+    return hashlib.sha256(json.dumps(sorted(tokens.items(), key=repr)).encode()).hexdigest()
 
 
 def _check_tensors(first: _Checkpoint, other: _Checkpoint, *, dtypes: bool) -> None:
@@ -429,6 +494,11 @@ class _Averager:
         import torch
 
         self.parts, self.weights, self.reference, self.done = parts, weights, reference, done
+        # Equal weights average as OLMo's own soup script does (allenai/OLMo, branch peteish13-augusta-conversion,
+        # scripts/olmo_soup.py, commit 58a9e5b0: `checkpoint_average[k] += state_dict[k] / len(args.checkpoints)`
+        # from zeros, in the checkpoints' order and dtype, fp32 for OLMo 2's): each term divided by N, not
+        # multiplied by 1/N, which rounds otherwise in about 4 elements of 10, so that `--compare main` can be 0.
+        self.divisor = len(weights) if len(set(weights)) == 1 else None
         self.chunk = max(1, chunk_elements)
         largest = max(info.elements for info in parts[0].tensors.values()) if parts[0].tensors else 1
         n = min(self.chunk, max(largest, 1))
@@ -450,14 +520,11 @@ class _Averager:
         largest = 0.0
         for start in range(0, info.elements, self.chunk):
             n = min(self.chunk, info.elements - start)
-            total, term = self.sum[:n], self.term[:n]
-            first = True
+            total, term = self.sum[:n].zero_(), self.term[:n]
             for part, weight in zip(self.parts, self.weights, strict=True):
-                if weight:  # the first term lands in the sum itself: a pass less than adding it to zeros
-                    (total if first else term).copy_(self._read(part.tensors[tensor], start, n)).mul_(weight)
-                    if not first:
-                        total.add_(term)
-                    first = False
+                if weight:
+                    term.copy_(self._read(part.tensors[tensor], start, n))  # to fp32 first, then divided
+                    total.add_(term.div_(self.divisor) if self.divisor else term.mul_(weight))
             out = self.out[: n * width].view(dtype)
             out.copy_(total)
             if self.reference is not None:
@@ -512,29 +579,30 @@ def _largest(values) -> float:
 
 def _write_soup(target: Path, parts: list[_Checkpoint], weights: list[float], given: Sequence[float] | None,
                 averaged: _Averager, total: int) -> None:
-    """Write the soup into a staging directory beside `target`, then rename it into place. A run killed at any
-    point leaves the staging directory only (hidden, cleared by the next run), never part of a soup at `target`."""
+    """Write the soup into a staging directory beside `target`, then rename it into place, all under one lock
+    (`files.output_lock` on a file beside `target`, so that it is not part of the soup): a second run into the
+    same output is refused while the first holds it, and what a killed run staged is cleared by the next one before
+    its free-space check. A run killed at any point leaves the staging directory only, never part of a soup."""
     staging = target.with_name(f".{target.name}.soup-partial")
-    free = shutil.disk_usage(target.parent).free
-    if free < total:
-        raise Olmo2KitError(f"the soup needs {total / 1e9:.2f} GB in {target.parent}, which has {free / 1e9:.2f} GB "
-                            "free: free some space or give another --output")
-    try:
-        staging.mkdir(exist_ok=True)
-    except OSError as e:
-        raise cannot_write(staging, e, "give an --output you can write to") from None
-    with output_lock(staging, option="--output") as lock:
+    make_output_dir(target.parent)
+    # The lock file (`.NAME.soup.lock`) stays, as every output_lock file does: removing it would let a run that
+    # opened it before the removal and one that creates it anew both hold "the" lock.
+    with output_lock(target.with_name(f"{target.name}.soup"), option="--output"):
+        _check_output(target)  # again, under the lock: a run that held it may have finished meanwhile
         try:
-            for item in staging.iterdir():  # what a killed run left
-                if item.name == LOCK_NAME:
-                    continue
-                if item.is_dir() and not item.is_symlink():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
+            if staging.is_symlink() or staging.is_file():
+                staging.unlink()
+            elif staging.exists():
+                shutil.rmtree(staging)  # what a killed run left, freed before the space is counted
+        except OSError as e:
+            raise cannot_write(staging, e, "give an --output you can write to") from None
+        free = shutil.disk_usage(target.parent).free
+        if free < total:
+            raise Olmo2KitError(f"the soup needs {total / 1e9:.2f} GB in {target.parent}, which has "
+                                f"{free / 1e9:.2f} GB free: free some space or give another --output")
+        try:
+            staging.mkdir()
             _write_files(staging, parts, weights, given, averaged)
-            _check_output(target)  # again: something may have appeared there meanwhile
-            lock.unlink()  # the lock itself holds on: the file goes so that the soup holds none
             _sync(staging)
             os.replace(staging, target)
             _sync(target.parent)
