@@ -125,6 +125,24 @@ def test_a_lora_adapter_records_its_base_as_an_absolute_path(cli, chat_data, tin
 
 # 3. Two runs on one --output: the second says who holds it.
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_resume_after_the_starting_weights_changed(chat_data, tiny_instruct_path, tmp_path, lora):
+    """A LoRA run's frozen base comes from the start, so a rewritten start is refused on --resume; a full
+    fine-tune's checkpoint holds every weight, so it resumes."""
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_instruct_path, model)
+    options = dict(max_steps=2, save_every=1, batch_size=2, lora=lora)
+    run(chat_data, out, model, **options)
+    (out / "finetune.json").unlink()  # as if killed after checkpoint step-1
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten: the same bytes, as far as a stamp can tell other ones
+    if lora:
+        with pytest.raises(Olmo2KitError, match="^the starting model's weights changed since step-1 was written"):
+            run(chat_data, out, model, resume=True, **options)
+    else:
+        assert run(chat_data, out, model, resume=True, **options).steps == 2
+
+
 def test_a_second_run_on_the_same_output_is_refused(chat_data, tiny_instruct_path, tmp_path):
     out = tmp_path / "out"
     args = ["finetune", "--model", str(tiny_instruct_path), "--data", str(chat_data), "--output", str(out),

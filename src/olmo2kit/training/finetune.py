@@ -116,7 +116,8 @@ def _run(config: FinetuneConfig, run: Run, progress: Callable[[int, int, float |
          ) -> FinetuneResult:
     """Load the model, train it from the checkpoint or the start, save the result and record it in finetune.json."""
     model, optimizer, tokenizer, ref, weights = _model_to_train(config, run)
-    if run.checkpoint is not None:
+    # A full SFT checkpoint holds every weight, so only a LoRA base or DPO's reference depends on the start.
+    if run.checkpoint is not None and (config.lora or config.method == "dpo"):
         check_same_start(run.checkpoint, weights)
     run.identity["weights"] = weights  # recorded in every checkpoint, for the check above
     run.objective = _objective(config, run, model, ref)  # before a checkpoint's weights load: DPO's reference
