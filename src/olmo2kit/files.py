@@ -11,6 +11,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -101,6 +103,77 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise Olmo2KitError(f"cannot create the directory {path} ({e.strerror}): give one you can write to") from None
     return path
+
+
+def check_new_output_dir(out: str | os.PathLike) -> Path:
+    """`out`, made absolute, as a directory to create: nothing there yet, or an empty directory, and neither the
+    current directory nor one above it (a rename onto it would pull the directory from under this process). Nothing
+    is created: the nearest directory above `out` that exists must be one this user can write in. An Olmo2KitError
+    saying what to give otherwise."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise Olmo2KitError(f"{out} exists: give a new directory (or remove it)")
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise Olmo2KitError(f"{out} is the current directory (or holds it): give a new directory to write")
+    above = out.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise Olmo2KitError(f"cannot create {out}: {above} is not a directory you can write in; give another place")
+    return out
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, and another user's
+        pass
+    return True
+
+
+def staging_path(out: Path) -> Path:
+    """Where this process stages the file `out` before renaming it into place: `.NAME.PID.partial` beside it, named
+    by the process, so that `remove_abandoned_staging` can tell what a killed process left."""
+    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+
+
+def remove_abandoned_staging(folder: Path, name: str = ".+") -> None:
+    """Remove, in `folder`, what outputs were staged in (files or directories `.NAME.PID[.*].partial`, NAME
+    matching the regular expression `name`) by processes that are gone; a running process's are left alone."""
+    staged = re.compile(rf"\.(?:{name})\.(?P<pid>\d+)(?:\..+)?\.partial")
+    for partial in folder.glob(".*.partial"):
+        match = staged.fullmatch(partial.name)
+        if match and not process_alive(int(match["pid"])):
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_output_dir(out: Path, hint: str = "give a directory you can write to") -> Iterator[Path]:
+    """A new directory beside `out` (`.NAME.PID.*.partial`) to write the directory `out` in, renamed to `out` when
+    the block ends (onto nothing, or onto an empty directory: `check_new_output_dir` again, as one may have
+    appeared meanwhile); removed if anything fails, so `out` is whole or not there. The parents of `out` are made
+    here, not before, and what killed processes staged for `out` is removed first. A failed write is an
+    Olmo2KitError ending in `hint`."""
+    make_output_dir(out.parent)
+    remove_abandoned_staging(out.parent, re.escape(out.name))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise cannot_write(out, e, hint) from None
+    try:
+        yield staging
+        check_new_output_dir(out)
+        os.replace(staging, out)
+    except OSError as e:
+        raise cannot_write(out, e, hint) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def numbered_lines(f, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:

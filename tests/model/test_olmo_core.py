@@ -127,6 +127,9 @@ def test_a_lora_adapter_is_exported_merged_into_its_base(tiny, tiny_path, tmp_pa
     with torch.no_grad():
         got = model(input_ids=ids)
     assert (expected - got).abs().max() <= TOLERANCE < (unadapted - got).abs().max()
+    # the adapter holds no tokenizer: the base's was loaded, and is the one the run's config names
+    named = json.loads((done.path / CONFIG_FILE).read_text())["dataset"]["tokenizer"]["identifier"]
+    assert named == str(tiny_path.resolve())
 
 
 TRAIN = """
@@ -361,3 +364,176 @@ def test_the_inputs_are_checked_before_any_work(exported, tmp_path):
         import_olmo_core(exported, tmp_path / "taken")
     with pytest.raises(Olmo2KitError, match="exists"):
         export_olmo_core(str(exported), tmp_path / "taken")
+
+
+def test_a_config_naming_any_other_function_as_a_class_is_refused_unrun(exported, tmp_path, monkeypatch):
+    """OLMo-core's Config.from_dict imports the module a `_CLASS_` names and calls what it finds: a config naming
+    olmo_core.io.clear_directory would delete the victim. Refused, and a module outside OLMo-core is not even
+    imported."""
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(exported, hostile)
+    config = json.loads((hostile / CONFIG_FILE).read_text())
+    config["model"]["lm_head"]["layer_norm"] = {"_CLASS_": "olmo_core.io.clear_directory", "dir": str(victim)}
+    (hostile / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(Olmo2KitError, match="olmo_core.io.clear_directory.*not one of OLMo-core's config classes"):
+        import_olmo_core(hostile, tmp_path / "out")
+    assert (victim / "keep").is_dir() and nothing_written(tmp_path / "out")
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nclass C: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config["model"]["lm_head"]["layer_norm"] = {"_CLASS_": "planted.C"}
+    (hostile / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(Olmo2KitError, match="planted.C"):
+        import_olmo_core(hostile, tmp_path / "out")
+    assert not (tmp_path / "imported").exists()
+
+
+def test_an_export_from_a_revision_takes_that_revisions_dtype(hub, hub_env, tiny, tiny_path, tmp_path):
+    """main is bf16, the revision fp32: the export of repo@revision is fp32 and exact, though main's config is
+    cached beside it."""
+    from olmo2kit.model.loading import load_tokenizer
+
+    hf_model, _ = tiny
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_path, bf16)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in hf_model.state_dict().items()},
+              bf16 / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((bf16 / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    hub.add_repo("org/oc-dtypes", {"main": bf16, "fp32": tiny_path})
+    load_tokenizer("org/oc-dtypes")  # main's config.json in the cache
+    done = export_olmo_core("org/oc-dtypes@fp32", tmp_path / "oc")
+    assert done.dtype == "float32"
+    back = import_olmo_core(done.path, tmp_path / "back")
+    original, returned = load_file(tiny_path / "model.safetensors"), load_file(back.path / "model.safetensors")
+    assert all(torch.equal(returned[k], v) for k, v in original.items())
+
+
+def test_weights_a_cast_would_change_are_refused(tiny_path, tmp_path):
+    """A config.json saying bfloat16 over fp32 weights: the export would round them; refused, nothing written."""
+    mislabelled = tmp_path / "mislabelled"
+    shutil.copytree(tiny_path, mislabelled)
+    config = json.loads((mislabelled / "config.json").read_text())
+    (mislabelled / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    with pytest.raises(Olmo2KitError, match="not exactly representable in bfloat16"):
+        export_olmo_core(str(mislabelled), tmp_path / "oc")
+    assert nothing_written(tmp_path / "oc")
+
+
+def test_a_checkpoint_of_mixed_dtypes_is_refused(tiny_path, tmp_path):
+    """bf16 embeddings and fp32 elsewhere: refused in one line, not written with every tensor in bf16."""
+    from olmo_core.distributed.checkpoint import save_model_and_optim_state
+
+    step = tmp_path / "run" / "step1"
+    model = olmo_core_checkpoint(step, tiny_path)
+    shutil.rmtree(step / MODEL_DIR)
+    model.embeddings.to(torch.bfloat16)
+    save_model_and_optim_state(str(step / MODEL_DIR), model)
+    with pytest.raises(Olmo2KitError, match=r"several dtypes \(bfloat16 \(embeddings.weight\), float32") as refused:
+        import_olmo_core(step, tmp_path / "out")
+    assert "\n" not in str(refused.value) and nothing_written(tmp_path / "out")
+
+
+def test_a_mapping_that_changes_a_tensor_is_refused():
+    """convert_each checks each converted tensor against its source: a converter that damages a row (which the
+    probe's tokens may never read) or maps two names to one is refused."""
+    from olmo2kit.model.olmo_core import convert_each
+
+    state = {"a": torch.ones(4, 3), "b": torch.zeros(2)}
+    assert set(convert_each(lambda _, one: {k.upper(): v.clone() for k, v in one.items()}, None, dict(state))) \
+        == {"A", "B"}
+
+    def damaging(_, one):
+        return {k: v.clone().index_fill_(0, torch.tensor([v.shape[0] - 1]), 7.0) for k, v in one.items()}
+
+    with pytest.raises(Olmo2KitError, match="did not copy a"):
+        convert_each(damaging, None, dict(state))
+    with pytest.raises(Olmo2KitError, match="did not copy b"):
+        convert_each(lambda _, one: {"same": next(iter(one.values()))}, None, dict(state))
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(exported, tiny_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    bigger = AutoTokenizer.from_pretrained(tiny_path)
+    bigger.add_tokens([f"<extra_{i}>" for i in range(200)])
+    bigger.save_pretrained(tmp_path / "bigger")
+    with pytest.raises(Olmo2KitError, match="more than the .* the model of .* has embeddings for"):
+        import_olmo_core(exported, tmp_path / "out", tokenizer=str(tmp_path / "bigger"))
+    other = tmp_path / "other-run"
+    shutil.copytree(exported, other)
+    config = json.loads((other / CONFIG_FILE).read_text())
+    config["dataset"]["tokenizer"]["eos_token_id"] += 1
+    (other / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(Olmo2KitError, match="eos_token_id"):
+        import_olmo_core(other, tmp_path / "out")
+    assert nothing_written(tmp_path / "out")
+
+
+def rewrite_index(step: Path, change) -> None:
+    """The DCP index of `step` (olmo2kit's own export: trusted here) with `change(metadata)` applied."""
+    index = step / MODEL_DIR / ".metadata"
+    metadata = pickle.loads(index.read_bytes())
+    change(metadata)
+    index.write_bytes(pickle.dumps(metadata))
+
+
+def test_an_index_of_allowed_classes_that_is_no_index_is_refused(exported, tmp_path):
+    from collections import OrderedDict
+
+    step = tmp_path / "step"
+    shutil.copytree(exported, step)
+    index = step / MODEL_DIR / ".metadata"
+    for content in (pickle.dumps({1, 2}), pickle.dumps(OrderedDict(a=1)),
+                    b"ctorch.serialization\n_get_layout\n(Vbogus\ntR."):
+        index.write_bytes(content)
+        with pytest.raises(Olmo2KitError, match="not a torch distributed checkpoint's index") as refused:
+            import_olmo_core(step, tmp_path / "out")
+        assert "\n" not in str(refused.value)
+
+
+def test_a_shard_path_out_of_the_checkpoint_is_refused(exported, tmp_path):
+    step = tmp_path / "step"
+    shutil.copytree(exported, step)
+    (tmp_path / "other").mkdir()
+    shutil.copy(next((step / MODEL_DIR).glob("*.distcp")), tmp_path / "other" / "file")
+
+    def outside(metadata):
+        for info in metadata.storage_data.values():
+            info.relative_path = "../../other/file"
+
+    rewrite_index(step, outside)
+    with pytest.raises(Olmo2KitError, match="a shard is at '../../other/file', not a file of the checkpoint"):
+        import_olmo_core(step, tmp_path / "out")
+
+
+def test_a_config_of_huge_sizes_is_refused_before_any_memory_is_taken(exported, tmp_path):
+    step = tmp_path / "step"
+    shutil.copytree(exported, step)
+    config = json.loads((step / CONFIG_FILE).read_text())
+    config["model"]["d_model"] = 1 << 20
+    (step / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(Olmo2KitError, match=r"holds model.embeddings.weight of shape \(\d+, 64\) where its config"):
+        import_olmo_core(step, tmp_path / "out")
+
+
+def test_a_missing_shard_is_said_in_one_short_line(exported, tmp_path):
+    step = tmp_path / "step"
+    shutil.copytree(exported, step)
+    next((step / MODEL_DIR).glob("*.distcp")).unlink()
+    with pytest.raises(Olmo2KitError, match="No such file or directory") as refused:
+        import_olmo_core(step, tmp_path / "out")
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 400
+
+
+def test_the_output_is_resolved_and_checked_before_any_work(exported, tmp_path, monkeypatch):
+    """`.` (an empty current directory) is refused at once, and a failed run leaves no parent directories."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(Olmo2KitError, match="is the current directory"):
+        import_olmo_core(exported, ".")
+    with pytest.raises(Olmo2KitError, match="no such directory"):
+        export_olmo_core(str(tmp_path / "nonexistent"), "a/b/c")
+    assert not (empty / "a").exists()

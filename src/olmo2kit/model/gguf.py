@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import cannot_write, file_sha256, file_stamp, make_output_dir, write_json_atomic
+from olmo2kit.files import (
+    cannot_write,
+    file_sha256,
+    file_stamp,
+    make_output_dir,
+    remove_abandoned_staging,
+    staging_path,
+    write_json_atomic,
+)
 from olmo2kit.model.chat_template import OLMO2_OLLAMA_TEMPLATE, OLMO2_STOP
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import ModelRef, resolve_model
@@ -315,7 +323,7 @@ def convert(source: Path, out: Path, gguf_type: str, *, name: str | None = None,
     A failed write (a full disk, say) is an Olmo2KitError saying why in one line."""
     kind = check_gguf_type(gguf_type)
     converter = converter_dir()
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    partial = staging_path(out)
     try:
         done = subprocess.run(
             [sys.executable, "-c", "from olmo2kit.model.gguf import _convert_main; _convert_main()",
@@ -410,28 +418,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-# A file this module writes beside a GGUF before renaming it into place: `.NAME.gguf.PID.partial`, and the
-# converter's unquantized output `.NAME.gguf.PID.partial.TYPE.partial`, named by the process that writes them.
-_PARTIAL = re.compile(r"\..+\.gguf\.(?P<pid>\d+)\.partial(\.\w+\.partial)?")
-
-
 def _remove_abandoned(folder: Path) -> None:
-    """Remove the partial GGUF files in `folder` whose process is gone (killed mid-conversion or mid-copy); a
-    running process's are left alone."""
-    for partial in folder.glob(".*.partial"):
-        match = _PARTIAL.fullmatch(partial.name)
-        if match and not _alive(int(match["pid"])):
-            partial.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # there, and another user's
-        pass
-    return True
+    """Remove the partial GGUF files in `folder` whose process is gone (killed mid-conversion or mid-copy): the
+    file `.NAME.gguf.PID.partial` this module writes beside a GGUF before renaming it into place, and the
+    converter's unquantized output `.NAME.gguf.PID.partial.TYPE.partial`."""
+    remove_abandoned_staging(folder, r".+\.gguf")
 
 
 def _run_converter(converter: Path, source: Path, out: Path, outtype: str, name: str) -> None:
@@ -607,7 +598,7 @@ def _new_output_file(out: str | os.PathLike, suffix: str) -> Path:
 def _copy_checked(source: Path, out: Path, sha256: str) -> bool:
     """Copy `source` to `out` when its bytes have the digest `sha256` (read once, as they are copied): `out`
     appears whole, or not at all and False where they do not."""
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    partial = staging_path(out)
     digest = hashlib.sha256()
     try:
         with source.open("rb") as read, partial.open("xb") as write:

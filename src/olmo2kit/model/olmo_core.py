@@ -28,23 +28,19 @@ checkpoint's own metadata classes and loads tensors with `weights_only=True`, so
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import glob
 import io
 import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
+import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError, first_line
-from olmo2kit.files import cannot_write, make_output_dir
+from olmo2kit.files import check_new_output_dir, staged_output_dir
 from olmo2kit.model.sizes import CONTEXT_LENGTH, MODEL_TYPE, read_config
 
 log = logging.getLogger("olmo2kit")
@@ -57,6 +53,7 @@ TOKENIZER_DIR = "tokenizer"  # olmo2kit's addition: the Hugging Face tokenizer o
 INSTALL = ("run `make olmo-core`, or: pip install --no-deps ai2-olmo-core==3.0.0 cached-path==1.8.10 && "
            "pip install bettermap==1.3.1 dataclass-extensions==0.5.0 importlib_resources==7.1.0 "
            "google-cloud-storage==3.17.2 boto3==1.44.18")
+_WRITE_HINT = "give a directory you can write to, with room for the model"
 # The probe: two rows of 64 token ids drawn with a fixed seed.
 PROBE_ROWS, PROBE_TOKENS, PROBE_SEED = 2, 64, 0
 # OLMo-core's own check of a conversion: torch.testing.assert_close(rtol=1e-4, atol=1e-4) on the logits
@@ -96,11 +93,11 @@ def export_olmo_core(model: str, out: str | os.PathLike, *, revision: str | None
     adapter, merged into its base) as an OLMo-core checkpoint in the new directory `out`, in the checkpoint's own
     dtype; an Olmo2KitError, and nothing written, where OLMo-core's model does not give transformers' logits."""
     require_olmo_core()
-    out = _new_output_dir(out)
-    hf_model, tokenizer, dtype = _load_hf(model, revision, say)
+    out = check_new_output_dir(out)
+    hf_model, tokenizer, dtype, tokenizer_ref = _load_hf(model, revision, say)
     say(f"building OLMo-core's model of {model}")
     hf_config, model_config = hf_model.config, transformer_config(hf_model.config)
-    oc_model = _build(model_config, device="meta")
+    oc_model = _build(model_config)
     ids = probe_ids(hf_config.vocab_size)
     expected = logits(hf_model, ids)
     from olmo_core.nn.hf import convert_state_from_hf
@@ -110,15 +107,16 @@ def export_olmo_core(model: str, out: str | os.PathLike, *, revision: str | None
     oc_model.load_state_dict(convert_each(convert_state_from_hf, hf_config, state), assign=True)
     diff = check_logits(expected, logits(oc_model, ids), what=f"{model} in OLMo-core's model")
     tensors, parameters = _count(oc_model)
-    with _staging(out) as staging:
+    _cast_exactly(oc_model, dtype, what=model)
+    with staged_output_dir(out, _WRITE_HINT) as staging:
         from olmo_core.distributed.checkpoint import save_model_and_optim_state
 
         say(f"writing the OLMo-core checkpoint ({_dtype_name(dtype)}) to {out}")
         with warnings.catch_warnings():  # torch's note that a process with no process group saves alone
             warnings.simplefilter("ignore", UserWarning)
-            save_model_and_optim_state(str(staging / MODEL_DIR), oc_model.to(dtype))
+            save_model_and_optim_state(str(staging / MODEL_DIR), oc_model)
         experiment = {"model": model_config.as_config_dict(),
-                      "dataset": {"tokenizer": _tokenizer_config(tokenizer, model, revision)}}
+                      "dataset": {"tokenizer": _tokenizer_config(tokenizer, tokenizer_ref)}}
         (staging / CONFIG_FILE).write_text(json.dumps(experiment, indent=2))
         tokenizer.save_pretrained(staging / TOKENIZER_DIR)
     return Conversion(out, diff, tensors, parameters, _dtype_name(dtype))
@@ -138,13 +136,16 @@ def import_olmo_core(checkpoint: str | os.PathLike, out: str | os.PathLike, *, t
     weights, config_path = find_checkpoint(checkpoint)
     experiment = read_config(config_path)
     model_config = _config_of(experiment, config_path)
-    out = _new_output_dir(out)
+    out = check_new_output_dir(out)
+    dtype = checkpoint_dtype(weights)
     hf_tokenizer = _tokenizer_for(weights, experiment, tokenizer, config_path)
     oc_model = _build(model_config)
+    _check_shapes(oc_model, weights)  # before any memory is taken: a config's sizes may be anything
     from olmo_core.nn.hf import convert_state_to_hf
 
     hf_config = _olmo2_hf_config(oc_model, config_path)
-    dtype = checkpoint_dtype(weights)
+    _check_tokenizer(hf_tokenizer, hf_config.vocab_size, experiment, config_path)
+    _allocate(oc_model, config_path)
     say(f"reading the OLMo-core checkpoint {weights} ({_dtype_name(dtype)})")
     load_checkpoint(weights, oc_model)
     _set_token_ids(hf_config, hf_tokenizer)
@@ -156,9 +157,10 @@ def import_olmo_core(checkpoint: str | os.PathLike, out: str | os.PathLike, *, t
     hf_model = _hf_model(hf_config, convert_each(convert_state_to_hf, hf_config, state))
     diff = check_logits(expected, logits(hf_model, ids), what=f"{checkpoint} in transformers' model")
     tensors, parameters = _count(hf_model)
-    with _staging(out) as staging:
+    _cast_exactly(hf_model, dtype, what=str(checkpoint))
+    with staged_output_dir(out, _WRITE_HINT) as staging:
         say(f"writing the Hugging Face checkpoint ({_dtype_name(dtype)}) to {out}")
-        hf_model.to(dtype).save_pretrained(staging)
+        hf_model.save_pretrained(staging)
         hf_tokenizer.save_pretrained(staging)
     return Conversion(out, diff, tensors, parameters, _dtype_name(dtype))
 
@@ -225,24 +227,93 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def checkpoint_dtype(weights: Path):
-    """The dtype of the model's weights in the DCP directory `weights` (its embeddings')."""
-    metadata = read_metadata(weights)
-    entry = metadata.state_dict_metadata.get("model.embeddings.weight")
-    if entry is None or not hasattr(entry, "properties"):
+    """The dtype of the model's weights in the DCP directory `weights`: one for all of them, or an Olmo2KitError."""
+    tensors = _model_tensors(weights)
+    if "embeddings.weight" not in tensors:
         raise Olmo2KitError(f"{weights} holds no model.embeddings.weight: it is not an OLMo-core model's checkpoint")
-    return entry.properties.dtype
+    dtypes = {entry.properties.dtype for entry in tensors.values()}
+    if len(dtypes) > 1:
+        named = ", ".join(f"{_dtype_name(d)} ({next(n for n, e in tensors.items() if e.properties.dtype == d)})"
+                          for d in sorted(dtypes, key=str))
+        raise Olmo2KitError(f"{weights} holds the model's weights in several dtypes ({named}): olmo2kit writes a "
+                            "checkpoint in one; cast them to one with OLMo-core first")
+    return dtypes.pop()
+
+
+def _model_tensors(weights: Path) -> dict:
+    """The model's tensors in the DCP index of `weights`: {name in the model: TensorStorageMetadata}."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return {name.removeprefix("model."): entry for name, entry in read_metadata(weights).state_dict_metadata.items()
+            if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+
+
+def _check_shapes(oc_model, weights: Path) -> None:
+    """An Olmo2KitError where the model `oc_model` (on meta: no memory) does not have the tensors, by name and
+    shape, that the DCP index of `weights` holds."""
+    stored = _model_tensors(weights)
+    for name, tensor in oc_model.state_dict().items():
+        entry = stored.get(name)
+        if entry is None:
+            raise Olmo2KitError(f"{weights} holds no model.{name}, which the model of its config.json has: give the "
+                                "config of this run")
+        if tuple(entry.size) != tuple(tensor.shape):
+            raise Olmo2KitError(f"{weights} holds model.{name} of shape {tuple(entry.size)} where its config.json "
+                                f"makes {tuple(tensor.shape)}: give the config of this run")
 
 
 def read_metadata(weights: Path):
     """The DCP index (`.metadata`) of `weights`, unpickled with only the classes a DCP index holds."""
+    path = weights / ".metadata"
     try:
-        with open(weights / ".metadata", "rb") as f:
-            return _MetadataUnpickler(f).load()
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
     except OSError as e:
-        raise Olmo2KitError(f"cannot read {weights / '.metadata'} ({e.strerror}): check the checkpoint") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as e:
-        raise Olmo2KitError(f"{weights / '.metadata'} is not a torch distributed checkpoint's index "
-                            f"({first_line(e)}): copy the checkpoint again") from None
+        raise Olmo2KitError(f"cannot read {path} ({e.strerror}): check the checkpoint") from None
+    except Exception as e:  # a pickle of the allowed classes may be built to fail in any way
+        raise Olmo2KitError(f"{path} is not a torch distributed checkpoint's index ({first_line(e)}): copy the "
+                            "checkpoint again") from None
+    problem = _index_problem(metadata)
+    if problem:
+        raise Olmo2KitError(f"{path} is not a torch distributed checkpoint's index ({problem}): copy the checkpoint "
+                            "again")
+    return metadata
+
+
+def _index_problem(metadata) -> str | None:
+    """What is wrong with an unpickled DCP index, as torch's reader and olmo2kit use it; None when nothing is. A
+    shard is a file name in the checkpoint's directory, never a path out of it."""
+    import torch
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    if not isinstance(metadata, Metadata):
+        return f"it holds a {type(metadata).__name__}"
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        return "it lists no tensors and shards"
+    for name, entry in entries.items():
+        if not isinstance(name, str) or not isinstance(entry, (TensorStorageMetadata, BytesStorageMetadata)):
+            return f"an entry {name!r} is no tensor"
+        if isinstance(entry, TensorStorageMetadata) and not (
+                isinstance(entry.properties, TensorProperties) and isinstance(entry.properties.dtype, torch.dtype)
+                and isinstance(entry.size, torch.Size) and isinstance(entry.chunks, list)):
+            return f"the entry {name} has no dtype, size or chunks"
+    for index, info in storage.items():
+        where = getattr(info, "relative_path", None)
+        if not isinstance(index, MetadataIndex) or type(info).__name__ != "_StorageInfo":
+            return "a shard entry is not one"
+        if not isinstance(where, str) or where in ("", ".", "..") or os.path.basename(where) != where \
+                or "\\" in where:
+            return f"a shard is at {where!r}, not a file of the checkpoint's directory"
+        if not all(isinstance(getattr(info, n, None), int) for n in ("offset", "length")):
+            return f"the shard {where} has no offset and length"
+    return None
 
 
 # What a DCP index unpickles to: torch's checkpoint metadata (torch/distributed/checkpoint/metadata.py), the shard
@@ -293,10 +364,16 @@ def load_checkpoint(weights: Path, oc_model) -> None:
 
 def _dcp_failure(error: Exception) -> str:
     """The line that says what went wrong, from DCP's wrapped failures (CheckpointException lists each rank's)."""
+    from olmo_core.exceptions import OLMoCheckpointError
+
     failures = getattr(error, "failures", None)
     if isinstance(failures, dict) and failures:
         error = next(iter(failures.values()))
-        error = getattr(error, "exc", error)  # torch's _WrappedException
+        if isinstance(error, tuple) and error:  # (exception, frames): torch's WRAPPED_EXCEPTION
+            error = error[0]
+        error = getattr(error, "exc", error)
+    if isinstance(error, OLMoCheckpointError):  # its message lists every file it tried, the failure last
+        return (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
     return first_line(error)
 
 
@@ -343,10 +420,20 @@ def _safe_reader(weights: Path):
 
 def convert_each(convert, hf_config, state: dict) -> dict:
     """`convert` (OLMo-core's convert_state_from_hf or convert_state_to_hf) of `state`, a tensor at a time, each
-    taken out of `state` as it is converted: OLMo 2's mapping is one name to one name, and the converter copies."""
+    taken out of `state` as it is converted. OLMo 2's mapping is one name to one name, and the converter copies:
+    each tensor is checked to come out as it went in, under a name no other took, else an Olmo2KitError."""
+    import torch
+
     converted = {}
     for name in list(state):
-        converted.update(convert(hf_config, {name: state.pop(name)}))
+        source = state.pop(name)
+        one = convert(hf_config, {name: source})
+        new_name, tensor = next(iter(one.items())) if len(one) == 1 else (None, None)
+        if new_name is None or new_name in converted or tensor.shape != source.shape \
+                or not torch.allclose(tensor, source, rtol=0, atol=0, equal_nan=True):  # a NaN is checked later
+            raise Olmo2KitError(f"OLMo-core's mapping did not copy {name} to one tensor as it is: nothing written; "
+                                "the installed OLMo-core converts OLMo 2 otherwise than olmo2kit expects (3.0.0)")
+        converted[new_name] = tensor
     return converted
 
 
@@ -387,29 +474,42 @@ def check_logits(expected, got, *, what: str) -> float:
 
 
 def _load_hf(model: str, revision: str | None, say):
-    """The transformers model of `model` in fp32 on the CPU (an adapter merged), its tokenizer, and the dtype of
-    its weights as saved."""
+    """The transformers model of `model` in fp32 on the CPU (an adapter merged), its tokenizer, the dtype of its
+    weights as saved, and the ModelRef its tokenizer was loaded from."""
     from olmo2kit.model.loading import load, resolve_model
 
     resolve_model(model, revision)  # a name that is no model is said before any loading is
     say(f"loading {model}")
     loaded, tokenizer = load(model, revision=revision, dtype="fp32", device="cpu")
-    dtype = _saved_dtype(loaded)
+    weights_ref, tokenizer_ref = _sources(model, revision)
     if hasattr(loaded, "merge_and_unload"):  # a LoRA adapter on its base
         loaded = loaded.merge_and_unload()
-    return loaded, tokenizer, dtype
+    return loaded, tokenizer, _saved_dtype(weights_ref), tokenizer_ref
 
 
-def _saved_dtype(loaded):
-    """The dtype the checkpoint's config.json gives for its weights (of an adapter: its base's); fp32 if none."""
+def _sources(model: str, revision: str | None):
+    """(where the weights of `model` come from, where its tokenizer comes from), as ModelRefs, as `load` takes them:
+    a LoRA adapter's weights are its base's (at the revision its adapter_config.json gives), and so is its tokenizer
+    unless the adapter directory holds one (olmo2kit/model/loading.py, _load_adapter)."""
+    from olmo2kit.model.loading import resolve_model
+
+    ref = resolve_model(model, revision)
+    folder = Path(ref.source)
+    if not (ref.local and (folder / "adapter_config.json").is_file()):
+        return ref, ref
+    adapter = json.loads((folder / "adapter_config.json").read_text())  # `load` has checked it
+    base = resolve_model(adapter["base_model_name_or_path"], adapter.get("revision"))
+    return base, ref if (folder / "tokenizer_config.json").exists() else base
+
+
+def _saved_dtype(ref):
+    """The dtype the config.json at `ref` (its revision: the one loaded) gives for its weights; fp32 if none."""
     import torch
     from transformers import AutoConfig
 
-    base = getattr(loaded, "base_model", None)
-    config = getattr(getattr(base, "model", base), "config", None) if base is not None else loaded.config
-    source = getattr(config, "_name_or_path", "") or getattr(loaded, "name_or_path", "")
     try:
-        saved = AutoConfig.from_pretrained(source, local_files_only=True)
+        saved = AutoConfig.from_pretrained(ref.source, revision=ref.revision, local_files_only=True,
+                                           trust_remote_code=False)
     except (OSError, ValueError):
         return torch.float32
     dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None)
@@ -418,10 +518,10 @@ def _saved_dtype(loaded):
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def _build(model_config, device: str = "cpu"):
-    """OLMo-core's model of `model_config`, empty, on `device` ("meta": no memory, for weights to be assigned), with
-    its plain-torch attention (as OLMo-core's converter runs it: no flash attention on a CPU). It has no buffers:
-    every tensor is a weight."""
+def _build(model_config):
+    """OLMo-core's model of `model_config` on meta (no memory: weights are assigned, or given memory by
+    `_allocate` once their shapes are checked), with its plain-torch attention (as OLMo-core's converter runs it:
+    no flash attention on a CPU). It has no buffers: every tensor is a weight."""
     from olmo_core.nn.attention import AttentionBackendName, AttentionConfig
     from olmo_core.nn.transformer import TransformerBlockConfig
 
@@ -438,9 +538,29 @@ def _build(model_config, device: str = "cpu"):
     except Exception as e:  # OLMo-core's configuration errors, of many types
         raise Olmo2KitError(f"OLMo-core cannot build the checkpoint's model ({first_line(e)}): give the config.json "
                             "of its run") from None
-    if device != "meta":
-        built.to_empty(device=device)
     return built
+
+
+def _allocate(oc_model, config_path) -> None:
+    """Give the model `oc_model`, built on meta, its (empty) tensors in CPU memory, or an Olmo2KitError."""
+    try:
+        oc_model.to_empty(device="cpu")
+    except (RuntimeError, MemoryError) as e:  # torch's CPU allocator raises RuntimeError ("can't allocate memory")
+        raise Olmo2KitError(f"there is no memory for the model of {config_path} ({first_line(e)}): run it where "
+                            "there is more") from None
+
+
+def _cast_exactly(module, dtype, *, what: str) -> None:
+    """Cast `module` to `dtype` in place, where every tensor keeps its values exactly; else an Olmo2KitError naming
+    the first that would not, and nothing cast."""
+    import torch
+
+    for name, tensor in module.state_dict().items():
+        if not torch.equal(tensor.to(dtype).to(tensor.dtype), tensor):
+            raise Olmo2KitError(f"{name} of {what} is not exactly representable in {_dtype_name(dtype)}, the dtype "
+                                "its checkpoint gives: nothing written, as the cast would change its weights; fix "
+                                "the dtype in its config.json")
+    module.to(dtype)
 
 
 def _config_of(experiment: dict, config_path: Path):
@@ -451,11 +571,50 @@ def _config_of(experiment: dict, config_path: Path):
     if not isinstance(model, dict):
         raise Olmo2KitError(f"{config_path} has no model entry: it is not an OLMo-core experiment config")
     model = {k: v for k, v in copy.deepcopy(model).items() if k not in _DEPRECATED_FIELDS}
+    _check_classes(model, config_path)
     try:
         return TransformerConfig.from_dict(model)
     except Exception as e:  # from_dict raises what the dataclasses raise
         raise Olmo2KitError(f"the model entry of {config_path} is not a TransformerConfig OLMo-core 3.0 reads "
                             f"({first_line(e)})") from None
+
+
+# A `_CLASS_` of a config: an OLMo-core module (dotted identifiers) and a name in it.
+_CONFIG_CLASS = re.compile(r"(?P<module>olmo_core(?:\.[A-Za-z_]\w*)+)\.(?P<name>[A-Za-z_]\w*)")
+
+
+def _check_classes(entry: dict, config_path: Path) -> None:
+    """An Olmo2KitError where a `_CLASS_` field of the config `entry` names anything but one of OLMo-core's config
+    classes. OLMo-core's Config.from_dict imports the module a `_CLASS_` names and calls what it finds there with
+    the entry's fields (olmo_core/config.py): a config.json naming any other function would run it. The name is
+    checked before its module is imported; config classes are the only ones as_config_dict writes a `_CLASS_` for
+    (enums are written as their values)."""
+    from importlib import import_module
+
+    from olmo_core.config import Config
+
+    stack = [entry]
+    while stack:  # a loop, not recursion: a config may nest deeper than Python's stack
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        if Config.CLASS_NAME_FIELD not in node:
+            continue
+        named = node[Config.CLASS_NAME_FIELD]
+        match = _CONFIG_CLASS.fullmatch(named) if isinstance(named, str) else None
+        found = None
+        if match:
+            try:
+                found = getattr(import_module(match["module"]), match["name"], None)
+            except Exception:  # an OLMo-core module that does not import here (one needing beaker, say)
+                found = None
+        if not (isinstance(found, type) and issubclass(found, Config)):
+            raise Olmo2KitError(f"{config_path} names {str(named)[:80]!r} as a class (_CLASS_), which is not one of "
+                                "OLMo-core's config classes: refused unread, as OLMo-core would call it; give the "
+                                "config.json its trainer wrote")
 
 
 def _olmo2_hf_config(oc_model, config_path: Path):
@@ -504,7 +663,7 @@ def _tokenizer_for(weights: Path, experiment: dict, tokenizer: str | None, confi
                 tokenizer = str(place / TOKENIZER_DIR)
                 break
     if tokenizer is None:
-        named = ((experiment.get("dataset") or {}).get("tokenizer") or {}).get("identifier")
+        named = _dataset_tokenizer(experiment).get("identifier")
         if not isinstance(named, str) or not named:
             raise Olmo2KitError(f"{config_path} names no tokenizer (dataset.tokenizer.identifier): give one with "
                                 "--tokenizer, e.g. allenai/dolma2-tokenizer or the directory of a checkpoint")
@@ -512,11 +671,30 @@ def _tokenizer_for(weights: Path, experiment: dict, tokenizer: str | None, confi
     return load_tokenizer(tokenizer)
 
 
-def _tokenizer_config(tokenizer, model: str, revision: str | None) -> dict:
-    """OLMo-core's TokenizerConfig of `tokenizer`, as its `config.json` keeps it (olmo_core/data/tokenizer.py)."""
-    from olmo2kit.model.loading import resolve_model
+def _dataset_tokenizer(experiment: dict) -> dict:
+    """The run's tokenizer config (`dataset.tokenizer`, OLMo-core's TokenizerConfig), {} where there is none."""
+    dataset = experiment.get("dataset")
+    named = dataset.get("tokenizer") if isinstance(dataset, dict) else None
+    return named if isinstance(named, dict) else {}
 
-    ref = resolve_model(model, revision)
+
+def _check_tokenizer(tokenizer, vocab_size: int, experiment: dict, config_path: Path) -> None:
+    """An Olmo2KitError where `tokenizer` does not fit the model (more tokens than its embeddings have rows) or
+    is not the run's (its config's dataset.tokenizer gives another size or end-of-text token)."""
+    if len(tokenizer) > vocab_size:
+        raise Olmo2KitError(f"the tokenizer has {len(tokenizer):,} tokens, more than the {vocab_size:,} the model "
+                            f"of {config_path} has embeddings for: give the run's tokenizer with --tokenizer")
+    run = _dataset_tokenizer(experiment)
+    for field, have in (("vocab_size", len(tokenizer)), ("eos_token_id", tokenizer.eos_token_id)):
+        want = run.get(field)
+        if isinstance(want, int) and not isinstance(want, bool) and want != have:
+            raise Olmo2KitError(f"the tokenizer has {field} {have}, where the run's ({config_path}, dataset.tokenizer)"
+                                f" has {want}: give the run's tokenizer with --tokenizer")
+
+
+def _tokenizer_config(tokenizer, ref) -> dict:
+    """OLMo-core's TokenizerConfig of `tokenizer`, loaded from `ref`, as its `config.json` keeps it
+    (olmo_core/data/tokenizer.py)."""
     # "a path or HuggingFace identifier" (TokenizerConfig.identifier): the checkpoint's, so that the steps a
     # trainer writes from it, whose config.json carries this on, name their tokenizer
     return {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
@@ -549,50 +727,3 @@ def _count(module) -> tuple[int, int]:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _new_output_dir(out: str | os.PathLike) -> Path:
-    """`out` as a directory to create: not there yet, or empty; its parent made."""
-    out = Path(out).expanduser()
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise Olmo2KitError(f"{out} exists: give a new directory (or remove it)")
-    make_output_dir(out.parent)
-    return out
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A directory beside `out` to write into, renamed to `out` when the block ends; removed if anything fails.
-    It is named by this process, `.OUT.PID.*.partial`, so that what a killed conversion left is removed by the next
-    one into `out`."""
-    _remove_abandoned(out)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
-    except OSError as e:
-        raise cannot_write(out, e, "give a directory you can write to") from None
-    try:
-        yield staging
-        _new_output_dir(out)  # again: it may have appeared while the conversion ran
-        os.replace(staging, out)  # onto nothing, or onto an empty directory
-    except OSError as e:
-        raise cannot_write(out, e, "give a directory you can write to, with room for the model") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_abandoned(out: Path) -> None:
-    """Remove the staging directories of conversions into `out` whose process is gone."""
-    for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
-        pid = partial.name[len(out.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # there, and another user's
-        pass
-    return True
