@@ -346,6 +346,35 @@ OLMO_CORE_FIELDS = ["d_model", "n_layers", "vocab_size", "block.sequence_mixer.n
                     "block.layer_norm.eps", "lm_head", "block.sequence_mixer.rope.theta", "_CLASS_"]
 
 
+# Class names for a config's `_CLASS_`: a function OLMo-core's from_dict would call (deleting a folder), one outside
+# OLMo-core, and a config class of OLMo-core's that is not the one the field holds.
+OLMO_CORE_CLASSES = st.sampled_from(["olmo_core.io.clear_directory", "os.system", "olmo_core.config.Config",
+                                     "olmo_core.nn.rope.RoPEConfig", "olmo_core..x", "olmo_core.internal.common.X"])
+
+
+def olmo_core_indexes(work: Path) -> list[bytes]:
+    """DCP indexes built from the classes an index may hold, that are no index: a set, an OrderedDict, a layout
+    lookup of a name torch has not, and the tiny export's own index with its shards moved out of its folder, its
+    shard entries emptied, and a tensor entry's size made a string."""
+    import pickle
+    from collections import OrderedDict
+
+    index = (olmo_core_step(work) / "model_and_optim" / ".metadata").read_bytes()
+    made = [pickle.dumps({1, 2}), pickle.dumps(OrderedDict(a=1)), pickle.dumps(frozenset()),
+            b"ctorch.serialization\n_get_layout\n(Vbogus\ntR."]
+    for change in ("outside", "no shards", "size"):
+        metadata = pickle.loads(index)  # olmo2kit's own export: trusted
+        if change == "outside":
+            for info in metadata.storage_data.values():
+                info.relative_path = "../../../oc-export/model_and_optim/" + info.relative_path
+        elif change == "no shards":
+            metadata.storage_data = None
+        else:
+            next(iter(metadata.state_dict_metadata.values())).size = "64"
+        made.append(pickle.dumps(metadata))
+    return made
+
+
 def olmo_core_step(work: Path) -> Path:
     """A step directory of the tiny checkpoint exported to OLMo-core, made once."""
     step = work / "oc-export"
@@ -366,9 +395,10 @@ def set_path(config: dict, path: str, value) -> None:
 @given(config=st.one_of(
     st.binary(max_size=80), JSON_VALUES.map(lambda v: json.dumps(v).encode()),
     # the real config with a field or two changed, most often not at all: past the first checks
-    st.dictionaries(st.sampled_from(OLMO_CORE_FIELDS), st.one_of(WEIRD_NUMBERS, WEIRD_TEXT, st.integers(1, 64)),
+    st.dictionaries(st.sampled_from(OLMO_CORE_FIELDS),
+                    st.one_of(WEIRD_NUMBERS, WEIRD_TEXT, st.integers(1, 64), OLMO_CORE_CLASSES, st.just(1 << 20)),
                     max_size=2).map(lambda changes: {"changes": changes}),
-), index=st.one_of(st.none(), st.none(), st.none(), st.binary(max_size=120)),
+), index=st.one_of(st.none(), st.none(), st.none(), st.binary(max_size=120), st.integers(0, 6)),
    tokenizer=st.one_of(st.none(), st.none(), WEIRD_TEXT))
 def test_import_olmo_core_reads_any_checkpoint(work, config, index, tokenizer):
     """import olmo-core of the tiny export with its config.json and DCP index replaced by anything."""
@@ -384,6 +414,8 @@ def test_import_olmo_core_reads_any_checkpoint(work, config, index, tokenizer):
             set_path(real["model"], path, value)
         config = json.dumps(real).encode()
     (step / "config.json").write_bytes(config)
+    if isinstance(index, int):
+        index = olmo_core_indexes(work)[index]
     if index is not None:
         (step / "model_and_optim" / ".metadata").write_bytes(index)
     args = ["import", "olmo-core", str(step), str(out), *([] if tokenizer is None else ["--tokenizer", tokenizer])]
@@ -414,14 +446,21 @@ SOUP_DAMAGE = st.one_of(
     st.tuples(st.just("cut"), st.integers(0, 600_000)),
     st.tuples(st.just("index"), JSON_VALUES),
 )
+# --output: mostly soup-out (in the fuzz folder, where the commands run), else a path that names it otherwise, the
+# current directory or one above it, or something there already.
+SOUP_OUTPUTS = st.one_of(st.just("soup-out"), st.just("soup-out"),
+                         st.sampled_from(["./soup-out/", "soup-out/.", "inputs/../soup-out", "soup-out/..", ".", "",
+                                          "./", "..", "/", "inputs", "tiny", "tiny/config.json"]))
 SOUP_WEIGHTS = st.one_of(st.none(), st.none(), WEIRD_TEXT,
                          st.lists(mostly(1, 2, 0.5), min_size=1, max_size=3).map(lambda ws: ",".join(map(str, ws))))
 
 
 @FUZZ
-@given(damage=SOUP_DAMAGE, weights=SOUP_WEIGHTS, compare=st.one_of(st.none(), st.just("tiny"), WEIRD_TEXT))
-def test_soup_reads_any_checkpoint_and_weights(work, damage, weights, compare):
-    """soup of tiny and a copy of it with its config, safetensors or index damaged, with any --weights and --compare."""
+@given(damage=SOUP_DAMAGE, weights=SOUP_WEIGHTS, compare=st.one_of(st.none(), st.just("tiny"), WEIRD_TEXT),
+       output=SOUP_OUTPUTS)
+def test_soup_reads_any_checkpoint_and_weights(work, damage, weights, compare, output):
+    """soup of tiny and a copy of it with its config, safetensors or index damaged, with any --weights, --compare
+    and --output."""
     import shutil
 
     other, out = work / "inputs" / "soup-b", work / "soup-out"
@@ -440,10 +479,10 @@ def test_soup_reads_any_checkpoint_and_weights(work, damage, weights, compare):
         os.truncate(other / "model.safetensors", damage[1])
     elif kind == "index":
         (other / "model.safetensors.index.json").write_text(json.dumps(damage[1]))
-    args = ["soup", "tiny", str(other), "--output", str(out)]
+    args = ["soup", "tiny", str(other), f"--output={output}"]
     args += [] if weights is None else [f"--weights={weights}"]
     args += [] if compare is None else [f"--compare={compare}"]
-    with unchanged(work, out, other):
+    with unchanged(work, out, other, work / ".soup-out.soup.lock"):  # the lock file stays, as output_lock's do
         check("soup", run(*args))
 
 
