@@ -164,10 +164,10 @@ def soup(
 
     `weights` (one per checkpoint, finite, 0 or more, not all 0; default equal) are normalised to sum 1. The
     checkpoints must share architecture, tokenizer, tensor names, shapes and dtypes (bf16, fp16 or fp32), else an
-    Olmo2KitError says which differ and nothing is written. Sums are fp32; the soup is written in the
-    ingredients' dtype with their config, generation config and tokenizer files, and `soup.json` naming each
-    ingredient (its repo and commit, or its directory) and weight. `progress(what, bytes done, bytes in all)`
-    follows downloads and the averaging.
+    Olmo2KitError says which differ and nothing is written. Sums are fp32 (equal weights as OLMo's soup script
+    sums: `+= x / N` from zeros, bit for bit in fp32); the soup is written in the ingredients' dtype with their
+    config, generation config and tokenizer files, and `soup.json` naming each ingredient (its repo and commit,
+    or its directory) and weight. `progress(what, bytes done, bytes in all)` follows downloads and the averaging.
     """
     if isinstance(checkpoints, str):
         raise Olmo2KitError("soup takes a list of checkpoints, not one name: soup([first, second, ...], ...)")
