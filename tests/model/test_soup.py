@@ -82,7 +82,7 @@ def no_soup_at(output: Path) -> None:
     """Nothing at `output`, and nothing a soup stages beside it (its lock file aside, which stays, as each of
     files.output_lock's does)."""
     assert not output.exists()
-    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.soup")
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")
                 and p.name != f".{output.name}.soup.lock"]
 
 
@@ -267,7 +267,7 @@ def test_the_lock_is_held_across_the_rename_and_a_second_run_is_refused(seeds, t
     real_replace, held = os.replace, []
 
     def replace(source, target, *args, **kwargs):
-        if str(source).endswith(".soup-partial"):
+        if str(source).endswith(".partial"):
             try:
                 with output_lock(lock_name, option="--output"):
                     held.append(False)
@@ -280,9 +280,16 @@ def test_the_lock_is_held_across_the_rename_and_a_second_run_is_refused(seeds, t
     assert held == [True] and (output / "model.safetensors").is_file()
 
 
+def dead_pid() -> int:
+    """The process id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
 def test_what_a_killed_run_staged_is_cleared_before_the_free_space_is_counted(seeds, tmp_path, monkeypatch):
     output = tmp_path / "soup"
-    staging = tmp_path / ".soup.soup-partial"
+    staging = tmp_path / f".soup.{dead_pid()}.x1.partial"  # as files.staged_output_dir names it
     staging.mkdir()
     (staging / "model.safetensors").write_bytes(b"\0" * 1000)  # what the killed run wrote
     real_usage, staged_then = shutil.disk_usage, []
@@ -296,14 +303,17 @@ def test_what_a_killed_run_staged_is_cleared_before_the_free_space_is_counted(se
     assert staged_then == [False] and not staging.exists()
 
 
-@pytest.mark.parametrize("output", [".", "", "..", "/", "./."])
+HERE, ABOVE = "is the current directory (or holds it)", "exists: give a new directory"  # above: not empty
+
+
+@pytest.mark.parametrize(("output", "needle"), [(".", HERE), ("", HERE), ("./.", HERE), ("..", ABOVE), ("/", ABOVE)])
 def test_an_output_naming_the_current_directory_or_above_is_one_line_before_any_work(seeds, tmp_path, cli,
-                                                                                     monkeypatch, output):
+                                                                                     monkeypatch, output, needle):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)
     code, _, err = cli("soup", str(seeds["a"]), str(tmp_path / "nowhere"), "--output", output)  # refused first
-    one_line_error(code, err, "the current directory or one above it", alone=True)
+    one_line_error(code, err, needle, alone=True)
     assert not list(empty.iterdir()) and not list(tmp_path.glob(".*"))
 
 
@@ -546,7 +556,7 @@ def test_an_output_that_exists_is_refused_and_kept(seeds, tmp_path, cli):
     output.mkdir()
     (output / "mine.txt").write_text("keep")
     code, _, err = cli("soup", str(seeds["a"]), str(seeds["b"]), "--output", str(output))
-    one_line_error(code, err, "already exists", alone=True)
+    one_line_error(code, err, "exists: give a new directory", alone=True)
     assert [p.name for p in output.iterdir()] == ["mine.txt"]
     code, _, err = cli("soup", str(seeds["a"]), str(seeds["b"]))
     one_line_error(code, err, "--output DIR", alone=True)
@@ -593,6 +603,6 @@ def test_a_killed_soup_leaves_nothing_at_the_output_and_the_next_run_completes(t
     assert not output.exists()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert not (tmp_path / ".soup.soup-partial").exists()
+    assert not list(tmp_path.glob(".soup.*.partial"))
     made = load_file(output / "model.safetensors")["big"]
     assert made.shape == (elements,) and bool((made == 2.0).all())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from olmo2kit.devices import get_dtype
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import cannot_write, make_output_dir, output_lock, write_json_atomic
+from olmo2kit.files import check_new_output_dir, make_output_dir, output_lock, staged_output_dir, write_json_atomic
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.sizes import checkpoint_architecture, read_config
@@ -176,7 +176,7 @@ def soup(
     normalised = check_weights(weights, len(checkpoints))
     if output is None and compare is None:
         raise Olmo2KitError("nothing to do: give --output DIR to write the soup, --compare REF to compare it, or both")
-    target = None if output is None else _check_output(output_path(output))
+    target = None if output is None else check_new_output_dir(output)
     report = progress or (lambda what, done, total: None)
     if weights is not None:
         say(f"weights {', '.join(f'{w:g}' for w in weights)} normalised to sum 1: "
@@ -221,27 +221,6 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     scaled = [w / largest for w in values]  # first, so that weights near the largest float add up without overflow
     total = math.fsum(scaled)
     return [w / total for w in scaled]
-
-
-def output_path(output: str | os.PathLike) -> Path:
-    """`output` as an absolute path, its folders' links resolved and its own name kept (a link there is refused
-    later); an Olmo2KitError when it names no new directory: empty, `.`, `..`, the root, or a folder the current
-    directory is in (a soup renamed over it would leave the shell in a deleted directory)."""
-    text = os.fspath(output)
-    path = Path(text).expanduser()
-    here = Path.cwd().resolve()
-    target = path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve()
-    if not text.strip() or not target.name or target == here or target in here.parents:
-        raise Olmo2KitError(f"--output {text!r} is the current directory or one above it: give a new directory for "
-                            "the soup (e.g. --output out/soup)")
-    return target
-
-
-def _check_output(path: Path) -> Path:
-    """`path`, when it is free or an empty directory; else an Olmo2KitError (nothing is created here)."""
-    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
-        raise Olmo2KitError(f"{path} already exists: give a new or empty directory for the soup")
-    return path
 
 
 def _reference_name(compare: str, parts: list[_Checkpoint]) -> str:
@@ -579,38 +558,23 @@ def _largest(values) -> float:
 
 def _write_soup(target: Path, parts: list[_Checkpoint], weights: list[float], given: Sequence[float] | None,
                 averaged: _Averager, total: int) -> None:
-    """Write the soup into a staging directory beside `target`, then rename it into place, all under one lock
-    (`files.output_lock` on a file beside `target`, so that it is not part of the soup): a second run into the
-    same output is refused while the first holds it, and what a killed run staged is cleared by the next one before
-    its free-space check. A run killed at any point leaves the staging directory only, never part of a soup."""
-    staging = target.with_name(f".{target.name}.soup-partial")
-    make_output_dir(target.parent)
+    """Write the soup into a staging directory beside `target`, then rename it into place (`files.staged_output_dir`:
+    a killed run leaves its staging directory only, never part of a soup, and the next run removes it before it
+    counts the free space), all under a lock (`files.output_lock`, on a file beside `target` so that it is not part
+    of the soup), so that a second run into the same output is refused at once rather than at the rename."""
     # The lock file (`.NAME.soup.lock`) stays, as every output_lock file does: removing it would let a run that
     # opened it before the removal and one that creates it anew both hold "the" lock.
+    make_output_dir(target.parent)
     with output_lock(target.with_name(f"{target.name}.soup"), option="--output"):
-        _check_output(target)  # again, under the lock: a run that held it may have finished meanwhile
-        try:
-            if staging.is_symlink() or staging.is_file():
-                staging.unlink()
-            elif staging.exists():
-                shutil.rmtree(staging)  # what a killed run left, freed before the space is counted
-        except OSError as e:
-            raise cannot_write(staging, e, "give an --output you can write to") from None
-        free = shutil.disk_usage(target.parent).free
-        if free < total:
-            raise Olmo2KitError(f"the soup needs {total / 1e9:.2f} GB in {target.parent}, which has "
-                                f"{free / 1e9:.2f} GB free: free some space or give another --output")
-        try:
-            staging.mkdir()
+        check_new_output_dir(target)  # again, under the lock: a run that held it may have finished meanwhile
+        with staged_output_dir(target, "give an --output you can write to") as staging:
+            free = shutil.disk_usage(target.parent).free
+            if free < total:
+                raise Olmo2KitError(f"the soup needs {total / 1e9:.2f} GB in {target.parent}, which has "
+                                    f"{free / 1e9:.2f} GB free: free some space or give another --output")
             _write_files(staging, parts, weights, given, averaged)
             _sync(staging)
-            os.replace(staging, target)
-            _sync(target.parent)
-        except BaseException as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise cannot_write(target, e, "give an --output you can write to") from None
-            raise
+        _sync(target.parent)
 
 
 def _write_files(staging: Path, parts: list[_Checkpoint], weights: list[float], given: Sequence[float] | None,
