@@ -321,6 +321,7 @@ def test_a_relative_output_is_made_where_it_is_named(seeds, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     result = soup([str(seeds["a"]), str(seeds["b"])], "made/./soup/")
     assert result.output == tmp_path / "made" / "soup" and (tmp_path / "made" / "soup" / "model.safetensors").is_file()
+    assert (tmp_path / "made" / "soup").stat().st_mode & 0o777 == 0o755  # readable by all, as a saved checkpoint
 
 
 def test_the_help_examples_are_whole_commands(cli):
