@@ -24,8 +24,10 @@ def olmo_core(
 ) -> None:
     """Convert an OLMo-core checkpoint (any step) to a Hugging Face checkpoint: safetensors, config.json (with
     the context length) and the tokenizer. transformers' model is checked against OLMo-core's on a probe batch
-    first (the largest logit difference is said); nothing is written where they differ. The checkpoint's pickled
-    files are read with only the classes a checkpoint holds, so it cannot run code. Needs OLMo-core (`make olmo-core`).
+    first (the largest logit difference is said); nothing is written where they differ, or where the tokenizer does
+    not fit the model. The checkpoint's pickled files are read with only the classes a checkpoint holds, and its
+    config.json's class names (`_CLASS_`) must be OLMo-core's config classes, so it cannot run code. Needs OLMo-core
+    (`make olmo-core`).
 
     Examples:
 

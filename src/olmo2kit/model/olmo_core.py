@@ -20,7 +20,9 @@ is built beside its place and renamed into it whole.
 
 Reading a DCP means unpickling: its `.metadata` is a pickle and each shard a `torch.save` file, which OLMo-core's
 reader loads with `weights_only=False`. Checkpoints are read here through a reader that unpickles only the
-checkpoint's own metadata classes and loads tensors with `weights_only=True`, so a checkpoint cannot run code.
+checkpoint's own metadata classes and loads tensors with `weights_only=True`, so a checkpoint cannot run code. Its
+config.json could, through OLMo-core's `Config.from_dict` (which imports and calls what a `_CLASS_` field names):
+only OLMo-core's config classes are let through to it.
 
     >>> export_olmo_core("1b", "olmo2-1b-olmo-core")          # doctest: +SKIP
     >>> import_olmo_core("run/step1000", "olmo2-1b-step1000")  # doctest: +SKIP
@@ -551,16 +553,20 @@ def _allocate(oc_model, config_path) -> None:
 
 
 def _cast_exactly(module, dtype, *, what: str) -> None:
-    """Cast `module` to `dtype` in place, where every tensor keeps its values exactly; else an Olmo2KitError naming
-    the first that would not, and nothing cast."""
+    """Cast `module` to `dtype` in place, a weight at a time (each old one freed as it goes), where every weight keeps
+    its values exactly; else an Olmo2KitError naming the first that would not (the module is then part cast, and not
+    to be written)."""
     import torch
 
-    for name, tensor in module.state_dict().items():
-        if not torch.equal(tensor.to(dtype).to(tensor.dtype), tensor):
-            raise Olmo2KitError(f"{name} of {what} is not exactly representable in {_dtype_name(dtype)}, the dtype "
-                                "its checkpoint gives: nothing written, as the cast would change its weights; fix "
-                                "the dtype in its config.json")
-    module.to(dtype)
+    for owner in module.modules():
+        for name, param in owner.named_parameters(recurse=False):
+            cast = param.data.to(dtype)
+            if not torch.equal(cast.to(param.dtype), param.data):
+                raise Olmo2KitError(f"a weight of {what} ({name}) is not exactly representable in "
+                                    f"{_dtype_name(dtype)}, the dtype its checkpoint gives: nothing written, as the "
+                                    "cast would change its weights; fix the dtype in its config.json")
+            param.data = cast
+    module.to(dtype)  # what is not a parameter (buffers computed from the config)
 
 
 def _config_of(experiment: dict, config_path: Path):
