@@ -31,6 +31,7 @@ only OLMo-core's config classes are let through to it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -593,8 +594,9 @@ def _check_classes(entry: dict, config_path: Path) -> None:
     """An Olmo2KitError where a `_CLASS_` field of the config `entry` names anything but one of OLMo-core's config
     classes. OLMo-core's Config.from_dict imports the module a `_CLASS_` names and calls what it finds there with
     the entry's fields (olmo_core/config.py): a config.json naming any other function would run it. The name is
-    checked before its module is imported; config classes are the only ones as_config_dict writes a `_CLASS_` for
-    (enums are written as their values)."""
+    checked before its module is imported. as_config_dict writes a `_CLASS_` for each dataclass a config holds
+    (Config subclasses, and any other dataclass), and enums as their values: so a class defined in OLMo-core that is
+    a Config or a dataclass is let through, and nothing else."""
     from importlib import import_module
 
     from olmo_core.config import Config
@@ -617,7 +619,8 @@ def _check_classes(entry: dict, config_path: Path) -> None:
                 found = getattr(import_module(match["module"]), match["name"], None)
             except Exception:  # an OLMo-core module that does not import here (one needing beaker, say)
                 found = None
-        if not (isinstance(found, type) and issubclass(found, Config)):
+        if not (isinstance(found, type) and found.__module__.startswith("olmo_core.")
+                and (issubclass(found, Config) or dataclasses.is_dataclass(found))):
             raise Olmo2KitError(f"{config_path} names {str(named)[:80]!r} as a class (_CLASS_), which is not one of "
                                 "OLMo-core's config classes: refused unread, as OLMo-core would call it; give the "
                                 "config.json its trainer wrote")
