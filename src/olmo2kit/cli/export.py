@@ -87,8 +87,9 @@ def olmo_core(
 ) -> None:
     """Convert a checkpoint to an OLMo-core checkpoint that OLMo's trainer loads to train on: the model as a torch
     distributed checkpoint in OUT/model_and_optim, its TransformerConfig in OUT/config.json. OLMo-core's model is
-    checked against transformers' on a probe batch first (the largest logit difference is said); nothing is
-    written where they differ. Needs OLMo-core (`make olmo-core`).
+    checked against transformers' on a probe batch first (the largest logit difference is said), and each tensor
+    against its source; nothing is written where they differ, or where writing in the checkpoint's dtype (that of
+    the revision loaded) would change a weight. Needs OLMo-core (`make olmo-core`).
 
     Examples:
 
