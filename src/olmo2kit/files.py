@@ -154,12 +154,12 @@ def remove_abandoned_staging(folder: Path, name: str = ".+") -> None:
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: Path, hint: str = "give a directory you can write to") -> Iterator[Path]:
+def staged_output_dir(out: Path, hint: str = "give a directory you can write to", mode: int = 0o755) -> Iterator[Path]:
     """A new directory beside `out` (`.NAME.PID.*.partial`) to write the directory `out` in, renamed to `out` when
     the block ends (onto nothing, or onto an empty directory: `check_new_output_dir` again, as one may have
     appeared meanwhile); removed if anything fails, so `out` is whole or not there. The parents of `out` are made
-    here, not before, and what killed processes staged for `out` is removed first. A failed write is an
-    Olmo2KitError ending in `hint`."""
+    here, not before, and what killed processes staged for `out` is removed first. `out` gets `mode` (readable by
+    all, as a directory save_pretrained makes). A failed write is an Olmo2KitError ending in `hint`."""
     make_output_dir(out.parent)
     remove_abandoned_staging(out.parent, re.escape(out.name))
     try:
@@ -167,6 +167,7 @@ def staged_output_dir(out: Path, hint: str = "give a directory you can write to"
     except OSError as e:
         raise cannot_write(out, e, hint) from None
     try:
+        staging.chmod(mode)  # mkdtemp makes it private
         yield staging
         check_new_output_dir(out)
         os.replace(staging, out)

@@ -197,6 +197,7 @@ def test_hf_to_olmo_core_to_hf_is_bit_exact(exported, tiny_path, tmp_path):
     config = json.loads((back.path / "config.json").read_text())
     assert config["max_position_embeddings"] == 1024  # the tiny tokenizer's, not OLMo-core's -1
     assert (back.path / "tokenizer.json").read_bytes() == (tiny_path / "tokenizer.json").read_bytes()
+    assert back.path.stat().st_mode & 0o777 == exported.stat().st_mode & 0o777 == 0o755  # readable by all
 
 
 def test_a_bf16_checkpoint_stays_bf16_and_exact(tiny, tiny_path, tmp_path):
