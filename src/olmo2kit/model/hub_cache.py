@@ -15,7 +15,7 @@ from pathlib import Path
 
 from olmo2kit.compat import hub_network_errors, offline_mode
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.model.loading import ModelRef, _cached_instead, resolve_model
+from olmo2kit.model.loading import ModelRef, cached_instead, resolve_model
 from olmo2kit.model.revisions import check_revision
 
 # What loading reads: config, generation config, tokenizer, the weights and their index.
@@ -42,7 +42,7 @@ def download(model: str, revision: str | None = None, *,
     """Download what `load(model, revision=...)` reads into the cache, and return the snapshot directory.
 
     Offline (HF_HUB_OFFLINE), or when the Hub cannot be reached, the cached snapshot is returned instead, by the
-    rule `load` follows (`loading._cached_instead`); an Olmo2KitError when the cache holds none.
+    rule `load` follows (`loading.cached_instead`); an Olmo2KitError when the cache holds none.
     `progress(bytes done, bytes in all)` is called as bytes arrive (files already cached count as done).
 
     >>> download("1b", "stage1-step140000-tokens294B")  # doctest: +SKIP
@@ -56,7 +56,7 @@ def download(model: str, revision: str | None = None, *,
         if ref.revision:
             check_revision(ref.source, ref.revision)  # against the cached list of revisions, where there is one
         return _cached_snapshot(ref)
-    if _cached_instead(ref, model):  # asks the Hub once, and names a mistyped branch with its nearest ones
+    if cached_instead(ref, model):  # asks the Hub once, and names a mistyped branch with its nearest ones
         return _cached_snapshot(ref)
     report = progress or (lambda done, total: None)
     with _hub_errors(str(ref)):

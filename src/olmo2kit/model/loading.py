@@ -145,7 +145,7 @@ def load(
     # device="auto" on a GPU lets accelerate spread a model that does not fit one device.
     kwargs["device_map"] = "auto" if device == "cuda" else device
     # A Hub model: the Hub is asked once, and when it cannot be reached the cached copy loads, if there is one.
-    kwargs["local_files_only"] = not ref.local and not offline_mode() and _cached_instead(ref, model)
+    kwargs["local_files_only"] = not ref.local and not offline_mode() and cached_instead(ref, model)
 
     config = _checked_config(ref, kwargs["local_files_only"])
     tokenizer = _load_tokenizer(ref, kwargs["local_files_only"])
@@ -165,7 +165,7 @@ def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
     return _load_tokenizer(resolve_model(model, revision))
 
 
-def _cached_instead(ref: ModelRef, model: str) -> bool:
+def cached_instead(ref: ModelRef, model: str) -> bool:
     """Whether a Hub model must load from the cache because the Hub cannot be reached (said on stderr);
     an Olmo2KitError when the Hub is down and nothing is cached. Checks a revision the Hub lists."""
     if _hub_reachable(ref):

@@ -568,7 +568,6 @@ def _write_soup(target: Path, parts: list[_Checkpoint], weights: list[float], gi
     with output_lock(target.with_name(f"{target.name}.soup"), option="--output"):
         check_new_output_dir(target)  # again, under the lock: a run that held it may have finished meanwhile
         with staged_output_dir(target, "give an --output you can write to") as staging:
-            staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is read as save_pretrained's are, by all
             free = shutil.disk_usage(target.parent).free
             if free < total:
                 raise Olmo2KitError(f"the soup needs {total / 1e9:.2f} GB in {target.parent}, which has "
