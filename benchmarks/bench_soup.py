@@ -65,27 +65,6 @@ def naive_soup(ingredients: list[str], output: str) -> None:
     save_file(averaged, Path(output) / "model.safetensors", metadata={"format": "pt"})
 
 
-def olmo2_sized_tokenizer(path: Path, size: int = 100_278) -> None:
-    """A byte-level BPE tokenizer.json of `size` tokens, about as many as OLMo 2's (whose 100,352 embedding rows pad
-    its vocabulary), its merges made up from pairs of the byte alphabet and of their products."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab, merges = {t: i for i, t in enumerate(tokens)}, []
-    pairs = ((i, j) for i in range(400) for j in range(400))
-    while len(vocab) < size - 1:
-        i, j = next(pairs)
-        if max(i, j) < len(tokens) and tokens[i] + tokens[j] not in vocab:
-            vocab[tokens[i] + tokens[j]] = len(tokens)
-            tokens.append(tokens[i] + tokens[j])
-            merges.append((tokens[i], tokens[j]))
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<|endoftext|>"])
-    tokenizer.save(str(path))
-
-
 def make_checkpoints(root: Path, count: int, hidden: int, layers: int) -> list[Path]:
     """`count` random bf16 checkpoints of OLMo 2's layout at this width, with a tokenizer of OLMo 2's size."""
     import torch
@@ -93,12 +72,13 @@ def make_checkpoints(root: Path, count: int, hidden: int, layers: int) -> list[P
     from transformers import Olmo2ForCausalLM
 
     from olmo2kit.model.sizes import hf_config
+    from olmo2kit.model.tiny import write_olmo2_sized_tokenizer
 
     config = hf_config("1b", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=4 * hidden,
                        num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, dtype="bfloat16")
     with torch.device("meta"):
         shapes = {name: t.shape for name, t in Olmo2ForCausalLM(config).state_dict().items()}
-    olmo2_sized_tokenizer(root / "tokenizer.json")
+    write_olmo2_sized_tokenizer(root / "tokenizer.json")
     paths = []
     for k in range(count):
         path = root / f"ingredient{k + 1}"

@@ -21,7 +21,7 @@ from conftest import one_line_error
 from hub import REPO, commit_for
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.soup import check_weights, soup
-from olmo2kit.model.tiny import build_tiny
+from olmo2kit.model.tiny import build_tiny, write_olmo2_sized_tokenizer
 
 # Pieces of 1,000 elements: every tensor of the tiny model but the norms is read in several.
 PIECE = 1000
@@ -340,27 +340,6 @@ def test_the_help_examples_are_whole_commands(cli):
     assert [c.split(" --output")[0].count("@stage2") for c in commands] == [3, 0]
 
 
-def big_tokenizer(path: Path, size: int = 100_278) -> Path:
-    """A byte-level BPE tokenizer.json of `size` tokens, as many as OLMo 2's (its merges made up), at `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab, merges = {t: i for i, t in enumerate(tokens)}, []
-    pairs = ((i, j) for i in range(400) for j in range(400))
-    while len(vocab) < size - 1:
-        i, j = next(pairs)
-        if max(i, j) < len(tokens) and tokens[i] + tokens[j] not in vocab:
-            vocab[tokens[i] + tokens[j]] = len(tokens)
-            tokens.append(tokens[i] + tokens[j])
-            merges.append((tokens[i], tokens[j]))
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<|endoftext|>"])
-    tokenizer.save(str(path))
-    return path
-
-
 MEMORY = """
 import sys
 from pathlib import Path
@@ -382,7 +361,7 @@ print((kb("VmHWM") - before) << 10)
 
 
 def test_tokenizers_of_olmo2s_size_are_compared_in_little_memory(tiny_path, tmp_path):
-    big_tokenizer(tmp_path / "tokenizer.json")
+    write_olmo2_sized_tokenizer(tmp_path / "tokenizer.json")
     a, b = copy(tiny_path, tmp_path / "a"), copy(tiny_path, tmp_path / "b")
     for path in (a, b):
         shutil.copyfile(tmp_path / "tokenizer.json", path / "tokenizer.json")

@@ -93,6 +93,28 @@ def build_tokenizer(instruct: bool = False):
     return tokenizer
 
 
+def write_olmo2_sized_tokenizer(path: Path, size: int = 100_278) -> Path:
+    """A byte-level BPE tokenizer.json of `size` tokens, as many as OLMo 2's (its merges made up), at `path`: for
+    measuring what a tokenizer of real size costs (soup's tokenizer check) without downloading OLMo 2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab, merges = {t: i for i, t in enumerate(tokens)}, []
+    pairs = ((i, j) for i in range(400) for j in range(400))
+    while len(vocab) < size - 1:
+        i, j = next(pairs)
+        if max(i, j) < len(tokens) and tokens[i] + tokens[j] not in vocab:
+            vocab[tokens[i] + tokens[j]] = len(tokens)
+            tokens.append(tokens[i] + tokens[j])
+            merges.append((tokens[i], tokens[j]))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(path))
+    return path
+
+
 def build_tiny(path: str | os.PathLike, *, instruct: bool = False, seed: int = 0,
                head_dim: int = TINY_HEAD_DIM) -> Path:
     """Write a tiny random OLMo 2 checkpoint to `path` and return it.
