@@ -6,19 +6,17 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_finetune import assert_same_weights, random_adapter, read_log, weights
+from test_finetune import assert_same_weights, kill_after_step_8_then_resume, random_adapter, read_log, weights
 
-from conftest import OLMO2KIT, one_line_error, run_olmo2kit
+from conftest import OLMO2KIT, one_line_error
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.loading import load
 from olmo2kit.training.data import load_preference, prepare_data
@@ -320,20 +318,8 @@ def test_lora_sigkill_then_resume_equals_an_uninterrupted_run(prefs, tiny_instru
             str(tiny_instruct_path), "--data", str(prefs), "--max-steps", "48", "--lr", "1e-3", "--batch-size", "2",
             "--save-every", "4", "--device", "cpu"]
     out = tmp_path / "killed"
-    process = subprocess.Popen([str(OLMO2KIT), *args, "--output", str(out)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-8").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "finetune.json").exists()  # killed mid-run
-
-    resumed = run_olmo2kit(*args, "--output", str(out), "--resume", env={"OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr and "reference log-probabilities from" in resumed.stderr
+    resumed = kill_after_step_8_then_resume(args, out)
+    assert "reference log-probabilities from" in resumed.stderr
     reference = tmp_path / "reference"
     dpo(prefs, reference, tiny_instruct_path, max_steps=48, lr=1e-3, batch_size=2, lora=True,
         dpo_loss="length-normalized")

@@ -163,13 +163,11 @@ def test_lora_resume_reaches_the_same_weights_and_log(chat_data, tiny_instruct_p
     assert run(chat_data, cut, tiny_instruct_path, resume=True, **options).steps == 8
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(chat_data, tiny_instruct_path, tmp_path):
-    args = ["finetune", "--model", str(tiny_instruct_path), "--data", str(chat_data), "--max-steps", "120",
-            "--lr", "1e-3", "--batch-size", "2", "--save-every", "4", "--device", "cpu"]
-    out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([str(OLMO2KIT), *args, "--output", str(out)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def kill_after_step_8_then_resume(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    """`olmo2kit *args --output out` killed by SIGKILL once its step-8 checkpoint exists, then run again with
+    --resume to the end (exit 0 asserted)."""
+    process = subprocess.Popen([str(OLMO2KIT), *args, "--output", str(out)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-8").exists():
         assert process.poll() is None, process.stderr.read().decode()
@@ -178,10 +176,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(chat_data, tiny_instruc
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "finetune.json").exists()  # killed mid-run
-
     resumed = run_olmo2kit(*args, "--output", str(out), "--resume", env={"OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
+    return resumed
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(chat_data, tiny_instruct_path, tmp_path):
+    args = ["finetune", "--model", str(tiny_instruct_path), "--data", str(chat_data), "--max-steps", "120",
+            "--lr", "1e-3", "--batch-size", "2", "--save-every", "4", "--device", "cpu"]
+    out = tmp_path / "killed"
+    kill_after_step_8_then_resume(args, out)
     reference = tmp_path / "reference"
     run(chat_data, reference, tiny_instruct_path, max_steps=120, lr=1e-3, batch_size=2)
     assert_same_weights(weights(out), weights(reference), atol=1e-6)
