@@ -63,6 +63,20 @@ def quiet_bitsandbytes() -> None:
     drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
 
 
+def keep_4bit_trainable(model) -> None:
+    """Keep a 4-bit (QLoRA) model on bitsandbytes' trainable path.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a Linear4bit's weight for its inference kernel
+    (`gemv_4bit`, which has no autograd) the first time the layer runs a no-grad forward in eval mode
+    (`Linear4bit.forward`, bitsandbytes/nn/modules.py), and every later forward, in training too, then goes
+    through that kernel: no gradient flows back through the layer (torch warns "an autograd kernel was not
+    registered"). A run that computes DPO's reference or evaluates before it trains would train wrongly.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def quiet_transformers() -> None:
     """No download or loading bars from transformers, no warnings about transformers APIs that peft, not
     the user, calls, and no load report table: olmo2kit reports missing or unexpected weights as one error."""

@@ -332,7 +332,7 @@ def test_lora_sigkill_then_resume_equals_an_uninterrupted_run(prefs, tiny_instru
     assert np.mean([e["margin"] for e in log[-5:]]) > np.mean([e["margin"] for e in log[:5]])
 
 
-def test_qlora_dpo_trains_an_adapter(prefs, tiny_instruct_path, tmp_path):
+def test_qlora_dpo_trains_an_adapter(whole, prefs, tiny_instruct_path, tmp_path):  # whole stores the fp32 reference
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora"
     result = dpo(prefs, out, tiny_instruct_path, lora=True, quantize="nf4", max_steps=4, lr=1e-2, batch_size=2)
@@ -343,6 +343,20 @@ def test_qlora_dpo_trains_an_adapter(prefs, tiny_instruct_path, tmp_path):
     # The nf4 base's reference is stored beside the fp32 model's, and differs from it.
     quantized = load_file(stored_reference(prefs, quantize="nf4"))["log_probs"]
     assert not torch.allclose(quantized, load_file(stored_reference(prefs))["log_probs"], atol=1e-4)
+
+
+def test_qlora_trains_alike_whether_its_reference_was_computed_in_the_run_or_read(prefs, tiny_instruct_path, tmp_path):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel (which has no
+    autograd) on the first no-grad forward in eval mode: computing the reference in the run must not change how the
+    run then trains."""
+    pytest.importorskip("bitsandbytes")
+    data = tmp_path / "prefs"
+    shutil.copytree(prefs, data, ignore=shutil.ignore_patterns(REFERENCE_DIR))
+    options = dict(lora=True, quantize="nf4", max_steps=3, lr=1e-2, batch_size=2)
+    dpo(data, tmp_path / "computed", tiny_instruct_path, **options)  # computes the reference, then trains
+    dpo(data, tmp_path / "read", tiny_instruct_path, **options)  # reads it: no eval forward before training
+    assert_same_weights(weights(tmp_path / "computed", "adapter_model.safetensors"),
+                        weights(tmp_path / "read", "adapter_model.safetensors"), atol=1e-6)
 
 
 def test_two_fsdp_processes_equal_one(whole, prefs, tiny_instruct_path, tmp_path):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from olmo2kit.compat import quiet_bitsandbytes
+from olmo2kit.compat import keep_4bit_trainable, quiet_bitsandbytes
 from olmo2kit.devices import peak_memory_gb, resolve_device
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import LOCK_NAME, JsonlStore, file_stamp, make_output_dir, output_lock, write_json_atomic
@@ -307,6 +307,7 @@ def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedD
     if config.quantize:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
         # transformers 5.24 renamed gradient_checkpointing_enable; older 5.x only have the old name.
