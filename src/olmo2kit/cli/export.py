@@ -109,7 +109,11 @@ def olmo_core(
     quiet_transformers()
     start = time.perf_counter()
     done = export_olmo_core(model, out, revision=revision, say=info)
-    info(f"OLMo-core's model gives transformers' logits on the probe batch (largest difference "
-         f"{done.max_logit_diff:.3g}); wrote {done.tensors} tensors ({done.parameters:,} parameters, {done.dtype}) "
-         f"in {time.perf_counter() - start:.1f} s")
+    say_conversion(done, "OLMo-core's model gives transformers'", time.perf_counter() - start)
+
+
+def say_conversion(done, agreement: str, seconds: float) -> None:
+    """What an OLMo-core conversion checked and wrote (stderr), then the path it wrote (stdout)."""
+    info(f"{agreement} logits on the probe batch (largest difference {done.max_logit_diff:.3g}); wrote "
+         f"{done.tensors} tensors ({done.parameters:,} parameters, {done.dtype}) in {seconds:.1f} s")
     print(done.path)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from olmo2kit.cli.export import say_conversion
 from olmo2kit.cli.output import info
 
 app = typer.Typer(help="Bring a checkpoint from OLMo's trainer (OLMo-core) back as a Hugging Face checkpoint.",
@@ -45,7 +46,4 @@ def olmo_core(
     quiet_transformers()
     start = time.perf_counter()
     done = import_olmo_core(checkpoint, out, tokenizer=tokenizer, say=info)
-    info(f"transformers' model gives OLMo-core's logits on the probe batch (largest difference "
-         f"{done.max_logit_diff:.3g}); wrote {done.tensors} tensors ({done.parameters:,} parameters, {done.dtype}) "
-         f"in {time.perf_counter() - start:.1f} s")
-    print(done.path)
+    say_conversion(done, "transformers' model gives OLMo-core's", time.perf_counter() - start)

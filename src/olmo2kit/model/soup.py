@@ -27,7 +27,14 @@ from pathlib import Path
 
 from olmo2kit.devices import get_dtype
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.files import check_new_output_dir, make_output_dir, output_lock, staged_output_dir, write_json_atomic
+from olmo2kit.files import (
+    check_new_output_dir,
+    file_sha256,
+    make_output_dir,
+    output_lock,
+    staged_output_dir,
+    write_json_atomic,
+)
 from olmo2kit.model.hub_cache import download
 from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.sizes import checkpoint_architecture, read_config
@@ -414,8 +421,7 @@ def _files_digest(ingredient: Ingredient) -> str:
         if (ingredient.directory / name).is_file():
             found = True
             digest.update(name.encode() + b"\0")
-            with open(ingredient.directory / name, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
+            digest.update(bytes.fromhex(file_sha256(ingredient.directory / name)))
     if not found:
         raise Olmo2KitError(f"{ingredient.name} holds no tokenizer files: copy them from the model it came from")
     return digest.hexdigest()
