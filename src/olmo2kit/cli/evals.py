@@ -31,6 +31,7 @@ from olmo2kit.cli.options import (
     TensorParallelOpt,
 )
 from olmo2kit.cli.output import ProgressBar, dash, format_bytes, info, print_table
+from olmo2kit.errors import Olmo2KitError
 
 
 def perplexity_command(
@@ -209,6 +210,14 @@ def sweep_command(
     gpu_memory_utilization: GpuMemoryOpt = 0.9,
     max_model_len: MaxModelLenOpt = None,
     enforce_eager: EnforceEagerOpt = False,
+    ray: Annotated[
+        str | None, typer.Option(help="Measure each revision as a Ray task: local (start a Ray here), auto (the "
+                                      "one running here) or HOST:PORT of a cluster's head.")
+    ] = None,
+    ray_cpus: Annotated[float | None, typer.Option(help="CPUs each Ray task asks for [default: 1].")] = None,
+    ray_gpus: Annotated[
+        float | None, typer.Option(help="GPUs each Ray task asks for [default: 1 where the cluster has GPUs, else 0].")
+    ] = None,
 ) -> None:
     """Measure a metric across training checkpoints, in training order; resumable.
 
@@ -224,20 +233,28 @@ def sweep_command(
       olmo2kit sweep --data wiki.txt --revisions stage1-step10000-tokens21B,stage1-step20000-tokens42B
 
       olmo2kit sweep --model 7b --metric hellaswag --stage 1 --every 50 --out hs.jsonl --engine vllm
+
+      olmo2kit sweep --model 7b --data wiki.txt --stage 1 --out ppl.jsonl --ray auto --ray-gpus 1
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.evals.sweep import Sweep
+    from olmo2kit.inference.ray_pool import RayOptions
     from olmo2kit.model.revisions import parse_revision, training_order
 
     names = None if revisions is None else revisions.split(",")
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     engine, note = pick_engine(engine, model, quantize, device, vllm, scoring=True)
+    ray_options = None
+    if ray is not None:
+        ray_options = RayOptions(address=ray, cpus=1 if ray_cpus is None else ray_cpus, gpus=ray_gpus)
+    elif ray_cpus is not None or ray_gpus is not None:
+        raise Olmo2KitError("--ray-cpus and --ray-gpus size each Ray task: give them with --ray")
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
         max_length=max_length, limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size,
-        engine=engine, vllm=vllm,
+        engine=engine, vllm=vllm, ray=ray_options,
     )
     if note:
         info(note)
@@ -251,9 +268,16 @@ def sweep_command(
         bar.update(step.index, step.total, f"{row['revision']}: {metric} {row['value']:.4f} "
                                            f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed})")
     bar.close()
+    if sweep.pool is not None:
+        sweep.pool.close()
     lines = [("revision", "tokens", metric)]
     for row in sorted(sweep.done, key=lambda r: training_order(parse_revision(r["revision"]))):
         tokens = "-" if row["train_tokens_b"] is None else f"{row['train_tokens_b']}B"
         lines.append((row["revision"], tokens, f"{row['value']:.4f}"))
     print_table(lines)
     info(f"results: {out}" + ("" if plot is None else f", plot: {plot}"))
+    if sweep.failed:
+        for name, why in sweep.failed.items():
+            info(f"{name} failed: {why}")
+        raise Olmo2KitError(f"{len(sweep.failed)} of {len(sweep.todo)} revisions failed (above): "
+                            "run the same command again to retry them")

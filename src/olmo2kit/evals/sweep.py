@@ -32,6 +32,7 @@ from olmo2kit.errors import Olmo2KitError
 from olmo2kit.evals.perplexity import check_window, perplexity, read_text
 from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks
 from olmo2kit.files import JsonlStore, make_output_dir, output_lock, write_atomic
+from olmo2kit.inference.ray_pool import RayOptions, RayPool, UnitDone
 from olmo2kit.model.engines import choose_engine, engine_info, load_model
 from olmo2kit.model.hub_cache import delete_cached_revision
 from olmo2kit.model.loading import resolve_model
@@ -62,6 +63,10 @@ class Sweep:
     (with `limit`, `num_fewshot`, `include_path`, `batch_size`). Revisions are the model's
     checkpoint branches in training order, kept by `stage`, then every `every`-th from the
     first; or exactly the names in `revisions`.
+
+    With `ray`, each revision is a Ray task (`inference.ray_pool`) and this process alone writes the results,
+    in the order the revisions finish; one that still fails after its retries is left out of the file and named
+    in `failed`, and the others go on.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class Sweep:
         batch_size: int = 1,
         engine: str = "transformers",
         vllm: VllmOptions | None = None,
+        ray: RayOptions | None = None,
     ) -> None:
         ref = resolve_model(model)
         if ref.local or ref.revision:
@@ -124,6 +130,9 @@ class Sweep:
         # Stage-2 branches count their tokens from the start of stage 2, which began where stage 1 ended.
         self.stage2_start_b = max((r.tokens_b for r in everything if r.stage == 1), default=0)
         self._read_done(read_results(self.out))
+        self.failed: dict[str, str] = {}  # revision -> why, for those that failed on Ray after their retries
+        # Connected last, once everything else is known good: a bad address fails before any download.
+        self.pool = None if ray is None else RayPool(ray)
 
     def _read_done(self, rows: list[dict]) -> None:
         """Take the results file's rows as done (same setup only) and the rest of the revisions as to do."""
@@ -200,33 +209,21 @@ class Sweep:
         store = results_store(self.out)
         store.repair()
         self._read_done(store.read())
+        measure = RevisionMeasure(self.repo_id, self.metric, self.text, self.load_options, self.metric_options,
+                                  self.setup, self.stage2_start_b, self.delete_after)
+        if self.pool is None:
+            done = (UnitDone(revision.name, measure(revision)) for revision in self.todo)
+        else:
+            done = self.pool.map(measure, {revision.name: (revision,) for revision in self.todo})
+        self.failed = {}
         start = time.perf_counter()
-        for index, revision in enumerate(self.todo, 1):
-            load_start = time.perf_counter()
-            model, tokenizer = load_model(self.repo_id, revision=revision.name, **self.load_options)
-            eval_start = time.perf_counter()
-            value, details = self._measure(model, tokenizer)
-            engine = engine_info(model)
-            row = {
-                "revision": revision.name,
-                **{key: value for key, value in revision.to_dict().items() if key != "name"},
-                "train_tokens_b": self._train_tokens_b(revision),
-                "metric": self.metric,
-                "value": value,
-                "details": details,
-                "setup": self.setup,
-                **engine,
-                "load_s": round(eval_start - load_start, 3),
-                "eval_s": round(time.perf_counter() - eval_start, 3),
-                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
-            if isinstance(model, VllmModel):
-                model.close()  # its engine and memory go before the next revision loads
-            del model, tokenizer
-            _free_memory()
-            store.append([row])
+        for index, unit in enumerate(done, 1):
+            if unit.error is not None:
+                self.failed[unit.key] = unit.error
+                continue
+            row, freed = unit.value
+            store.append([row])  # the driver alone writes the results, whichever worker measured the row
             self.done.append(row)
-            freed = delete_cached_revision(self.repo_id, revision.commit, revision.name) if self.delete_after else 0
             if self.plot_path is not None:
                 plot_results(self.done, self.plot_path)
             elapsed = time.perf_counter() - start
@@ -235,15 +232,58 @@ class Sweep:
         if self.plot_path is not None and not self.todo:
             plot_results(self.done, self.plot_path)
 
+
+@dataclass(frozen=True)
+class RevisionMeasure:
+    """What measuring one revision needs, and nothing of the sweep's results file: called in the sweep's own
+    process, or sent to a Ray worker as it is. Calling it loads the revision, measures it, frees it (and its
+    cache, with `delete_after`) and returns (its results line, bytes freed from the cache)."""
+
+    repo_id: str
+    metric: str
+    text: str | None
+    load_options: dict
+    metric_options: dict
+    setup: dict
+    stage2_start_b: int
+    delete_after: bool
+
+    def __call__(self, revision: Revision) -> tuple[dict, int]:
+        load_start = time.perf_counter()
+        model, tokenizer = load_model(self.repo_id, revision=revision.name, **self.load_options)
+        eval_start = time.perf_counter()
+        value, details = self._measure(model, tokenizer)
+        engine = engine_info(model)
+        row = {
+            "revision": revision.name,
+            **{key: value for key, value in revision.to_dict().items() if key != "name"},
+            "train_tokens_b": self._train_tokens_b(revision),
+            "metric": self.metric,
+            "value": value,
+            "details": details,
+            "setup": self.setup,
+            **engine,
+            "load_s": round(eval_start - load_start, 3),
+            "eval_s": round(time.perf_counter() - eval_start, 3),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if isinstance(model, VllmModel):
+            model.close()  # its engine and memory go before the next revision loads
+        del model, tokenizer
+        _free_memory()
+        freed = delete_cached_revision(self.repo_id, revision.commit, revision.name) if self.delete_after else 0
+        return row, freed
+
     def _measure(self, model, tokenizer) -> tuple[float, dict]:
-        if self.task == PERPLEXITY:
+        task, _, task_metric = self.metric.partition(":")
+        if task == PERPLEXITY:
             result = perplexity(model, tokenizer, self.text, **self.metric_options)
             return result.perplexity, result.to_dict()
-        scores = evaluate_tasks(model, tokenizer, [self.task], **self.metric_options)
-        wanted = [s for s in scores if s.task == self.task and (s.metric == self.task_metric or not self.task_metric)]
+        scores = evaluate_tasks(model, tokenizer, [task], **self.metric_options)
+        wanted = [s for s in scores if s.task == task and (s.metric == task_metric or not task_metric)]
         if not wanted:
-            reported = ", ".join(sorted({s.metric for s in scores if s.task == self.task}))
-            raise Olmo2KitError(f"lm-eval reported no {self.task_metric!r} for {self.task} (it reported: {reported})")
+            reported = ", ".join(sorted({s.metric for s in scores if s.task == task}))
+            raise Olmo2KitError(f"lm-eval reported no {task_metric!r} for {task} (it reported: {reported})")
         return wanted[0].value, {"scores": [s.to_dict() for s in scores]}
 
     def _train_tokens_b(self, revision: Revision) -> int | None:
