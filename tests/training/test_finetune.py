@@ -254,8 +254,9 @@ def test_two_processes_match_one_with_accumulation(chat_data, tiny_instruct_path
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads(completed.stdout)["steps"] == 4  # printed once, by the first process
     assert json.loads((out / "finetune.json").read_text())["processes"] == 2
+    # Each process writes its part of the checkpoint (DCP), the first one its metadata and state.json.
     assert sorted(p.name for p in (out / "checkpoints" / "step-2").iterdir()) == [
-        "optimizer.pt", "rng-0.pt", "rng-1.pt", "state.json", "trainable.safetensors"]
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.pt", "rng-1.pt", "state.json"]
     # The same global batch on one process, in two micro-batches, takes the same steps.
     single = tmp_path / "single"
     run(chat_data, single, tiny_instruct_path, max_steps=4, lr=1e-3, batch_size=1, grad_accum=2)

@@ -1,4 +1,5 @@
-"""finetune --fsdp: torch's FSDP2 over two CPU processes (gloo) takes the steps one process takes on the same batch."""
+"""finetune --fsdp: torch's FSDP2 over two CPU processes (gloo) takes the steps one process takes on the same batch,
+and its checkpoints, each process's shards, resume on two processes or one, as one process's resume on two."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from conftest import OLMO2KIT
@@ -64,17 +66,31 @@ def sharded(chat_data, tiny_instruct_path, tmp_path_factory) -> tuple[Path, str]
     return output, sharded_finetune(chat_data, output, tiny_instruct_path).stderr
 
 
+@pytest.fixture(scope="module")
+def single(chat_data, tiny_instruct_path, tmp_path_factory) -> Path:
+    """The output directory of the same run on one process: 4 micro-batches a step, a checkpoint at step 2."""
+    output = tmp_path_factory.mktemp("single") / "out"
+    finetune(FinetuneConfig(data=str(chat_data), output=str(output), model=str(tiny_instruct_path), device="cpu",
+                            grad_accum=4, save_every=2, **STEPS))
+    return output
+
+
+def killed_after_step_2(output: Path, copy: Path) -> Path:
+    """A copy of the finished run `output` as if killed after its checkpoint of step 2 (its only one)."""
+    shutil.copytree(output, copy)
+    for name in ("finetune.json", "model.safetensors"):
+        (copy / name).unlink()
+    return copy
+
+
 def losses(output: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (output / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_sharded_steps_match_one_process(sharded, chat_data, tiny_instruct_path, tmp_path):
+def test_sharded_steps_match_one_process(sharded, single, tiny_instruct_path):
     output, stderr = sharded
     held, total = (int(n.replace(",", "")) for n in re.search(r"first holds ([\d,]+) of the ([\d,]+)", stderr).groups())
     assert held < 0.6 * total  # sharded, not replicated: each process holds about half
-    single = tmp_path / "single"
-    finetune(FinetuneConfig(data=str(chat_data), output=str(single), model=str(tiny_instruct_path), device="cpu",
-                            grad_accum=4, **STEPS))
     assert losses(output) == pytest.approx(losses(single), rel=TOLERANCE)
     base, sharded_weights, single_weights = (load_file(p / "model.safetensors")
                                              for p in (tiny_instruct_path, output, single))
@@ -84,23 +100,64 @@ def test_sharded_steps_match_one_process(sharded, chat_data, tiny_instruct_path,
     assert not torch.equal(sharded_weights["lm_head.weight"], base["lm_head.weight"])  # it trained
     model, _ = load(str(output), dtype="fp32", device="cpu")
     assert not model.training
-    # Checkpoints hold whole tensors, gathered from the shards.
-    checkpoint = load_file(output / "checkpoints" / "step-2" / "trainable.safetensors")
-    assert {name: w.shape for name, w in checkpoint.items()} == {name: w.shape for name, w in base.items()}
+
+
+def test_each_process_writes_its_own_shards(sharded, tiny_instruct_path):
+    checkpoint = sharded[0] / "checkpoints" / "step-2"
+    # The checkpoint records every weight at its whole shape, with its Adam moments ...
+    metadata = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    base = load_file(tiny_instruct_path / "model.safetensors")
+    assert {key.removeprefix("model."): tuple(m.size) for key, m in metadata.items() if key.startswith("model.")} == {
+        name: tuple(w.shape) for name, w in base.items()}
+    assert {"optimizer.state.lm_head.weight.exp_avg", "optimizer.state.lm_head.weight.exp_avg_sq"} <= metadata.keys()
+    # ... but each process wrote about half of it: nothing was gathered on the first.
+    shards = [(checkpoint / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
+    assert max(shards) < 0.6 * sum(shards)
 
 
 def test_sharded_resume_equals_the_uninterrupted_run(sharded, chat_data, tiny_instruct_path, tmp_path):
     output, _ = sharded
-    cut = tmp_path / "cut"
-    shutil.copytree(output, cut)
-    for name in ("finetune.json", "model.safetensors"):  # as if killed after the checkpoint of step 2
-        (cut / name).unlink()
+    cut = killed_after_step_2(output, tmp_path / "cut")
     resumed = sharded_finetune(chat_data, cut, tiny_instruct_path, "--resume")
     assert "resuming from" in resumed.stderr
     assert losses(cut) == losses(output)
     finished = load_file(output / "model.safetensors")
     for name, weight in load_file(cut / "model.safetensors").items():
         torch.testing.assert_close(weight, finished[name], rtol=0, atol=0, msg=name)
+
+
+def test_two_processes_checkpoint_resumes_on_one(sharded, chat_data, tiny_instruct_path, tmp_path):
+    output, _ = sharded
+    cut = killed_after_step_2(output, tmp_path / "cut")
+    # A save killed halfway leaves only its staging directory, never a checkpoint that looks whole.
+    torn = cut / "checkpoints" / ".step-3.tmp"
+    shutil.copytree(cut / "checkpoints" / "step-2", torn)
+    (torn / "__1_0.distcp").unlink()
+    said = []
+    finetune(FinetuneConfig(data=str(chat_data), output=str(cut), model=str(tiny_instruct_path), device="cpu",
+                            grad_accum=4, resume=True, **STEPS), say=said.append)
+    assert any(message.startswith("resuming from") for message in said)
+    assert losses(cut) == pytest.approx(losses(output), rel=TOLERANCE)
+
+
+def test_one_process_checkpoint_resumes_on_two(single, sharded, chat_data, tiny_instruct_path, tmp_path):
+    cut = killed_after_step_2(single, tmp_path / "cut")
+    resumed = sharded_finetune(chat_data, cut, tiny_instruct_path, "--resume")
+    assert "resuming from" in resumed.stderr
+    assert losses(cut) == pytest.approx(losses(single), rel=TOLERANCE)
+    assert losses(cut) == pytest.approx(losses(sharded[0]), rel=TOLERANCE)
+
+
+def test_a_checkpoint_from_before_sharding_is_one_line(single, chat_data, tiny_instruct_path, tmp_path):
+    cut = killed_after_step_2(single, tmp_path / "cut")
+    checkpoint = cut / "checkpoints" / "step-2"
+    for item in checkpoint.iterdir():  # the layout of olmo2kit before DCP: whole tensors from the first process
+        if item.name not in ("state.json", "rng-0.pt"):
+            item.unlink()
+    (checkpoint / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(Olmo2KitError, match="before sharded checkpoints: resume it with that version"):
+        finetune(FinetuneConfig(data=str(chat_data), output=str(cut), model=str(tiny_instruct_path), device="cpu",
+                                grad_accum=4, resume=True, **STEPS))
 
 
 def test_fsdp_refuses_what_it_cannot_shard(chat_data, tiny_instruct_path, tmp_path, monkeypatch):

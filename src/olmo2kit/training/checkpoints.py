@@ -1,7 +1,8 @@
 """Training checkpoints: checkpoints/step-N written whole or not at all, found and loaded again for --resume,
 with the RNG state and the identity of the run that wrote them.
 
-A checkpoint holds the trainable weights (whole tensors, gathered from FSDP shards), the optimizer,
+A checkpoint holds the trainable weights and the optimizer as torch.distributed.checkpoint (DCP) shards, each
+process writing its own part (nothing is gathered whole, and a checkpoint loads on another number of processes),
 each process's RNG state, and state.json: the step, the tokens so far and the run's identity, which
 a resumed run must share. The learning rate and the data order are functions of the step and the
 seed, so nothing else is needed to continue exactly.
@@ -13,6 +14,9 @@ import json
 import logging
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +102,23 @@ def _trainable_names(model, accelerator) -> set[str]:
             for name, p in unwrapped.named_parameters() if p.requires_grad}
 
 
+def _sharded_state(model, optimizer, accelerator) -> dict:
+    """This process's part of the trainable weights and the optimizer: FSDP shards stay shards (DTensors), so
+    nothing is gathered; DCP writes and reads each process's part, and reshards on load to another process count."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Frozen weights (the base of a LoRA run) come back from the base model; only what trains is saved.
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    names = _trainable_names(model, accelerator)
+    return {"model": {k: v for k, v in weights.items() if k in names}, "optimizer": optim}
+
+
 def save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model, optimizer, accelerator,
                      config: FinetuneConfig) -> None:
-    """Write checkpoints/step-N whole or not at all: into a temporary directory, renamed when complete."""
+    """Write checkpoints/step-N whole or not at all: each process writes its shards into a temporary directory
+    (torch.distributed.checkpoint), renamed by the first process once every process has written."""
     import torch
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    import torch.distributed.checkpoint as dcp
 
     root = output / CHECKPOINTS
     staging = root / f".step-{step}.tmp"
@@ -111,13 +126,10 @@ def save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model,
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # Frozen weights (the base of a LoRA run) come back from the base model; only what trains is saved.
-    weights, optim = get_state_dict(model, optimizer, options=state_dict_options(ignore_frozen_params=True))
-    names = _trainable_names(model, accelerator)
+    with _alone_quietly():
+        dcp.save(_sharded_state(model, optimizer, accelerator), checkpoint_id=staging)
     torch.save(_rng_state(), staging / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in weights.items() if k in names}, staging / "trainable.safetensors")
-        torch.save(optim, staging / "optimizer.pt")
         # The learning rate is a function of the step, so the step is the whole scheduler state;
         # the data order is a function of the seed and the step.
         write_json_atomic(staging / "state.json", {"step": step, "tokens": tokens, "identity": identity,
@@ -134,22 +146,37 @@ def save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model,
 
 
 def load_checkpoint(checkpoint: Path, model, optimizer, accelerator) -> tuple[int, int]:
+    """Load `checkpoint` into `model` and `optimizer`, on any number of processes (DCP reshards what it reads);
+    return its (step, tokens)."""
     import torch
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = json.loads((checkpoint / "state.json").read_text())
-    weights = load_file(checkpoint / "trainable.safetensors")
-    names = _trainable_names(model, accelerator)
-    if set(weights) != names:
+    if not (checkpoint / ".metadata").is_file():
+        raise Olmo2KitError(f"{checkpoint} was written by an olmo2kit before sharded checkpoints: resume it with "
+                            "that version, or pick another --output")
+    saved = {key.removeprefix("model.") for key in dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+             if key.startswith("model.")}
+    if saved != _trainable_names(model, accelerator):
         raise Olmo2KitError(f"{checkpoint} does not hold this model's trainable weights: pick another --output")
-    optim = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
-                   options=state_dict_options(strict=False))
+    sharded = _sharded_state(model, optimizer, accelerator)
+    with _alone_quietly():
+        dcp.load(sharded, checkpoint_id=checkpoint)
+    set_state_dict(model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"],
+                   options=StateDictOptions(strict=False))
     rng = checkpoint / f"rng-{accelerator.process_index}.pt"
     if rng.exists():  # absent when resuming on more processes than before
         _set_rng_state(torch.load(rng, weights_only=True))
     return state["step"], state["tokens"]
+
+
+@contextmanager
+def _alone_quietly() -> Iterator[None]:
+    """Without a process group (one process), DCP reads and writes alone, as meant, and warns that it assumes so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield
 
 
 def _rng_state() -> dict:

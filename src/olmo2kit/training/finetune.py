@@ -15,7 +15,8 @@ Output in DIR:
   train_log.jsonl                              {"step", "loss", "lr", "tokens"} per step (DPO adds "chosen_reward",
                                                "rejected_reward", "margin", "accuracy"), and
                                                {"step", "eval_loss"} per evaluation of the validation split
-  checkpoints/step-N/                          trainable weights, optimizer, RNG, step (for --resume)
+  checkpoints/step-N/                          trainable weights and optimizer as each process's DCP shards, RNG,
+                                               step (for --resume, on any number of processes)
   finetune.json                                the settings and results; written last
 """
 
