@@ -130,3 +130,86 @@ def test_bench_refuses_what_cannot_fit_before_allocating(cli):
     code, out, err = cli("bench", "--size", "32b", "--random-init", "--device", "cpu", "--dtype", "fp32",
                          "--batch-size", "64", "--prompt-len", "2048", "--new-tokens", "2048")
     assert code == 2 and out == "" and err.startswith("error: 32b in fp32 needs about") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_finetune_estimate_counts_what_autograd_saves(tmp_path, checkpointing):
+    """The activation formula against torch's own count: every tensor autograd saves in a training forward of
+    OLMo 2 under bf16 autocast (weights excluded, bf16 weight copies included), on a GQA config of real shape
+    ratios (hidden 256, intermediate 688)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Olmo2Config
+
+    from olmo2kit.evals.estimate import autocast_copy_bytes, saved_activation_bytes
+    from olmo2kit.model.sizes import architecture
+
+    config = Olmo2Config(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
+                         num_hidden_layers=3, vocab_size=4096, tie_word_embeddings=False)
+    config.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = 384
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
+    size = architecture(str(tmp_path))
+    # With checkpointing the layers' weight copies are recomputed, not saved: only the lm_head's is.
+    copies = 2 * size.vocab_size * size.hidden_size if checkpointing else autocast_copy_bytes(size)
+    assert measured == pytest.approx(saved_activation_bytes(size, tokens, checkpointing) + copies, rel=0.05)
+
+
+def test_finetune_estimate_shards_and_finds_the_fewest_gpus():
+    from olmo2kit.evals.estimate import finetune_estimate
+    from olmo2kit.model.sizes import get_size
+
+    params = get_size("32b").params
+    gpu = 80 * 10**9
+    ddp = finetune_estimate("32b", processes=16, device_bytes=gpu)
+    assert (ddp.weights_bytes, ddp.gradients_bytes, ddp.optimizer_bytes) == (4 * params, 4 * params, 8 * params)
+    assert ddp.fits is False and ddp.fewest_processes is None
+    plan = dict(method="full", fsdp=True, mixed_precision=True, gradient_checkpointing=True, device_bytes=gpu)
+    sharded = finetune_estimate("32b", processes=16, **plan)
+    assert sharded.optimizer_bytes == 8 * params // 16 and sharded.fits is True
+    assert sharded.total_bytes == sum(getattr(sharded, f"{part}_bytes") for part in
+                                      ("weights", "gradients", "optimizer", "activations", "working"))
+    fewest = sharded.fewest_processes
+    assert finetune_estimate("32b", processes=fewest, **plan).fits is True
+    assert finetune_estimate("32b", processes=fewest - 1, **plan).fits is False
+    # autocast keeps a bf16 copy of every weight through the pass; FSDP's bf16 policy does not.
+    autocast = finetune_estimate("32b", processes=16, **{**plan, "mixed_precision": False})
+    assert autocast.activations_bytes - sharded.activations_bytes >= 2 * get_size("32b").linear_params
+    assert finetune_estimate("7b", method="qlora", device_bytes=gpu).weights_bytes < \
+        finetune_estimate("7b", method="lora", device_bytes=gpu).weights_bytes < 2.1 * get_size("7b").params
+
+
+def test_estimate_finetune_cli(cli):
+    code, out, err = cli("estimate", "32b", "--finetune", "full", "--processes", "16", "--fsdp", "--mixed-precision",
+                         "--gradient-checkpointing", "--device-memory", "80")
+    assert code == 0 and "optimizer (AdamW)" in out and "available on GPU               80.00 GB" in out
+    assert err.startswith("32b full fine-tune on 16 process(es), FSDP: fits (") and "fewest FSDP processes" in err
+    code, out, _ = cli("estimate", "7b", "--finetune", "lora", "--json", "--device-memory", "24")
+    assert code == 0 and json.loads(out)["method"] == "lora"
+    for args, message in [
+        (("--fsdp",), "error: --processes, --fsdp, --mixed-precision, --gradient-checkpointing and --device-memory "
+                      "size a training process: give them with --finetune full|lora|qlora\n"),
+        (("--finetune", "dpo"), "error: unknown fine-tuning method 'dpo': use one of full, lora, qlora\n"),
+        (("--finetune", "full", "--mixed-precision"),
+         "error: mixed precision here is FSDP's bf16 policy: give it with --fsdp\n"),
+        (("--finetune", "full", "--device-memory", "nan"),
+         "error: --device-memory nan: give the GB of one GPU, e.g. 80 for an H100\n"),
+        (("--finetune", "full", "--processes", "0"),
+         "error: processes, sequence length, batch size and LoRA rank must be at least 1\n"),
+    ]:
+        code, _, err = cli("estimate", "7b", *args)
+        assert (code, err) == (2, message)

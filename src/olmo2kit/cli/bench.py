@@ -23,6 +23,7 @@ from olmo2kit.cli.options import (
     TensorParallelOpt,
 )
 from olmo2kit.cli.output import ProgressBar, format_bytes, info, print_table
+from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.sizes import DEFAULT_MODEL
 
 
@@ -133,20 +134,42 @@ def estimate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences at once.")] = 1,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    finetune: Annotated[str | None, typer.Option(
+        help="Memory of one process of `finetune` instead: full, lora or qlora (bf16 autocast on GPUs; --context "
+             "is the sequence length, --batch-size the rows per process).")] = None,
+    processes: Annotated[int, typer.Option(help="With --finetune: training processes (GPUs).")] = 1,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="With --finetune: shard over the processes.")] = False,
+    mixed_precision: Annotated[bool, typer.Option(
+        "--mixed-precision", help="With --finetune --fsdp: FSDP's bf16 policy in place of autocast.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="With --finetune: recompute each layer in the backward pass.")] = False,
+    device_memory: Annotated[float | None, typer.Option(
+        "--device-memory", help="With --finetune: GB of memory per GPU (80 for an H100) [default: this machine's "
+                                "device].")] = None,
 ) -> None:
     """Memory for weights, KV cache and working space, and whether it fits this machine's device.
 
     It answers for what `generate` would load: the same dtype (auto: bf16 on a capable GPU, fp32 on CPU)
-    on the same device.
+    on the same device. With --finetune, the memory of one training process and the fewest GPUs it fits on.
 
     Examples:
 
       olmo2kit estimate 7b
 
       olmo2kit estimate 32b --quantize nf4 --context 8192 --json
+
+      olmo2kit estimate 32b --finetune full --processes 16 --fsdp --mixed-precision --device-memory 80
     """
     from olmo2kit.evals.estimate import estimate as run_estimate
 
+    if finetune is not None:
+        _finetune_estimate(model, finetune, processes=processes, fsdp=fsdp, mixed_precision=mixed_precision,
+                           gradient_checkpointing=gradient_checkpointing, seq_len=context, batch_size=batch_size,
+                           device_memory=device_memory, device=device, as_json=as_json)
+        return
+    if processes != 1 or fsdp or mixed_precision or gradient_checkpointing or device_memory is not None:
+        raise Olmo2KitError("--processes, --fsdp, --mixed-precision, --gradient-checkpointing and --device-memory "
+                            "size a training process: give them with --finetune full|lora|qlora")
     result = run_estimate(model, dtype=dtype, quantize=quantize, context=context, batch_size=batch_size,
                           device=device)
     if as_json:
@@ -164,3 +187,35 @@ def estimate(
     ])
     info(f"{result.model} in {result.dtype}{', ' + quantize if quantize else ''} on {result.device}: {fits} "
          f"({format_bytes(result.total_bytes)} needed)")
+
+
+def _finetune_estimate(model: str, method: str, *, device_memory: float | None, as_json: bool, **options) -> None:
+    from olmo2kit.evals.estimate import finetune_estimate
+
+    if device_memory is not None and not 0 < device_memory < 1e6:  # also refuses nan
+        raise Olmo2KitError(f"--device-memory {device_memory:g}: give the GB of one GPU, e.g. 80 for an H100")
+    device_bytes = None if device_memory is None else int(device_memory * 1e9)
+    result = finetune_estimate(model, method=method, device_bytes=device_bytes, **options)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print_table([
+        ("part (per process)", "memory"),
+        ("weights", format_bytes(result.weights_bytes)),
+        ("gradients", format_bytes(result.gradients_bytes)),
+        ("optimizer (AdamW)", format_bytes(result.optimizer_bytes)),
+        (f"activations ({result.seq_len} tokens x {result.batch_size})", format_bytes(result.activations_bytes)),
+        ("working memory", format_bytes(result.working_bytes)),
+        ("total", format_bytes(result.total_bytes)),
+        (f"available on {result.device}", "unknown" if result.device_bytes is None
+         else format_bytes(result.device_bytes)),
+    ])
+    fits = {True: "fits", False: "does NOT fit", None: "unknown"}[result.fits]
+    layout = f"{result.processes} process(es)" + (", FSDP" if result.fsdp else "")
+    fewest = ""
+    if result.fewest_processes is not None and result.fsdp:
+        fewest = f"; fewest FSDP processes that fit: {result.fewest_processes}"
+    elif result.fsdp and result.device_bytes is not None:
+        fewest = "; no number of FSDP processes fits"
+    info(f"{result.model} {method} fine-tune on {layout}: {fits} ({format_bytes(result.total_bytes)} per process"
+         f"{fewest}); a rough count of what training keeps, not a measurement")
