@@ -121,6 +121,36 @@ def run_olmo2kit(*args: str, env: dict | None = None, stdin: str | None = None) 
     )
 
 
+@pytest.fixture(scope="session")
+def local_ray(hub_server, tmp_path_factory) -> str:
+    """One local Ray for the whole run, started by the first test that asks for it: 2 CPUs, loopback, no
+    dashboard. Its workers see the loopback Hub, a Hugging Face cache of their own, this tree's olmo2kit and the
+    test directories (a test may send them a function of its own module). Returns the address another driver
+    joins it by: `--ray ADDRESS`, or RAY_ADDRESS with `--ray auto`."""
+    ray = pytest.importorskip("ray")
+    import olmo2kit
+
+    hf_home = tmp_path_factory.mktemp("ray-worker-hf")
+    tests = Path(__file__).parent
+    # pytest puts each test directory on sys.path as it imports its modules ("prepend" import mode), all of them
+    # before the first test runs: the workers get the same, so a test module's functions unpickle there.
+    paths = [str(Path(olmo2kit.__file__).parents[1])] + [p for p in sys.path if Path(p).is_relative_to(tests)]
+    env = {
+        "HF_ENDPOINT": hub_server.url, "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
+        "OLMO2KIT_CACHE_DIR": str(hf_home / "olmo2kit-cache"), "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
+    }
+    # Workers inherit the raylet's environment, so the variables are set while it starts too: they then also
+    # reach the workers of a second driver that joins this Ray (a CLI the test runs), which runtime_env's do not.
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": env})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models train fastest on one thread; on a shared 2-core machine two threads can be 10x slower."""

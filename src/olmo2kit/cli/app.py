@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from olmo2kit.cli import bench, chat, evals, export, generate, hub, imports, models, serve, soup, training
+from olmo2kit.cli.options import Command
 from olmo2kit.errors import Olmo2KitError
 
 app = typer.Typer(
@@ -72,7 +73,7 @@ COMMANDS = [
     ("serve", serve.serve),
 ]
 for name, command in COMMANDS:
-    app.command(name)(command)
+    app.command(name, cls=Command)(command)
 app.add_typer(export.app, name="export")
 app.add_typer(imports.app, name="import")
 

@@ -26,9 +26,14 @@ from olmo2kit.cli.options import (
     ModelOpt,
     PipelineParallelOpt,
     QuantizeOpt,
+    RayCpusOpt,
+    RayGpusOpt,
+    RayOpt,
+    RayRetriesOpt,
     RevisionOpt,
     StrideOpt,
     TensorParallelOpt,
+    ray_options,
 )
 from olmo2kit.cli.output import ProgressBar, dash, format_bytes, info, print_table
 from olmo2kit.errors import Olmo2KitError
@@ -210,14 +215,10 @@ def sweep_command(
     gpu_memory_utilization: GpuMemoryOpt = 0.9,
     max_model_len: MaxModelLenOpt = None,
     enforce_eager: EnforceEagerOpt = False,
-    ray: Annotated[
-        str | None, typer.Option(help="Measure each revision as a Ray task: local (start a Ray here), auto (the "
-                                      "one running here) or HOST:PORT of a cluster's head.")
-    ] = None,
-    ray_cpus: Annotated[float | None, typer.Option(help="CPUs each Ray task asks for [default: 1].")] = None,
-    ray_gpus: Annotated[
-        float | None, typer.Option(help="GPUs each Ray task asks for [default: 1 where the cluster has GPUs, else 0].")
-    ] = None,
+    ray: RayOpt = None,
+    ray_cpus: RayCpusOpt = None,
+    ray_gpus: RayGpusOpt = None,
+    ray_retries: RayRetriesOpt = None,
 ) -> None:
     """Measure a metric across training checkpoints, in training order; resumable.
 
@@ -238,23 +239,18 @@ def sweep_command(
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.evals.sweep import Sweep
-    from olmo2kit.inference.ray_pool import RayOptions
     from olmo2kit.model.revisions import parse_revision, training_order
 
     names = None if revisions is None else revisions.split(",")
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     engine, note = pick_engine(engine, model, quantize, device, vllm, scoring=True)
-    ray_options = None
-    if ray is not None:
-        ray_options = RayOptions(address=ray, cpus=1 if ray_cpus is None else ray_cpus, gpus=ray_gpus)
-    elif ray_cpus is not None or ray_gpus is not None:
-        raise Olmo2KitError("--ray-cpus and --ray-gpus size each Ray task: give them with --ray")
+    on_ray = ray_options(ray, ray_cpus, ray_gpus, ray_retries)
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
         max_length=max_length, limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size,
-        engine=engine, vllm=vllm, ray=ray_options,
+        engine=engine, vllm=vllm, ray=on_ray,
     )
     if note:
         info(note)

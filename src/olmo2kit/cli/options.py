@@ -10,8 +10,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
+from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.ray_pool import LOCAL, RayOptions
 from olmo2kit.inference.sampling import SEED_LIMIT
+
+# Options that may be given bare, and the value a bare one stands for. Typer's own fork of click gives an option a
+# value always or never (typer/_click/parser.py has no flag_value for an option that takes a value), so `Command`
+# fills the value in before parsing.
+BARE_VALUES = {"--ray": LOCAL}
+
+
+class Command(TyperCommand):
+    """Every olmo2kit command (app.py registers them with it): typer's, where an option of `BARE_VALUES` given
+    bare (last, or followed by another option) means that option with its bare value: `--ray` is `--ray local`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        names = {name for param in self.params for name in getattr(param, "opts", ())}
+        return super().parse_args(ctx, with_bare_values(args, BARE_VALUES.keys() & names))
+
+
+def with_bare_values(args: list[str], options) -> list[str]:
+    """`args` with the bare value after each of `options` given without one (none after a `--`)."""
+    filled = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return filled + args[index:]
+        filled.append(arg)
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg in options and (following is None or following.startswith("-")):
+            filled.append(BARE_VALUES[arg])
+    return filled
+
 
 # Options shared by every command that loads a model.
 ModelOpt = Annotated[
@@ -100,3 +131,41 @@ EnforceEagerOpt = Annotated[
     bool, typer.Option("--enforce-eager", help="No torch.compile or CUDA graphs: starts sooner, runs slower.",
                        rich_help_panel=_VLLM)
 ]
+
+# Units of work (a sweep's revisions, a batch job's shards) as Ray tasks: `ray_options` reads them.
+_RAY = "Ray"
+RayOpt = Annotated[
+    str | None,
+    typer.Option("--ray", metavar="[ADDRESS]", rich_help_panel=_RAY,
+                 help="Run each unit as a Ray task; the results are written here. Alone (or local): start a Ray on "
+                      "this machine; auto: join the one running here (or RAY_ADDRESS); HOST:PORT or ray://HOST:PORT: "
+                      "a cluster's head."),
+]
+RayCpusOpt = Annotated[
+    float | None, typer.Option("--ray-cpus", help="CPUs each Ray task asks for (default: 1).", rich_help_panel=_RAY)
+]
+RayGpusOpt = Annotated[
+    float | None,
+    typer.Option("--ray-gpus", rich_help_panel=_RAY,
+                 help="GPUs each Ray task asks for (default: 1 where the cluster has GPUs, else 0)."),
+]
+RayRetriesOpt = Annotated[
+    int | None,
+    typer.Option("--ray-retries", rich_help_panel=_RAY,
+                 help="Tries again of a unit that raised an exception or lost its worker, before it is reported "
+                      f"(default: {RayOptions.retries})."),
+]
+
+
+def ray_options(ray: str | None, cpus: float | None, gpus: float | None, retries: int | None) -> RayOptions | None:
+    """The `RayOptions` that --ray, --ray-cpus, --ray-gpus and --ray-retries ask for, checked before anything
+    loads or connects; None without --ray (the others given alone are an Olmo2KitError)."""
+    if ray is None:
+        given = [name for name, value in (("--ray-cpus", cpus), ("--ray-gpus", gpus), ("--ray-retries", retries))
+                 if value is not None]
+        if given:
+            raise Olmo2KitError(f"{' and '.join(given)} size each Ray task: give them with --ray")
+        return None
+    defaults = RayOptions()
+    return RayOptions(address=ray, cpus=defaults.cpus if cpus is None else cpus, gpus=gpus,
+                      retries=defaults.retries if retries is None else retries)

@@ -10,7 +10,7 @@ half-written file. Ray is an optional extra, imported only here and only when a 
 
 from __future__ import annotations
 
-import socket
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,19 +18,32 @@ from typing import Any
 from olmo2kit.errors import Olmo2KitError
 
 LOCAL = "local"  # the address that starts a Ray of this machine's own
+AUTO = "auto"  # the Ray running here (RAY_ADDRESS, else the one `ray start` recorded on this machine)
+CLIENT = "ray://"  # Ray Client's scheme: a driver outside the cluster
 
 
 @dataclass(frozen=True)
 class RayOptions:
     """Where the tasks run and what each asks for. `address`: "local" starts a Ray on this machine (loopback, no
     dashboard), "auto" joins the one running here, "HOST:PORT" or "ray://HOST:PORT" a cluster's head. `gpus`
-    None asks for one GPU per task where the cluster has any, none where it has not. A unit that fails is tried
-    again up to `retries` times (a lost worker or an exception alike), then reported."""
+    None asks for one GPU per task where the cluster has any, none where it has not. A unit that raises an
+    exception or loses its worker is tried again up to `retries` times, then reported; one that raises an
+    Olmo2KitError (the user's mistake: bad data, a checkpoint that cannot load) is reported at once.
+    Making one checks the values (an Olmo2KitError naming the option), before anything connects."""
 
     address: str = LOCAL
     cpus: float = 1
     gpus: float | None = None
     retries: int = 2
+
+    def __post_init__(self) -> None:
+        for option, value in (("--ray-cpus", self.cpus), ("--ray-gpus", self.gpus)):
+            if value is not None and not 0 <= value < math.inf:
+                raise Olmo2KitError(f"{option} {value:g}: give 0 or more (a share of one, such as 0.5, is fine)")
+        if self.retries < 0:
+            raise Olmo2KitError(f"--ray-retries {self.retries}: give 0 or more")
+        if self.address not in (LOCAL, AUTO):
+            _host_port(self.address.removeprefix(CLIENT), self.address)
 
 
 @dataclass
@@ -43,28 +56,34 @@ class UnitDone:
 
 
 class RayPool:
-    """A connection to Ray (joined or started) and the resources each task asks for. Making one checks the
-    options against the cluster, so a bad address or too many GPUs fail before any work starts."""
+    """A connection to Ray (joined, or started with `local` where none runs in this process) and the resources
+    each task asks for. Making one checks the address and the options against the cluster, so a bad address or
+    too many GPUs fail in seconds, before any work starts. `close()` (or leaving a `with` block) stops a Ray it
+    started."""
 
     def __init__(self, options: RayOptions) -> None:
         self.options = options
         self._ray = _import_ray()
         self.started = False
-        if options.address not in (LOCAL, "auto") and not options.address.startswith("ray://"):
-            _check_reachable(options.address)
         if not self._ray.is_initialized():
             _connect(self._ray, options)
             self.started = options.address == LOCAL
-        self.cpus, self.gpus = self._check_resources()
+        try:
+            self.cpus, self.gpus = self._check_resources()
+        except Olmo2KitError:
+            self.close()
+            raise
+
+    def __enter__(self) -> RayPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _check_resources(self) -> tuple[float, float]:
         options = self.options
-        if options.cpus < 0 or (options.gpus is not None and options.gpus < 0):
-            raise Olmo2KitError("--ray-cpus and --ray-gpus must be 0 or more")
-        if options.retries < 0:
-            raise Olmo2KitError(f"retries must be 0 or more, not {options.retries}")
-        total = self._ray.cluster_resources()
-        have_gpus, have_cpus = total.get("GPU", 0), total.get("CPU", 0)
+        self.total = self._ray.cluster_resources()
+        have_gpus, have_cpus = self.total.get("GPU", 0), self.total.get("CPU", 0)
         gpus = (1 if have_gpus else 0) if options.gpus is None else options.gpus
         if gpus > have_gpus:
             raise Olmo2KitError(f"--ray-gpus {gpus:g}: the Ray cluster has {have_gpus:g} GPUs; "
@@ -73,21 +92,43 @@ class RayPool:
             raise Olmo2KitError(f"--ray-cpus {options.cpus:g}: the Ray cluster has {have_cpus:g} CPUs; ask for fewer")
         return options.cpus, gpus
 
+    def describe(self) -> str:
+        """One line for people: where the tasks run and what each asks for."""
+        at = "a Ray started here" if self.started else f"the Ray cluster at {self.options.address}"
+        return (f"{at}: {self.total.get('CPU', 0):g} CPUs, {self.total.get('GPU', 0):g} GPUs; each task asks for "
+                f"{self.cpus:g} CPUs and {self.gpus:g} GPUs, tried up to {self.options.retries + 1} times")
+
+    def _task(self, retries: int):
+        return self._ray.remote(_run_unit).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=retries,
+                                                  retry_exceptions=True)
+
+    def call(self, function: Callable, *args: Any) -> Any:
+        """`function(*args)` as one task with the resources of the others, tried once: what a worker would
+        answer (the device and dtype `auto` resolves to there, say). Its Olmo2KitError is raised here."""
+        done = next(self._wait({self._task(0).remote(function, *args): None}))
+        if done.error is not None:
+            raise Olmo2KitError(done.error)
+        return done.value
+
     def map(self, function: Callable, units: dict[Any, tuple]) -> Iterator[UnitDone]:
         """Run `function(*args)` as one Ray task per unit ({key: args}) and yield each as it finishes, in the
-        order they finish. `function` (a function or a callable object) is sent to the workers, so what it needs
-        must be importable there."""
+        order they finish. A unit that raises an exception or loses its worker is tried again, up to
+        `retries` times; one that raises an Olmo2KitError is not (the same input fails the same way). `function`
+        (a function or a callable object) is sent to the workers, so what it needs must be importable there."""
+        task = self._task(self.options.retries)
+        yield from self._wait({task.remote(function, *args): key for key, args in units.items()})
+
+    def _wait(self, pending: dict) -> Iterator[UnitDone]:
         ray = self._ray
-        task = ray.remote(_run_unit).options(num_cpus=self.cpus, num_gpus=self.gpus,
-                                            max_retries=self.options.retries, retry_exceptions=True)
-        pending = {task.remote(function, *args): key for key, args in units.items()}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             key = pending.pop(ready[0])
             try:
-                yield UnitDone(key, value=ray.get(ready[0]))
+                outcome = ray.get(ready[0])
             except ray.exceptions.RayError as e:
                 yield UnitDone(key, error=_failure(e))
+                continue
+            yield UnitDone(key, error=outcome.error) if outcome.error is not None else UnitDone(key, outcome.value)
 
     def close(self) -> None:
         """Stop the Ray this pool started (one it joined is left running)."""
@@ -96,9 +137,19 @@ class RayPool:
             self.started = False
 
 
-def _run_unit(function: Callable, *args: Any) -> Any:
-    """The one Ray task: Ray's remote functions are plain functions, the unit may be a callable object."""
-    return function(*args)
+@dataclass(frozen=True)
+class _Outcome:
+    value: Any = None
+    error: str | None = None
+
+
+def _run_unit(function: Callable, *args: Any) -> _Outcome:
+    """The one Ray task (Ray's remote functions are plain functions, the unit may be a callable object). The
+    user's mistake is returned, not raised: Ray tries again whatever a task raises."""
+    try:
+        return _Outcome(function(*args))
+    except Olmo2KitError as e:
+        return _Outcome(error=_first_line(e))
 
 
 def _import_ray():
@@ -115,30 +166,51 @@ def _connect(ray, options: RayOptions) -> None:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
         return
+    if address == AUTO:
+        # Where "auto" leads (RAY_ADDRESS, else the Ray `ray start` recorded), found as ray.init finds it, so that
+        # a stale address fails in seconds too: ray/_private/services.py, canonicalize_bootstrap_address_or_die.
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            _check_reachable(canonicalize_bootstrap_address_or_die(AUTO), address)
+        except ConnectionError as e:
+            raise Olmo2KitError(f"--ray auto: no Ray is running here ({_first_line(e)}): start one with "
+                                "`ray start --head`, set RAY_ADDRESS, or give --ray alone to start one") from None
+    else:
+        _check_reachable(address.removeprefix(CLIENT), address)
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
         raise Olmo2KitError(f"--ray {address}: no Ray cluster there ({_first_line(e)}): start one with "
-                            "`ray start --head`, or give --ray local") from None
+                            "`ray start --head`, or give --ray alone to start one here") from None
 
 
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a head that does not answer (Ray itself keeps trying for a minute)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise Olmo2KitError(f"--ray {address}: give local, auto or HOST:PORT of a Ray head")
+def _host_port(host_port: str, address: str) -> tuple[str, int]:
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise Olmo2KitError(f"--ray {address}: give local, auto, HOST:PORT or ray://HOST:PORT of a Ray head")
+    return host, int(port)
+
+
+# Seconds a head has to answer. Ray itself keeps trying for a minute or more (30 s for ray://, measured with
+# Ray 2.60 on a closed port), which a mistyped address should not cost.
+CONNECT_TIMEOUT_S = 5
+
+
+def _check_reachable(host_port: str, address: str) -> None:
+    """Fail in seconds on a head that does not answer."""
+    import socket  # here: the CLI imports this module, and socket costs its start-up a few milliseconds
+
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection(_host_port(host_port, address), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
         raise Olmo2KitError(f"--ray {address}: cannot reach a Ray head there ({e.strerror or e}): start one with "
-                            "`ray start --head`, or give --ray local") from None
+                            "`ray start --head`, or give --ray alone to start one here") from None
 
 
 def _failure(error: Exception) -> str:
     """One line for a unit that failed for good: the worker's own exception where there is one."""
     cause = getattr(error, "cause", None)
-    if isinstance(cause, Olmo2KitError):
-        return _first_line(cause)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {_first_line(cause)}"
     return f"{type(error).__name__}: {_first_line(error)}"
