@@ -1,15 +1,19 @@
-"""Sweeps with --ray: each revision a task on one local Ray (2 CPUs, started once for this module), the rows
-written by the driver alone. Checkpoints come from the loopback Hub of tests/hub.py, as in test_sweep.py."""
+"""Sweeps with --ray: each revision a task on the one local Ray of the test run (conftest.local_ray: 2 CPUs), the
+rows written by the driver alone. Checkpoints come from the loopback Hub of tests/hub.py, as in test_sweep.py."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
+from conftest import OLMO2KIT, one_line_error, run_olmo2kit
 from hub import read_checkpoint
 from olmo2kit.evals.sweep import Sweep, read_results
 
@@ -50,43 +54,92 @@ def data(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def local_rows(checkpoints, hub_server, tmp_path_factory) -> list[dict]:
+    """The rows of org/sweep-ray measured without Ray, in this process (once for the module)."""
+    from huggingface_hub import constants
+
+    root = tmp_path_factory.mktemp("sweep-local")
+    (root / "data.txt").write_text(TEXT, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:  # hub_env's settings, for a fixture of the module
+        patch.setenv("HF_HOME", str(root / "hf"))
+        patch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
+        patch.setattr(constants, "ENDPOINT", hub_server.url)
+        patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                      hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        patch.setattr(constants, "HF_HUB_CACHE", str(root / "hf" / "hub"))
+        steps = list(Sweep(REPO, data=root / "data.txt", out=root / "local.jsonl", dtype="fp32", device="cpu").run())
+    assert len(steps) == 3
+    return read_results(root / "local.jsonl")
+
+
+def same_rows(rows: list[dict], local_rows: list[dict]) -> None:
+    """Each revision once, and each row the local sweep's but for its timings."""
+    assert sorted(row["revision"] for row in rows) == sorted(row["revision"] for row in local_rows)
+    by_name = {row["revision"]: row for row in rows}
+    for row in local_rows:
+        assert without_timing(by_name[row["revision"]]) == without_timing(row)
+
+
 def without_timing(row: dict) -> dict:
     return {key: without_timing(value) if isinstance(value, dict) else value for key, value in row.items()
             if key not in TIMING}
 
 
-def test_ray_sweep_gives_the_rows_of_a_local_sweep_and_resumes(checkpoints, local_ray, hub_env, cli, data,
-                                                               tmp_path):
-    local_out, ray_out = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
-    local = Sweep(REPO, data=data, out=local_out, dtype="fp32", device="cpu")
-    steps = list(local.run())
-    assert len(steps) == 3
-    local_rows = read_results(local_out)
+def test_ray_sweep_gives_the_rows_of_a_local_sweep_and_resumes(local_rows, local_ray, hub_env, cli, data, tmp_path):
+    out = tmp_path / "ray.jsonl"
     # The Ray run resumes a file that holds the first row and a line torn by a kill.
-    ray_out.write_bytes(local_out.read_bytes().split(b"\n")[0] + b'\n{"revision": "stage1-step2000-tok')
+    first = local_rows[0] | {"finished_at": "earlier"}
+    out.write_text(json.dumps(first) + '\n{"revision": "stage1-step2000-tok', encoding="utf-8")
 
-    code, stdout, stderr = cli("sweep", "--model", REPO, "--data", str(data), "--out", str(ray_out), "--device",
-                               "cpu", "--dtype", "fp32", "--ray", "local")
+    code, stdout, stderr = cli("sweep", "--model", REPO, "--data", str(data), "--out", str(out), "--device",
+                               "cpu", "--dtype", "fp32", "--ray")
     assert code == 0, stderr
-    assert f"{REPO}: 3 revisions, 1 already in {ray_out}, 2 to measure" in stderr
-    ray_rows = read_results(ray_out)
-    names = [row["revision"] for row in ray_rows]
-    assert names[0] == local_rows[0]["revision"] and sorted(names) == sorted(r["revision"] for r in local_rows)
-    by_name = {row["revision"]: row for row in ray_rows}
-    for row in local_rows:
-        assert without_timing(by_name[row["revision"]]) == without_timing(row)
-    assert ray_out.read_bytes().endswith(b"\n") and len(ray_out.read_bytes().split(b"\n")) == 4
+    assert f"{REPO}: 3 revisions, 1 already in {out}, 2 to measure" in stderr
+    assert "Ray: the Ray cluster at local: 2 CPUs, 0 GPUs; each task asks for 1 CPUs and 0 GPUs" in stderr
+    # The progress bar, a line per revision as it finishes, with the rate.
+    assert stderr.count("revisions/s") == 2 and "2/2" in stderr
+    rows = read_results(out)
+    assert rows[0]["finished_at"] == "earlier"
+    same_rows(rows, local_rows)
+    assert out.read_bytes().endswith(b"\n") and len(out.read_bytes().split(b"\n")) == 4
     assert [line.split()[0] for line in stdout.splitlines()[1:]] == [r["revision"] for r in local_rows]
+
+
+def test_a_driver_killed_halfway_resumes_without_repeats(local_rows, local_ray, hub_env, cli, data, tmp_path):
+    """A real `olmo2kit sweep --ray auto` joins the test's Ray (RAY_ADDRESS) and is killed once a row is in; the
+    units it left running are lost with it, and the rerun measures only what the file lacks."""
+    out = tmp_path / "ray.jsonl"
+    args = ["sweep", "--model", REPO, "--data", str(data), "--out", str(out), "--device", "cpu", "--dtype", "fp32"]
+    driver = subprocess.Popen([str(OLMO2KIT), *args, "--ray", "auto"], env={**os.environ, "RAY_ADDRESS": local_ray},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_results(out) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(driver.pid, signal.SIGKILL)
+    finally:
+        driver.kill()
+        _, stderr = driver.communicate()
+    written = read_results(out)
+    assert 1 <= len(written) < 3, stderr
+
+    code, _, stderr = cli(*args, "--ray")
+    assert code == 0, stderr
+    assert f"{len(written)} already in {out}, {3 - len(written)} to measure" in stderr
+    rows = read_results(out)
+    assert rows[: len(written)] == written
+    same_rows(rows, local_rows)
 
 
 def test_a_revision_that_always_fails_is_reported_and_the_others_finish(checkpoints, local_ray, hub_env, cli,
                                                                         data, tmp_path):
     out = tmp_path / "results.jsonl"
     code, stdout, stderr = cli("sweep", "--model", BROKEN_REPO, "--data", str(data), "--out", str(out),
-                               "--device", "cpu", "--dtype", "fp32", "--ray", "local")
-    line = one_line_error(code, stderr, "1 of 3 revisions failed")
+                               "--device", "cpu", "--dtype", "fp32", "--ray", "--ray-retries", "1")
+    line = one_line_error(code, stderr, "1 of 3 revisions failed (each said why above)")
     assert "run the same command again" in line
-    assert f"{BROKEN} failed: " in stderr
+    assert len([line for line in stderr.splitlines() if f"{BROKEN} failed: " in line]) == 1
     assert sorted(row["revision"] for row in read_results(out)) == sorted(set(BRANCHES) - {BROKEN, "main"})
 
 
@@ -94,51 +147,34 @@ def test_a_revision_that_always_fails_is_reported_and_the_others_finish(checkpoi
     (["--ray", "nowhere"], "give local, auto, HOST:PORT or ray://HOST:PORT"),
     (["--ray-gpus", "1"], "give them with --ray"),
     (["--ray", "--ray-cpus", "-1"], "--ray-cpus -1: give 0 or more"),
+    (["--ray", "--ray-gpus", "1"], "--ray-gpus 1: the Ray cluster has 0 GPUs"),
 ])
-def test_bad_ray_options_are_one_line_errors(checkpoints, hub_env, cli, data, tmp_path, options, needle):
+def test_bad_ray_options_are_one_line_errors(checkpoints, local_ray, hub_env, cli, data, tmp_path, options, needle):
     code, _, stderr = cli("sweep", "--model", REPO, "--data", str(data), "--out", str(tmp_path / "r.jsonl"),
                           *options)
     one_line_error(code, stderr, needle)
     assert not (tmp_path / "r.jsonl").exists()
 
 
-def test_gpus_the_cluster_lacks_are_a_one_line_error(checkpoints, local_ray, hub_env, cli, data, tmp_path):
-    code, _, stderr = cli("sweep", "--model", REPO, "--data", str(data), "--out", str(tmp_path / "r.jsonl"),
-                          "--ray", "local", "--ray-gpus", "1")
-    one_line_error(code, stderr, "--ray-gpus 1: the Ray cluster has 0 GPUs")
+# Run in a process of their own: a process where Ray is initialized (this one) uses that Ray, whatever --ray says.
+@pytest.mark.parametrize(("options", "env", "needle"), [
+    (["--ray", "127.0.0.1:1"], {}, "--ray 127.0.0.1:1: cannot reach a Ray head there (Connection refused)"),
+    (["--ray", "ray://127.0.0.1:1"], {}, "--ray ray://127.0.0.1:1: cannot reach a Ray head there"),
+    (["--ray", "auto"], {"RAY_ADDRESS": "127.0.0.1:1"}, "--ray auto: cannot reach a Ray head there"),
+])
+def test_an_address_where_no_ray_answers_fails_in_seconds(checkpoints, hub_env, data, tmp_path, options, env,
+                                                         needle):
+    start = time.monotonic()
+    done = run_olmo2kit("sweep", "--model", REPO, "--data", str(data), "--out", str(tmp_path / "r.jsonl"), *options,
+                        env=env)
+    one_line_error(done.returncode, done.stderr, needle, alone=True)
+    assert time.monotonic() - start < 20
+    assert not (tmp_path / "r.jsonl").exists()
 
 
-def test_ray_without_the_extra_says_how_to_install_it(checkpoints, hub_env, cli, data, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
-    code, _, stderr = cli("sweep", "--model", REPO, "--data", str(data), "--out", str(tmp_path / "r.jsonl"),
-                          "--ray", "local")
-    one_line_error(code, stderr, "pip install 'olmo2kit[ray]'")
-
-
-
-@pytest.mark.parametrize("how", ["exception", "kill"])
-def test_a_unit_is_retried_a_bounded_number_of_times(local_ray, tmp_path, how):
-    from olmo2kit.inference.ray_pool import RayOptions, RayPool
-
-    def fail_first_tries(marks: str, fails: int, value: int) -> int:
-        """Fail the first `fails` tries (an exception, or the worker process killed), each counted in a file.
-        Defined here so that Ray sends it by value: the workers cannot import this test module."""
-        tries = len(list(Path(marks).iterdir()))
-        (Path(marks) / str(tries)).touch()
-        if tries < fails:
-            if how == "kill":
-                os._exit(1)
-            raise RuntimeError(f"try {tries} failed")
-        return value * 10
-
-    pool = RayPool(RayOptions(address="local", retries=2))
-    marks = {key: tmp_path / key for key in ("once", "always")}
-    for path in marks.values():
-        path.mkdir()
-    units = {"once": (str(marks["once"]), 1, 1), "always": (str(marks["always"]), 99, 2)}
-    done = {unit.key: unit for unit in pool.map(fail_first_tries, units)}
-    assert (done["once"].value, done["once"].error) == (10, None)
-    assert done["always"].value is None and done["always"].error
-    if how == "exception":
-        assert done["always"].error == "RuntimeError: try 2 failed"
-    assert len(list(marks["once"].iterdir())) == 2 and len(list(marks["always"].iterdir())) == 3
+def test_ray_without_the_extra_says_how_to_install_it(checkpoints, hub_env, data, tmp_path):
+    """`import ray` fails in that process, as where the extra is not installed."""
+    code = "import sys; sys.modules['ray'] = None; from olmo2kit.cli.app import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, "sweep", "--model", REPO, "--data", str(data), "--out",
+                           str(tmp_path / "r.jsonl"), "--ray"], capture_output=True, text=True, timeout=120)
+    one_line_error(done.returncode, done.stderr, "--ray needs Ray: pip install 'olmo2kit[ray]'", alone=True)

@@ -1,14 +1,20 @@
 """The Ray plumbing every command with --ray shares: the options (cli/options.py) and RayPool
-(inference/ray_pool.py), on the one local Ray of conftest.local_ray."""
+(inference/ray_pool.py), on the one local Ray of conftest.local_ray. The units are this module's functions,
+which the workers import (local_ray puts the test directories on their path)."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.ray_pool import RayOptions
+from olmo2kit.inference.ray_pool import RayOptions, RayPool
 
 
 def parsed(*args: str) -> dict:
@@ -67,3 +73,56 @@ def test_ray_options_defaults():
     assert ray_options(None, None, None, None) is None
     assert ray_options("auto", None, None, None) == RayOptions(address="auto", cpus=1, gpus=None, retries=2)
     assert ray_options("h:1", 0.5, 0, 0) == RayOptions(address="h:1", cpus=0.5, gpus=0, retries=0)
+
+
+def tried(marks: str) -> int:
+    """Count this try in the directory `marks` (a file named by the worker's pid), and return the tries before it."""
+    before = len(list(Path(marks).iterdir()))
+    (Path(marks) / f"{before}-{os.getpid()}").touch()
+    return before
+
+
+def sleep_on_first_try(marks: str, value: int) -> int:
+    """The first try sleeps (for the test to kill its worker); the next returns."""
+    if tried(marks) == 0:
+        time.sleep(120)
+    return value * 10
+
+
+def fail(marks: str, error: str) -> None:
+    tried(marks)
+    raise Olmo2KitError("the user's mistake") if error == "user" else RuntimeError(f"try {len(os.listdir(marks))}")
+
+
+def test_a_worker_killed_during_a_unit_is_retried(local_ray, tmp_path):
+    """The worker process running a unit is killed (SIGKILL, from outside): Ray tries the unit again on
+    another worker, and the driver gets its value as if nothing happened."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pool = RayPool(RayOptions(retries=1))
+    done = []
+    thread = threading.Thread(target=lambda: done.extend(pool.map(sleep_on_first_try, {"slow": (str(marks), 4)})))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not list(marks.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = next(marks.iterdir()).name
+    os.kill(int(first.split("-")[1]), signal.SIGKILL)
+    thread.join(timeout=60)
+    assert [(unit.key, unit.value, unit.error) for unit in done] == [("slow", 40, None)]
+    pids = [name.split("-")[1] for name in sorted(os.listdir(marks))]
+    assert len(pids) == 2 and pids[0] != pids[1]
+
+
+def test_a_unit_that_always_raises_is_tried_a_bounded_number_of_times(local_ray, tmp_path):
+    marks = {key: tmp_path / key for key in ("exception", "user")}
+    for path in marks.values():
+        path.mkdir()
+    pool = RayPool(RayOptions(retries=2))
+    done = {unit.key: unit for unit in pool.map(fail, {key: (str(path), key) for key, path in marks.items()})}
+    # An exception: 1 try and 2 more, then reported with the worker's own exception.
+    assert (done["exception"].value, done["exception"].error) == (None, "RuntimeError: try 3")
+    assert len(list(marks["exception"].iterdir())) == 3
+    # The user's mistake fails the same way every time: reported after one try, in its own words.
+    assert (done["user"].value, done["user"].error) == (None, "the user's mistake")
+    assert len(list(marks["user"].iterdir())) == 1

@@ -237,35 +237,27 @@ def sweep_command(
 
       olmo2kit sweep --model 7b --data wiki.txt --stage 1 --out ppl.jsonl --ray auto --ray-gpus 1
     """
-    from olmo2kit.compat import quiet_transformers
     from olmo2kit.evals.sweep import Sweep
     from olmo2kit.model.revisions import parse_revision, training_order
 
     names = None if revisions is None else revisions.split(",")
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
-    engine, note = pick_engine(engine, model, quantize, device, vllm, scoring=True)
     on_ray = ray_options(ray, ray_cpus, ray_gpus, ray_retries)
+    note = None
+    if on_ray is None:  # on Ray, "auto" is what it means on a worker: the sweep asks one
+        engine, note = pick_engine(engine, model, quantize, device, vllm, scoring=True)
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
         max_length=max_length, limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size,
         engine=engine, vllm=vllm, ray=on_ray,
     )
-    if note:
-        info(note)
-    already = len(sweep.revisions) - len(sweep.todo)
-    info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")
-    quiet_transformers()
-    bar = ProgressBar("revisions", interval=0, first=0)  # a line per revision, each worth reading
-    for step in sweep.run():
-        row = step.row
-        freed = f", freed {format_bytes(step.freed_bytes)}" if delete_after else ""
-        bar.update(step.index, step.total, f"{row['revision']}: {metric} {row['value']:.4f} "
-                                           f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed})")
-    bar.close()
-    if sweep.pool is not None:
-        sweep.pool.close()
+    try:
+        _run_sweep(sweep, note or sweep.engine_note, out, metric, delete_after)
+    finally:
+        if sweep.pool is not None:
+            sweep.pool.close()
     lines = [("revision", "tokens", metric)]
     for row in sorted(sweep.done, key=lambda r: training_order(parse_revision(r["revision"]))):
         tokens = "-" if row["train_tokens_b"] is None else f"{row['train_tokens_b']}B"
@@ -273,7 +265,28 @@ def sweep_command(
     print_table(lines)
     info(f"results: {out}" + ("" if plot is None else f", plot: {plot}"))
     if sweep.failed:
-        for name, why in sweep.failed.items():
-            info(f"{name} failed: {why}")
-        raise Olmo2KitError(f"{len(sweep.failed)} of {len(sweep.todo)} revisions failed (above): "
+        raise Olmo2KitError(f"{len(sweep.failed)} of {len(sweep.todo)} revisions failed (each said why above): "
                             "run the same command again to retry them")
+
+
+def _run_sweep(sweep, note: str | None, out: Path, metric: str, delete_after: bool) -> None:
+    """Say what the sweep does, then draw a line per revision as each finishes (on Ray, in the order they do)."""
+    from olmo2kit.compat import quiet_transformers
+
+    if note:
+        info(note)
+    if sweep.pool is not None:
+        info(f"Ray: {sweep.pool.describe()}")
+    already = len(sweep.revisions) - len(sweep.todo)
+    info(f"{sweep.repo_id}: {len(sweep.revisions)} revisions, {already} already in {out}, {len(sweep.todo)} to measure")
+    quiet_transformers()
+    bar = ProgressBar("revisions", interval=0, first=0)  # a line per revision, each worth reading
+    for step in sweep.run():
+        row = step.row
+        if row is None:
+            bar.update(step.index, step.total, f"{step.revision} failed: {step.error}")
+            continue
+        freed = f", freed {format_bytes(step.freed_bytes)}" if delete_after else ""
+        bar.update(step.index, step.total, f"{row['revision']}: {metric} {row['value']:.4f} "
+                                           f"(load {row['load_s']:.1f} s, eval {row['eval_s']:.1f} s{freed})")
+    bar.close()

@@ -35,6 +35,7 @@ from olmo2kit.files import JsonlStore, make_output_dir, output_lock, write_atomi
 from olmo2kit.inference.ray_pool import RayOptions, RayPool, UnitDone
 from olmo2kit.model.engines import choose_engine, engine_info, load_model
 from olmo2kit.model.hub_cache import delete_cached_revision
+from olmo2kit.model.llamacpp import NO_SCORING
 from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.revisions import Revision, check_revision, check_stage, list_revisions, training_order
 from olmo2kit.model.vllm import VllmModel, VllmOptions
@@ -44,14 +45,17 @@ PERPLEXITY = "perplexity"
 
 @dataclass
 class SweepStep:
-    """One revision measured: its results line, where the sweep stands, and what is left."""
+    """One revision measured (or, on Ray, failed for good): its results line, where the sweep stands, and what
+    is left."""
 
-    row: dict  # the line appended to the results file
+    row: dict | None  # the line appended to the results file; None for a revision that failed
     index: int  # 1-based, among the revisions this run measures
     total: int  # revisions this run measures (those already in the file are not counted)
     elapsed_s: float  # since the run started
     eta_s: float  # estimated time to the end of the run
     freed_bytes: int  # removed from the Hugging Face cache (delete_after)
+    revision: str = ""  # the revision's name
+    error: str | None = None  # why it failed (on Ray, after its retries), one line; None when measured
 
 
 class Sweep:
@@ -65,8 +69,9 @@ class Sweep:
     first; or exactly the names in `revisions`.
 
     With `ray`, each revision is a Ray task (`inference.ray_pool`) and this process alone writes the results,
-    in the order the revisions finish; one that still fails after its retries is left out of the file and named
-    in `failed`, and the others go on.
+    in the order the revisions finish; one that still fails after its retries is left out of the file, yielded
+    with its `error` and named in `failed`, and the others go on. "auto" (engine, device, dtype) then means what
+    it means on a worker, asked once before the sweep; `pool` is the connection (`close()` it when done).
     """
 
     def __init__(
@@ -107,8 +112,6 @@ class Sweep:
             if path is not None:
                 _check_writable(path, option)
         self.delete_after = delete_after
-        engine = choose_engine(engine, self.repo_id, quantize=quantize, device=device, options=vllm)
-        self.load_options = dict(engine=engine, vllm=vllm, dtype=dtype, quantize=quantize, device=device)
         self.metric = metric
         self.task, _, self.task_metric = metric.partition(":")
         self.text = self._check_metric(data, stride, max_length, limit, num_fewshot, include_path, batch_size)
@@ -117,22 +120,29 @@ class Sweep:
             dict(stride=stride, max_length=max_length) if self.task == PERPLEXITY
             else dict(limit=limit, num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size)
         )
-        device = resolve_device(device)
-        self.setup = {
-            "model": self.repo_id,
-            "metric": metric,
-            "data_sha256": None if self.text is None else hashlib.sha256(self.text.encode()).hexdigest(),
-            "stride": stride, "max_length": max_length, "limit": limit, "num_fewshot": num_fewshot,
-            "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."), "quantize": quantize,
-        }
         everything = list_revisions(self.repo_id)
         self.revisions = self._select(everything, stage, every, names)
         # Stage-2 branches count their tokens from the start of stage 2, which began where stage 1 ended.
         self.stage2_start_b = max((r.tokens_b for r in everything if r.stage == 1), default=0)
-        self._read_done(read_results(self.out))
         self.failed: dict[str, str] = {}  # revision -> why, for those that failed on Ray after their retries
         # Connected last, once everything else is known good: a bad address fails before any download.
         self.pool = None if ray is None else RayPool(ray)
+        try:
+            where = WhereItLoads(engine, self.repo_id, quantize, device, vllm, dtype)
+            engine, resolved_dtype, self.engine_note = where() if self.pool is None else self.pool.call(where)
+            self.load_options = dict(engine=engine, vllm=vllm, dtype=dtype, quantize=quantize, device=device)
+            self.setup = {
+                "model": self.repo_id,
+                "metric": metric,
+                "data_sha256": None if self.text is None else hashlib.sha256(self.text.encode()).hexdigest(),
+                "stride": stride, "max_length": max_length, "limit": limit, "num_fewshot": num_fewshot,
+                "dtype": resolved_dtype, "quantize": quantize,
+            }
+            self._read_done(read_results(self.out))
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            raise
 
     def _read_done(self, rows: list[dict]) -> None:
         """Take the results file's rows as done (same setup only) and the rest of the revisions as to do."""
@@ -218,19 +228,44 @@ class Sweep:
         self.failed = {}
         start = time.perf_counter()
         for index, unit in enumerate(done, 1):
-            if unit.error is not None:
+            row, freed = (None, 0) if unit.error is not None else unit.value
+            if row is None:
                 self.failed[unit.key] = unit.error
-                continue
-            row, freed = unit.value
-            store.append([row])  # the driver alone writes the results, whichever worker measured the row
-            self.done.append(row)
-            if self.plot_path is not None:
-                plot_results(self.done, self.plot_path)
+            else:
+                store.append([row])  # the driver alone writes the results, whichever worker measured the row
+                self.done.append(row)
+                if self.plot_path is not None:
+                    plot_results(self.done, self.plot_path)
             elapsed = time.perf_counter() - start
             eta = elapsed / index * (len(self.todo) - index)
-            yield SweepStep(row, index, len(self.todo), elapsed, eta, freed)
+            yield SweepStep(row, index, len(self.todo), elapsed, eta, freed, unit.key, unit.error)
         if self.plot_path is not None and not self.todo:
             plot_results(self.done, self.plot_path)
+
+
+@dataclass(frozen=True)
+class WhereItLoads:
+    """What "auto" means where the revisions load (this process, or a Ray worker): calling it returns the engine,
+    the dtype's name (the results' setup records it) and, for engine "auto", the line saying which and why."""
+
+    engine: str
+    repo_id: str
+    quantize: str | None
+    device: str
+    vllm: VllmOptions | None
+    dtype: str
+
+    def __call__(self) -> tuple[str, str, str | None]:
+        said = []
+        engine = choose_engine(self.engine, self.repo_id, quantize=self.quantize, device=self.device,
+                               options=self.vllm, say=said.append)
+        if engine == "llamacpp":
+            raise Olmo2KitError(NO_SCORING)
+        if self.vllm is not None and engine != "vllm":
+            raise Olmo2KitError(f"the vLLM engine options need the vLLM engine, and the engine is {engine} "
+                                f"({said[0] if said else 'as asked'}): give --engine vllm")
+        dtype = str(resolve_dtype(self.dtype, resolve_device(self.device))).removeprefix("torch.")
+        return engine, dtype, (said[0] if said else None)
 
 
 @dataclass(frozen=True)
@@ -249,6 +284,11 @@ class RevisionMeasure:
     delete_after: bool
 
     def __call__(self, revision: Revision) -> tuple[dict, int]:
+        options = self.load_options
+        dtype = str(resolve_dtype(options["dtype"], resolve_device(options["device"]))).removeprefix("torch.")
+        if dtype != self.setup["dtype"]:  # a cluster of unlike machines: rows of one file share one dtype
+            raise Olmo2KitError(f"--dtype {options['dtype']} is {dtype} here, and {self.setup['dtype']} in this "
+                                f"sweep's setup: give --dtype {self.setup['dtype']}")
         load_start = time.perf_counter()
         model, tokenizer = load_model(self.repo_id, revision=revision.name, **self.load_options)
         eval_start = time.perf_counter()
