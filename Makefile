@@ -1,5 +1,5 @@
 # make install: .venv with the package and its dev extras (torch's CPU build on a machine without a GPU, where
-#               PyTorch's CPU index can be reached)
+#               PyTorch's CPU index can be reached), Ray (the ray extra, so that the --ray tests run)
 #               and vLLM (its CPU build where there is no GPU: `make vllm`), llama.cpp's Python bindings
 #               built from source with llama.cpp's GGUF converter (`make llamacpp`: several minutes), and
 #               OLMo-core, OLMo's trainer, for `export olmo-core` and `import olmo-core` (`make olmo-core`)
@@ -46,7 +46,7 @@ $(BIN)/olmo2kit: pyproject.toml requirements.lock
 	  $(BIN)/pip install --quiet $(TORCH); \
 	fi
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets]'
+	$(BIN)/pip install --quiet --no-deps -e '.[dev,eval,datasets,ray]'
 	$(MAKE) vllm
 	$(MAKE) llamacpp
 	$(MAKE) olmo-core
