@@ -243,15 +243,19 @@ def test_qlora_nf4_trains_and_merges(chat_data, tiny_instruct_path, tmp_path):
 
 
 def test_two_processes_match_one_with_accumulation(chat_data, tiny_instruct_path, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
+    def on_two_processes(out: Path, *options: str) -> subprocess.CompletedProcess:
+        completed = subprocess.run(
+            [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", str(OLMO2KIT),
+             "finetune", "--model", str(tiny_instruct_path), "--data", str(chat_data), "--output", str(out),
+             "--max-steps", "4", "--lr", "1e-3", "--batch-size", "1", "--save-every", "2", "--device", "cpu", "--json",
+             *options],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return completed
+
     out = tmp_path / "ddp"
-    completed = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(OLMO2KIT), "finetune", "--model",
-         str(tiny_instruct_path), "--data", str(chat_data), "--output", str(out), "--max-steps", "4", "--lr", "1e-3",
-         "--batch-size", "1", "--save-every", "2", "--device", "cpu", "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = on_two_processes(out)
     assert json.loads(completed.stdout)["steps"] == 4  # printed once, by the first process
     assert json.loads((out / "finetune.json").read_text())["processes"] == 2
     # Each process writes its part of the checkpoint (DCP), the first one its metadata and state.json.
@@ -264,6 +268,14 @@ def test_two_processes_match_one_with_accumulation(chat_data, tiny_instruct_path
     assert_same_weights(weights(out), weights(single), atol=1e-5)
     model, _ = load(str(out), dtype="fp32", device="cpu")
     assert not model.training
+    # DDP's checkpoint of step 2 resumes on two processes: the same steps 3 and 4, the same weights.
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    for name in ("finetune.json", "model.safetensors"):
+        (cut / name).unlink()
+    assert "resuming from" in on_two_processes(cut, "--resume").stderr
+    assert [e["loss"] for e in read_log(cut)] == pytest.approx([e["loss"] for e in read_log(out)], rel=1e-5)
+    assert_same_weights(weights(cut), weights(out), atol=1e-6)
 
 
 def test_from_a_hub_revision_starts_a_fresh_optimizer(cli, hub, hub_env, tmp_path, tiny_instruct_path):

@@ -1,7 +1,10 @@
 """finetune --fsdp: torch's FSDP2 over two CPU processes (gloo) takes the steps one process takes on the same batch,
-and its checkpoints, each process's shards, resume on two processes or one, as one process's resume on two."""
+and its checkpoints, each process's shards, resume on two processes or one, as one process's resume on two. Its
+result is written as one process writes it, a tensor at a time; bf16 mixed precision and activation checkpointing
+train and resume; the first process's memory during saves stays far below a full gather's."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -21,6 +24,8 @@ from olmo2kit.training.data import prepare_data
 from olmo2kit.training.finetune import FinetuneConfig, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
+
+BENCH_SAVE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dcp_save.py"
 
 # Four optimizer steps on a global batch of 4 rows: 1 row x 2 micro-batches x 2 processes when sharded,
 # 1 row x 4 micro-batches in one process. fp32 throughout (no bf16 on a CPU).
@@ -174,3 +179,70 @@ def test_fsdp_refuses_what_it_cannot_shard(chat_data, tiny_instruct_path, tmp_pa
     with pytest.raises(Olmo2KitError, match="add --fsdp"):
         finetune(config())
     assert not (tmp_path / "out").exists()
+
+
+def test_the_sharded_result_is_what_one_process_writes(sharded, single):
+    output, _ = sharded
+    # Written a tensor at a time by the first process, yet the same files as save_pretrained's in one process.
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in single.iterdir())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((output / name).read_text()) == json.loads((single / name).read_text()), name
+    with open(output / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["__metadata__"] == {"format": "pt"}
+    assert {entry["dtype"] for name, entry in header.items() if name != "__metadata__"} == {"F32"}
+
+
+@pytest.fixture(scope="module")
+def mixed(chat_data, tiny_instruct_path, tmp_path_factory) -> tuple[Path, str]:
+    """A sharded run with bf16 mixed precision and activation checkpointing, and what it said on stderr."""
+    output = tmp_path_factory.mktemp("mixed") / "out"
+    options = ("--mixed-precision", "bf16", "--gradient-checkpointing")
+    return output, sharded_finetune(chat_data, output, tiny_instruct_path, *options).stderr
+
+
+def test_bf16_mixed_precision_and_activation_checkpointing_train_and_resume(mixed, sharded, chat_data,
+                                                                             tiny_instruct_path, tmp_path):
+    output, stderr = mixed
+    assert "bf16 compute and fp32 reduction" in stderr and "activation checkpointing" in stderr
+    trained, fp32 = losses(output), losses(sharded[0])
+    assert all(math.isfinite(loss) for loss in trained) and trained[-1] < trained[0]
+    # bf16 compute: near the fp32 run's losses (measured within 0.3%), and not equal to them (it is on).
+    assert trained == pytest.approx(fp32, rel=0.02) and trained != pytest.approx(fp32, rel=1e-5)
+    assert {w.dtype for w in load_file(output / "model.safetensors").values()} == {torch.float32}  # fp32 masters
+    # Resumed from its checkpoint without activation checkpointing: steps 3 and 4 come out the same.
+    cut = killed_after_step_2(output, tmp_path / "cut")
+    resumed = sharded_finetune(chat_data, cut, tiny_instruct_path, "--mixed-precision", "bf16", "--resume")
+    assert "resuming from" in resumed.stderr and "activation checkpointing" not in resumed.stderr
+    assert losses(cut) == pytest.approx(trained, rel=TOLERANCE)
+
+
+def test_saves_hold_a_tensor_not_the_model_on_the_first_process(tmp_path):
+    """benchmarks/bench_dcp_save.py on a small OLMo 2 (15 M weights in 6 layers, each tensor at most 2.4 MB) with
+    Adam's moments: the first process's memory rise during each save, sharded against a full gather."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    completed = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(BENCH_SAVE), "--model", "1b", "--hidden-size",
+         "384", "--intermediate-size", "1536", "--layers", "6", "--vocab-size", "1024", "--adam",
+         "--max-shard-size", "20MB", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(completed.stdout.splitlines()[-1])
+    weights, saves = figures["weights_bytes"], {name: f["rise_bytes"] for name, f in figures["saves"].items()}
+    # A full gather holds the whole state on the first process (the measure sees it) ...
+    assert saves["checkpoint full"] > 0.9 * 3 * weights and saves["result full"] > 0.9 * weights
+    # ... the sharded saves a small part of it: the checkpoint its own shards, the result a few tensors at a time.
+    assert saves["checkpoint sharded"] < 0.1 * saves["checkpoint full"]
+    assert saves["result sharded"] < 0.3 * saves["result full"]
+    # Several files and their index, holding what the full gather wrote.
+    index = json.loads((tmp_path / "sharded-result" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == weights and len(set(index["weight_map"].values())) > 1
+    full = load_file(tmp_path / "full-result" / "model.safetensors")
+    written = {}
+    for file in set(index["weight_map"].values()):
+        written.update(load_file(tmp_path / "sharded-result" / file))
+    assert written.keys() == full.keys()
+    for name, weight in full.items():
+        assert torch.equal(written[name], weight), name

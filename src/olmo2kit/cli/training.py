@@ -99,7 +99,8 @@ def finetune_command(
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Cut rows to this many tokens.")] = None,
     gradient_checkpointing: Annotated[
         bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
-                                  help="Recompute activations in the backward pass: less memory, slower.")
+                                  help="Activation checkpointing: recompute each decoder layer's activations in "
+                                       "the backward pass (--fsdp too): less memory, slower.")
     ] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help="Steps between checkpoints.")] = None,
     val_fraction: Annotated[
@@ -118,6 +119,11 @@ def finetune_command(
         bool | None,
         typer.Option("--fsdp/--no-fsdp", help="Shard the model over CPU processes with torch's FSDP2 (gloo); "
                                               "on GPUs use configs/accelerate/fsdp.yaml."),
+    ] = None,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option("--mixed-precision", help="With --fsdp: bf16 computes in bf16 and reduces gradients in fp32 "
+                                               "(fp32 weights and optimizer; default: fp32 throughout)."),
     ] = None,
     device: DeviceOpt = None,
     method: Annotated[
@@ -167,7 +173,13 @@ def finetune_command(
         --config configs/finetune/olmo2-1b-sft.yaml --data data/sft -o out/1b
 
       torchrun --nproc_per_node 2 $(which olmo2kit) finetune --fsdp \\
+        --mixed-precision bf16 --gradient-checkpointing \\
         --model ./tiny --data data/tiny -o out/tiny-fsdp --device cpu
+
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 --rdzv-id sft $(which olmo2kit) finetune \\
+        --config configs/finetune/olmo2-1b-sft.yaml --data data/sft \\
+        -o /shared/out/1b   (the same line on each of the two machines)
 
       olmo2kit finetune --method dpo --dpo-loss length-normalized \
         --model out/1b-sft --data data/prefs -o out/1b-dpo --lr 5e-7
@@ -182,7 +194,7 @@ def finetune_command(
         quantize=quantize, epochs=epochs, max_steps=max_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
         batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         save_every=save_every, val_fraction=val_fraction, eval_every=eval_every, merge=merge, seed=seed, fsdp=fsdp,
-        device=device, method=method, beta=beta, dpo_loss=dpo_loss,
+        mixed_precision=mixed_precision, device=device, method=method, beta=beta, dpo_loss=dpo_loss,
     )
     values = load_config(config) if config else {}
     values.update({key: value for key, value in given.items() if value is not None})

@@ -6,6 +6,9 @@ process writing its own part (nothing is gathered whole, and a checkpoint loads 
 each process's RNG state, and state.json: the step, the tokens so far and the run's identity, which
 a resumed run must share. The learning rate and the data order are functions of the step and the
 seed, so nothing else is needed to continue exactly.
+
+The trained model of a sharded run is written by `save_weights_from_shards`, a tensor at a time, so that no process
+ever holds the whole model either.
 """
 
 from __future__ import annotations
@@ -16,19 +19,24 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
+from olmo2kit.devices import dtype_name
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import file_stamp, write_json_atomic
+from olmo2kit.model.soup import INDEX, SAFETENSORS_DTYPES
 from olmo2kit.training.config import FinetuneConfig
 from olmo2kit.training.data import PreferenceData, PreparedData
 
 log = logging.getLogger("olmo2kit")
 
 CHECKPOINTS = "checkpoints"
+# save_pretrained's own default shard size (transformers 5.19, PreTrainedModel.save_pretrained's max_shard_size), so a
+# sharded run writes the same files as one process: a single model.safetensors up to the 13B in fp32.
+MAX_SHARD_SIZE = "50GB"
 # Identity keys a checkpoint may lack, with the value its absence means.
 _IDENTITY_DEFAULTS = {"val_fraction": 0.0, "method": "sft", "beta": None, "dpo_loss": None}
 
@@ -169,6 +177,61 @@ def load_checkpoint(checkpoint: Path, model, optimizer, accelerator) -> tuple[in
     if rng.exists():  # absent when resuming on more processes than before
         _set_rng_state(torch.load(rng, weights_only=True))
     return state["step"], state["tokens"]
+
+
+def sharded(model) -> bool:
+    """Whether `model`'s weights are FSDP shards (DTensors): no process holds them whole."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_weights_from_shards(model, directory: Path, main: bool, max_shard_size: str = MAX_SHARD_SIZE) -> None:
+    """Write the weights of `model`, sharded by FSDP, into `directory` as save_pretrained writes them
+    (model.safetensors, or numbered files and their index; tied weights once), every process taking part.
+
+    The files' headers are written first, from the tensors' shapes; then each tensor in turn is gathered whole
+    (`DTensor.full_tensor`, every process) and the first process appends its bytes to its file, so no process holds
+    more than one whole tensor beside its own shards. Only the first process (`main`) writes.
+    """
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from torch.distributed.tensor import DTensor
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()  # FSDP2 keeps the module's names; its tensors are this process's shards
+    shapes = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in state.items()}
+    # Which names save_pretrained keeps of tied weights, and how it splits files: its own functions, on the shapes.
+    shapes = remove_tied_weights_from_state_dict(shapes, model)
+    plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+    tags = {dtype: tag for tag, dtype in SAFETENSORS_DTYPES.items()}
+    for file, names in plan.filename_to_tensors.items():
+        with (open(directory / file, "wb") if main else nullcontext()) as out:
+            if out is not None:
+                out.write(_safetensors_header({name: shapes[name] for name in names}, tags))
+            for name in names:
+                tensor = state[name]
+                whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if out is not None:
+                    out.write(whole.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del whole
+    if main and plan.is_sharded:
+        write_json_atomic(directory / INDEX, {"metadata": {"total_parameters": sum(t.numel() for t in shapes.values()),
+                                                           **plan.metadata}, "weight_map": plan.tensor_to_filename})
+
+
+def _safetensors_header(tensors: dict, tags: dict[str, str]) -> bytes:
+    """The safetensors header of `tensors` (meta tensors, in the order their bytes follow), with its length before
+    it and padded so the bytes start 8-aligned, as the safetensors library writes it (model/soup.py: the format)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": tags[dtype_name(tensor.dtype)], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
 
 
 @contextmanager

@@ -46,7 +46,9 @@ from olmo2kit.training.checkpoints import (
     fsync_tree,
     load_checkpoint,
     run_identity,
+    save_weights_from_shards,
     saved_checkpoints,
+    sharded,
     state_dict_options,
 )
 from olmo2kit.training.config import FinetuneConfig, load_config
@@ -127,7 +129,8 @@ def _run(config: FinetuneConfig, run: Run, progress: Callable[[int, int, float |
     rows = "pairs" if config.method == "dpo" else "rows"
     run.say(f"{run.data.rows} {rows} of {run.seq_len} tokens{held_out}, global batch {run.order.global_batch} {rows}, "
             f"{run.order.steps_per_epoch} steps per epoch, {run.total} steps, "
-            f"{run.accelerator.num_processes} process(es)" + (", bf16 autocast" if run.bf16 else ""))
+            f"{run.accelerator.num_processes} process(es)" + (", bf16 autocast" if run.bf16 else "")
+            + (", activation checkpointing" if run.accelerator.unwrap_model(model).is_gradient_checkpointing else ""))
 
     loss, eval_loss, tokens, elapsed = train(config, run, model, optimizer, start_step, start_tokens, progress)
     peak = peak_memory_gb(run.accelerator.device)
@@ -212,7 +215,7 @@ def _model_to_train(config: FinetuneConfig, run: Run):
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
     model, tokenizer, ref, weights = _load_model(config, run.accelerator, run.bf16, run.data)
     if config.fsdp:
-        _shard(model, run)  # before the optimizer: sharding replaces the parameters
+        _shard(model, run, config.mixed_precision)  # before the optimizer: sharding replaces the parameters
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     if config.fsdp:
@@ -223,19 +226,27 @@ def _model_to_train(config: FinetuneConfig, run: Run):
     return model, optimizer, tokenizer, ref, weights
 
 
-def _shard(model, run: Run) -> None:
+def _shard(model, run: Run, mixed_precision: str | None) -> None:
     """Shard `model` over the processes with torch's FSDP2, one decoder layer a unit, as configs/accelerate/fsdp.yaml
-    has accelerate do on GPUs: each process keeps its share of the weights, gradients and optimizer state."""
-    from torch.distributed.fsdp import fully_shard
+    has accelerate do on GPUs: each process keeps its share of the weights, gradients and optimizer state. With
+    `mixed_precision` bf16, each unit's weights are gathered and computed with in bf16 and its gradients reduced in
+    fp32 into the fp32 shards the optimizer steps (config.MIXED_PRECISIONS)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
 
+    policy = MixedPrecisionPolicy()  # fp32 throughout
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in model.modules():
         if isinstance(module, Olmo2DecoderLayer):
-            fully_shard(module)
-    fully_shard(model)  # the rest: embeddings, final norm, output layer
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, output layer
     held = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
-    run.say(f"FSDP2 over {run.accelerator.num_processes} processes: the first holds {held:,} of the {total:,} weights")
+    precision = ", bf16 compute and fp32 reduction" if mixed_precision else ""
+    run.say(f"FSDP2 over {run.accelerator.num_processes} processes{precision}: the first holds {held:,} of the "
+            f"{total:,} weights")
 
 
 def _objective(config: FinetuneConfig, run: Run, model, ref: ModelRef) -> SFT | DPO:
@@ -251,7 +262,7 @@ def _reference(config: FinetuneConfig, run: Run, model, ref: ModelRef):
     """The reference log-probabilities of every pair (reference.py): stored ones, else computed now and stored."""
     key = reference_key(str(ref), run.identity["weights"], config.quantize,
                         dtype="bf16" if run.bf16 and config.lora else "fp32", autocast=run.bf16, seq_len=run.seq_len,
-                        data=run.identity["data"])
+                        data=run.identity["data"], mixed_precision=config.mixed_precision)
     unwrapped = run.accelerator.unwrap_model(model)
     without_adapter = unwrapped.disable_adapter if config.lora else nullcontext  # a LoRA run's reference: its base
     return stored_or_computed(key, model, run.data, run.seq_len, config.batch_size, run.accelerator, without_adapter,
@@ -396,29 +407,20 @@ def _log_store(output: Path) -> JsonlStore:
 
 
 def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneConfig, say) -> str:
-    """Save the trained model in HF format into `output`: full weights, an adapter, or the merged model."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state_dict = get_model_state_dict(model, options=state_dict_options(ignore_frozen_params=config.lora))
+    """Save the trained model in HF format into `output`: full weights, an adapter, or the merged model. It is
+    written into a staging directory, moved into `output` once whole."""
     saved = "merged" if config.merge else "adapter" if config.lora else "full"
-    if not accelerator.is_main_process:
-        accelerator.free_memory()
-        return saved
     staging = output / _STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    unwrapped = accelerator.unwrap_model(model)
-    adapter_dir = staging / "adapter" if config.merge else staging
-    if config.lora:
-        # The adapter leaves embeddings alone; saying so spares peft a Hub lookup of the base config.
-        unwrapped.save_pretrained(adapter_dir, state_dict=state_dict, save_embedding_layers=False)
-    else:
-        unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(staging, state_dict=state_dict)
-    del unwrapped, state_dict
-    accelerator.free_memory()
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    _save_weights(model, staging / "adapter" if config.merge else staging, accelerator, config)
+    if not accelerator.is_main_process:
+        return saved
     if config.merge:
         say("merging the adapter into the base weights")
-        _merge(adapter_dir, staging, _process_device(accelerator))
+        _merge(staging / "adapter", staging, _process_device(accelerator))
     else:
         tokenizer.save_pretrained(staging)
     for item in staging.iterdir():
@@ -428,6 +430,36 @@ def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneCo
         os.replace(item, target)
     staging.rmdir()
     return saved
+
+
+def _save_weights(model, directory: Path, accelerator, config: FinetuneConfig) -> None:
+    """The trained weights, and their config, in HF format in `directory`, every process taking part.
+
+    A model sharded by FSDP is written a tensor at a time (`save_weights_from_shards`): save_pretrained would first
+    gather it whole on the first process. An adapter, a small part of the model, is gathered whole.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    if not config.lora:
+        unwrapped.config.use_cache = True  # off while training; on for generation from the saved model
+    if not config.lora and sharded(unwrapped):
+        if main:  # the config files save_pretrained writes, as it writes them (transformers 5.19, modeling_utils.py)
+            unwrapped.config.dtype = str(unwrapped.dtype).removeprefix("torch.")
+            unwrapped.config.save_pretrained(directory)
+            if unwrapped.can_generate():
+                unwrapped.generation_config.save_pretrained(directory)
+        save_weights_from_shards(unwrapped, directory, main)
+        return
+    state_dict = get_model_state_dict(model, options=state_dict_options(ignore_frozen_params=config.lora))
+    if main and config.lora:
+        # The adapter leaves embeddings alone; saying so spares peft a Hub lookup of the base config.
+        unwrapped.save_pretrained(directory, state_dict=state_dict, save_embedding_layers=False)
+    elif main:
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+    del unwrapped, state_dict
+    accelerator.free_memory()
 
 
 def _merge(adapter_dir: Path, staging: Path, device: str) -> None:
