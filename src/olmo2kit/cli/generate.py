@@ -27,6 +27,10 @@ from olmo2kit.cli.options import (
     ModelOpt,
     PipelineParallelOpt,
     QuantizeOpt,
+    RayCpusOpt,
+    RayGpusOpt,
+    RayOpt,
+    RayRetriesOpt,
     RepetitionPenaltyOpt,
     RevisionOpt,
     SeedOpt,
@@ -34,6 +38,7 @@ from olmo2kit.cli.options import (
     TensorParallelOpt,
     TopKOpt,
     TopPOpt,
+    ray_options,
 )
 from olmo2kit.cli.output import ProgressBar, info, report
 from olmo2kit.errors import Olmo2KitError
@@ -41,6 +46,10 @@ from olmo2kit.files import read_stdin
 from olmo2kit.inference.engines import check_acceleration
 from olmo2kit.inference.generation import MAX_PROMPT_BYTES
 from olmo2kit.inference.sampling import DEFAULTS
+
+# Lines of a batch job in one Ray task: enough that a task's overhead (milliseconds) is nothing beside its
+# generation, few enough that a killed driver or a lost worker loses little work.
+SHARD_LINES = 256
 
 
 def generate(
@@ -88,12 +97,22 @@ def generate(
     gpu_memory_utilization: GpuMemoryOpt = 0.9,
     max_model_len: MaxModelLenOpt = None,
     enforce_eager: EnforceEagerOpt = False,
+    ray: RayOpt = None,
+    ray_cpus: RayCpusOpt = None,
+    ray_gpus: RayGpusOpt = None,
+    ray_retries: RayRetriesOpt = None,
+    ray_shard_lines: Annotated[
+        int | None,
+        typer.Option("--ray-shard-lines", rich_help_panel="Ray",
+                     help=f"Lines of a batch job each Ray task generates [default: {SHARD_LINES}]."),
+    ] = None,
 ) -> None:
     """Continue one or more prompts; text streams to stdout, timings go to stderr.
 
     --chat (or --system): each prompt is a user message to an instruct model.
     --input/--output: a batch job over a JSONL file, results appended in order;
-    the same command run again resumes where it stopped.
+    the same command run again resumes where it stopped. With --ray, the job's
+    lines go out in shards, each a Ray task, and this process appends the results.
 
     Examples:
 
@@ -114,6 +133,8 @@ def generate(
       olmo2kit generate "Language modeling is " --compile
 
       olmo2kit generate --input prompts.jsonl --output results.jsonl -m 7b --engine vllm --batch-size 64
+
+      olmo2kit generate --input prompts.jsonl --output results.jsonl -m 7b --engine vllm --ray auto
     """
     options = sampling_options(max_new_tokens, temperature, top_k, top_p, greedy, seed, stop or (), min_p=min_p,
                                repetition_penalty=repetition_penalty)
@@ -121,6 +142,9 @@ def generate(
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     check_acceleration(compile, draft_model, 1)
+    on_ray = ray_options(ray, ray_cpus, ray_gpus, ray_retries)
+    if on_ray is None and ray_shard_lines is not None:
+        raise Olmo2KitError("--ray-shard-lines sizes each Ray task of a batch job: give it with --ray")
     if (input_path or output_path) and (compile or draft_model):
         raise Olmo2KitError("--compile and --draft-model apply to prompts given on the command line, not batch jobs")
     if input_path or output_path:
@@ -136,9 +160,13 @@ def generate(
         run_job_command(
             input_path, output_path, model=model, revision=revision, quantize=quantize, dtype=dtype, device=device,
             batch_size=8 if batch_size is None else batch_size, strict=strict, chat=chat, system=system,
-            engine=engine, vllm=vllm, **options,
+            engine=engine, vllm=vllm, ray=on_ray,
+            shard_lines=SHARD_LINES if ray_shard_lines is None else ray_shard_lines, **options,
         )
         return
+    if on_ray is not None:
+        raise Olmo2KitError("--ray runs a batch job (--input FILE --output FILE) across a Ray cluster; prompts given "
+                            "here run in this process")
     if batch_size is not None or strict:
         raise Olmo2KitError("--batch-size and --strict apply to a batch job (--input FILE --output FILE)")
     if not prompts:
@@ -187,33 +215,52 @@ def generate(
 def run_job_command(
     input_path: str, output_path: str, *, model: str, revision: str | None, quantize: str | None, dtype: str,
     device: str, batch_size: int, strict: bool, chat: bool, system: str | None, engine: str = "auto", vllm=None,
-    **options,
+    ray=None, shard_lines: int = SHARD_LINES, **options,
 ) -> None:
-    """`generate --input FILE --output FILE`: load, run the job with a progress bar, say what was done."""
+    """`generate --input FILE --output FILE`: load (or with `ray`, a `RayOptions`, connect to Ray: the workers
+    load), run the job with a progress bar, say what was done."""
     from olmo2kit.files import output_lock
-    from olmo2kit.inference.jobs import check_job, read_job, run_job
+    from olmo2kit.inference.jobs import GenerateShard, JobModel, check_job, read_job, run_job, run_job_on_ray
+    from olmo2kit.inference.ray_pool import RayPool
     from olmo2kit.model.loading import resolve_model
 
-    _, output = check_job(input_path, output_path, batch_size, **options)
+    _, output = check_job(input_path, output_path, batch_size, shard_lines=shard_lines, **options)
     with output_lock(output, option="--output"):  # before the model loads: a second job stops at once
         ref = resolve_model(model, revision)
         model_name = str(Path(ref.source).resolve()) if ref.local else ref.source
         if strict:  # a malformed line stops the job before the model loads
             read_job(input_path, chat=chat, system=system, strict=True, **options)
-        loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm)
-
-        bar = ProgressBar()
-        try:
-            summary = run_job(
-                loaded, tokenizer, input_path, output_path, batch_size=batch_size, chat=chat, system=system,
-                strict=strict, model_name=model_name, revision=ref.revision, progress=bar.update,
-                on_warning=lambda message: info(f"warning: {message}"), lock=False, **options,
-            )
-        finally:
-            bar.close()
+        given = dict(chat=chat, system=system, strict=strict, on_warning=lambda message: info(f"warning: {message}"),
+                     lock=False, **options)
+        if ray is None:
+            loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm)
+            bar = ProgressBar()
+            try:
+                summary = run_job(loaded, tokenizer, input_path, output_path, batch_size=batch_size,
+                                  model_name=model_name, revision=ref.revision, progress=bar.update, **given)
+            finally:
+                bar.close()
+        else:
+            pool = RayPool(ray)
+            info(f"{pool.describe()}; a task for each {shard_lines} lines")
+            # The workers load the checkpoint the driver resolved: a local one by its absolute path.
+            shard = GenerateShard(JobModel(model_name, ref.revision, dtype, quantize, device, engine, vllm),
+                                  model_name, ref.revision, batch_size)
+            bar = ProgressBar()
+            try:
+                summary = run_job_on_ray(shard, input_path, output_path, pool, shard_lines=shard_lines,
+                                         progress=bar.update, **given)
+            finally:
+                bar.close()
+                pool.close()
     done = f"{summary.written} result(s) appended to {output_path}"
     if summary.already_done:
         done += f", {summary.already_done} already there"
     if summary.skipped:
         done += f"; {len(summary.skipped)} line(s) skipped, see the warnings above"
     info(done)
+    if summary.failed:
+        for shard_name, why in summary.failed:
+            info(f"{shard_name} failed: {why}")
+        raise Olmo2KitError(f"{len(summary.failed)} shard(s) failed (above) and their lines are not in {output_path}: "
+                            "run the same command again to retry them")

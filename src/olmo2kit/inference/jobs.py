@@ -26,6 +26,11 @@ model cannot load, say), so the job stops there with an Olmo2KitError, keeping t
 An id whose request changed since its result was written is an error. Lines are appended whole and
 synced to disk a batch at a time; a last line cut short is dropped when the job resumes. A job holds a
 lock on its output while it runs, so a second job on the same output stops at once.
+
+On Ray (`run_job_on_ray`), the lines still to do go out in shards, each a task that a worker runs with
+`GenerateShard` on the model it keeps loaded between shards; the driver alone appends each shard's results as
+it comes back, so the rules above hold: the output is in the order the shards finish, each id once, and a
+shard that fails for good is reported while the others go on.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ from pathlib import Path
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import JsonlStore, numbered_lines, output_lock
 from olmo2kit.inference.generation import Generation, generate
+from olmo2kit.inference.ray_pool import RayPool
 from olmo2kit.inference.sampling import SamplingOptions, normalize_options
 from olmo2kit.model.chat_template import check_messages, user_messages
-from olmo2kit.model.engines import engine_info
+from olmo2kit.model.engines import engine_info, load_model
 from olmo2kit.model.sizes import ContextExceeded
+from olmo2kit.model.vllm import VllmModel, VllmOptions
 
 log = logging.getLogger("olmo2kit")
 
@@ -95,6 +102,7 @@ class JobSummary:
     already_done: int  # of those, found in the output and skipped
     written: int  # results appended by this run
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, problem): malformed or failed lines
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (shard, why): Ray shards that failed for good
 
 
 def read_job(
@@ -172,21 +180,11 @@ def run_job(
     warn = on_warning or log.warning
     model_name = model_name or model.name_or_path
     with output_lock(output_path, option="--output") if lock else contextlib.nullcontext():
-        skipped: list[tuple[int, str]] = []
-        items = read_job(
-            input_path, chat=chat, system=system, strict=strict, on_warning=warn, skipped=skipped, **options
-        )
-        store = _results_store(output_path)
-        done = _finished_requests(store, model_name, revision, warn)
-        _check_unchanged(items, done, output_path)
-        pending = [item for item in items if id_key(item.id) not in done]
-        summary = JobSummary(total=len(items), already_done=len(items) - len(pending), written=0, skipped=skipped)
+        store, pending, summary = _open_job(input_path, output_path, model_name, revision, chat=chat, system=system,
+                                            strict=strict, warn=warn, options=options)
 
         def fail(item: JobItem, error: Olmo2KitError) -> None:
-            if strict:
-                raise Olmo2KitError(f"line {item.line} of {input_path}: {error}") from None
-            warn(f"line {item.line} of {input_path}: {error}; skipped")
-            skipped.append((item.line, str(error)))
+            _skip_line(summary, input_path, item.line, str(error), strict=strict, warn=warn)
 
         def stop(items: list[JobItem], error: Olmo2KitError) -> Olmo2KitError:
             # Every later line would fail the same way (and a model that cannot load would be loaded again
@@ -197,46 +195,173 @@ def run_job(
             )
 
         engine = engine_info(model)
-
-        def record(item: JobItem, generation: Generation) -> dict:
-            return _record(item, generation, model_name, revision, engine)
-
-        summary.written = _append_results(model, tokenizer, pending, store, batch_size, record, fail, stop,
-                                          progress)
+        if progress:
+            progress(0, len(pending))
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            results = _generate_batch(model, tokenizer, batch, fail, stop)
+            records = [_record(item, results[item.line], model_name, revision, engine)
+                       for item in batch if item.line in results]
+            store.append(records)
+            summary.written += len(records)
+            if progress:
+                progress(start + len(batch), len(pending))
     return summary
 
 
-def _append_results(model, tokenizer, pending: list[JobItem], store: JsonlStore, batch_size: int, record, fail, stop,
-                    progress: Callable[[int, int], None] | None) -> int:
-    """Generate `pending` a batch at a time, each batch's results appended before the next starts; how many."""
-    import torch
+@dataclass(frozen=True)
+class JobModel:
+    """The model a job's shards run on, as `model.engines.load_model` takes it (a local checkpoint by its absolute
+    path: a Ray worker does not start in the driver's directory). `engine` "auto" is chosen on each worker, for
+    the hardware it has."""
 
-    written = 0
-    if progress:
-        progress(0, len(pending))
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
-        try:
-            results = _generate_batch(model, tokenizer, batch, fail, stop)
-        except torch.OutOfMemoryError:
-            raise Olmo2KitError(
-                f"out of memory with batches of {batch_size}: rerun with a smaller --batch-size "
-                "(the job resumes where it stopped)"
-            ) from None
-        records = [record(item, results[item.line]) for item in batch if item.line in results]
-        store.append(records)
-        written += len(records)
+    model: str
+    revision: str | None = None
+    dtype: str = "auto"
+    quantize: str | None = None
+    device: str = "auto"
+    engine: str = "auto"
+    vllm: VllmOptions | None = None
+
+
+# The model this process loaded for a job's shards, kept for the next shard: Ray runs one task after another in
+# the same worker process, and loading is the slow part of a shard. One at a time: a worker holds one model.
+_loaded: dict[JobModel, tuple] = {}
+
+
+def loaded_model(spec: JobModel) -> tuple:
+    """`(model, tokenizer)` of `spec`, loaded by this process once; another spec replaces it (a vLLM engine
+    closed first, so its memory is free for the next)."""
+    if spec not in _loaded:
+        for model, _ in _loaded.values():
+            if isinstance(model, VllmModel):
+                model.close()
+        _loaded.clear()
+        _loaded[spec] = load_model(spec.model, engine=spec.engine, revision=spec.revision, dtype=spec.dtype,
+                                   quantize=spec.quantize, device=spec.device, vllm=spec.vllm)
+    return _loaded[spec]
+
+
+@dataclass(frozen=True)
+class GenerateShard:
+    """One shard of a job's lines, run on a Ray worker: called with the lines (`JobItem`s), it generates them
+    `batch_size` at a time on the worker's `loaded_model` and returns (the result lines, in the shard's order,
+    as the job writes them; the lines skipped, as (line, why)). It writes nothing: the driver does. The model
+    failing raises an Olmo2KitError naming the first line of the batch it failed on."""
+
+    model: JobModel
+    model_name: str  # recorded on each result line, with `revision`
+    revision: str | None
+    batch_size: int = 8
+
+    def __call__(self, items: list[JobItem]) -> tuple[list[dict], list[tuple[int, str]]]:
+        model, tokenizer = loaded_model(self.model)
+        engine = engine_info(model)
+        records: list[dict] = []
+        skipped: list[tuple[int, str]] = []
+
+        def stop(items: list[JobItem], error: Olmo2KitError) -> Olmo2KitError:
+            return Olmo2KitError(f"{self.model_name} failed at line {min(item.line for item in items)}: {error}")
+
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            results = _generate_batch(model, tokenizer, batch, lambda item, e: skipped.append((item.line, str(e))),
+                                      stop)
+            records += [_record(item, results[item.line], self.model_name, self.revision, engine)
+                        for item in batch if item.line in results]
+        return records, skipped
+
+
+def run_job_on_ray(
+    shard: GenerateShard,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    pool: RayPool,
+    *,
+    shard_lines: int = 256,
+    chat: bool = False,
+    system: str | None = None,
+    strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    lock: bool = True,
+    **options,
+) -> JobSummary:
+    """`run_job` with the lines still to do cut into shards of `shard_lines`, each a task of `pool` that runs
+    `shard` on a worker; this process alone appends the results, a shard's lines at a time in the order shards
+    finish (within a shard, in input order), so a killed driver or a lost worker resumes as `run_job` does.
+
+    A shard that fails for good (after the pool's retries; at once for an Olmo2KitError, such as a model that
+    cannot load) is left out of the output and named in the summary's `failed`, and the other shards go on; a
+    rerun tries its lines again. `progress(done, total)` counts lines, failed ones included.
+
+    >>> shard = GenerateShard(JobModel("7b", engine="vllm"), "allenai/OLMo-2-1124-7B", None)  # doctest: +SKIP
+    >>> run_job_on_ray(shard, "prompts.jsonl", "results.jsonl", RayPool(RayOptions("auto")))  # doctest: +SKIP
+    """
+    input_path, output_path = check_job(input_path, output_path, shard.batch_size, shard_lines=shard_lines,
+                                        **options)
+    warn = on_warning or log.warning
+    with output_lock(output_path, option="--output") if lock else contextlib.nullcontext():
+        store, pending, summary = _open_job(input_path, output_path, shard.model_name, shard.revision, chat=chat,
+                                            system=system, strict=strict, warn=warn, options=options)
+        shards = {_lines(part): (part,) for part in
+                  (pending[start : start + shard_lines] for start in range(0, len(pending), shard_lines))}
+        done = 0
         if progress:
-            progress(start + len(batch), len(pending))
-    return written
+            progress(0, len(pending))
+        for unit in pool.map(shard, shards):
+            if unit.error is None:
+                records, skipped = unit.value
+                for line, error in skipped:
+                    _skip_line(summary, input_path, line, error, strict=strict, warn=warn)
+                store.append(records)  # the driver alone writes, whichever worker generated the lines
+                summary.written += len(records)
+            else:
+                summary.failed.append((unit.key, unit.error))
+            done += len(shards[unit.key][0])
+            if progress:
+                progress(done, len(pending))
+    return summary
 
 
-def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, batch_size: int,
-              **options) -> tuple[Path, Path]:
+def _lines(items: list[JobItem]) -> str:
+    """How a shard is named: the input lines it spans."""
+    first, last = items[0].line, items[-1].line
+    return f"line {first}" if first == last else f"lines {first}-{last}"
+
+
+def _open_job(input_path: Path, output_path: Path, model_name: str, revision: str | None, *, chat: bool,
+              system: str | None, strict: bool, warn: Callable[[str], None],
+              options: dict) -> tuple[JsonlStore, list[JobItem], JobSummary]:
+    """The job's results store (a torn last line cut off), its lines not yet in it, and the summary so far."""
+    skipped: list[tuple[int, str]] = []
+    items = read_job(input_path, chat=chat, system=system, strict=strict, on_warning=warn, skipped=skipped, **options)
+    store = _results_store(output_path)
+    done = _finished_requests(store, model_name, revision, warn)
+    _check_unchanged(items, done, output_path)
+    pending = [item for item in items if id_key(item.id) not in done]
+    return store, pending, JobSummary(total=len(items), already_done=len(items) - len(pending), written=0,
+                                      skipped=skipped)
+
+
+def _skip_line(summary: JobSummary, input_path: Path, line: int, error: str, *, strict: bool,
+               warn: Callable[[str], None]) -> None:
+    """A line that cannot run (too long for the context): skipped and said, or with `strict` the job's end."""
+    if strict:
+        raise Olmo2KitError(f"line {line} of {input_path}: {error}")
+    warn(f"line {line} of {input_path}: {error}; skipped")
+    summary.skipped.append((line, error))
+
+
+def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, batch_size: int, *,
+              shard_lines: int = 1, **options) -> tuple[Path, Path]:
     """The job's two paths, after checking what can be checked before a model loads: the input file is
-    there, the output can be written, the batch size and the job's sampling options are valid."""
+    there, the output can be written, the batch size, the lines of a Ray shard and the job's sampling options
+    are valid."""
     if batch_size < 1:
         raise Olmo2KitError(f"--batch-size must be at least 1, got {batch_size}")
+    if shard_lines < 1:
+        raise Olmo2KitError(f"--ray-shard-lines must be at least 1, got {shard_lines}")
     SamplingOptions(**normalize_options(options))  # bad job options fail before any line is read
     input_path, output_path = _check_input(input_path), Path(output_path).expanduser()
     if output_path.exists() and output_path.samefile(input_path):
@@ -379,13 +504,21 @@ def _check_unchanged(items: list[JobItem], done: dict[str, str | None], output: 
 def _generate_batch(model, tokenizer, batch: list[JobItem], fail, stop) -> dict[int, Generation]:
     """Generations for a batch, by line number; lines that share kind and options share a call. A line too
     long for the context goes to `fail(item, error)`; any other failure raises `stop(items, error)`."""
+    import torch
+
     groups: dict[tuple[str, SamplingOptions], list[JobItem]] = {}
     for item in batch:
         groups.setdefault(("prompt" if isinstance(item.request, str) else "messages", item.sampling), []).append(item)
     results: dict[int, Generation] = {}
-    for (kind, sampling), group in groups.items():
-        for item, generation in _generate_group(model, tokenizer, group, kind, asdict(sampling), fail, stop):
-            results[item.line] = generation
+    try:
+        for (kind, sampling), group in groups.items():
+            for item, generation in _generate_group(model, tokenizer, group, kind, asdict(sampling), fail, stop):
+                results[item.line] = generation
+    except torch.OutOfMemoryError:
+        raise Olmo2KitError(
+            f"out of memory with batches of {len(batch)}: rerun with a smaller --batch-size "
+            "(the job resumes where it stopped)"
+        ) from None
     return results
 
 
