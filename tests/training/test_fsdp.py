@@ -197,7 +197,7 @@ def test_the_sharded_result_is_what_one_process_writes(sharded, single):
 def mixed(chat_data, tiny_instruct_path, tmp_path_factory) -> tuple[Path, str]:
     """A sharded run with bf16 mixed precision and activation checkpointing, and what it said on stderr."""
     output = tmp_path_factory.mktemp("mixed") / "out"
-    options = ("--mixed-precision", "bf16", "--gradient-checkpointing")
+    options = ("--mixed-precision", "--gradient-checkpointing")
     return output, sharded_finetune(chat_data, output, tiny_instruct_path, *options).stderr
 
 
@@ -207,12 +207,12 @@ def test_bf16_mixed_precision_and_activation_checkpointing_train_and_resume(mixe
     assert "bf16 compute and fp32 reduction" in stderr and "activation checkpointing" in stderr
     trained, fp32 = losses(output), losses(sharded[0])
     assert all(math.isfinite(loss) for loss in trained) and trained[-1] < trained[0]
-    # bf16 compute: near the fp32 run's losses (measured within 0.3%), and not equal to them (it is on).
-    assert trained == pytest.approx(fp32, rel=0.02) and trained != pytest.approx(fp32, rel=1e-5)
+    # bf16 compute: near the fp32 run's losses (measured: 2e-4 relative at most), and not equal to them (it is on).
+    assert trained == pytest.approx(fp32, rel=0.01) and trained != pytest.approx(fp32, rel=1e-5)
     assert {w.dtype for w in load_file(output / "model.safetensors").values()} == {torch.float32}  # fp32 masters
     # Resumed from its checkpoint without activation checkpointing: steps 3 and 4 come out the same.
     cut = killed_after_step_2(output, tmp_path / "cut")
-    resumed = sharded_finetune(chat_data, cut, tiny_instruct_path, "--mixed-precision", "bf16", "--resume")
+    resumed = sharded_finetune(chat_data, cut, tiny_instruct_path, "--mixed-precision", "--resume")
     assert "resuming from" in resumed.stderr and "activation checkpointing" not in resumed.stderr
     assert losses(cut) == pytest.approx(trained, rel=TOLERANCE)
 

@@ -121,9 +121,10 @@ def finetune_command(
                                               "on GPUs use configs/accelerate/fsdp.yaml."),
     ] = None,
     mixed_precision: Annotated[
-        str | None,
-        typer.Option("--mixed-precision", help="With --fsdp: bf16 computes in bf16 and reduces gradients in fp32 "
-                                               "(fp32 weights and optimizer; default: fp32 throughout)."),
+        bool | None,
+        typer.Option("--mixed-precision/--no-mixed-precision",
+                     help="With --fsdp: FSDP2's bf16 policy, bf16 compute and fp32 gradient reduction (the weights and "
+                          "optimizer stay fp32)."),
     ] = None,
     device: DeviceOpt = None,
     method: Annotated[
@@ -173,7 +174,7 @@ def finetune_command(
         --config configs/finetune/olmo2-1b-sft.yaml --data data/sft -o out/1b
 
       torchrun --nproc_per_node 2 $(which olmo2kit) finetune --fsdp \\
-        --mixed-precision bf16 --gradient-checkpointing \\
+        --mixed-precision --gradient-checkpointing \\
         --model ./tiny --data data/tiny -o out/tiny-fsdp --device cpu
 
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\

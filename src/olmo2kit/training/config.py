@@ -19,10 +19,6 @@ DPO_LOSSES = ("sigmoid", "length-normalized")
 # length-normalized: 5, OLMo 2's DPO recipe (allenai/open-instruct scripts/train/olmo2/dpo_7b.sh: --loss_type dpo_norm
 # --beta 5); a log-probability averaged over the answer's tokens is far smaller than a sum, so beta is larger.
 DEFAULT_BETA = {"sigmoid": 0.1, "length-normalized": 5.0}
-# --fsdp's mixed precision: FSDP2's MixedPrecisionPolicy (pytorch.org/docs/stable/distributed.fsdp.fully_shard.html):
-# the weights are all-gathered and computed with in bf16, the gradients reduce-scattered in fp32, and the shards the
-# optimizer steps stay fp32.
-MIXED_PRECISIONS = ("bf16",)
 
 
 @dataclass
@@ -56,7 +52,7 @@ class FinetuneConfig:
     eval_every: int | None = None  # steps between evaluations of the validation split (always at the end)
     seed: int = 0
     fsdp: bool = False  # CPU processes: shard with torch's FSDP2 (on GPUs, configs/accelerate/fsdp.yaml does)
-    mixed_precision: str | None = None  # with fsdp: bf16 (bf16 compute, fp32 reduction); None: fp32 throughout
+    mixed_precision: bool = False  # with fsdp: FSDP2's bf16 policy (bf16 compute, fp32 reduction, fp32 shards)
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
     method: str = "sft"  # sft (prepared examples) or dpo (preference pairs)
     beta: float | None = None  # dpo: how far the policy may move from the reference (default per dpo_loss)
@@ -102,11 +98,8 @@ class FinetuneConfig:
             raise Olmo2KitError("--merge merges a LoRA adapter: add --lora, or drop --merge")
         if self.fsdp and self.quantize:
             raise Olmo2KitError("--fsdp cannot shard quantized weights: drop --quantize, or --fsdp")
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
-            raise Olmo2KitError(f"unknown mixed precision {self.mixed_precision!r}: use bf16 (bf16 compute, fp32 "
-                                "gradient reduction), or leave it out for fp32")
         if self.mixed_precision and not self.fsdp:
-            raise Olmo2KitError("--mixed-precision is FSDP2's policy: add --fsdp (on GPUs olmo2kit turns on bf16 "
+            raise Olmo2KitError("--mixed-precision is FSDP2's bf16 policy: add --fsdp (on GPUs olmo2kit turns on bf16 "
                                 "autocast by itself)")
         check_device(self.device)
         check_seed(self.seed)

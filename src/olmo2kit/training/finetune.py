@@ -226,17 +226,18 @@ def _model_to_train(config: FinetuneConfig, run: Run):
     return model, optimizer, tokenizer, ref, weights
 
 
-def _shard(model, run: Run, mixed_precision: str | None) -> None:
+def _shard(model, run: Run, mixed_precision: bool) -> None:
     """Shard `model` over the processes with torch's FSDP2, one decoder layer a unit, as configs/accelerate/fsdp.yaml
     has accelerate do on GPUs: each process keeps its share of the weights, gradients and optimizer state. With
-    `mixed_precision` bf16, each unit's weights are gathered and computed with in bf16 and its gradients reduced in
-    fp32 into the fp32 shards the optimizer steps (config.MIXED_PRECISIONS)."""
+    `mixed_precision`, FSDP2's MixedPrecisionPolicy (pytorch.org/docs/stable/distributed.fsdp.fully_shard.html):
+    each unit's weights are gathered and computed with in bf16, its gradients reduce-scattered in fp32 into the fp32
+    shards the optimizer steps."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
 
     policy = MixedPrecisionPolicy()  # fp32 throughout
-    if mixed_precision == "bf16":
+    if mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in model.modules():
         if isinstance(module, Olmo2DecoderLayer):

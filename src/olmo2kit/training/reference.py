@@ -26,14 +26,14 @@ REFERENCE_DIR = "reference"  # in the data directory: one file per key
 
 
 def reference_key(model: str, weights, quantize: str | None, dtype: str, autocast: bool, seq_len: int,
-                  data: dict, mixed_precision: str | None = None) -> dict:
+                  data: dict, mixed_precision: bool = False) -> dict:
     """What the reference log-probabilities depend on: the starting model's name and weights (file stamps, or a
     Hub commit), how it runs (FSDP's mixed precision too), the positions kept and the data's identity (its files'
     stamps)."""
     key = {"model": model, "weights": weights, "quantize": quantize, "dtype": dtype, "autocast": autocast,
            "seq_len": seq_len, "data": data}
     # Named only when set, so the references stored before the option existed keep their digests.
-    return {**key, "mixed_precision": mixed_precision} if mixed_precision else key
+    return {**key, "mixed_precision": "bf16"} if mixed_precision else key
 
 
 def digest(key: dict) -> str:
