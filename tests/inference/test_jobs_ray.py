@@ -4,6 +4,7 @@ CPUs), the results appended by the driver alone; a driver killed halfway, a shar
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -94,6 +95,29 @@ def test_the_driver_killed_halfway_and_rerun_finishes_each_id_once(local_ray, lo
     rows = read_rows(out)
     assert [row["id"] for row in rows[:len(before)]] == before
     assert by_id(rows) == local_rows
+
+
+def loads_of_this_process(spec: JobModel) -> tuple[int, int]:
+    """(this worker's pid, how many times it was handed `spec`'s model): a mark on the model object counts them."""
+    from olmo2kit.inference.jobs import loaded_model
+
+    model, _ = loaded_model(spec)
+    model.times_handed = getattr(model, "times_handed", 0) + 1
+    return os.getpid(), model.times_handed
+
+
+def test_a_worker_keeps_its_model_for_the_next_shard(local_ray, tiny_path):
+    from olmo2kit.inference.ray_pool import RayOptions, RayPool
+
+    spec = JobModel(str(Path(tiny_path).resolve()), dtype="fp32", device="cpu")
+    pool = RayPool(RayOptions(address=local_ray))
+    handed: dict[int, list[int]] = {}
+    for unit in pool.map(loads_of_this_process, {n: (spec,) for n in range(8)}):
+        assert unit.error is None, unit.error
+        pid, times = unit.value
+        handed.setdefault(pid, []).append(times)
+    # Ray runs the tasks in a few worker processes, each handing out the one model it loaded, again and again.
+    assert len(handed) < 8 and all(sorted(times)[-1] > 1 for times in handed.values() if len(times) > 1), handed
 
 
 class FailingShard(GenerateShard):
