@@ -104,7 +104,7 @@ def generate(
     ray_shard_lines: Annotated[
         int | None,
         typer.Option("--ray-shard-lines", rich_help_panel="Ray",
-                     help=f"Lines of a batch job each Ray task generates [default: {SHARD_LINES}]."),
+                     help=f"Lines of a batch job each Ray task generates (default: {SHARD_LINES})."),
     ] = None,
 ) -> None:
     """Continue one or more prompts; text streams to stdout, timings go to stderr.
