@@ -2,13 +2,16 @@
 sharded saves against gathering the whole state on the first process, as olmo2kit did before.
 
     MALLOC_MMAP_THRESHOLD_=131072 OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 \\
-        benchmarks/bench_dcp_save.py --model 1b --out /tmp/bench-dcp-save [--adam]
+        benchmarks/bench_dcp_save.py --model 1b --optimizer none --out /tmp/bench-dcp-save
 
 The model is OLMo 2's architecture from olmo2kit's own table (model.sizes.hf_config, as `olmo2kit estimate` reads
 it; --hidden-size, --intermediate-size, --layers and --vocab-size shrink it), built on the meta device, sharded with
 fully_shard a decoder layer a unit as `finetune --fsdp` shards it, then given random fp32 weights, shard by shard:
-no process ever holds the whole model. --adam adds AdamW's two moments (one step on zero gradients). Four saves, in
-this order, each timed and measured on the first process:
+no process ever holds the whole model. The optimizer is AdamW over every weight, its two moments made by a step on
+zero gradients (`--optimizer adamw`, the default), or AdamW over the final norm's weight alone (`--optimizer none`:
+a checkpoint of the weights, for a model whose moments would not fit the machine twice; a save needs an optimizer
+with state, as torch's get_state_dict otherwise makes it by a step on zero gradients for every weight). Four saves,
+in this order, each timed and measured on the first process:
   checkpoint sharded  olmo2kit's training checkpoint (checkpoints.save_checkpoint: torch.distributed.checkpoint,
                       each process writing its own shards)
   result sharded      the final model as HF safetensors (checkpoints.save_weights_from_shards: a tensor gathered
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +95,8 @@ def main() -> None:
     parser.add_argument("--intermediate-size", type=int)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--vocab-size", type=int)
-    parser.add_argument("--adam", action="store_true", help="also AdamW's two moments per weight")
+    parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
+                        help="adamw: every weight's two moments are saved too; none: the final norm's alone")
     parser.add_argument("--max-shard-size", default=None, help="the result's file size (default: save_pretrained's)")
     parser.add_argument("--out", required=True, help="a directory for the saves (on a filesystem both processes see)")
     args = parser.parse_args()
@@ -107,12 +112,13 @@ def main() -> None:
     main_process = accelerator.is_main_process
     out = Path(args.out)
     model = sharded_model(args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    if args.adam:
-        for parameter in model.parameters():
-            parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    # The moments made now: the first save would otherwise make them (get_state_dict does) and count them.
+    trained = list(model.parameters()) if args.optimizer == "adamw" else [model.model.norm.weight]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5)
+    for parameter in trained:
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     for name in ("sharded-result", "full-checkpoint", "full-result"):
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -136,7 +142,11 @@ def main() -> None:
         "checkpoint full": full_checkpoint,
         "result full": full_result,
     }
-    figures = {name: measured(save) for name, save in saves.items()}
+    figures = {}
+    for name, save in saves.items():
+        figures[name] = measured(save)
+        if main_process:
+            print(f"{name}: {figures[name]}", file=sys.stderr, flush=True)
     if main_process:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -144,7 +154,7 @@ def main() -> None:
             "model": args.model, "processes": dist.get_world_size(), "architecture": {key: getattr(model.config, key)
                 for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
             "parameters": sum(p.numel() for p in model.parameters()), "weights_bytes": weights,
-            "largest_tensor_bytes": largest, "adam": args.adam, "saves": figures,
+            "largest_tensor_bytes": largest, "optimizer": args.optimizer, "saves": figures,
         }))
 
 

@@ -223,7 +223,7 @@ def test_saves_hold_a_tensor_not_the_model_on_the_first_process(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     completed = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(BENCH_SAVE), "--model", "1b", "--hidden-size",
-         "384", "--intermediate-size", "1536", "--layers", "6", "--vocab-size", "1024", "--adam",
+         "384", "--intermediate-size", "1536", "--layers", "6", "--vocab-size", "1024", "--optimizer", "adamw",
          "--max-shard-size", "20MB", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"},
