@@ -94,9 +94,12 @@ class RayPool:
 
     def describe(self) -> str:
         """One line for people: where the tasks run and what each asks for."""
-        at = "a Ray started here" if self.started else f"the Ray cluster at {self.options.address}"
-        return (f"{at}: {self.total.get('CPU', 0):g} CPUs, {self.total.get('GPU', 0):g} GPUs; each task asks for "
-                f"{self.cpus:g} CPUs and {self.gpus:g} GPUs, tried up to {self.options.retries + 1} times")
+        address = self.options.address
+        at = ("a Ray started here" if self.started else "the Ray this process runs already" if address == LOCAL
+              else f"the cluster at {address}")
+        return (f"{at}: {_count(self.total.get('CPU', 0), 'CPU')}, {_count(self.total.get('GPU', 0), 'GPU')}; "
+                f"each task asks for {_count(self.cpus, 'CPU')} and {_count(self.gpus, 'GPU')}, tried up to "
+                f"{_count(self.options.retries + 1, 'time')}")
 
     def _task(self, retries: int):
         return self._ray.remote(_run_unit).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=retries,
@@ -214,6 +217,10 @@ def _failure(error: Exception) -> str:
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {_first_line(cause)}"
     return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _count(number: float, unit: str) -> str:
+    return f"{number:g} {unit}" + ("" if number == 1 else "s")
 
 
 def _first_line(error: BaseException) -> str:
