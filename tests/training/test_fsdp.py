@@ -207,7 +207,7 @@ def test_bf16_mixed_precision_and_activation_checkpointing_train_and_resume(mixe
     assert "bf16 compute and fp32 reduction" in stderr and "activation checkpointing" in stderr
     trained, fp32 = losses(output), losses(sharded[0])
     assert all(math.isfinite(loss) for loss in trained) and trained[-1] < trained[0]
-    # bf16 compute: near the fp32 run's losses (measured: 2e-4 relative at most), and not equal to them (it is on).
+    # bf16 compute: near the fp32 run's losses (measured: 3e-4 relative at most), and not equal to them (it is on).
     assert trained == pytest.approx(fp32, rel=0.01) and trained != pytest.approx(fp32, rel=1e-5)
     assert {w.dtype for w in load_file(output / "model.safetensors").values()} == {torch.float32}  # fp32 masters
     # Resumed from its checkpoint without activation checkpointing: steps 3 and 4 come out the same.
