@@ -35,7 +35,7 @@ log = logging.getLogger("olmo2kit")
 
 CHECKPOINTS = "checkpoints"
 # save_pretrained's own default shard size (transformers 5.19, PreTrainedModel.save_pretrained's max_shard_size), so a
-# sharded run writes the same files as one process: a single model.safetensors up to the 13B in fp32.
+# sharded run writes the same files as one process: a single model.safetensors up to the 7B in fp32.
 MAX_SHARD_SIZE = "50GB"
 # Identity keys a checkpoint may lack, with the value its absence means.
 _IDENTITY_DEFAULTS = {"val_fraction": 0.0, "method": "sft", "beta": None, "dpo_loss": None}
@@ -192,7 +192,8 @@ def save_weights_from_shards(model, directory: Path, main: bool, max_shard_size:
 
     The files' headers are written first, from the tensors' shapes; then each tensor in turn is gathered whole
     (`DTensor.full_tensor`, every process) and the first process appends its bytes to its file, so no process holds
-    more than one whole tensor beside its own shards. Only the first process (`main`) writes.
+    more than one gathered tensor (and the gather's buffers) beside its own shards. Only the first process (`main`)
+    writes.
     """
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
