@@ -11,10 +11,11 @@ fresh Hugging Face cache (every revision downloaded, as in a real sweep):
   Ray, 2 workers       a local Ray of 2 CPUs, 2 tasks at a time
 
 A Ray way's time counts from the sweep's start (its probe task and worker start-up included) to its last row;
-starting Ray itself is timed apart. Ray's overhead per unit is (Ray 1 worker - no Ray 1 thread) / 8, and a no-op
-task's round trip through RayPool.map (100 tasks, after a warm-up). Ways are interleaved over the rounds.
+starting Ray itself is timed apart. Ray's overhead is Ray 1 worker - no Ray 1 thread, split into the set-up (building
+the Sweep: on Ray its probe task, for which the first worker starts) and the rest per unit; and a no-op task's
+round trip through RayPool.map (100 tasks, after a warm-up). Ways are interleaved over the rounds.
 
-    .venv/bin/python benchmarks/bench_ray_sweep.py [--rounds 2] [--words 1500]
+    .venv/bin/python benchmarks/bench_ray_sweep.py [--rounds 1] [--words 40000]
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def point_at(env: dict[str, str]) -> None:
     constants.HF_HUB_CACHE = env["HF_HUB_CACHE"]
 
 
-def run_way(way: str, data: Path, root: Path, hub: LoopbackHub) -> tuple[float, float | None, float | None]:
-    """(sweep seconds, Ray start seconds, no-op round trip seconds) of one way, in a fresh cache."""
+def run_way(way: str, data: Path, root: Path, hub: LoopbackHub) -> tuple[float, float, float | None, float | None]:
+    """(sweep seconds, of which its set-up, Ray start seconds, no-op round trip seconds) of one way, in a fresh
+    cache. The set-up is building the Sweep: listing the revisions and, on Ray, its probe task (the first worker
+    starts and imports olmo2kit)."""
     import ray
     import torch
 
@@ -79,6 +82,7 @@ def run_way(way: str, data: Path, root: Path, hub: LoopbackHub) -> tuple[float, 
     try:
         start = time.perf_counter()
         sweep = Sweep(REPO, data=data, out=cache / "ppl.jsonl", dtype="fp32", device="cpu", ray=options)
+        setup = time.perf_counter() - start
         steps = list(sweep.run())
         elapsed = time.perf_counter() - start
         if len(steps) != len(BRANCHES) or any(step.error for step in steps):
@@ -92,13 +96,13 @@ def run_way(way: str, data: Path, root: Path, hub: LoopbackHub) -> tuple[float, 
     finally:
         if options is not None:
             ray.shutdown()
-    return elapsed, started, noop_s
+    return elapsed, setup, started, noop_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--words", type=int, default=1500, help="Words of text each checkpoint is measured on.")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--words", type=int, default=40000, help="Words of text each checkpoint is measured on.")
     args = parser.parse_args()
 
     import torch
@@ -107,6 +111,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     times: dict[str, list[float]] = {way: [] for way in WAYS}
+    setups: dict[str, list[float]] = {way: [] for way in WAYS}
     ray_start: list[float] = []
     noops: list[float] = []
     with LoopbackHub() as hub, tempfile.TemporaryDirectory() as tmp:
@@ -118,22 +123,26 @@ def main() -> None:
         for round_index in range(args.rounds):
             order = list(WAYS) if round_index % 2 == 0 else list(reversed(WAYS))
             for way in order:
-                elapsed, started, noop_s = run_way(way, data, root, hub)
+                elapsed, setup, started, noop_s = run_way(way, data, root, hub)
                 times[way].append(elapsed)
+                setups[way].append(setup)
                 ray_start += [started] if started is not None else []
                 noops += [noop_s] if noop_s is not None else []
-                print(f"round {round_index + 1}, {way}: {elapsed:.2f} s", flush=True)
+                print(f"round {round_index + 1}, {way}: {elapsed:.2f} s (set-up {setup:.2f} s)", flush=True)
     torch.set_num_threads(threads)
 
     median = {way: statistics.median(values) for way, values in times.items()}
+    setup = {way: statistics.median(values) for way, values in setups.items()}
     print(f"\nsweep of {len(BRANCHES)} tiny checkpoints, perplexity over {args.words} words, fp32, CPU; "
           f"median of {args.rounds} rounds")
     for way in WAYS:
-        print(f"  {way:18s} {median[way]:6.2f} s   {len(BRANCHES) / median[way]:.2f} revisions/s   "
-              f"(runs: {', '.join(f'{t:.2f}' for t in times[way])})")
+        print(f"  {way:18s} {median[way]:6.2f} s   {len(BRANCHES) / median[way]:.2f} revisions/s   set-up "
+              f"{setup[way]:.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times[way])})")
     print(f"Ray 2 workers against 1: {median['Ray, 1 worker'] / median['Ray, 2 workers']:.2f}x")
-    print(f"Ray overhead per unit, sweep (Ray 1 worker - no Ray 1 thread) / {len(BRANCHES)}: "
-          f"{(median['Ray, 1 worker'] - median['no Ray, 1 thread']) / len(BRANCHES):.3f} s")
+    extra = median["Ray, 1 worker"] - median["no Ray, 1 thread"]
+    extra_setup = setup["Ray, 1 worker"] - setup["no Ray, 1 thread"]
+    print(f"Ray 1 worker - no Ray 1 thread: {extra:.2f} s, of which set-up {extra_setup:.2f} s (the first worker's "
+          f"start); the rest per unit: {(extra - extra_setup) / len(BRANCHES):.3f} s")
     print(f"no-op task round trip through RayPool.map: median {statistics.median(noops) * 1000:.2f} ms")
     print(f"ray.init (local, not in the sweep times): median {statistics.median(ray_start):.2f} s")
 

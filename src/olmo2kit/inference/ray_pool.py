@@ -107,11 +107,12 @@ class RayPool:
 
     def call(self, function: Callable, *args: Any) -> Any:
         """`function(*args)` as one task with the resources of the others, tried once: what a worker would
-        answer (the device and dtype `auto` resolves to there, say). Its Olmo2KitError is raised here."""
-        done = next(self._wait({self._task(0).remote(function, *args): None}))
-        if done.error is not None:
-            raise Olmo2KitError(done.error)
-        return done.value
+        answer (the device and dtype `auto` resolves to there, say). Its Olmo2KitError is raised here; any other
+        exception as Ray raises it, with the worker's traceback."""
+        outcome = self._ray.get(self._task(0).remote(function, *args))
+        if outcome.error is not None:
+            raise Olmo2KitError(outcome.error)
+        return outcome.value
 
     def map(self, function: Callable, units: dict[Any, tuple]) -> Iterator[UnitDone]:
         """Run `function(*args)` as one Ray task per unit ({key: args}) and yield each as it finishes, in the
@@ -123,15 +124,19 @@ class RayPool:
 
     def _wait(self, pending: dict) -> Iterator[UnitDone]:
         ray = self._ray
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            key = pending.pop(ready[0])
-            try:
-                outcome = ray.get(ready[0])
-            except ray.exceptions.RayError as e:
-                yield UnitDone(key, error=_failure(e))
-                continue
-            yield UnitDone(key, error=outcome.error) if outcome.error is not None else UnitDone(key, outcome.value)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                key = pending.pop(ready[0])
+                try:
+                    outcome = ray.get(ready[0])
+                except ray.exceptions.RayError as e:
+                    yield UnitDone(key, error=_failure(e))
+                    continue
+                yield UnitDone(key, outcome.value, outcome.error)
+        finally:  # the caller stopped early (an interrupt, its own error): the units left are not wanted
+            for ref in pending:
+                ray.cancel(ref)
 
     def close(self) -> None:
         """Stop the Ray this pool started (one it joined is left running)."""
