@@ -179,3 +179,18 @@ def test_ray_without_the_extra_says_how_to_install_it(checkpoints, hub_env, data
     done = subprocess.run([sys.executable, "-c", code, "sweep", "--model", REPO, "--data", str(data), "--out",
                            str(tmp_path / "r.jsonl"), "--ray"], capture_output=True, text=True, timeout=120)
     one_line_error(done.returncode, done.stderr, "--ray needs Ray: pip install 'olmo2kit[ray]'", alone=True)
+
+
+def test_a_worker_whose_auto_dtype_differs_from_the_sweeps_refuses_the_unit():
+    """On a cluster of unlike machines "auto" may mean another dtype on another worker: the unit says so (an
+    Olmo2KitError, reported at once) before loading, rather than mix dtypes in one results file."""
+    from olmo2kit.errors import Olmo2KitError
+    from olmo2kit.evals.sweep import RevisionMeasure
+    from olmo2kit.model.revisions import parse_revision
+
+    measure = RevisionMeasure(REPO, "perplexity", TEXT, dict(engine="transformers", vllm=None, dtype="fp32",
+                                                             quantize=None, device="cpu"),
+                              {}, {"dtype": "bfloat16"}, 0, False)
+    with pytest.raises(Olmo2KitError, match="--dtype fp32 is float32 here, and bfloat16 in this sweep's setup: "
+                                            "give --dtype bfloat16"):
+        measure(parse_revision("stage1-step1000-tokens3B"))
