@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OLMO2KIT, one_line_error
+from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.jobs import GenerateShard, JobItem, JobModel, run_job, run_job_on_ray
 
 pytest.importorskip("ray")
@@ -64,7 +65,7 @@ def test_a_ray_job_gives_the_text_of_a_local_job_each_id_once(local_ray, local_r
     code, stdout, err = cli("generate", "--input", str(job), "--output", str(out), "--model", str(tiny_path), *JOB,
                             "--ray", local_ray, "--ray-shard-lines", "4")
     assert code == 0, err
-    assert stdout == "" and "each task asks for 1 CPUs and 0 GPUs, tried up to 3 times; a task for each 4 lines" in err
+    assert stdout == "" and "; a task for each 4 lines" in err
     assert f"] {LINES}/{LINES}" in err and f"{LINES} result(s) appended" in err
     assert by_id(read_rows(out)) == local_rows
 
@@ -130,7 +131,8 @@ class FailingShard(GenerateShard):
 
 
 def test_a_shard_that_always_fails_is_reported_and_the_others_finish(local_ray, local_rows, job, tiny_path,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
+    from olmo2kit.cli.generate import say_job_done
     from olmo2kit.inference.ray_pool import RayOptions, RayPool
 
     out = tmp_path / "out.jsonl"
@@ -143,6 +145,10 @@ def test_a_shard_that_always_fails_is_reported_and_the_others_finish(local_ray, 
     assert (summary.written, summary.already_done) == (LINES - 4, 0)
     rows = read_rows(out)
     assert {row["id"] for row in rows} == {f"p{i:02d}" for i in range(4, LINES)}
+    with pytest.raises(Olmo2KitError, match=rf"^1 shard\(s\) failed \(above\) and their lines are not in {out}: "
+                                            "run the same command again to retry them$"):
+        say_job_done(summary, str(out))  # as the CLI says it: the shard, then the one-line error
+    assert "lines 1-4 failed: RuntimeError: this shard fails every time" in capsys.readouterr().err
     # The rerun, the cause gone, generates the failed shard's lines and nothing else.
     summary = run_job_on_ray(GenerateShard(spec, name, None, batch_size=2), job, out, pool, shard_lines=4,
                              **options)
@@ -150,18 +156,16 @@ def test_a_shard_that_always_fails_is_reported_and_the_others_finish(local_ray, 
     assert by_id(read_rows(out)) == local_rows
 
 
-def test_a_checkpoint_the_workers_cannot_load_fails_each_shard_in_one_line(local_ray, job, tiny_path, cli,
-                                                                           tmp_path):
+def test_a_checkpoint_the_workers_cannot_load_stops_the_job_once_in_one_line(local_ray, job, tiny_path, cli,
+                                                                            tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_path, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors" * 100)
     out = tmp_path / "out.jsonl"
     code, _, err = cli("generate", "--input", str(job), "--output", str(out), "--model", str(broken), *JOB,
                        "--ray", local_ray, "--ray-shard-lines", "16")
-    one_line_error(code, err, f"2 shard(s) failed (above) and their lines are not in {out}: run the same command "
-                              "again to retry them")
-    assert "lines 1-16 failed: " in err and "lines 17-32 failed: " in err
-    assert not out.exists() or out.read_text() == ""
+    one_line_error(code, err, f"{broken}/model.safetensors is truncated or not safetensors")
+    assert "shard" not in err and not out.exists()
 
 
 @pytest.mark.parametrize(("options", "needle"), [

@@ -253,6 +253,11 @@ def run_job_command(
             finally:
                 bar.close()
                 pool.close()
+    say_job_done(summary, output_path)
+
+
+def say_job_done(summary, output_path: str) -> None:
+    """What a batch job did, on stderr; Ray shards that failed for good named, then an Olmo2KitError."""
     done = f"{summary.written} result(s) appended to {output_path}"
     if summary.already_done:
         done += f", {summary.already_done} already there"

@@ -291,9 +291,10 @@ def run_job_on_ray(
     `shard` on a worker; this process alone appends the results, a shard's lines at a time in the order shards
     finish (within a shard, in input order), so a killed driver or a lost worker resumes as `run_job` does.
 
-    A shard that fails for good (after the pool's retries; at once for an Olmo2KitError, such as a model that
-    cannot load) is left out of the output and named in the summary's `failed`, and the other shards go on; a
-    rerun tries its lines again. `progress(done, total)` counts lines, failed ones included.
+    One worker loads the model first: one that cannot load there is an Olmo2KitError before any shard runs. A
+    shard that fails for good (after the pool's retries; at once for an Olmo2KitError) is left out of the output
+    and named in the summary's `failed`, and the other shards go on; a rerun tries its lines again.
+    `progress(done, total)` counts lines, failed ones included.
 
     >>> shard = GenerateShard(JobModel("7b", engine="vllm"), "allenai/OLMo-2-1124-7B", None)  # doctest: +SKIP
     >>> run_job_on_ray(shard, "prompts.jsonl", "results.jsonl", RayPool(RayOptions("auto")))  # doctest: +SKIP
@@ -304,6 +305,10 @@ def run_job_on_ray(
     with output_lock(output_path, option="--output") if lock else contextlib.nullcontext():
         store, pending, summary = _open_job(input_path, output_path, shard.model_name, shard.revision, chat=chat,
                                             system=system, strict=strict, warn=warn, options=options)
+        if pending:
+            # One worker loads the model before the shards go out: a model that cannot load (a typo in its name, a
+            # broken checkpoint) stops the job once, here, rather than failing every shard.
+            pool.call(_load_on_worker, shard.model)
         shards = {_lines(part): (part,) for part in
                   (pending[start : start + shard_lines] for start in range(0, len(pending), shard_lines))}
         done = 0
@@ -322,6 +327,10 @@ def run_job_on_ray(
             if progress:
                 progress(done, len(pending))
     return summary
+
+
+def _load_on_worker(spec: JobModel) -> None:
+    loaded_model(spec)
 
 
 def _lines(items: list[JobItem]) -> str:
