@@ -126,3 +126,22 @@ def test_a_unit_that_always_raises_is_tried_a_bounded_number_of_times(local_ray,
     # The user's mistake fails the same way every time: reported after one try, in its own words.
     assert (done["user"].value, done["user"].error) == (None, "the user's mistake")
     assert len(list(marks["user"].iterdir())) == 1
+
+
+def spell_out(span: str, key: int) -> int:
+    """Record when this unit ran (a file named by its start and end), briefly."""
+    start = time.monotonic()
+    time.sleep(0.3)
+    Path(span, f"{key}-{start}-{time.monotonic()}").touch()
+    return key
+
+
+def test_at_most_in_flight_units_are_submitted_at_a_time(local_ray, tmp_path):
+    """With two CPUs two units would run side by side; one in flight runs them one after another, and every
+    unit still comes back, each once."""
+    pool = RayPool(RayOptions(cpus=1))
+    assert pool.slots() == 2
+    done = [unit.value for unit in pool.map(spell_out, {key: (str(tmp_path), key) for key in range(5)}, in_flight=1)]
+    assert sorted(done) == list(range(5))
+    spans = sorted(tuple(map(float, name.split("-")[1:])) for name in os.listdir(tmp_path))
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))

@@ -114,20 +114,34 @@ class RayPool:
             raise Olmo2KitError(outcome.error)
         return outcome.value
 
-    def map(self, function: Callable, units: dict[Any, tuple]) -> Iterator[UnitDone]:
+    def map(self, function: Callable, units: dict[Any, tuple], in_flight: int | None = None) -> Iterator[UnitDone]:
         """Run `function(*args)` as one Ray task per unit ({key: args}) and yield each as it finishes, in the
         order they finish. A unit that raises an exception or loses its worker is tried again, up to
         `retries` times; one that raises an Olmo2KitError is not (the same input fails the same way). `function`
-        (a function or a callable object) is sent to the workers, so what it needs must be importable there."""
-        task = self._task(self.options.retries)
-        yield from self._wait({task.remote(function, *args): key for key, args in units.items()})
+        (a function or a callable object) is sent to the workers, so what it needs must be importable there.
 
-    def _wait(self, pending: dict) -> Iterator[UnitDone]:
+        At most `in_flight` units are submitted at a time (default: twice as many as the cluster runs at once),
+        so a job of thousands of units never holds all their arguments in Ray's object store; `function` is
+        stored there once, not once a unit."""
         ray = self._ray
+        task = self._task(self.options.retries)
+        shared = ray.put(function)  # a top-level ObjectRef argument reaches the task as its value
+        limit = max(1, in_flight or 2 * self.slots())
+        waiting = iter(units.items())
+        pending: dict = {}
+
+        def submit() -> None:
+            for key, args in waiting:
+                pending[task.remote(shared, *args)] = key
+                if len(pending) >= limit:
+                    return
+
+        submit()
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 key = pending.pop(ready[0])
+                submit()
                 try:
                     outcome = ray.get(ready[0])
                 except ray.exceptions.RayError as e:
@@ -137,6 +151,11 @@ class RayPool:
         finally:  # the caller stopped early (an interrupt, its own error): the units left are not wanted
             for ref in pending:
                 ray.cancel(ref)
+
+    def slots(self) -> int:
+        """How many of these tasks the cluster runs at once, as its CPUs and GPUs allow (at least 1)."""
+        fits = [self.total.get(name, 0) // need for name, need in (("CPU", self.cpus), ("GPU", self.gpus)) if need]
+        return max(1, int(min(fits))) if fits else max(1, int(self.total.get("CPU", 1)))
 
     def close(self) -> None:
         """Stop the Ray this pool started (one it joined is left running)."""
