@@ -21,7 +21,7 @@ from conftest import OLMO2KIT
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.loading import load
 from olmo2kit.training.data import prepare_data
-from olmo2kit.training.finetune import FinetuneConfig, finetune
+from olmo2kit.training.finetune import FinetuneConfig, _accelerate_fsdp_plugin, _check_sharding, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # module by module, from conftest.py
 
@@ -179,6 +179,21 @@ def test_fsdp_refuses_what_it_cannot_shard(chat_data, tiny_instruct_path, tmp_pa
     with pytest.raises(Olmo2KitError, match="add --fsdp"):
         finetune(config())
     assert not (tmp_path / "out").exists()
+    # On GPUs that config shards the model itself: --fsdp would shard it twice.
+    with pytest.raises(Olmo2KitError, match="already shards on GPUs: drop --fsdp"):
+        _check_sharding(config(fsdp=True), "cuda:0")
+
+
+def test_accelerate_fsdp_on_gpus_reduces_in_fp32(monkeypatch):
+    """What accelerate's FSDP plugin does with configs/accelerate/fsdp.yaml's `mixed_precision: bf16`
+    (accelerate/state.py calls set_mixed_precision): the policy olmo2kit gives it stays, reducing in fp32."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert _accelerate_fsdp_plugin("cpu") is None
+    plugin = _accelerate_fsdp_plugin("cuda:0")
+    plugin.set_mixed_precision("bf16")
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
 
 
 def test_the_sharded_result_is_what_one_process_writes(sharded, single):

@@ -117,8 +117,8 @@ def finetune_command(
     seed: Annotated[int | None, typer.Option(help="Seed for the data order and the LoRA init.")] = None,
     fsdp: Annotated[
         bool | None,
-        typer.Option("--fsdp/--no-fsdp", help="Shard the model over CPU processes with torch's FSDP2 (gloo); "
-                                              "on GPUs use configs/accelerate/fsdp.yaml."),
+        typer.Option("--fsdp/--no-fsdp", help="Shard the model over torchrun's processes with torch's FSDP2 "
+                                              "(CPUs over gloo, one GPU a process over NCCL)."),
     ] = None,
     mixed_precision: Annotated[
         bool | None,

@@ -51,7 +51,7 @@ class FinetuneConfig:
     val_fraction: float = 0.0  # share of the rows held out for validation, never trained on
     eval_every: int | None = None  # steps between evaluations of the validation split (always at the end)
     seed: int = 0
-    fsdp: bool = False  # CPU processes: shard with torch's FSDP2 (on GPUs, configs/accelerate/fsdp.yaml does)
+    fsdp: bool = False  # shard with torch's FSDP2 over the processes of torchrun, CPUs (gloo) or GPUs (NCCL)
     mixed_precision: bool = False  # with fsdp: FSDP2's bf16 policy (bf16 compute, fp32 reduction, fp32 shards)
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps; under torchrun each process takes its own GPU
     method: str = "sft"  # sft (prepared examples) or dpo (preference pairs)
@@ -99,8 +99,8 @@ class FinetuneConfig:
         if self.fsdp and self.quantize:
             raise Olmo2KitError("--fsdp cannot shard quantized weights: drop --quantize, or --fsdp")
         if self.mixed_precision and not self.fsdp:
-            raise Olmo2KitError("--mixed-precision is FSDP2's bf16 policy: add --fsdp (on GPUs olmo2kit turns on bf16 "
-                                "autocast by itself)")
+            raise Olmo2KitError("--mixed-precision is FSDP2's bf16 policy: add --fsdp (without it olmo2kit turns on "
+                                "bf16 autocast on GPUs by itself)")
         check_device(self.device)
         check_seed(self.seed)
 

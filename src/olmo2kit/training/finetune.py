@@ -5,8 +5,9 @@ The loop is plain torch, readable top to bottom (loop.py; the losses in objectiv
 log-probabilities in reference.py, checkpoints in checkpoints.py). accelerate's Accelerator only sets up the
 processes (so `accelerate launch` and `torchrun` run the same command), wraps the model for DDP or FSDP and turns
 on bf16 autocast; checkpoints go through torch.distributed.checkpoint's state-dict API, which reads plain, DDP and
-FSDP models alike. accelerate runs FSDP on GPUs only, so on CPU processes `fsdp` shards the model
-with torch's own FSDP2 (`fully_shard`, over gloo).
+FSDP models alike. `fsdp` shards the model with torch's own FSDP2 (`fully_shard`), on CPU processes (gloo) and on
+GPUs (NCCL) alike, with an optional bf16 policy that reduces gradients in fp32; accelerate's FSDP config
+(configs/accelerate/fsdp.yaml) runs on GPUs only and gets the same policy.
 
 Output in DIR:
   config.json, model.safetensors, tokenizer   full fine-tune, or the merged model with --merge
@@ -155,23 +156,50 @@ def _start_processes(config: FinetuneConfig) -> tuple[Accelerator, bool]:
     _check_sharding(config, device)
     if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # one process on the GPU asked for; under torchrun each takes its own
-    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
+    # --mixed-precision's FSDP2 policy computes in bf16 itself: autocast on top would only cast again.
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported() and not config.mixed_precision
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no",
+                              fsdp_plugin=_accelerate_fsdp_plugin(device))
     if config.fsdp and accelerator.num_processes == 1:
         raise Olmo2KitError("--fsdp shards the model over several processes: launch with "
                             "`torchrun --nproc_per_node N $(which olmo2kit) finetune ...`, or drop --fsdp")
     return accelerator, bf16
 
 
+def _accelerate_fsdp():
+    """Whether `accelerate launch` runs this process with an FSDP config (configs/accelerate/fsdp.yaml sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def _check_sharding(config: FinetuneConfig, device: str) -> None:
-    """Refuse an FSDP request that would not shard: accelerate (1.15) runs FSDP on GPUs only, --fsdp on CPUs only."""
-    if config.fsdp and device != "cpu":
-        raise Olmo2KitError(f"--fsdp shards CPU processes; on {device}, drop it and launch with "
-                            "`accelerate launch --config_file configs/accelerate/fsdp.yaml`")
-    # accelerate launch sets this from an FSDP config; on CPUs accelerate then quietly wraps the model in DDP.
-    if device == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not config.fsdp:
+    """Refuse an FSDP request that would not shard as asked: accelerate (1.15) runs FSDP on GPUs only."""
+    # On CPUs accelerate quietly wraps the model in DDP under an FSDP config.
+    if device == "cpu" and _accelerate_fsdp() and not config.fsdp:
         raise Olmo2KitError("accelerate runs FSDP on GPUs only, so on CPUs this config would train unsharded (DDP): "
                             "add --fsdp to shard the CPU processes with torch's FSDP2")
+    if device != "cpu" and _accelerate_fsdp() and config.fsdp:  # two shardings of one model
+        raise Olmo2KitError("configs/accelerate/fsdp.yaml already shards on GPUs: drop --fsdp, or launch "
+                            "`torchrun ... $(which olmo2kit) finetune --fsdp` without that config")
+
+
+def bf16_policy():
+    """FSDP2's policy for --mixed-precision (pytorch.org/docs/stable/distributed.fsdp.fully_shard.html): each unit's
+    weights gathered and computed with in bf16, its gradients reduce-scattered in fp32 into the fp32 shards."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _accelerate_fsdp_plugin(device: str):
+    """Under configs/accelerate/fsdp.yaml on GPUs, accelerate's FSDP2 plugin with `bf16_policy`: left to itself,
+    accelerate's mixed_precision bf16 reduces gradients in bf16 too (FullyShardedDataParallelPlugin.set_mixed_precision
+    in accelerate 1.15 sets param_dtype and reduce_dtype both; it keeps a policy given). None elsewhere."""
+    if device == "cpu" or not _accelerate_fsdp():
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=bf16_policy())  # the rest from the config
 
 
 @contextmanager
@@ -213,9 +241,10 @@ def _model_to_train(config: FinetuneConfig, run: Run):
     import torch
 
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
-    model, tokenizer, ref, weights = _load_model(config, run.accelerator, run.bf16, run.data)
-    if config.fsdp:
-        _shard(model, run, config.mixed_precision)  # before the optimizer: sharding replaces the parameters
+    if config.fsdp:  # sharded as it loads, before the optimizer: sharding replaces the parameters
+        model, tokenizer, ref, weights = _load_sharded(config, run)
+    else:
+        model, tokenizer, ref, weights = _load_model(config, run.accelerator, run.bf16, run.data)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     if config.fsdp:
@@ -226,19 +255,63 @@ def _model_to_train(config: FinetuneConfig, run: Run):
     return model, optimizer, tokenizer, ref, weights
 
 
+def _load_sharded(config: FinetuneConfig, run: Run):
+    """`_load_model`'s model, sharded over the processes, without any process holding it whole on its device: the
+    first process loads it in CPU memory; every process builds the same model on the meta device (no memory),
+    shards it (`_shard`), gives its own shards memory on its device, then receives them from the first process
+    (set_model_state_dict's broadcast_from_rank0, the loading torch documents for FSDP2: pytorch.org/docs/stable/
+    distributed.checkpoint.html#torch.distributed.checkpoint.state_dict.set_model_state_dict). A user error on the
+    first process stops every process with its message."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import init_empty_weights
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full, tokenizer, weights, shared = None, None, None, [None]
+    if run.main:
+        try:
+            loaded, tokenizer, _, weights = _load_model(config, run.accelerator, run.bf16, run.data, device="cpu")
+            shared = [(_base_config(loaded), loaded.dtype, weights, None)]
+            full = loaded.state_dict()
+            del loaded
+        except Olmo2KitError as e:
+            shared = [(None, None, None, str(e))]
+    dist.broadcast_object_list(shared, src=0)
+    hf_config, dtype, weights, error = shared[0]
+    if error is not None:
+        raise Olmo2KitError(error)
+    ref = _base(config)
+    with init_empty_weights(include_buffers=False):  # the weights on meta; buffers (RoPE's frequencies) computed
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model = _ready_to_train(model, config, ref)
+    _shard(model, run, config.mixed_precision)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=run.accelerator.device)  # each process's shards, uninitialised; buffers too, so put back
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return model, tokenizer, ref, weights
+
+
+def _base_config(model):
+    """The transformers config of `model`, under its LoRA adapter if it has one."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
 def _shard(model, run: Run, mixed_precision: bool) -> None:
     """Shard `model` over the processes with torch's FSDP2, one decoder layer a unit, as configs/accelerate/fsdp.yaml
     has accelerate do on GPUs: each process keeps its share of the weights, gradients and optimizer state. With
-    `mixed_precision`, FSDP2's MixedPrecisionPolicy (pytorch.org/docs/stable/distributed.fsdp.fully_shard.html):
-    each unit's weights are gathered and computed with in bf16, its gradients reduce-scattered in fp32 into the fp32
-    shards the optimizer steps."""
+    `mixed_precision`, `bf16_policy`; without it on a GPU, bf16 autocast as accelerate gives an unsharded model."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
 
-    policy = MixedPrecisionPolicy()  # fp32 throughout
-    if mixed_precision:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = bf16_policy() if mixed_precision else MixedPrecisionPolicy()  # fp32 throughout
+    if run.bf16:  # accelerate autocasts a model it prepares; this one it does not prepare
+        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
     for module in model.modules():
         if isinstance(module, Olmo2DecoderLayer):
             fully_shard(module, mp_policy=policy)
@@ -296,12 +369,13 @@ def _record_result(config: FinetuneConfig, run: Run, ref, result: FinetuneResult
     })
 
 
-def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData | PreferenceData):
+def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedData | PreferenceData,
+                device: str | None = None):
     """The base model ready to train (full weights, or with a LoRA adapter), its tokenizer, ModelRef and starting
-    weights' identity. A LoRA adapter to start from is merged into its base first: training starts from the merged
-    model, which is also DPO's reference."""
+    weights' identity, on `device` (by default this process's). A LoRA adapter to start from is merged into its base
+    first: training starts from the merged model, which is also DPO's reference."""
     ref = _base(config)
-    device = _process_device(accelerator)
+    device = device or _process_device(accelerator)
     # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen base can be bf16.
     dtype = "bf16" if bf16 and config.lora else "fp32"
     adapter = ref.local and (Path(ref.source) / "adapter_config.json").is_file()
@@ -316,6 +390,12 @@ def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedD
         model = model.merge_and_unload()
         model.requires_grad_(True)  # peft froze the base it merged into
     _check_tokenizer(data, tokenizer, model, config)
+    return _ready_to_train(model, config, ref), tokenizer, ref, weights
+
+
+def _ready_to_train(model, config: FinetuneConfig, ref: ModelRef):
+    """`model` as it trains: without a KV cache, prepared for k-bit training, with activation checkpointing and a
+    LoRA adapter, as `config` asks."""
     model.config.use_cache = False
     if config.quantize:
         from peft import prepare_model_for_kbit_training
@@ -335,7 +415,7 @@ def _load_model(config: FinetuneConfig, accelerator, bf16: bool, data: PreparedD
             target_modules="all-linear", task_type="CAUSAL_LM", revision=ref.revision,
         )
         model = get_peft_model(model, lora)
-    return model, tokenizer, ref, weights
+    return model
 
 
 def _starting_weights(ref: ModelRef, model) -> dict:
