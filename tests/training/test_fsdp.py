@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import OLMO2KIT
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.loading import load
+from olmo2kit.training.checkpoints import staging_dir
 from olmo2kit.training.data import prepare_data
 from olmo2kit.training.finetune import FinetuneConfig, _accelerate_fsdp_plugin, _check_sharding, finetune
 
@@ -134,10 +135,13 @@ def test_sharded_resume_equals_the_uninterrupted_run(sharded, chat_data, tiny_in
 def test_two_processes_checkpoint_resumes_on_one(sharded, chat_data, tiny_instruct_path, tmp_path):
     output, _ = sharded
     cut = killed_after_step_2(output, tmp_path / "cut")
-    # A save killed halfway leaves only its staging directory, never a checkpoint that looks whole.
-    torn = cut / "checkpoints" / ".step-3.tmp"
+    # A save killed halfway, after the first process wrote state.json but before the second wrote its shard, leaves
+    # its staging directory (named as save_checkpoint names it), never a checkpoint that looks whole.
+    torn = staging_dir(cut, 3)
     shutil.copytree(cut / "checkpoints" / "step-2", torn)
     (torn / "__1_0.distcp").unlink()
+    state = json.loads((torn / "state.json").read_text())
+    (torn / "state.json").write_text(json.dumps({**state, "step": 3}))
     said = []
     finetune(FinetuneConfig(data=str(chat_data), output=str(cut), model=str(tiny_instruct_path), device="cpu",
                             grad_accum=4, resume=True, **STEPS), say=said.append)
@@ -163,6 +167,51 @@ def test_a_checkpoint_from_before_sharding_is_one_line(single, chat_data, tiny_i
     with pytest.raises(Olmo2KitError, match="before sharded checkpoints: resume it with that version"):
         finetune(FinetuneConfig(data=str(chat_data), output=str(cut), model=str(tiny_instruct_path), device="cpu",
                                 grad_accum=4, resume=True, **STEPS))
+
+
+def resume_single(cut: Path, chat_data: Path, model: Path, **options) -> None:
+    finetune(FinetuneConfig(data=str(chat_data), output=str(cut), model=str(model), device="cpu", grad_accum=4,
+                            resume=True, **STEPS, **options))
+
+
+def test_a_damaged_checkpoint_is_one_line(single, chat_data, tiny_instruct_path, tmp_path):
+    cut = killed_after_step_2(single, tmp_path / "cut")
+    checkpoint = cut / "checkpoints" / "step-2"
+    (checkpoint / "__0_0.distcp").write_bytes((checkpoint / "__0_0.distcp").read_bytes()[:1000])  # truncated
+    with pytest.raises(Olmo2KitError, match=r"step-2 is damaged or incomplete \(.*\): delete .*step-2 to resume"):
+        resume_single(cut, chat_data, tiny_instruct_path)
+    (checkpoint / "__0_0.distcp").write_bytes((single / "checkpoints" / "step-2" / "__0_0.distcp").read_bytes())
+    (checkpoint / "rng-0.pt").write_bytes(b"")
+    with pytest.raises(Olmo2KitError, match=r"damaged or incomplete \(.*\): delete"):
+        resume_single(cut, chat_data, tiny_instruct_path)
+    (checkpoint / ".metadata").unlink()  # not the old layout: no trainable.safetensors
+    with pytest.raises(Olmo2KitError, match=r"damaged or incomplete \(no .metadata\)"):
+        resume_single(cut, chat_data, tiny_instruct_path)
+
+
+def test_a_checkpoint_of_other_shapes_is_one_line(single, chat_data, tiny_instruct_path, tmp_path):
+    """The model directory rewritten in place with wider MLPs: a full fine-tune's checkpoint holds every weight, so
+    nothing else notices; its shapes do."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wider = tmp_path / "wider"
+    shutil.copytree(tiny_instruct_path, wider)
+    config = AutoConfig.from_pretrained(wider)
+    config.intermediate_size *= 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(wider)
+    cut = killed_after_step_2(single, tmp_path / "cut")
+    state = json.loads((cut / "checkpoints" / "step-2" / "state.json").read_text())
+    state["identity"]["model"] = str(wider)
+    (cut / "checkpoints" / "step-2" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(Olmo2KitError, match=r"holds weights of other shapes than this model's \(model.layers.0.mlp"):
+        resume_single(cut, chat_data, wider)
+
+
+def test_resuming_with_another_precision_is_refused(mixed, chat_data, tiny_instruct_path, tmp_path):
+    cut = killed_after_step_2(mixed[0], tmp_path / "cut")
+    # On one process, without --fsdp: a changed process count and sharding are fine, a changed precision is not.
+    with pytest.raises(Olmo2KitError, match="mixed_precision: True then, False now"):
+        resume_single(cut, chat_data, tiny_instruct_path)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(chat_data, tiny_instruct_path, tmp_path, monkeypatch):

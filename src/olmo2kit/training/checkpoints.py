@@ -38,7 +38,8 @@ CHECKPOINTS = "checkpoints"
 # sharded run writes the same files as one process: a single model.safetensors up to the 7B in fp32.
 MAX_SHARD_SIZE = "50GB"
 # Identity keys a checkpoint may lack, with the value its absence means.
-_IDENTITY_DEFAULTS = {"val_fraction": 0.0, "method": "sft", "beta": None, "dpo_loss": None}
+_IDENTITY_DEFAULTS = {"val_fraction": 0.0, "method": "sft", "beta": None, "dpo_loss": None, "mixed_precision": False}
+_OLD_LAYOUT = "trainable.safetensors"  # what olmo2kit wrote before DCP checkpoints: whole tensors, optimizer.pt
 
 
 def data_identity(data: PreparedData | PreferenceData) -> dict:
@@ -56,7 +57,14 @@ def run_identity(config: FinetuneConfig, data: PreparedData | PreferenceData, gl
         "lora_alpha": config.lora_alpha, "quantize": config.quantize, "seed": config.seed,
         "global_batch": global_batch, "seq_len": seq_len, "val_fraction": config.val_fraction,
         "method": config.method, "beta": config.beta, "dpo_loss": config.dpo_loss, "data": data_identity(data),
+        # bf16 compute changes every step's numbers; --fsdp and the process count may change (DCP reshards).
+        "mixed_precision": config.mixed_precision,
     }
+
+
+def staging_dir(output: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed checkpoints/step-N once whole."""
+    return output / CHECKPOINTS / f".step-{step}.tmp"
 
 
 def saved_checkpoints(output: Path) -> list[tuple[int, Path]]:
@@ -78,8 +86,20 @@ def checkpoint_to_resume(output: Path, config: FinetuneConfig) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _state(checkpoint: Path) -> dict:
+    """`checkpoint`'s state.json (written atomically, so only a damaged disk or a hand edit spoils it)."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        if isinstance(state, dict) and {"step", "tokens", "identity"} <= state.keys():
+            return state
+    except (OSError, ValueError):
+        pass
+    raise Olmo2KitError(f"{checkpoint}/state.json is unreadable: delete {checkpoint} to resume from the checkpoint "
+                        "before it, or pick another --output")
+
+
 def check_same_run(checkpoint: Path, identity: dict) -> None:
-    saved = {**_IDENTITY_DEFAULTS, **json.loads((checkpoint / "state.json").read_text())["identity"]}
+    saved = {**_IDENTITY_DEFAULTS, **_state(checkpoint)["identity"]}
     differ = [key for key in identity if saved.get(key) != identity[key]]
     if differ:
         details = "; ".join(f"{key}: {saved.get(key)!r} then, {identity[key]!r} now" for key in differ)
@@ -92,7 +112,7 @@ def check_same_run(checkpoint: Path, identity: dict) -> None:
 def check_same_start(checkpoint: Path, weights) -> None:
     """Refuse to resume from starting weights other than the ones `checkpoint`'s run started from (a directory
     rewritten, a Hub branch that moved): a LoRA base or DPO reference would silently change mid-run."""
-    saved = json.loads((checkpoint / "state.json").read_text())["identity"]
+    saved = _state(checkpoint)["identity"]
     if "weights" in saved and saved["weights"] != weights:  # checkpoints from before weights were recorded lack it
         raise Olmo2KitError(f"the starting model's weights changed since {checkpoint.name} was written: resume with "
                             "the same weights, or pick another --output")
@@ -105,9 +125,7 @@ def state_dict_options(**options):
 
 
 def _trainable_names(model, accelerator) -> set[str]:
-    unwrapped = accelerator.unwrap_model(model)
-    return {name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-            for name, p in unwrapped.named_parameters() if p.requires_grad}
+    return set(_trainable_shapes(model, accelerator))
 
 
 def _sharded_state(model, optimizer, accelerator) -> dict:
@@ -129,7 +147,7 @@ def save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model,
     import torch.distributed.checkpoint as dcp
 
     root = output / CHECKPOINTS
-    staging = root / f".step-{step}.tmp"
+    staging = staging_dir(output, step)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -148,6 +166,7 @@ def save_checkpoint(output: Path, step: int, tokens: int, identity: dict, model,
         final = root / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+        fsync_dir(root)  # the rename itself reaches the disk: a crash after it cannot bring the staging name back
         for _, old in saved_checkpoints(output)[:-config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -158,25 +177,63 @@ def load_checkpoint(checkpoint: Path, model, optimizer, accelerator) -> tuple[in
     return its (step, tokens)."""
     import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = json.loads((checkpoint / "state.json").read_text())
+    state = _state(checkpoint)
+    damaged = f"{checkpoint} is damaged or incomplete"
+    what_to_do = f"delete {checkpoint} to resume from the checkpoint before it, or pick another --output"
     if not (checkpoint / ".metadata").is_file():
-        raise Olmo2KitError(f"{checkpoint} was written by an olmo2kit before sharded checkpoints: resume it with "
-                            "that version, or pick another --output")
-    saved = {key.removeprefix("model.") for key in dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+        if (checkpoint / _OLD_LAYOUT).is_file():
+            raise Olmo2KitError(f"{checkpoint} was written by an olmo2kit before sharded checkpoints: resume it "
+                                "with that version, or pick another --output")
+        raise Olmo2KitError(f"{damaged} (no .metadata): {what_to_do}")
+    try:
+        metadata = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in pickle, OSError, EOFError ... alike
+        raise Olmo2KitError(f"{damaged} (.metadata: {_first_line(e)}): {what_to_do}") from None
+    saved = {key.removeprefix("model."): tuple(getattr(m, "size", ())) for key, m in metadata.items()
              if key.startswith("model.")}
-    if saved != _trainable_names(model, accelerator):
+    shapes = _trainable_shapes(model, accelerator)
+    if saved.keys() != shapes.keys():
         raise Olmo2KitError(f"{checkpoint} does not hold this model's trainable weights: pick another --output")
+    differ = [name for name in shapes if saved[name] != shapes[name]]
+    if differ:
+        raise Olmo2KitError(f"{checkpoint} holds weights of other shapes than this model's ({differ[0]}: "
+                            f"{list(saved[differ[0]])} there, {list(shapes[differ[0]])} here): resume with the model "
+                            "it was written from, or pick another --output")
     sharded = _sharded_state(model, optimizer, accelerator)
-    with _alone_quietly():
-        dcp.load(sharded, checkpoint_id=checkpoint)
+    rng = checkpoint / f"rng-{accelerator.process_index}.pt"
+    try:
+        with _alone_quietly():
+            dcp.load(sharded, checkpoint_id=checkpoint)  # every process raises when any one's read fails
+        rng_state = torch.load(rng, weights_only=True) if rng.exists() else None  # none on more processes than then
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - pickle, EOFError, OSError alike
+        raise Olmo2KitError(f"{damaged} ({_first_line(e)}): {what_to_do}") from None
     set_state_dict(model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"],
                    options=StateDictOptions(strict=False))
-    rng = checkpoint / f"rng-{accelerator.process_index}.pt"
-    if rng.exists():  # absent when resuming on more processes than before
-        _set_rng_state(torch.load(rng, weights_only=True))
+    if rng_state is not None:
+        _set_rng_state(rng_state)
     return state["step"], state["tokens"]
+
+
+def _first_line(error: BaseException) -> str:
+    """What went wrong, in a few words; for DCP's CheckpointException (a BaseException gathering each process's
+    failure, torch/distributed/checkpoint/api.py), the first process's."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        failure = next(iter(error.failures.values()))
+        error = getattr(failure, "exc", error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def _trainable_shapes(model, accelerator) -> dict[str, tuple[int, ...]]:
+    """The whole shape of each trainable weight, by the names DCP saves them under (a shard's DTensor has it too)."""
+    unwrapped = accelerator.unwrap_model(model)
+    return {name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): tuple(p.shape)
+            for name, p in unwrapped.named_parameters() if p.requires_grad}
 
 
 def sharded(model) -> bool:
@@ -262,7 +319,20 @@ def _set_rng_state(state: dict) -> None:
 
 
 def fsync_tree(path: Path) -> None:
+    """The files of `path` and its own entry list on disk, before it is renamed into place."""
     for file in path.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    """`path`'s entries (a rename into it) on disk: POSIX makes a rename durable only once its directory is synced
+    (fsync(2), "Calling fsync() does not necessarily ensure that the entry in the directory ... has also reached
+    disk. For that an explicit fsync() on a file descriptor for the directory is also needed")."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
