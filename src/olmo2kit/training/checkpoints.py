@@ -223,8 +223,7 @@ def _first_line(error: BaseException) -> str:
     from torch.distributed.checkpoint.api import CheckpointException
 
     if isinstance(error, CheckpointException) and error.failures:
-        failure = next(iter(error.failures.values()))
-        error = getattr(failure, "exc", error)
+        error = next(iter(error.failures.values()))[0]  # (exception, traceback summary)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
