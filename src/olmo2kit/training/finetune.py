@@ -44,6 +44,7 @@ from olmo2kit.training.checkpoints import (
     check_same_run,
     check_same_start,
     checkpoint_to_resume,
+    fsync_dir,
     fsync_tree,
     load_checkpoint,
     run_identity,
@@ -510,6 +511,7 @@ def _save_result(output: Path, model, tokenizer, accelerator, config: FinetuneCo
             shutil.rmtree(target)
         os.replace(item, target)
     staging.rmdir()
+    fsync_dir(output)  # the renames on disk before finetune.json, written next, says the run finished
     return saved
 
 
@@ -579,6 +581,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, devi
         _merge(adapter, staging, device)
         fsync_tree(staging)
         os.replace(staging, output)  # an empty directory is replaced whole
+        fsync_dir(output.parent)
     except OSError as e:
         raise Olmo2KitError(f"cannot write {output} ({e.strerror}): give a new directory you can write to") from None
     finally:
