@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import OLMO2KIT
 from olmo2kit.errors import Olmo2KitError
@@ -310,3 +311,49 @@ def test_saves_hold_a_tensor_not_the_model_on_the_first_process(tmp_path):
     assert written.keys() == full.keys()
     for name, weight in full.items():
         assert torch.equal(written[name], weight), name
+
+
+TIED = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from olmo2kit.training.checkpoints import save_weights_from_shards
+
+dist.init_process_group("gloo")
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+config = AutoConfig.from_pretrained(model_dir)
+config.tie_word_embeddings = True
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(config)
+if dist.get_rank() == 0:
+    model.save_pretrained(out / "whole")  # save_pretrained's own files, before sharding
+    (out / "sharded").mkdir()
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+dist.barrier()
+save_weights_from_shards(model, out / "sharded", dist.get_rank() == 0)
+dist.destroy_process_group()
+"""
+
+
+def test_tied_weights_are_written_once_as_save_pretrained_writes_them(tiny_instruct_path, tmp_path):
+    script = tmp_path / "tied.py"
+    script.write_text(TIED)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    completed = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                                str(tiny_instruct_path), str(tmp_path)],
+                               capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    whole, written = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "sharded"))
+    assert "lm_head.weight" not in whole and written.keys() == whole.keys()
+    for name, weight in whole.items():
+        assert torch.equal(written[name], weight), name
+    shutil.copy(tmp_path / "whole" / "config.json", tmp_path / "sharded")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again on loading
