@@ -261,30 +261,36 @@ def _load_sharded(config: FinetuneConfig, run: Run):
     first process loads it in CPU memory; every process builds the same model on the meta device (no memory),
     shards it (`_shard`), gives its own shards memory on its device, then receives them from the first process
     (set_model_state_dict's broadcast_from_rank0, the loading torch documents for FSDP2: pytorch.org/docs/stable/
-    distributed.checkpoint.html#torch.distributed.checkpoint.state_dict.set_model_state_dict). A user error on the
-    first process stops every process with its message."""
+    distributed.checkpoint.html#torch.distributed.checkpoint.state_dict.set_model_state_dict). A failure on the
+    first process stops every process (a user error with its message), rather than leave them waiting."""
     import torch
     import torch.distributed as dist
     from accelerate import init_empty_weights
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    full, tokenizer, weights, shared = None, None, None, [None]
+    full, tokenizer, weights, shared, failure = None, None, None, [None], None
     if run.main:
         try:
             loaded, tokenizer, _, weights = _load_model(config, run.accelerator, run.bf16, run.data, device="cpu")
-            shared = [(_base_config(loaded), loaded.dtype, weights, None)]
+            base = loaded.get_base_model() if hasattr(loaded, "get_base_model") else loaded  # under LoRA's adapter
+            shared = [(base.config, base.generation_config, loaded.dtype, weights, None)]
             full = loaded.state_dict()
             del loaded
-        except Olmo2KitError as e:
-            shared = [(None, None, None, str(e))]
+        except Exception as e:  # noqa: BLE001 - told to the others, which would wait for the weights, then raised
+            failure = e
+            said = str(e) if isinstance(e, Olmo2KitError) else f"the first process could not load {config.model}"
+            shared = [(None, None, None, None, said)]
     dist.broadcast_object_list(shared, src=0)
-    hf_config, dtype, weights, error = shared[0]
+    hf_config, generation_config, dtype, weights, error = shared[0]
+    if failure is not None:
+        raise failure
     if error is not None:
         raise Olmo2KitError(error)
     ref = _base(config)
     with init_empty_weights(include_buffers=False):  # the weights on meta; buffers (RoPE's frequencies) computed
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.generation_config = generation_config  # the checkpoint's, saved with the result (from_config makes one)
     model = _ready_to_train(model, config, ref)
     _shard(model, run, config.mixed_precision)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
@@ -295,11 +301,6 @@ def _load_sharded(config: FinetuneConfig, run: Run):
     set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     return model, tokenizer, ref, weights
-
-
-def _base_config(model):
-    """The transformers config of `model`, under its LoRA adapter if it has one."""
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 def _shard(model, run: Run, mixed_precision: bool) -> None:
