@@ -147,8 +147,9 @@ def local_ray(hub_server, tmp_path_factory) -> str:
             patch.setenv(key, value)
         # Idle workers are kept past Ray's soft limit of one per CPU: a second driver's workers (a CLI the test
         # runs) would otherwise push this process's warm workers out, and each new one imports torch again.
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": env}, _system_config={"num_workers_soft_limit": 8})
+        # address="local": a Ray of its own even where RAY_ADDRESS is set or `ray start` ran on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, runtime_env={"env_vars": env}, _system_config={"num_workers_soft_limit": 8})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

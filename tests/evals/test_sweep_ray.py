@@ -96,8 +96,8 @@ def test_ray_sweep_gives_the_rows_of_a_local_sweep_and_resumes(local_rows, local
                                "cpu", "--dtype", "fp32", "--ray")
     assert code == 0, stderr
     assert f"{REPO}: 3 revisions, 1 already in {out}, 2 to measure" in stderr
-    assert ("Ray: the Ray this process runs already: 2 CPUs, 0 GPUs; each task asks for 1 CPU and 0 GPUs, "
-            "tried up to 3 times") in stderr
+    assert (f"Ray: the Ray this process runs already, at {local_ray}: 2 CPUs, 0 GPUs; each task asks for 1 CPU and "
+            "0 GPUs, tried up to 3 times") in stderr
     # The progress bar, a line per revision as it finishes, with the rate.
     assert stderr.count("revisions/s") == 2 and "2/2" in stderr
     rows = read_results(out)

@@ -53,8 +53,14 @@ def test_a_bare_value_is_not_filled_in_after_a_double_dash():
     (("local", -1, None, None), "--ray-cpus -1: give 0 or more"),
     (("local", float("inf"), None, None), "--ray-cpus inf: give 0 or more"),
     (("local", None, -0.5, None), "--ray-gpus -0.5: give 0 or more"),
-    (("local", None, None, -1), "--ray-retries -1: give 0 or more"),
-    (("nowhere", None, None, None), "give local, auto, HOST:PORT or ray://HOST:PORT"),
+    (("local", None, None, -1), "--ray-retries -1: give 0 to 100"),
+    (("local", None, None, 10**23), "--ray-retries 100000000000000000000000: give 0 to 100"),
+    (("local", 0.00001, None, None), "--ray-cpus 1e-05: give 0, or 0.0001 or more"),
+    (("local", None, 0.00009, None), "--ray-gpus 9e-05: give 0, or 0.0001 or more"),
+    (("local", 0, 0, None), "--ray-cpus 0 with --ray-gpus 0: each task would ask for nothing"),
+    (("nowhere", None, None, None), "--ray nowhere: give local, auto, HOST:PORT or ray://HOST:PORT of a Ray head; "
+                                    "to start a Ray here, write --ray local, or put --ray last"),
+    (("", None, None, None), "--ray '': give local, auto"),
     (("ray://head", None, None, None), "give local, auto, HOST:PORT or ray://HOST:PORT"),
     (("head:99999", None, None, None), "give local, auto, HOST:PORT or ray://HOST:PORT"),
     ((None, 2, None, None), "--ray-cpus size each Ray task: give them with --ray"),
@@ -73,6 +79,42 @@ def test_ray_options_defaults():
     assert ray_options(None, None, None, None) is None
     assert ray_options("auto", None, None, None) == RayOptions(address="auto", cpus=1, gpus=None, retries=2)
     assert ray_options("h:1", 0.5, 0, 0) == RayOptions(address="h:1", cpus=0.5, gpus=0, retries=0)
+
+
+@pytest.mark.parametrize(("nodes", "cpus", "gpus", "needle"), [
+    ([{"CPU": 2}, {"CPU": 2}], 3, 0, "--ray-cpus 3: no node of the Ray cluster has 3 CPUs (the largest has 2)"),
+    ([{"CPU": 8}, {"CPU": 1, "GPU": 1}], 1, 2, "--ray-gpus 2: no node of the Ray cluster has 2 GPUs (the largest "
+                                              "has 1)"),
+    ([{"CPU": 8}, {"CPU": 1, "GPU": 1}], 2, 1, "--ray-cpus 2 with --ray-gpus 1: no node of the Ray cluster has both"),
+    ([{"CPU": 8}], 1, 1, "--ray-gpus 1: the Ray cluster has 0 GPUs"),
+    ([{"CPU": 2}, {"CPU": 2}], 2, 0, None),
+    ([{"CPU": 8}, {"CPU": 1, "GPU": 1}], 1, 1, None),
+])
+def test_a_task_must_fit_one_node_not_the_cluster(nodes, cpus, gpus, needle):
+    """Ray keeps a task that no node can hold waiting, silently: asked for more than the largest node has (two
+    nodes of 2 CPUs make 4, yet no task of 3 runs), it is refused before any work starts."""
+    from olmo2kit.inference.ray_pool import check_fits
+
+    if needle is None:
+        check_fits(nodes, cpus, gpus)
+    else:
+        with pytest.raises(Olmo2KitError, match=re.escape(needle)):
+            check_fits(nodes, cpus, gpus)
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (RayOptions(cpus=3), "--ray-cpus 3: no node of the Ray cluster has 3 CPUs (the largest has 2)"),
+    (RayOptions(cpus=0), "--ray-cpus 0 with --ray-gpus 0"),  # no GPU here: the default asks for none
+])
+def test_the_resources_asked_are_checked_against_the_running_ray(local_ray, options, needle):
+    with pytest.raises(Olmo2KitError, match=re.escape(needle)):
+        RayPool(options)
+
+
+def test_a_joined_ray_is_named_by_the_address_it_runs_on(local_ray):
+    pool = RayPool(RayOptions(address="auto"))
+    assert pool.describe().startswith(f"the Ray this process runs already, at {local_ray}: 2 CPUs, 0 GPUs; ")
+    assert pool.slots() == 2
 
 
 def tried(marks: str) -> int:
@@ -144,4 +186,4 @@ def test_at_most_in_flight_units_are_submitted_at_a_time(local_ray, tmp_path):
     done = [unit.value for unit in pool.map(spell_out, {key: (str(tmp_path), key) for key in range(5)}, in_flight=1)]
     assert sorted(done) == list(range(5))
     spans = sorted(tuple(map(float, name.split("-")[1:])) for name in os.listdir(tmp_path))
-    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))

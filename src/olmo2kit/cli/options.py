@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperCommand
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.ray_pool import LOCAL, RayOptions
+from olmo2kit.inference.ray_pool import LOCAL, MAX_RETRIES, RayOptions
 from olmo2kit.inference.sampling import SEED_LIMIT
 
 # Options that may be given bare, and the value a bare one stands for. Typer's own fork of click gives an option a
@@ -153,7 +153,8 @@ RayRetriesOpt = Annotated[
     int | None,
     typer.Option("--ray-retries", rich_help_panel=_RAY,
                  help="Tries again of a unit that raised an exception or lost its worker, before it is reported "
-                      f"(default: {RayOptions.retries})."),
+                      f"(0 to {MAX_RETRIES}, default: {RayOptions.retries}). One that failed by the user's mistake "
+                      "(bad data, a checkpoint that cannot load) is reported at once, never tried again."),
 ]
 
 

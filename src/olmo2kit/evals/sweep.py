@@ -6,8 +6,8 @@ JSON line to the results file, flushed and fsync'd before the next revision star
 again and it skips the revisions already in the file, so a killed sweep resumes where it
 stopped; a line torn by the kill is dropped. `delete_after` frees each revision's files from
 the Hugging Face cache once it is measured, so a sweep over hundreds of checkpoints needs the
-disk of one. The plot (metric against training tokens, stage boundary marked) is redrawn
-after each revision.
+disk of one (on Ray, each node the disk of one for each task it runs at once). The plot (metric
+against training tokens, stage boundary marked) is redrawn after each revision.
 
     >>> sweep = Sweep("1b", "perplexity", data="wiki.txt", stage=1, every=50, out="ppl.jsonl")  # doctest: +SKIP
     >>> for step in sweep.run():  # doctest: +SKIP

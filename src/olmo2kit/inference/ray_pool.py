@@ -40,10 +40,30 @@ class RayOptions:
         for option, value in (("--ray-cpus", self.cpus), ("--ray-gpus", self.gpus)):
             if value is not None and not 0 <= value < math.inf:
                 raise Olmo2KitError(f"{option} {value:g}: give 0 or more (a share of one, such as 0.5, is fine)")
-        if self.retries < 0:
-            raise Olmo2KitError(f"--ray-retries {self.retries}: give 0 or more")
+            if value and value < RESOURCE_UNIT:
+                raise Olmo2KitError(f"{option} {value:g}: give 0, or {RESOURCE_UNIT:g} or more (Ray counts shares "
+                                    f"of one to {RESOURCE_UNIT:g})")
+        if self.gpus == 0:
+            _some_resource(self.cpus, self.gpus)
+        if not 0 <= self.retries <= MAX_RETRIES:
+            raise Olmo2KitError(f"--ray-retries {self.retries}: give 0 to {MAX_RETRIES}")
         if self.address not in (LOCAL, AUTO):
             _host_port(self.address.removeprefix(CLIENT), self.address)
+
+
+# Ray refuses a share finer than this ("cannot go beyond 0.0001"): ray/_common/ray_option_utils.py,
+# _validate_resource_quantity (RESOURCE_UNIT_SCALING is 10000).
+RESOURCE_UNIT = 0.0001
+# Tries again of a failing unit: more is a loop, not a retry (and Ray overflows on a huge count).
+MAX_RETRIES = 100
+
+
+def _some_resource(cpus: float, gpus: float) -> None:
+    """A task that asks for nothing runs beside every other: Ray would start every unit at once (each loading a
+    model: out of memory on a real one)."""
+    if not cpus and not gpus:
+        raise Olmo2KitError("--ray-cpus 0 with --ray-gpus 0: each task would ask for nothing and Ray would run every "
+                            "unit at once; give a task a share of a CPU or a GPU")
 
 
 @dataclass
@@ -65,7 +85,8 @@ class RayPool:
         self.options = options
         self._ray = _import_ray()
         self.started = False
-        if not self._ray.is_initialized():
+        self.joined = self._ray.is_initialized()  # a Ray this process runs already: used whatever the address
+        if not self.joined:
             _connect(self._ray, options)
             self.started = options.address == LOCAL
         try:
@@ -83,20 +104,20 @@ class RayPool:
     def _check_resources(self) -> tuple[float, float]:
         options = self.options
         self.total = self._ray.cluster_resources()
-        have_gpus, have_cpus = self.total.get("GPU", 0), self.total.get("CPU", 0)
-        gpus = (1 if have_gpus else 0) if options.gpus is None else options.gpus
-        if gpus > have_gpus:
-            raise Olmo2KitError(f"--ray-gpus {gpus:g}: the Ray cluster has {have_gpus:g} GPUs; "
-                                "ask for fewer, or leave --ray-gpus out to run on CPUs where there is no GPU")
-        if options.cpus > have_cpus:
-            raise Olmo2KitError(f"--ray-cpus {options.cpus:g}: the Ray cluster has {have_cpus:g} CPUs; ask for fewer")
+        # A task runs on one node: it must fit one, not the cluster's total (Ray would keep it waiting, silently).
+        self.nodes = [node["Resources"] for node in self._ray.nodes() if node.get("Alive")]
+        gpus = (1 if self.total.get("GPU", 0) else 0) if options.gpus is None else options.gpus
+        _some_resource(options.cpus, gpus)
+        check_fits(self.nodes, options.cpus, gpus)
         return options.cpus, gpus
 
     def describe(self) -> str:
         """One line for people: where the tasks run and what each asks for."""
         address = self.options.address
-        at = ("a Ray started here" if self.started else "the Ray this process runs already" if address == LOCAL
-              else f"the cluster at {address}")
+        if not address.startswith(CLIENT):  # the address it runs on, not the one asked for ("auto", say)
+            address = self._ray.get_runtime_context().gcs_address
+        at = ("a Ray started here" if self.started else f"the Ray this process runs already, at {address}"
+              if self.joined else f"the cluster at {address}")
         return (f"{at}: {_count(self.total.get('CPU', 0), 'CPU')}, {_count(self.total.get('GPU', 0), 'GPU')}; "
                 f"each task asks for {_count(self.cpus, 'CPU')} and {_count(self.gpus, 'GPU')}, tried up to "
                 f"{_count(self.options.retries + 1, 'time')}")
@@ -153,15 +174,31 @@ class RayPool:
                 ray.cancel(ref)
 
     def slots(self) -> int:
-        """How many of these tasks the cluster runs at once, as its CPUs and GPUs allow (at least 1)."""
-        fits = [self.total.get(name, 0) // need for name, need in (("CPU", self.cpus), ("GPU", self.gpus)) if need]
-        return max(1, int(min(fits))) if fits else max(1, int(self.total.get("CPU", 1)))
+        """How many of these tasks the cluster runs at once, as each node's CPUs and GPUs allow (at least 1)."""
+        asks = [(name, need) for name, need in (("CPU", self.cpus), ("GPU", self.gpus)) if need]
+        return max(1, sum(int(min(node.get(name, 0) // need for name, need in asks)) for node in self.nodes))
 
     def close(self) -> None:
         """Stop the Ray this pool started (one it joined is left running)."""
         if self.started:
             self._ray.shutdown()
             self.started = False
+
+
+def check_fits(nodes: list[dict[str, float]], cpus: float, gpus: float) -> None:
+    """An Olmo2KitError unless one of `nodes` (each node's resources, as ray.nodes() gives them) holds a task
+    of `cpus` CPUs and `gpus` GPUs."""
+    largest = {name: max((node.get(name, 0) for node in nodes), default=0) for name in ("CPU", "GPU")}
+    if gpus and not largest["GPU"]:
+        raise Olmo2KitError(f"--ray-gpus {gpus:g}: the Ray cluster has 0 GPUs; "
+                            "ask for fewer, or leave --ray-gpus out to run on CPUs where there is no GPU")
+    for option, name, need in (("--ray-gpus", "GPU", gpus), ("--ray-cpus", "CPU", cpus)):
+        if need > largest[name]:
+            raise Olmo2KitError(f"{option} {need:g}: no node of the Ray cluster has {need:g} {name}s "
+                                f"(the largest has {largest[name]:g}); ask for fewer")
+    if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        raise Olmo2KitError(f"--ray-cpus {cpus:g} with --ray-gpus {gpus:g}: no node of the Ray cluster has both "
+                            "at once; ask for fewer")
 
 
 @dataclass(frozen=True)
@@ -190,7 +227,9 @@ def _import_ray():
 def _connect(ray, options: RayOptions) -> None:
     address = options.address
     if address == LOCAL:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+        # address="local" starts a Ray whatever RAY_ADDRESS or an earlier `ray start` (its
+        # /tmp/ray/ray_current_cluster) say; without it ray.init joins those: ray/_private/worker.py, init.
+        ray.init(address=LOCAL, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
         return
     if address == AUTO:
@@ -199,12 +238,12 @@ def _connect(ray, options: RayOptions) -> None:
         from ray._private.services import canonicalize_bootstrap_address_or_die
 
         try:
-            _check_reachable(canonicalize_bootstrap_address_or_die(AUTO), address)
+            _check_head(canonicalize_bootstrap_address_or_die(AUTO), address)
         except ConnectionError as e:
             raise Olmo2KitError(f"--ray auto: no Ray is running here ({_first_line(e)}): start one with "
                                 "`ray start --head`, set RAY_ADDRESS, or give --ray alone to start one") from None
     else:
-        _check_reachable(address.removeprefix(CLIENT), address)
+        _check_head(address.removeprefix(CLIENT), address, client=address.startswith(CLIENT))
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
@@ -215,17 +254,22 @@ def _connect(ray, options: RayOptions) -> None:
 def _host_port(host_port: str, address: str) -> tuple[str, int]:
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise Olmo2KitError(f"--ray {address}: give local, auto, HOST:PORT or ray://HOST:PORT of a Ray head")
+        # No colon: a word right after a bare --ray (a prompt, say) is read as its address.
+        hint = "" if ":" in address else "; to start a Ray here, write --ray local, or put --ray last"
+        raise Olmo2KitError(f"--ray {_quoted(address)}: give local, auto, HOST:PORT or ray://HOST:PORT of a Ray "
+                            f"head{hint}")
     return host, int(port)
 
 
 # Seconds a head has to answer. Ray itself keeps trying for a minute or more (30 s for ray://, measured with
-# Ray 2.60 on a closed port), which a mistyped address should not cost.
+# Ray 2.60 on a closed port; over 100 s on a port where some other server answers), which a mistyped address
+# should not cost.
 CONNECT_TIMEOUT_S = 5
 
 
-def _check_reachable(host_port: str, address: str) -> None:
-    """Fail in seconds on a head that does not answer."""
+def _check_head(host_port: str, address: str, client: bool = False) -> None:
+    """Fail in seconds where no Ray head answers: nothing listens there (refused at once), or a server that is
+    not a head's GCS (or, with `client`, not a gRPC server such as Ray Client's) does."""
     import socket  # here: the CLI imports this module, and socket costs its start-up a few milliseconds
 
     try:
@@ -233,6 +277,37 @@ def _check_reachable(host_port: str, address: str) -> None:
     except OSError as e:
         raise Olmo2KitError(f"--ray {address}: cannot reach a Ray head there ({e.strerror or e}): start one with "
                             "`ray start --head`, or give --ray alone to start one here") from None
+    import grpc  # a dependency of Ray's
+    from ray._private.grpc_utils import init_grpc_channel  # Ray's own channel: its TLS and token settings
+
+    channel = init_grpc_channel(host_port)
+    try:
+        if client:  # Ray Client's server: any gRPC server is as far as one can tell without connecting
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+            return
+        # The GCS answers this one call, with its cluster's id or, without the cluster's token, "unauthenticated":
+        # either is a head (ray/core/generated/gcs_service_pb2_grpc.py; an empty request serializes to b"").
+        channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=CONNECT_TIMEOUT_S,
+                                                                         wait_for_ready=True)
+    except grpc.FutureTimeoutError:
+        raise Olmo2KitError(f"--ray {address}: no Ray Client answered there within {CONNECT_TIMEOUT_S} s: give "
+                            "ray://HEAD:PORT of the head's Ray Client server (10001 by default)") from None
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return
+        why = ("a server answered, but not a Ray head's GCS" if e.code() == grpc.StatusCode.UNIMPLEMENTED
+               else f"no Ray head answered there within {CONNECT_TIMEOUT_S} s")
+        raise Olmo2KitError(f"--ray {address}: {why}: give the head's GCS port (6379 by default, as `ray start "
+                            "--head` prints it), or ray://HEAD:PORT for its Ray Client server") from None
+    finally:
+        channel.close()
+
+
+def _quoted(text: str) -> str:
+    """`text` as a shell would need it: '' for an empty address."""
+    import shlex
+
+    return shlex.quote(text)
 
 
 def _failure(error: Exception) -> str:
