@@ -187,3 +187,59 @@ def test_at_most_in_flight_units_are_submitted_at_a_time(local_ray, tmp_path):
     assert sorted(done) == list(range(5))
     spans = sorted(tuple(map(float, name.split("-")[1:])) for name in os.listdir(tmp_path))
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def sleep_then_mark(marks: str, key: str, seconds: float) -> str:
+    """Mark the unit's start, sleep, mark its end."""
+    Path(marks, f"{key}-started").touch()
+    time.sleep(seconds)
+    Path(marks, f"{key}-finished").touch()
+    return key
+
+
+def test_units_left_when_the_caller_stops_early_are_cancelled(local_ray, tmp_path):
+    """The caller stops reading (an interrupt, its own error: the generator is closed): a unit still running is
+    cancelled, not left to finish for nobody."""
+    pool = RayPool(RayOptions(cpus=1))
+    done = pool.map(sleep_then_mark, {"quick": (str(tmp_path), "quick", 0), "slow": (str(tmp_path), "slow", 2)})
+    assert next(done).key == "quick"
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slow-started").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    done.close()
+    time.sleep(max(0.0, started + 3 - time.monotonic()))  # past the 2 s it would have slept
+    assert (tmp_path / "slow-started").exists() and not (tmp_path / "slow-finished").exists()
+
+
+def test_a_port_where_no_ray_head_answers_fails_in_seconds(local_ray, monkeypatch):
+    """A server that is not a Ray head (a web server, a gRPC server without Ray's GCS) answers TCP, where Ray
+    itself would keep trying for minutes: refused in CONNECT_TIMEOUT_S, in one line; a head's GCS passes."""
+    import concurrent.futures
+    import http.server
+
+    import grpc
+    import ray
+
+    from olmo2kit.inference import ray_pool
+
+    monkeypatch.setattr(ray_pool, "CONNECT_TIMEOUT_S", 1)
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    rpc = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
+    rpc_port = rpc.add_insecure_port("127.0.0.1:0")
+    rpc.start()
+    try:
+        for address, needle in [
+            (f"127.0.0.1:{web.server_port}", "no Ray head answered there within 1 s: give the head's GCS port"),
+            (f"ray://127.0.0.1:{web.server_port}", "no Ray Client answered there within 1 s"),
+            (f"127.0.0.1:{rpc_port}", "a server answered, but not a Ray head's GCS"),
+        ]:
+            start = time.monotonic()
+            with pytest.raises(Olmo2KitError, match=re.escape(f"--ray {address}: {needle}")):
+                ray_pool._connect(ray, RayOptions(address=address))
+            assert time.monotonic() - start < 4
+        ray_pool._check_head(local_ray, local_ray)
+    finally:
+        web.shutdown()
+        rpc.stop(0)
