@@ -28,8 +28,15 @@ OPTIONS = {"max_new_tokens": 12, "do_sample": False, "batch_size": 2}  # JOB, to
 
 
 def write_job(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"id": f"p{i:02d}", "prompt": f"Prompt {i}: the"}) + "\n"
-                            for i in range(LINES)))
+    """Prompts, and every fourth line a chat with its own max_new_tokens and metadata (the tiny model has no chat
+    template: its workers warn of it)."""
+    def line(i: int) -> dict:
+        if i % 4 == 3:
+            return {"id": f"p{i:02d}", "messages": [{"role": "user", "content": f"Question {i}?"}],
+                    "max_new_tokens": 5, "metadata": {"n": i}}
+        return {"id": f"p{i:02d}", "prompt": f"Prompt {i}: the"}
+
+    path.write_text("".join(json.dumps(line(i)) + "\n" for i in range(LINES)))
     return path
 
 
@@ -67,6 +74,8 @@ def test_a_ray_job_gives_the_text_of_a_local_job_each_id_once(local_ray, local_r
     assert code == 0, err
     assert stdout == "" and "; a task for each 4 lines" in err
     assert f"] {LINES}/{LINES}" in err and f"{LINES} result(s) appended" in err
+    # What a worker warns of reaches the user, once, as a job without Ray says it.
+    assert err.count("warning: ") == 1 and "has no chat template, so the official OLMo 2 one is used" in err, err
     assert by_id(read_rows(out)) == local_rows
 
 
@@ -119,6 +128,17 @@ def test_a_worker_keeps_its_model_for_the_next_shard(local_ray, tiny_path):
         handed.setdefault(pid, []).append(times)
     # Ray runs the tasks in a few worker processes, each handing out the one model it loaded, again and again.
     assert len(handed) < 8 and all(sorted(times)[-1] > 1 for times in handed.values() if len(times) > 1), handed
+
+
+def test_a_worker_loads_again_for_other_settings(tiny_path):
+    from olmo2kit.inference.jobs import loaded_model
+
+    name = str(Path(tiny_path).resolve())
+    fp32, _ = loaded_model(JobModel(name, dtype="fp32", device="cpu"))
+    assert loaded_model(JobModel(name, dtype="fp32", device="cpu"))[0] is fp32
+    bf16, _ = loaded_model(JobModel(name, dtype="bf16", device="cpu"))
+    assert bf16 is not fp32 and str(bf16.dtype) == "torch.bfloat16"
+    assert loaded_model(JobModel(name, dtype="fp32", device="cpu"))[0] is not fp32  # one model kept at a time
 
 
 class FailingShard(GenerateShard):

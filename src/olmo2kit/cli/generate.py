@@ -110,7 +110,7 @@ def generate(
     """Continue one or more prompts; text streams to stdout, timings go to stderr.
 
     --chat (or --system): each prompt is a user message to an instruct model.
-    --input/--output: a batch job over a JSONL file, results appended in order;
+    --input/--output: a batch job over a JSONL file, results appended in order (with --ray, as shards finish);
     the same command run again resumes where it stopped. With --ray, the job's
     lines go out in shards, each a Ray task, and this process appends the results.
 

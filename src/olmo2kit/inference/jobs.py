@@ -12,12 +12,12 @@ seed, stop), and a
 as "temprature" would otherwise be ignored), so the line is reported and skipped, as is a line over
 1 MiB. An id is a string or an integer; a line without one gets its line number (from 1).
 
-Output, one JSON object a line, in input order: the id, the model and revision, the engine and its
-version (`engine`, `engine_version`: a job resumed on the other engine says so line by line), the input line
-(less its id), the sampling options used, `request_sha256` (the hash of the request as sent: prompt
-or messages, and options), and the `Generation` fields (text, token_ids, prompt_tokens, new_tokens,
-finish_reason, tokens_per_s, elapsed_s, prompt_tps, peak_memory_gb; the speeds are those of the
-batched call that made the line).
+Output, one JSON object a line, in input order (on Ray, in the order shards finish): the id, the model and
+revision, the engine and its version (`engine`, `engine_version`: a job resumed on the other engine says so line by
+line), the input line (less its id), the sampling options used, `request_sha256` (the hash of the request as sent:
+prompt or messages, and options), and the `Generation` fields (text, token_ids, prompt_tokens, new_tokens,
+finish_reason, tokens_per_s, elapsed_s, prompt_tps, peak_memory_gb; the speeds are those of the batched call that
+made the line).
 
 Running a job again with the same output skips the ids already there, so a job stopped at any
 point, even by SIGKILL or a full disk, ends with every id exactly once. A line too long for the model's
@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,19 +194,27 @@ def run_job(
                 f"stopped (the results before it stay in {output_path}; the same command resumes there): {error}"
             )
 
-        engine = engine_info(model)
         if progress:
             progress(0, len(pending))
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            results = _generate_batch(model, tokenizer, batch, fail, stop)
-            records = [_record(item, results[item.line], model_name, revision, engine)
-                       for item in batch if item.line in results]
+        done = 0
+        for batch, records in _generated(model, tokenizer, pending, batch_size, model_name, revision, fail, stop):
             store.append(records)
             summary.written += len(records)
+            done += len(batch)
             if progress:
-                progress(start + len(batch), len(pending))
+                progress(done, len(pending))
     return summary
+
+
+def _generated(model, tokenizer, items: list[JobItem], batch_size: int, model_name: str, revision: str | None,
+               fail, stop) -> Iterator[tuple[list[JobItem], list[dict]]]:
+    """`items` generated `batch_size` at a time: each batch and its result lines (those `fail` did not skip)."""
+    engine = engine_info(model)
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        results = _generate_batch(model, tokenizer, batch, fail, stop)
+        yield batch, [_record(item, results[item.line], model_name, revision, engine)
+                      for item in batch if item.line in results]
 
 
 @dataclass(frozen=True)
@@ -254,22 +262,33 @@ class GenerateShard:
     revision: str | None
     batch_size: int = 8
 
-    def __call__(self, items: list[JobItem]) -> tuple[list[dict], list[tuple[int, str]]]:
-        model, tokenizer = loaded_model(self.model)
-        engine = engine_info(model)
+    def __call__(self, items: list[JobItem]) -> tuple[list[dict], list[tuple[int, str]], list[str]]:
         records: list[dict] = []
         skipped: list[tuple[int, str]] = []
 
         def stop(items: list[JobItem], error: Olmo2KitError) -> Olmo2KitError:
             return Olmo2KitError(f"{self.model_name} failed at line {min(item.line for item in items)}: {error}")
 
-        for start in range(0, len(items), self.batch_size):
-            batch = items[start : start + self.batch_size]
-            results = _generate_batch(model, tokenizer, batch, lambda item, e: skipped.append((item.line, str(e))),
-                                      stop)
-            records += [_record(item, results[item.line], self.model_name, self.revision, engine)
-                        for item in batch if item.line in results]
-        return records, skipped
+        with _warnings_said() as warnings:
+            model, tokenizer = loaded_model(self.model)
+            for _, made in _generated(model, tokenizer, items, self.batch_size, self.model_name, self.revision,
+                                      lambda item, e: skipped.append((item.line, str(e))), stop):
+                records += made
+        return records, skipped, warnings
+
+
+@contextlib.contextmanager
+def _warnings_said() -> Iterator[list[str]]:
+    """The warnings olmo2kit logs in this block (a base model's missing chat template, say), for a Ray worker to
+    hand back: the driver says them, since a worker's own log does not reach the user."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        yield said
+    finally:
+        log.removeHandler(handler)
 
 
 def run_job_on_ray(
@@ -311,12 +330,16 @@ def run_job_on_ray(
             pool.call(_load_on_worker, shard.model)
         shards = {_lines(part): (part,) for part in
                   (pending[start : start + shard_lines] for start in range(0, len(pending), shard_lines))}
-        done = 0
+        done, said = 0, set()
         if progress:
             progress(0, len(pending))
         for unit in pool.map(shard, shards):
             if unit.error is None:
-                records, skipped = unit.value
+                records, skipped, warnings = unit.value
+                for message in warnings:
+                    if message not in said:  # each worker warns once: say it once
+                        said.add(message)
+                        warn(message)
                 for line, error in skipped:
                     _skip_line(summary, input_path, line, error, strict=strict, warn=warn)
                 store.append(records)  # the driver alone writes, whichever worker generated the lines
@@ -526,7 +549,7 @@ def _generate_batch(model, tokenizer, batch: list[JobItem], fail, stop) -> dict[
     except torch.OutOfMemoryError:
         raise Olmo2KitError(
             f"out of memory with batches of {len(batch)}: rerun with a smaller --batch-size "
-            "(the job resumes where it stopped)"
+            "(the rerun does only the lines not yet written)"
         ) from None
     return results
 
