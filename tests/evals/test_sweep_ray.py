@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,6 +173,44 @@ def test_an_address_where_no_ray_answers_fails_in_seconds(checkpoints, hub_env, 
     one_line_error(done.returncode, done.stderr, needle, alone=True)
     assert time.monotonic() - start < 20
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_ray_alone_starts_a_ray_of_its_own_and_stops_it(local_rows, hub_env, data, tmp_path):
+    """In a process of its own (not one where Ray runs already), bare --ray starts a Ray, even with RAY_ADDRESS
+    naming a dead one (which it must neither join nor wait on), measures, and leaves no process of that Ray
+    behind. Two of the three rows are in already: one revision is measured."""
+    out = tmp_path / "ray.jsonl"
+    out.write_text("".join(json.dumps(row) + "\n" for row in local_rows[:2]), encoding="utf-8")
+    # Ray's files of this run alone (other Rays run on this machine), under a short path: its sockets' paths must
+    # fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    try:
+        done = run_olmo2kit("sweep", "--model", REPO, "--data", str(data), "--out", str(out), "--device", "cpu",
+                            "--dtype", "fp32", "--ray", env={"RAY_ADDRESS": "127.0.0.1:1", "RAY_TMPDIR": str(ray_tmp)})
+        assert done.returncode == 0, done.stderr
+        assert "Ray: a Ray started here: " in done.stderr and "2 already in" in done.stderr
+        same_rows(read_results(out), local_rows)
+        sessions = [path for path in (ray_tmp / "ray").glob("session_*") if not path.is_symlink()]
+        assert len(sessions) == 1, sessions
+        deadline = time.monotonic() + 30
+        while (left := processes_naming(str(sessions[0]))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def processes_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that hold `text` (a Ray's session directory)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in args:
+            found.append(args)
+    return found
 
 
 def test_ray_without_the_extra_says_how_to_install_it(checkpoints, hub_env, data, tmp_path):
