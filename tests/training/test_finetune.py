@@ -315,6 +315,7 @@ def test_recipes_are_valid():
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--seq-len", "1"], "seq_len must be at least 2, got 1"),
         (["--mixed-precision"], "--mixed-precision is FSDP2's bf16 policy: add --fsdp"),
+        (["--fsdp", "--mixed-precision", "--lora"], "--mixed-precision is for a full fine-tune: with --lora"),
     ],
 )
 def test_bad_options_fail_in_one_line(cli, chat_data, tiny_instruct_path, tmp_path, extra, message):

@@ -342,7 +342,7 @@ dist.destroy_process_group()
 """
 
 
-def test_tied_weights_are_written_once_as_save_pretrained_writes_them(tiny_instruct_path, tmp_path):
+def test_tied_weights_are_written_once_as_save_pretrained_writes_them(chat_data, tiny_instruct_path, tmp_path):
     script = tmp_path / "tied.py"
     script.write_text(TIED)
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -357,3 +357,12 @@ def test_tied_weights_are_written_once_as_save_pretrained_writes_them(tiny_instr
     shutil.copy(tmp_path / "whole" / "config.json", tmp_path / "sharded")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again on loading
+    # The tied checkpoint fine-tuned with --fsdp: its sharded load (the weights sent from the first process) keeps
+    # the tie, so one tensor trains and one is written.
+    for item in Path(tiny_instruct_path).iterdir():
+        if not (tmp_path / "whole" / item.name).exists():
+            shutil.copy(item, tmp_path / "whole")
+    sharded_finetune(chat_data, tmp_path / "trained", tmp_path / "whole")
+    trained = load_file(tmp_path / "trained" / "model.safetensors")
+    assert "lm_head.weight" not in trained and not torch.equal(trained["model.embed_tokens.weight"],
+                                                               whole["model.embed_tokens.weight"])

@@ -167,7 +167,8 @@ def main() -> None:
     except Olmo2KitError as e:
         if _debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: the processes of a torchrun launch share a terminal
+        sys.stderr.flush()
         sys.exit(2)
     except _StdoutError as e:
         if e.errno == errno.EPIPE:

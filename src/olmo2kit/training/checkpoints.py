@@ -225,7 +225,10 @@ def _first_line(error: BaseException) -> str:
     if isinstance(error, CheckpointException) and error.failures:
         error = next(iter(error.failures.values()))[0]  # (exception, traceback summary)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    first = lines[0] if len(lines[0]) <= 200 else lines[0][:200].rsplit(" ", 1)[0] + " ..."  # a word, not half
+    return f"{type(error).__name__}: {first}"
 
 
 def _trainable_shapes(model, accelerator) -> dict[str, tuple[int, ...]]:

@@ -101,6 +101,9 @@ class FinetuneConfig:
         if self.mixed_precision and not self.fsdp:
             raise Olmo2KitError("--mixed-precision is FSDP2's bf16 policy: add --fsdp (without it olmo2kit turns on "
                                 "bf16 autocast on GPUs by itself)")
+        if self.mixed_precision and self.lora:  # the policy would hold a frozen base in fp32 to gather it in bf16
+            raise Olmo2KitError("--mixed-precision is for a full fine-tune: with --lora the frozen base is bf16 "
+                                "already (on GPUs), so drop --mixed-precision")
         check_device(self.device)
         check_seed(self.seed)
 

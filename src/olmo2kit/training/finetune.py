@@ -31,7 +31,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from olmo2kit.compat import keep_4bit_trainable, quiet_bitsandbytes
@@ -152,6 +152,7 @@ def _start_processes(config: FinetuneConfig) -> tuple[Accelerator, bool]:
     """This process's accelerator, and whether it autocasts to bf16 (on a GPU that has it)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     device = resolve_device(config.device)
     _check_sharding(config, device)
@@ -159,8 +160,11 @@ def _start_processes(config: FinetuneConfig) -> tuple[Accelerator, bool]:
         torch.cuda.set_device(device)  # one process on the GPU asked for; under torchrun each takes its own
     # --mixed-precision's FSDP2 policy computes in bf16 itself: autocast on top would only cast again.
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported() and not config.mixed_precision
+    # Under --fsdp the other processes wait in a collective while the first loads the whole checkpoint (a 32B's
+    # download and 129 GB in fp32 on the CPU): longer than NCCL's 10-minute default, so wait up to 6 hours.
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no",
-                              fsdp_plugin=_accelerate_fsdp_plugin(device))
+                              fsdp_plugin=_accelerate_fsdp_plugin(device),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     if config.fsdp and accelerator.num_processes == 1:
         raise Olmo2KitError("--fsdp shards the model over several processes: launch with "
                             "`torchrun --nproc_per_node N $(which olmo2kit) finetune ...`, or drop --fsdp")
@@ -174,6 +178,8 @@ def _accelerate_fsdp():
 
 def _check_sharding(config: FinetuneConfig, device: str) -> None:
     """Refuse an FSDP request that would not shard as asked: accelerate (1.15) runs FSDP on GPUs only."""
+    if config.fsdp and not (device == "cpu" or device.startswith("cuda")):
+        raise Olmo2KitError(f"--fsdp shards CPU processes (gloo) or CUDA GPUs (NCCL), not {device}: drop --fsdp")
     # On CPUs accelerate quietly wraps the model in DDP under an FSDP config.
     if device == "cpu" and _accelerate_fsdp() and not config.fsdp:
         raise Olmo2KitError("accelerate runs FSDP on GPUs only, so on CPUs this config would train unsharded (DDP): "
@@ -290,6 +296,7 @@ def _load_sharded(config: FinetuneConfig, run: Run):
     ref = _base(config)
     with init_empty_weights(include_buffers=False):  # the weights on meta; buffers (RoPE's frequencies) computed
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.tie_weights()  # from_config under init_empty_weights leaves lm_head apart from tied embeddings
     model.generation_config = generation_config  # the checkpoint's, saved with the result (from_config makes one)
     model = _ready_to_train(model, config, ref)
     _shard(model, run, config.mixed_precision)
