@@ -83,12 +83,16 @@ def test_an_interrupted_conversion_leaves_no_gguf_in_the_cache(tmp_path, monkeyp
     proc.send_signal(getattr(signal, how))
     proc.wait(timeout=60)
     time.sleep(1)  # the converter, a child, dies with its parent
-    assert _ggufs(cache) == []
+    left = _ggufs(cache)
     if how == "SIGINT":
         assert list(cache.rglob("*.partial")) == []  # Ctrl-C cleans up itself
     said = []
     done = gguf_file(str(path), gguf_type="f32", say=said.append)
-    assert done.is_file() and said and list(cache.rglob("*.partial")) == []  # an abandoned partial is removed
+    assert done.is_file() and list(cache.rglob("*.partial")) == []  # an abandoned partial is removed
+    if left:  # on a busy machine the signal can land as the conversion ends: then the GGUF is whole and recorded,
+        assert left == [done] and said == []  # so it is served as it is, not converted again
+    else:
+        assert said  # converted whole, from nothing
 
 
 def test_export_gguf_reads_back_in_llama_cpp(tiny_instruct_path, tmp_path, cli):

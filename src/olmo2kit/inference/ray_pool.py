@@ -171,7 +171,7 @@ class RayPool:
                 yield UnitDone(key, outcome.value, outcome.error)
         finally:  # the caller stopped early (an interrupt, its own error): the units left are not wanted
             for ref in pending:
-                ray.cancel(ref)
+                ray.cancel(ref, force=True)  # a running unit's worker too: without force it may finish anyway
 
     def slots(self) -> int:
         """How many of these tasks the cluster runs at once, as each node's CPUs and GPUs allow (at least 1)."""
