@@ -583,20 +583,27 @@ def _write_soup(target: Path, parts: list[_Checkpoint], weights: list[float], gi
         _sync(target.parent)
 
 
+def safetensors_header(entries) -> bytes:
+    """The header of a safetensors file whose tensors' bytes follow in the order of `entries` ((name, dtype tag,
+    shape, bytes) each): its length first, then the JSON, padded so the bytes start 8-aligned, as the safetensors
+    library writes it (the format above)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
 def _write_files(staging: Path, parts: list[_Checkpoint], weights: list[float], given: Sequence[float] | None,
                  averaged: _Averager) -> None:
     first = parts[0]
     for file, names in first.layout.items():
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name in names:
-            info = first.tensors[name]
-            header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset,
-                                                                                             offset + info.nbytes]}
-            offset += info.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the bytes start 8-aligned, as safetensors writes them
+        entries = [(name, first.tensors[name].dtype, first.tensors[name].shape, first.tensors[name].nbytes)
+                   for name in names]
         with open(staging / file, "wb") as f:
-            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            f.write(safetensors_header(entries))
             for name in names:
                 for piece in averaged.pieces(name):
                     f.write(piece)

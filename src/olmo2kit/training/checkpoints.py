@@ -27,7 +27,7 @@ import numpy as np
 from olmo2kit.devices import dtype_name
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.files import file_stamp, write_json_atomic
-from olmo2kit.model.soup import INDEX, SAFETENSORS_DTYPES
+from olmo2kit.model.soup import INDEX, SAFETENSORS_DTYPES, safetensors_header
 from olmo2kit.training.config import FinetuneConfig
 from olmo2kit.training.data import PreferenceData, PreparedData
 
@@ -268,7 +268,9 @@ def save_weights_from_shards(model, directory: Path, main: bool, max_shard_size:
     for file, names in plan.filename_to_tensors.items():
         with (open(directory / file, "wb") if main else nullcontext()) as out:
             if out is not None:
-                out.write(_safetensors_header({name: shapes[name] for name in names}, tags))
+                out.write(safetensors_header([(name, tags[dtype_name(shapes[name].dtype)], shapes[name].shape,
+                                                shapes[name].numel() * shapes[name].element_size())
+                                               for name in names]))
             for name in names:
                 tensor = state[name]
                 whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -278,20 +280,6 @@ def save_weights_from_shards(model, directory: Path, main: bool, max_shard_size:
     if main and plan.is_sharded:
         write_json_atomic(directory / INDEX, {"metadata": {"total_parameters": sum(t.numel() for t in shapes.values()),
                                                            **plan.metadata}, "weight_map": plan.tensor_to_filename})
-
-
-def _safetensors_header(tensors: dict, tags: dict[str, str]) -> bytes:
-    """The safetensors header of `tensors` (meta tensors, in the order their bytes follow), with its length before
-    it and padded so the bytes start 8-aligned, as the safetensors library writes it (model/soup.py: the format)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": tags[dtype_name(tensor.dtype)], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded
 
 
 @contextmanager
