@@ -28,7 +28,7 @@ LLAMA_CPP_SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 # llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), where olmo2kit looks for it
 LLAMA_CPP_CONVERTER := $(VENV)/share/llama.cpp
 
-.PHONY: install vllm llamacpp olmo-core llama-bench test lint demo bench clean
+.PHONY: install vllm llamacpp olmo-core llama-bench llama-server test lint demo bench clean
 
 install: $(BIN)/olmo2kit
 
@@ -94,6 +94,17 @@ $(VENV)/llama.cpp-build/bin/llama-bench:
 	cmake -S $(VENV)/llama.cpp-src -B $(VENV)/llama.cpp-build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF $(LLAMA_CPP_NO_AMX) >/dev/null
 	cmake --build $(VENV)/llama.cpp-build --target llama-bench -j >/dev/null
+
+# llama.cpp's own server, from the same source and flags: what `serve --engine llamacpp` is measured against
+# (benchmarks/), and a candidate to run behind olmo2kit's API. Not part of install.
+llama-server: $(VENV)/llama.cpp-build/bin/llama-server
+
+$(VENV)/llama.cpp-build/bin/llama-server:
+	test -d $(VENV)/llama.cpp-src || { mkdir -p $(VENV)/llama.cpp-src && tar -xzf $(LLAMA_CPP_SDIST) \
+	  -C $(VENV)/llama.cpp-src --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp; }
+	cmake -S $(VENV)/llama.cpp-src -B $(VENV)/llama.cpp-build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON $(LLAMA_CPP_NO_AMX) >/dev/null
+	cmake --build $(VENV)/llama.cpp-build --target llama-server -j >/dev/null
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
