@@ -31,7 +31,7 @@ from typing import Protocol
 
 from olmo2kit.compat import cache_keyword
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.engines import end_of_text_ids, engine_batches, engine_for
+from olmo2kit.inference.engines import end_of_text_ids
 
 log = logging.getLogger("olmo2kit")
 
@@ -111,6 +111,7 @@ class Handle:
     length: int = 0  # tokens in the cache
     last: int = 0  # the token to feed next
     generator: object = None
+    resumed: list[int] | None = None  # what it generated before llama.cpp's scheduler took it out of the cache
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -468,95 +469,3 @@ def _top(logprobs, k: int) -> list[list[tuple[int, float]]] | None:
         return None
     values, indices = logprobs.topk(k, dim=-1)
     return [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
-
-
-class Unsupported(Olmo2KitError):
-    """A request the model's engine cannot run as asked (logprobs on llama.cpp, say): a 400."""
-
-
-class SerialScheduler(_Scheduler):
-    """One request at a time through an engine that runs one sequence (llama.cpp's): `BatchScheduler`'s
-    submit, cancel and events, in the order requests arrive, without logprobs or constraints.
-
-    Sampling is the engine's (llama.cpp's own sampler, seeded by the request's seed); greedy rows give the
-    tokens the engine gives `generate`.
-    """
-
-    thread_name = "olmo2kit-serial"
-
-    def __init__(self, model, tokenizer, *, max_queue: int = 64, eos_ids: set[int] | None = None) -> None:
-        if max_queue < 0:
-            raise Olmo2KitError("max_queue must be at least 0")
-        super().__init__(model, tokenizer, max_queue=max_queue, eos_ids=eos_ids)
-        self.engine = engine_for(model, tokenizer)
-        self._current: Handle | None = None
-        self._thread.start()
-
-    @property
-    def running(self) -> int:
-        return int(self._current is not None)
-
-    @property
-    def busy(self) -> bool:
-        with self._wake:
-            return bool(self._waiting or self._current)
-
-    def _check(self, request: BatchRequest) -> None:
-        if request.logprobs is not None or request.prompt_logprobs or request.constraint is not None:
-            raise Unsupported(f"logprobs, echo and response_format are not served on {self.engine.name}: serve "
-                              "on --engine transformers for them")
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closed and not self._waiting:
-                    self._wake.wait()
-                if self._closed:
-                    break
-                self._current = handle = self._waiting.popleft()
-            try:
-                if not handle.cancelled:
-                    self._serve(handle)
-            except Exception as e:  # its engine, or its callback raising: the request fails, the next ones run
-                self._end(handle, self._failed(e, f"request {handle.id}"))
-            with self._wake:
-                self._current = None
-        for handle in self._waiting:
-            self._end(handle, Failed("the model was unloaded or the server is shutting down", closed=True))
-        self._waiting.clear()
-
-    def _serve(self, handle: Handle) -> None:
-        from olmo2kit.inference.sampling import SamplingOptions
-
-        request = handle.request
-        if request.max_new_tokens < 1:
-            self._end(handle, Finished("length"))
-            return
-        sampled = request.temperature > 0
-        sampling = SamplingOptions(max_new_tokens=request.max_new_tokens, do_sample=sampled,
-                                   temperature=request.temperature if sampled else 1.0,
-                                   top_p=request.top_p, top_k=0, seed=request.seed)
-        steps = self.engine.tokens([request.prompt], sampling, self.eos_ids, stream=True)
-        try:
-            for step in steps:
-                for token in step[0]:
-                    if self._closed:  # shutdown or unload: the request ends as BatchScheduler's running rows do
-                        self._end(handle, Failed("the model was unloaded or the server is shutting down", closed=True))
-                        return
-                    if handle.cancelled:
-                        return
-                    handle.emit(Token(token))
-                    if token in self.eos_ids:
-                        self._end(handle, Finished("stop"))
-                        return
-            self._end(handle, Finished("length"))
-        finally:
-            steps.close()
-
-
-def scheduler_for(model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64):
-    """The scheduler for a model's engine: continuous batching on transformers, one request at a time on an
-    engine that runs one sequence (llama.cpp)."""
-    if not engine_batches(model):
-        return SerialScheduler(model, tokenizer, max_queue=max_queue)
-    return BatchScheduler(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)

@@ -388,11 +388,6 @@ def keeps_caller_cache(model) -> bool:
     return not isinstance(model, VllmModel | LlamaCppModel)
 
 
-def engine_batches(model) -> bool:
-    """Whether the engine of `model` runs rows side by side in one batch (llama.cpp's here runs one sequence)."""
-    return not isinstance(model, LlamaCppModel)
-
-
 def check_acceleration(compile: bool, draft_model, batch: int) -> None:
     """Olmo2KitError for options that cannot go together: compile with a draft model, or a draft model
     with more than one prompt."""

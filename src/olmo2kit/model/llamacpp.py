@@ -104,6 +104,19 @@ class LlamaCppModel:
         weakref.finalize(self, llama.close)
         return llama
 
+    @cached_property
+    def weights(self):
+        """llama.cpp's model (its weights mapped from the GGUF) for `Decoder` contexts, loaded on first use."""
+        import llama_cpp
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load log, printed otherwise
+        llama_cpp.llama_backend_init()
+        weights = llama_cpp.llama_model_load_from_file(str(self.gguf).encode(), llama_cpp.llama_model_default_params())
+        if not weights:
+            raise Olmo2KitError(f"llama.cpp cannot load {self.gguf}")
+        weakref.finalize(self, llama_cpp.llama_model_free, weights)
+        return weights
+
     def close(self) -> None:
         llama = self.__dict__.pop("llama", None)
         if llama is not None:
@@ -153,3 +166,77 @@ def llamacpp_version() -> str:
     import importlib.metadata as metadata
 
     return metadata.version("llama-cpp-python")
+
+
+class Decoder:
+    """One llama.cpp context over a model's weights, decoding several sequences in one batch: llama.cpp's
+    batched decoding (`llama_decode` over a `llama_batch` whose tokens name their sequence), as its own server
+    runs it. The key/value cache is one pool of `cells` positions shared by `sequences` sequences (llama.cpp's
+    unified cache), so a long request and many short ones fit in the same memory.
+
+    Tokens are queued with `add`, run with `decode`, and the logits of the tokens that asked for them read back
+    with `logits` (rows in the order they were added); `forget` drops a sequence's positions from the cache.
+    Used from one thread at a time.
+    """
+
+    def __init__(self, model: LlamaCppModel, *, cells: int, sequences: int, batch: int = 512) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.cells, self.sequences, self.batch_size = cells, sequences, batch
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = cells, batch, batch
+        params.n_seq_max, params.kv_unified = sequences, True
+        params.n_threads = params.n_threads_batch = model.threads
+        options = attention_options(model.dtype)
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options["flash_attn"]
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if "type_k" in options:
+            params.type_k, params.type_v = options["type_k"], options["type_v"]
+        self._ctx = llama_cpp.llama_init_from_model(model.weights, params)
+        if not self._ctx:
+            raise Olmo2KitError(f"llama.cpp could not make a context of {cells} positions for {model.gguf}: "
+                                "ask for fewer")
+        self._free = weakref.finalize(self, llama_cpp.llama_free, self._ctx)
+        self._model = model  # the weights outlive the context
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model.weights))
+        self._batch = llama_cpp.llama_batch_init(batch, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self._outputs = 0
+
+    @property
+    def queued(self) -> int:
+        return self._batch.n_tokens
+
+    def add(self, token: int, position: int, sequence: int, *, logits: bool) -> None:
+        """Queue one token of `sequence` at `position` for the next `decode` (at most `batch_size` at a time)."""
+        batch, i = self._batch, self._batch.n_tokens
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+        batch.seq_id[i][0], batch.logits[i] = sequence, logits
+        batch.n_tokens = i + 1
+        self._outputs += bool(logits)
+
+    def decode(self):
+        """Run the queued tokens; a float32 array [outputs, vocab] of the logits asked for (a view of llama.cpp's
+        buffer, valid until the next decode)."""
+        import numpy as np
+
+        outputs, self._outputs = self._outputs, 0
+        try:
+            code = self._lib.llama_decode(self._ctx, self._batch)
+        finally:
+            self._batch.n_tokens = 0
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")  # 1: no room in the cache; 2: aborted; < 0: error
+        if not outputs:
+            return np.empty((0, self.vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(outputs * self.vocab,)).reshape(
+            outputs, self.vocab)
+
+    def forget(self, sequence: int, start: int = 0) -> None:
+        """Drop the positions of `sequence` from `start` on."""
+        self._lib.llama_memory_seq_rm(self._memory, sequence, start, -1)
+
+    def close(self) -> None:
+        self._free()

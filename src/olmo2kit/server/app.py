@@ -34,7 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.batching import BatchRequest, Failed, Finished, PromptLogprobs, QueueFull, Token, Unsupported
+from olmo2kit.inference.batching import BatchRequest, Failed, Finished, PromptLogprobs, QueueFull, Token
 from olmo2kit.inference.generation import Detokenizer, encode_requests
 from olmo2kit.model.chat_template import check_messages
 from olmo2kit.model.sizes import ContextExceeded, check_context
@@ -453,8 +453,6 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
                 yield i, piece
             if choice.done:
                 choice.handle.cancel()  # a stop string ends a row the scheduler would go on with
-    except Unsupported as e:
-        raise APIError(400, str(e), type="invalid_request_error") from None
     except QueueFull as e:
         raise APIError(503, f"the server is at capacity ({e}): retry shortly", type="server_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None

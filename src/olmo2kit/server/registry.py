@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from olmo2kit.errors import Olmo2KitError, first_line
-from olmo2kit.inference.batching import BatchScheduler, SerialScheduler, scheduler_for
+from olmo2kit.inference.batching import BatchScheduler
+from olmo2kit.inference.llamacpp_batching import scheduler_for
 from olmo2kit.model.loading import ModelRef, resolve_model
 from olmo2kit.model.sizes import aliases, context_length
 
@@ -63,7 +64,7 @@ class ServedModel:
     name: str  # as the operator or the first client named it
     model: object
     tokenizer: object
-    scheduler: BatchScheduler | SerialScheduler
+    scheduler: BatchScheduler
     created: int = field(default_factory=lambda: int(time.time()))
     _inbox: Inbox | None = field(default=None, repr=False)
 
