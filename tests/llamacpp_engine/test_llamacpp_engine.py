@@ -206,12 +206,9 @@ def test_choose_engine_refuses(tiny_path, engine, options, needle):
         choose_engine(engine, str(tiny_path), **options)
 
 
-def test_scoring_on_llamacpp_is_refused(llamacpp_tiny):
+def test_llamacpp_engine_takes_no_compile(llamacpp_tiny):
     from olmo2kit.inference.engines import engine_for
 
-    engine = engine_for(*llamacpp_tiny)
-    with pytest.raises(Olmo2KitError, match="on transformers or vLLM, not llama.cpp"):
-        engine.scored_nll([([1, 2, 3], 1)])
     with pytest.raises(Olmo2KitError, match="takes no compile"):
         engine_for(*llamacpp_tiny, compile=True)
 

@@ -20,7 +20,8 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     `engine` "auto" says on stderr which engine it took and why, once the model has loaded (an error about the
     input before that stays one line). `vllm` is the `VllmOptions`; `unsupported`
     names an option of the command that vLLM does not take. A vLLM model starts its engine here unless
-    `start` is False (lm-evaluation-harness starts its own).
+    `start` is False (lm-evaluation-harness starts its own); a llama.cpp model loads its GGUF here, for a command
+    that scores text (`scoring`: perplexity, eval, sweep) as the weights the engine scores with.
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.model.engines import load_model as load_on
@@ -33,7 +34,9 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     if chosen == "vllm" and start:
         loaded.llm  # noqa: B018  (starts vLLM's engine processes, timed with the load)
     if chosen == "llamacpp" and start:
-        loaded.llama  # noqa: B018  (loads the GGUF into llama.cpp now: a file it cannot load fails here, once)
+        # Loads the GGUF into llama.cpp now, so that a file it cannot load fails here, once: the weights the
+        # engine's scoring context reads, or the Llama that generates.
+        loaded.weights if scoring else loaded.llama  # noqa: B018
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
     if chosen == "llamacpp":
         where = f"GGUF {loaded.dtype}"
@@ -50,17 +53,12 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
 def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm,
                 unsupported: str | None = None, *, scoring: bool = False) -> tuple[str, str | None]:
     """The engine to run, and for "auto" the line that says which and why (None otherwise), for the caller to
-    say once the model has loaded; vLLM options given for transformers are an error, and so is llama.cpp for a
-    command that scores text (`scoring`: perplexity, eval, sweep)."""
+    say once the model has loaded; vLLM options given for transformers are an error."""
     from olmo2kit.model.engines import choose_engine
 
     said = []
     chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
                            say=said.append)
-    if scoring and chosen == "llamacpp":
-        from olmo2kit.model.llamacpp import NO_SCORING
-
-        raise Olmo2KitError(NO_SCORING)
     if vllm is not None and chosen != "vllm":
         raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
                             "and the engine is transformers: give --engine vllm")

@@ -34,8 +34,9 @@ from olmo2kit.evals.tasks import check_task_options, check_tasks, evaluate_tasks
 from olmo2kit.files import JsonlStore, make_output_dir, output_lock, write_atomic
 from olmo2kit.inference.ray_pool import RayOptions, RayPool, UnitDone
 from olmo2kit.model.engines import choose_engine, engine_info, load_model
+from olmo2kit.model.gguf import record_path
 from olmo2kit.model.hub_cache import delete_cached_revision
-from olmo2kit.model.llamacpp import NO_SCORING
+from olmo2kit.model.llamacpp import LlamaCppModel, gguf_type_for
 from olmo2kit.model.loading import resolve_model
 from olmo2kit.model.revisions import Revision, check_revision, check_stage, list_revisions, training_order
 from olmo2kit.model.vllm import VllmModel, VllmOptions
@@ -259,13 +260,10 @@ class WhereItLoads:
         said = []
         engine = choose_engine(self.engine, self.repo_id, quantize=self.quantize, device=self.device,
                                options=self.vllm, say=said.append)
-        if engine == "llamacpp":
-            raise Olmo2KitError(NO_SCORING)
         if self.vllm is not None and engine != "vllm":
             raise Olmo2KitError(f"the vLLM engine options need the vLLM engine, and the engine is {engine} "
                                 f"({said[0] if said else 'as asked'}): give --engine vllm")
-        dtype = str(resolve_dtype(self.dtype, resolve_device(self.device))).removeprefix("torch.")
-        return engine, dtype, (said[0] if said else None)
+        return engine, _dtype_name(engine, self.dtype, self.quantize, self.device), (said[0] if said else None)
 
 
 @dataclass(frozen=True)
@@ -285,7 +283,7 @@ class RevisionMeasure:
 
     def __call__(self, revision: Revision) -> tuple[dict, int]:
         options = self.load_options
-        dtype = str(resolve_dtype(options["dtype"], resolve_device(options["device"]))).removeprefix("torch.")
+        dtype = _dtype_name(options["engine"], options["dtype"], options["quantize"], options["device"])
         if dtype != self.setup["dtype"]:  # a cluster of unlike machines: rows of one file share one dtype
             raise Olmo2KitError(f"--dtype {options['dtype']} is {dtype} here, and {self.setup['dtype']} in this "
                                 f"sweep's setup: give --dtype {self.setup['dtype']}")
@@ -307,11 +305,15 @@ class RevisionMeasure:
             "eval_s": round(time.perf_counter() - eval_start, 3),
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        if isinstance(model, VllmModel):
+        gguf = model.gguf if isinstance(model, LlamaCppModel) else None
+        if isinstance(model, VllmModel | LlamaCppModel):
             model.close()  # its engine and memory go before the next revision loads
         del model, tokenizer
         _free_memory()
-        freed = delete_cached_revision(self.repo_id, revision.commit, revision.name) if self.delete_after else 0
+        freed = 0
+        if self.delete_after:
+            freed = delete_cached_revision(self.repo_id, revision.commit, revision.name)
+            freed += _delete_gguf(gguf) if gguf is not None else 0
         return row, freed
 
     def _measure(self, model, tokenizer) -> tuple[float, dict]:
@@ -412,6 +414,26 @@ def _check_writable(path: Path, option: str) -> None:
         tempfile.TemporaryFile(dir=path.parent).close()
     except OSError as e:
         raise Olmo2KitError(f"cannot write {option} {path} ({e.strerror}): give a place you can write to") from None
+
+
+def _dtype_name(engine: str, dtype: str, quantize: str | None, device: str) -> str:
+    """The name of what the weights run in, as a sweep's setup records it: the GGUF type on llama.cpp, else the
+    torch dtype `dtype` means on `device` ("bfloat16")."""
+    if engine == "llamacpp":
+        return gguf_type_for(dtype, quantize)
+    return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+
+
+def _delete_gguf(path: Path) -> int:
+    """Remove a revision's GGUF (converted for llama.cpp) and its record from the GGUF cache; the bytes freed."""
+    freed = 0
+    for file in (path, record_path(path)):
+        try:
+            freed += file.stat().st_size
+            file.unlink()
+        except FileNotFoundError:
+            pass
+    return freed
 
 
 def _free_memory() -> None:

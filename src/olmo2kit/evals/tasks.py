@@ -2,7 +2,7 @@
 
 The model olmo2kit loaded, quantized or not, is handed to lm-eval's HFLM as it is; a model loaded for vLLM
 (`olmo2kit.model.vllm`) is handed, as its directory and engine arguments, to lm-eval's own vLLM class, which
-starts vLLM itself.
+starts vLLM itself; a model llama.cpp runs is scored through olmo2kit's llama.cpp engine (`llamacpp_harness`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 from olmo2kit.compat import drop_messages, offline_mode
 from olmo2kit.errors import Olmo2KitError
+from olmo2kit.inference.engines import engine_for
+from olmo2kit.model.llamacpp import LlamaCppModel
 from olmo2kit.model.vllm import VllmModel, prepare_vllm
 
 
@@ -86,7 +88,13 @@ def evaluate_tasks(
 
 
 def _harness_model(model, tokenizer, batch_size: int):
-    """lm-eval's model class over `model`: HFLM for a transformers model, VLLM for a vLLM one."""
+    """lm-eval's model class over `model`: HFLM for a transformers model, VLLM for a vLLM one, and olmo2kit's
+    `LlamaCppLM` over the llama.cpp engine (which reads as many requests together as its cache holds, whatever
+    `batch_size`)."""
+    if isinstance(model, LlamaCppModel):
+        from olmo2kit.evals.llamacpp_harness import LlamaCppLM
+
+        return LlamaCppLM(engine_for(model, tokenizer))
     if not isinstance(model, VllmModel):
         from lm_eval.models.huggingface import HFLM
 

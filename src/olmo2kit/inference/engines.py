@@ -22,13 +22,14 @@ import queue
 import random
 import threading
 from collections.abc import Iterator
+from functools import cached_property
 
 from olmo2kit.compat import cache_keyword
 from olmo2kit.devices import peak_memory_gb
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.inference.sampling import SEED_LIMIT, SamplingOptions
-from olmo2kit.model.llamacpp import NO_SCORING, LlamaCppModel
-from olmo2kit.model.sizes import context_length
+from olmo2kit.model.llamacpp import Decoder, LlamaCppModel
+from olmo2kit.model.sizes import CONTEXT_LENGTH, context_length
 from olmo2kit.model.vllm import VllmModel
 
 
@@ -340,8 +341,85 @@ class LlamaCppEngine(Engine):
         if not stream:
             yield held
 
+    @cached_property
+    def _scorer(self) -> Decoder:
+        """The llama.cpp context that scores windows, made on first use and kept for every later call: a key/value
+        cache of `scoring_context` positions shared by the windows read together."""
+        return Decoder(self.model, cells=self.scoring_context or CONTEXT_LENGTH, sequences=SCORED_TOGETHER)
+
     def scored_nll(self, windows):
-        raise Olmo2KitError(NO_SCORING)
+        """As `Engine.scored_nll`, on llama.cpp's float32 logits."""
+        return [nll for nll, _ in self.scored(windows)]
+
+    def scored(self, windows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """For each `(ids, context)` of `scored_nll`: the negative log-likelihood of ids[context:], and whether each
+        of those tokens is the model's most likely one (lm-eval's `is_greedy`).
+
+        Windows are read together, each a sequence of one llama.cpp context, as many as its cache holds, at most
+        `Decoder.batch_size` tokens a decode; a window's last token is never read (it predicts nothing scored), so
+        a window may hold one token more than the cache."""
+        decoder = self._scorer
+        for ids, context in windows:
+            if len(ids) - 1 > decoder.cells or not 1 <= context <= len(ids):
+                raise Olmo2KitError(f"a window of {len(ids)} tokens, {context} of them context, cannot be scored: "
+                                    f"at most {decoder.cells + 1} tokens, and at least one of context")
+        parts: list[list[float]] = [[] for _ in windows]
+        greedy = [True] * len(windows)
+        for group in _fitting(windows, decoder.cells, decoder.sequences):
+            targets: list[tuple[int, int]] = []  # (window, token) for each logits row asked for, in order
+            for sequence, row in enumerate(group):
+                ids, context = windows[row]
+                for position, token in enumerate(ids[:-1]):
+                    scored = position >= context - 1
+                    decoder.add(token, position, sequence, logits=scored)
+                    if scored:
+                        targets.append((row, ids[position + 1]))
+                    if decoder.queued == decoder.batch_size:
+                        _take_nll(decoder.decode(), targets, parts, greedy)
+                        targets = []
+            if decoder.queued:
+                _take_nll(decoder.decode(), targets, parts, greedy)
+            for sequence in range(len(group)):
+                decoder.forget(sequence)
+        return [(math.fsum(p), g) for p, g in zip(parts, greedy, strict=True)]
+
+
+# Windows one scoring decode may read side by side (sequences of the scoring context): lm-eval's requests are
+# short, and several fill a decode of llama.cpp's 512 tokens.
+SCORED_TOGETHER = 16
+
+
+def _fitting(windows: list[tuple[list[int], int]], cells: int, sequences: int) -> Iterator[list[int]]:
+    """The windows' indices in groups that a cache of `cells` positions and `sequences` sequences holds at once
+    (a window takes its length less one), in order."""
+    group: list[int] = []
+    used = 0
+    for row, (ids, _) in enumerate(windows):
+        need = len(ids) - 1
+        if group and (used + need > cells or len(group) == sequences):
+            yield group
+            group, used = [], 0
+        group.append(row)
+        used += need
+    if group:
+        yield group
+
+
+def _take_nll(logits, targets: list[tuple[int, int]], parts: list[list[float]], greedy: list[bool]) -> None:
+    """Add each row's -log_softmax at its target token (a float32 row of llama.cpp's logits) to its window's
+    parts, and whether the target is the row's most likely token."""
+    import torch
+
+    if not targets:
+        return
+    rows = torch.from_numpy(logits)  # llama.cpp's buffer, read before the next decode
+    tokens = torch.tensor([token for _, token in targets])
+    picked = rows.gather(1, tokens[:, None])[:, 0]
+    nlls = (torch.logsumexp(rows, dim=1) - picked).tolist()
+    best = (rows.argmax(dim=1) == tokens).tolist()
+    for (window, _), nll, top in zip(targets, nlls, best, strict=True):
+        parts[window].append(nll)
+        greedy[window] = greedy[window] and top
 
 
 _requests_made = itertools.count()

@@ -31,11 +31,6 @@ GGUF_FOR_DTYPE = {"auto": "bf16", "bf16": "bf16", "bfloat16": "bf16", "fp16": "f
                   "fp32": "f32", "float32": "f32"}
 
 
-# Why a command that scores text does not run on llama.cpp (said by the CLI before loading, and by the engine).
-NO_SCORING = ("olmo2kit scores text (perplexity, eval, sweep) on transformers or vLLM, not llama.cpp: use --engine "
-              "transformers (with a bitsandbytes --quantize, if any)")
-
-
 def llamacpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
