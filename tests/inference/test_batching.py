@@ -17,7 +17,6 @@ from olmo2kit.inference.batching import (
     Finished,
     PromptLogprobs,
     QueueFull,
-    SerialScheduler,
     Token,
 )
 
@@ -398,21 +397,5 @@ def test_running_out_of_memory_while_rows_join_fails_only_those_rows(tiny):
         alone = olmo2kit.generate(model, tokenizer, PROMPTS[0], do_sample=False, max_new_tokens=30).token_ids
         assert victim.ids == alone  # its keys and values were given back whole
         assert isinstance(joining.finish, Failed) and "(injected)" in joining.finish.message, joining.events
-    finally:
-        scheduler.close()
-
-
-def test_serial_scheduler_goes_on_after_a_request_whose_callback_raises(tiny):
-    """SerialScheduler over transformers (it takes any engine): the raising request fails alone, once."""
-    model, tokenizer = tiny
-    scheduler = SerialScheduler(model, tokenizer)
-    try:
-        broken, after = Raising(at=2), Collected()
-        scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 10), broken)
-        scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 6), after)
-        assert after.finish == Finished("length")
-        assert after.ids == olmo2kit.generate(model, tokenizer, PROMPTS[1], do_sample=False, max_new_tokens=6).token_ids
-        assert len(broken.tokens) == 2 and isinstance(broken.events[-1], Failed), broken.events
-        assert sum(isinstance(e, Failed | Finished) for e in broken.events) == 1
     finally:
         scheduler.close()
