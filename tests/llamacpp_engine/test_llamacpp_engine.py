@@ -211,31 +211,3 @@ def test_llamacpp_engine_takes_no_compile(llamacpp_tiny):
 
     with pytest.raises(Olmo2KitError, match="takes no compile"):
         engine_for(*llamacpp_tiny, compile=True)
-
-
-def test_serial_scheduler_fails_the_running_request_on_close(llamacpp_tiny):
-    """Closing the one-at-a-time scheduler (shutdown, unload) ends the request it is running with a Failed event,
-    as BatchScheduler does, and the waiting ones too: no client is left waiting."""
-    import threading
-
-    from olmo2kit.inference.batching import BatchRequest, Failed, SerialScheduler, Token
-
-    model, tokenizer = llamacpp_tiny
-    scheduler = SerialScheduler(model, tokenizer)
-    events = {0: [], 1: []}
-    first = threading.Event()
-
-    def collect(row):
-        def emit(event):
-            events[row].append(event)
-            if isinstance(event, Token):
-                first.set()
-        return emit
-
-    prompt = tokenizer("Hello", add_special_tokens=False)["input_ids"]
-    for row in events:
-        scheduler.submit(BatchRequest(prompt, 1000), collect(row))
-    assert first.wait(60)
-    scheduler.close()
-    for row in events:
-        assert isinstance(events[row][-1], Failed) and events[row][-1].closed, events[row][-3:]
