@@ -192,10 +192,12 @@ def test_an_abandoned_partial_is_removed(tiny_path):
 
 def test_serve_on_llamacpp_answers_the_openai_client(tiny_instruct_path, tiny_instruct, tmp_path):
     import openai
+    import torch
 
     from olmo2kit.inference.generation import generate
 
     name = str(tiny_instruct_path)
+    model, tokenizer = tiny_instruct
     env = {"OLMO2KIT_GGUF_CACHE": str(tmp_path / "cache")}
     with serving("--model", name, "--engine", "llamacpp", "--dtype", "fp32", env=env) as server:
         client = openai.OpenAI(base_url=server.url, api_key="none")
@@ -207,8 +209,16 @@ def test_serve_on_llamacpp_answers_the_openai_client(tiny_instruct_path, tiny_in
         stream = client.completions.create(model=name, prompt="Hello", max_tokens=8, temperature=0, stream=True)
         streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
         assert streamed == generate(*tiny_instruct, "Hello", do_sample=False, max_new_tokens=8).text
-        with pytest.raises(openai.BadRequestError, match="not served on llamacpp"):
-            client.completions.create(model=name, prompt="Hello", max_tokens=4, logprobs=2)
+        # log probabilities are served on llama.cpp, transformers' within 1e-3 on an f32 GGUF (issue 24)
+        scored = client.completions.create(model=name, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+        logprobs = scored.choices[0].logprobs
+        ids = tokenizer("Hello")["input_ids"] + generate(model, tokenizer, "Hello", do_sample=False,
+                                                        max_new_tokens=4).token_ids
+        with torch.inference_mode():
+            direct = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected = [direct[position - 1, ids[position]].item() for position in range(len(ids) - 4, len(ids))]
+        assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
+        assert [len(top) for top in logprobs.top_logprobs] == [2] * 4
 
 
 def _with_code(tiny_path: Path, tmp_path: Path) -> tuple[Path, Path]:
