@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model, sampling_options, vllm_options
+from olmo2kit.cli.common import keep_sampling_on_transformers, load_model, sampling_options, vllm_options
 from olmo2kit.cli.options import (
     CompileOpt,
     DataParallelOpt,
@@ -104,7 +104,8 @@ def chat(
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm,
-                                   unsupported="--compile" if compile else None)
+                                   unsupported="--compile" if compile else None, cpu_llamacpp=True,
+                                   keep_transformers=keep_sampling_on_transformers(options))
     from olmo2kit.inference.chat import ChatSession
     from olmo2kit.model.chat_template import chat_template
     from olmo2kit.model.loading import resolve_model

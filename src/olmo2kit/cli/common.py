@@ -14,12 +14,13 @@ from olmo2kit.inference.sampling import DEFAULTS, SamplingOptions
 
 def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str, *,
                engine: str = "transformers", vllm=None, unsupported: str | None = None, start: bool = True,
-               scoring: bool = False):
+               scoring: bool = False, cpu_llamacpp: bool = False, keep_transformers: str | None = None):
     """Load through the library on the engine asked for, with the load time on stderr and transformers' bars off.
 
     `engine` "auto" says on stderr which engine it took and why, once the model has loaded (an error about the
     input before that stays one line). `vllm` is the `VllmOptions`; `unsupported`
-    names an option of the command that vLLM does not take. A vLLM model starts its engine here unless
+    names an option of the command that vLLM does not take; `cpu_llamacpp` and `keep_transformers` are
+    `choose_engine`'s (auto may take llama.cpp on a CPU). A vLLM model starts its engine here unless
     `start` is False (lm-evaluation-harness starts its own); a llama.cpp model loads its GGUF here, for a command
     that scores text (`scoring`: perplexity, eval, sweep) as the weights the engine scores with.
     """
@@ -27,7 +28,8 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     from olmo2kit.model.engines import load_model as load_on
 
     quiet_transformers()
-    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported, scoring=scoring)
+    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported, scoring=scoring, dtype=dtype,
+                               cpu_llamacpp=cpu_llamacpp, keep_transformers=keep_transformers)
     start_time = time.perf_counter()
     loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
                                 device=device, vllm=vllm, say=info)
@@ -51,18 +53,28 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
 
 
 def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm,
-                unsupported: str | None = None, *, scoring: bool = False) -> tuple[str, str | None]:
+                unsupported: str | None = None, *, scoring: bool = False, dtype: str = "auto",
+                cpu_llamacpp: bool = False, keep_transformers: str | None = None) -> tuple[str, str | None]:
     """The engine to run, and for "auto" the line that says which and why (None otherwise), for the caller to
     say once the model has loaded; vLLM options given for transformers are an error."""
     from olmo2kit.model.engines import choose_engine
 
     said = []
-    chosen = choose_engine(engine, model, quantize=quantize, device=device, options=vllm, unsupported=unsupported,
+    chosen = choose_engine(engine, model, quantize=quantize, dtype=dtype, device=device, options=vllm,
+                           unsupported=unsupported, cpu_llamacpp=cpu_llamacpp, keep_transformers=keep_transformers,
                            say=said.append)
     if vllm is not None and chosen != "vllm":
         raise Olmo2KitError("--tensor-parallel-size and the other vLLM engine options need the vLLM engine, "
                             "and the engine is transformers: give --engine vllm")
     return chosen, (said[0] if said else None)
+
+
+def keep_sampling_on_transformers(options: dict) -> str | None:
+    """Why auto keeps generate's or chat's sampling on transformers though llama.cpp would run it: a repetition
+    penalty, which llama.cpp's own sampling applies to the last 64 tokens only (inference.engines.LlamaCppEngine)."""
+    if options["repetition_penalty"] != DEFAULTS.repetition_penalty:
+        return "--repetition-penalty: llama.cpp's looks back 64 tokens, transformers' at the whole text"
+    return None
 
 
 def vllm_options(tensor_parallel_size: int, pipeline_parallel_size: int, data_parallel_size: int,

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from olmo2kit.cli.common import load_model, sampling_options, vllm_options
+from olmo2kit.cli.common import keep_sampling_on_transformers, load_model, sampling_options, vllm_options
 from olmo2kit.cli.options import (
     CompileOpt,
     DataParallelOpt,
@@ -179,8 +179,11 @@ def generate(
     if as_json:
         check_acceleration(compile, draft_model, len(prompts))
     unsupported = "--compile" if compile else "--draft-model" if draft_model else None
+    # Several prompts with --json decode as one batch on transformers; llama.cpp's generate takes one at a time.
+    together = f"{len(prompts)} prompts decode together on transformers" if as_json and len(prompts) > 1 else None
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm,
-                                   unsupported=unsupported)
+                                   unsupported=unsupported, cpu_llamacpp=True,
+                                   keep_transformers=together or keep_sampling_on_transformers(options))
     accelerate = {"compile": compile}
     if draft_model:
         accelerate["draft_model"] = load_model(draft_model, None, dtype, None, device)[0]
@@ -233,7 +236,10 @@ def run_job_command(
         given = dict(chat=chat, system=system, strict=strict, on_warning=lambda message: info(f"warning: {message}"),
                      lock=False, **options)
         if ray is None:
-            loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm)
+            together = f"a batch job decodes {batch_size} rows together on transformers" if batch_size > 1 else None
+            loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm,
+                                           cpu_llamacpp=True,
+                                           keep_transformers=together or keep_sampling_on_transformers(options))
             bar = ProgressBar()
             try:
                 summary = run_job(loaded, tokenizer, input_path, output_path, batch_size=batch_size,

@@ -110,7 +110,8 @@ def serve(
                         max_model_len, enforce_eager, engine)
     one = len(names) == 1 and not allow_load and max_models is None
     # "auto" and vLLM look at the one model; llama.cpp runs every model, each converted to GGUF as it loads
-    chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm) \
+    chosen, note = pick_engine(engine, names[0] if names else "", quantize, device, vllm, dtype=dtype,
+                               cpu_llamacpp=True) \
         if engine == "llamacpp" or (engine != "transformers" and one) else ("transformers", None)
     if chosen == "vllm" and (cors_origins or log_prompts):
         raise Olmo2KitError("--cors-origin and --log-prompts are not served with --engine vllm (vLLM's own server): "

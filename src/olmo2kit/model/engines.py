@@ -3,7 +3,8 @@
 transformers is the default engine. vLLM (`olmo2kit.model.vllm`) is chosen with `engine="vllm"`, or by
 `engine="auto"` where it is installed, a CUDA GPU is visible and the request is one vLLM runs as asked.
 llama.cpp (`olmo2kit.model.llamacpp`), for CPU speed, is chosen with `engine="llamacpp"`, or by "auto" when
-`quantize` names a GGUF type (q8_0, q4_k_m, ...), which only llama.cpp runs.
+`quantize` names a GGUF type (q8_0, q4_k_m, ...), which only llama.cpp runs, and, where the caller asks for it
+(`cpu_llamacpp`: the CLI's generate, chat and serve), on a CPU for a request llama.cpp runs as asked.
 
     >>> model, tokenizer = load_model("1b-instruct", engine="llamacpp", quantize="q8_0")  # doctest: +SKIP
 """
@@ -11,11 +12,15 @@ llama.cpp (`olmo2kit.model.llamacpp`), for CPU speed, is chosen with `engine="ll
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
+from olmo2kit.compat import hub_network_errors, offline_mode
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.model.gguf import GGUF_TYPES
+from olmo2kit.model.gguf import GGUF_TYPES, converter_dir, gguf_cache_dir
 from olmo2kit.model.llamacpp import LlamaCppModel, llamacpp_refusal, llamacpp_version, load_llamacpp
-from olmo2kit.model.loading import load
+from olmo2kit.model.loading import ModelRef, cached_instead, load, resolve_model
+from olmo2kit.model.sizes import checkpoint_architecture, read_config, size_of
 from olmo2kit.model.vllm import VllmModel, VllmOptions, load_vllm, visible_gpus, vllm_refusal, vllm_version
 
 log = logging.getLogger("olmo2kit")
@@ -23,11 +28,26 @@ log = logging.getLogger("olmo2kit")
 ENGINES = ("auto", "transformers", "vllm", "llamacpp")
 _NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp"}
 
+# What auto on a CPU runs on llama.cpp (docs/benchmarks.md, "CPU speed: llama.cpp and olmo2kit's own paths": the
+# 1B decodes at 8.3 to 9.2 tokens/s from a bf16 GGUF against transformers' 6.8 in bf16). bf16 is the one type
+# measured against transformers; --dtype fp32 asks for exact results, which llama.cpp gives only on its slow path.
+AUTO_LLAMACPP_DTYPES = ("auto", "bf16", "bfloat16")
+# Below this a checkpoint is a test or toy model: transformers runs it in milliseconds a token, and its conversion
+# to GGUF (a converter process, then a cached file) would cost more than llama.cpp saves.
+AUTO_LLAMACPP_MIN_PARAMS = 100_000_000
+BF16_BYTES = 2
 
-def choose_engine(engine: str, model: str, *, quantize: str | None = None, device: str = "auto",
-                  options: VllmOptions | None = None, unsupported: str | None = None, say=log.info) -> str:
+
+def choose_engine(engine: str, model: str, *, quantize: str | None = None, dtype: str = "auto",
+                  device: str = "auto", options: VllmOptions | None = None, unsupported: str | None = None,
+                  cpu_llamacpp: bool = False, keep_transformers: str | None = None, say=log.info) -> str:
     """The engine to run: `engine` itself, or for "auto" llama.cpp when `quantize` is a GGUF type, else vLLM
     when it is installed, a CUDA GPU is visible and the request is one vLLM runs as asked, else transformers.
+
+    With `cpu_llamacpp` (the CLI's generate, chat and serve ask for it), "auto" on a CPU (`device` cpu, or auto
+    with no CUDA GPU visible) takes llama.cpp when `auto_llamacpp_refusal` finds no reason against it, and says
+    why it does not otherwise. `keep_transformers` is the caller's reason to stay on transformers for a request
+    llama.cpp would run otherwise than asked or slower (several prompts that decode together, say).
 
     `unsupported` names an option of the command that only transformers has (a draft model, say). An
     explicit engine that cannot run as asked is an Olmo2KitError, never a silent switch.
@@ -57,6 +77,12 @@ def choose_engine(engine: str, model: str, *, quantize: str | None = None, devic
         if reason:
             raise Olmo2KitError(reason)
         return engine
+    if cpu_llamacpp and options is None and (device == "cpu" or device == "auto" and not visible_gpus()):
+        reason = auto_llamacpp_refusal(model, quantize=quantize, dtype=dtype, unsupported=unsupported,
+                                       keep_transformers=keep_transformers)
+        chosen = "transformers" if reason else "llamacpp"
+        say(f"engine: {chosen} ({reason or 'on a CPU llama.cpp decodes faster, from a bf16 GGUF made once'})")
+        return chosen
     if not reason and device == "cpu":
         reason = "--device cpu: vLLM is chosen on GPUs only unless asked for"
     if not reason and not visible_gpus():
@@ -65,6 +91,83 @@ def choose_engine(engine: str, model: str, *, quantize: str | None = None, devic
     chosen = "transformers" if reason else "vllm"
     say(f"engine: {chosen}" + (f" ({reason.split(':')[0]})" if reason else ""))
     return chosen
+
+
+def auto_llamacpp_refusal(model: str, *, quantize: str | None = None, dtype: str = "auto",
+                          unsupported: str | None = None, keep_transformers: str | None = None) -> str | None:
+    """Why "auto" on a CPU keeps a request on transformers rather than llama.cpp (a short reason, said on
+    stderr), or None when llama.cpp runs it as asked and its speed pays for the conversion to GGUF: llama.cpp
+    and its converter installed, no bitsandbytes `quantize`, no `unsupported` option, a bf16 `dtype`, no
+    `keep_transformers` reason, a checkpoint (not a LoRA adapter) of at least AUTO_LLAMACPP_MIN_PARAMS
+    parameters by its config, and room beside the GGUF cache for its bf16 GGUF. Reads no weights."""
+    if unsupported:
+        return f"llama.cpp does not take {unsupported}"
+    if quantize:  # a GGUF type was taken before this: the rest are bitsandbytes'
+        return f"--quantize {quantize} is bitsandbytes, which runs on transformers"
+    refusal = llamacpp_refusal(model, quantize=None, device="cpu")
+    if refusal:
+        return refusal.split(":")[0]
+    try:
+        converter_dir()
+    except Olmo2KitError:
+        return "llama.cpp's GGUF converter is not installed (`make llamacpp`)"
+    if dtype not in AUTO_LLAMACPP_DTYPES:
+        return f"--dtype {dtype}: auto runs llama.cpp in bf16, the type measured faster"
+    if keep_transformers:
+        return keep_transformers
+    try:
+        ref = resolve_model(model)
+    except Olmo2KitError:  # the loader says what is wrong with the name
+        ref = None
+    if ref and ref.local and (Path(ref.source) / "adapter_config.json").is_file():
+        return f"{model} is a LoRA adapter, which llama.cpp does not load"
+    params = checkpoint_params(ref) if ref else None
+    if params is None:
+        return f"the size of {model} is not known from its config.json"
+    if params < AUTO_LLAMACPP_MIN_PARAMS:
+        return (f"{model} has {params / 1e6:.1f}M parameters: auto takes llama.cpp from "
+                f"{AUTO_LLAMACPP_MIN_PARAMS // 1_000_000}M, where its speed pays for the conversion to GGUF")
+    need = BF16_BYTES * params
+    cache = gguf_cache_dir()
+    free = shutil.disk_usage(next(p for p in (cache, *cache.parents) if p.exists())).free
+    if free < need:
+        return (f"its bf16 GGUF, ~{need / 1e9:.1f} GB, would not fit the {free / 1e9:.1f} GB free for the GGUF cache "
+                f"{cache}: set OLMO2KIT_GGUF_CACHE, or give --engine llamacpp where it is converted already")
+    return None
+
+
+def checkpoint_params(ref: ModelRef) -> int | None:
+    """A checkpoint's parameter count from its config alone: a local directory's config.json, the size table for an
+    official OLMo 2 repo (any revision), else the Hub repo's config.json (the cached one, else that one file
+    downloaded); None when that cannot be read or is no OLMo 2 config (the loader says why)."""
+    known = None if ref.local else size_of(ref.source)
+    if known:
+        return known.params
+    config_file = Path(ref.source) / "config.json" if ref.local else _hub_config(ref)
+    try:
+        return checkpoint_architecture(str(ref), read_config(config_file)).params if config_file else None
+    except Olmo2KitError:
+        return None
+
+
+def _hub_config(ref: ModelRef) -> Path | None:
+    """The config.json of a Hub model: the cached one, else downloaded where the Hub answers (asked once, as the
+    loader asks it, so an unreachable Hub costs no retries); None when neither."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cached = try_to_load_from_cache(ref.source, "config.json", revision=ref.revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        if offline_mode() or cached_instead(ref, ref.source):
+            return None
+    except Olmo2KitError:  # not on the Hub, or no Hub and nothing cached: the loader says so
+        return None
+    try:
+        return Path(hf_hub_download(ref.source, "config.json", revision=ref.revision))
+    except (OSError, EntryNotFoundError, *hub_network_errors()):
+        return None
 
 
 def load_model(model: str, *, engine: str = "transformers", revision: str | None = None, dtype: str = "auto",
