@@ -40,10 +40,19 @@ def auto(model, **options) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("model", ["1b", "7b-instruct", "allenai/OLMo-2-0425-1B@stage1-step140000-tokens294B",
                                    "big_config"])
-def test_auto_takes_llamacpp_for_a_big_model(model, big_config, offline_hub):
-    # offline and with an empty Hub cache: an OLMo 2 name is sized by the table, a directory by its config.json
+def test_auto_takes_llamacpp_for_a_big_model(model, big_config, hub, hub_env):
+    # an empty Hub cache: an OLMo 2 name is sized by the table, a directory by its config.json, and no one is asked
     chosen, told = auto(big_config if model == "big_config" else model)
     assert (chosen, told) == ("llamacpp", [TAKEN])
+    assert hub.requests == []
+
+
+def test_a_hub_model_is_sized_by_its_config_alone(hub, hub_env):
+    chosen, told = auto("org/repo")  # the loopback Hub's tiny checkpoint
+    assert (chosen, told) == ("transformers", ["engine: transformers (org/repo has 0.1M parameters: auto takes "
+                                               "llama.cpp from 100M, where its speed pays for the conversion to GGUF)"])
+    fetched = [path.rsplit("/", 1)[-1] for _, path in hub.requests if "/resolve/" in path]
+    assert fetched and set(fetched) == {"config.json"}, hub.requests
 
 
 def test_tiny_checkpoint_stays_on_transformers(tiny_path):
@@ -84,12 +93,18 @@ def test_lora_adapter_stays_on_transformers(big_config, tmp_path):
                                               "does not load)"])
 
 
-def test_unknown_size_stays_on_transformers(tmp_path, offline_hub):
-    chosen, told = auto("someone/olmo2-finetune")  # not cached, offline: its config.json cannot be read
-    assert (chosen, told) == ("transformers", ["engine: transformers (the size of someone/olmo2-finetune is not "
-                                               "known from its config.json)"])
+@pytest.mark.parametrize(("model", "ref"), [("1b", "allenai/OLMo-2-0425-1B"),
+                                            ("someone/olmo2-finetune", "someone/olmo2-finetune")])
+def test_offline_and_not_cached_stays_on_transformers(offline_hub, model, ref):
+    # nothing to run on either engine: transformers' loader says what to do, as without llama.cpp
+    assert auto(model) == ("transformers", [f"engine: transformers ({ref} is not in the local cache, and "
+                                            "huggingface_hub is offline)"])
+
+
+def test_unknown_size_stays_on_transformers(tmp_path):
     chosen, told = auto(tmp_path)  # a directory without config.json
-    assert chosen == "transformers" and "is not known" in told[0]
+    assert (chosen, told) == ("transformers", [f"engine: transformers (the size of {tmp_path} is not known from its "
+                                               "config.json)"])
 
 
 def test_a_gguf_bigger_than_the_free_disk_stays_on_transformers(tmp_path):

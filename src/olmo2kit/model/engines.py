@@ -121,6 +121,8 @@ def auto_llamacpp_refusal(model: str, *, quantize: str | None = None, dtype: str
         ref = None
     if ref and ref.local and (Path(ref.source) / "adapter_config.json").is_file():
         return f"{model} is a LoRA adapter, which llama.cpp does not load"
+    if ref and not ref.local and offline_mode() and not _cached_config(ref):  # the loader says what to do
+        return f"{ref} is not in the local cache, and huggingface_hub is offline"
     params = checkpoint_params(ref) if ref else None
     if params is None:
         return f"the size of {model} is not known from its config.json"
@@ -153,12 +155,12 @@ def checkpoint_params(ref: ModelRef) -> int | None:
 def _hub_config(ref: ModelRef) -> Path | None:
     """The config.json of a Hub model: the cached one, else downloaded where the Hub answers (asked once, as the
     loader asks it, so an unreachable Hub costs no retries); None when neither."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    cached = try_to_load_from_cache(ref.source, "config.json", revision=ref.revision)
-    if isinstance(cached, str):
-        return Path(cached)
+    cached = _cached_config(ref)
+    if cached:
+        return cached
     try:
         if offline_mode() or cached_instead(ref, ref.source):
             return None
@@ -168,6 +170,14 @@ def _hub_config(ref: ModelRef) -> Path | None:
         return Path(hf_hub_download(ref.source, "config.json", revision=ref.revision))
     except (OSError, EntryNotFoundError, *hub_network_errors()):
         return None
+
+
+def _cached_config(ref: ModelRef) -> Path | None:
+    """The config.json of a Hub model in the Hugging Face cache, or None (asks no one)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.source, "config.json", revision=ref.revision)
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def load_model(model: str, *, engine: str = "transformers", revision: str | None = None, dtype: str = "auto",
