@@ -101,7 +101,8 @@ def test_auto_takes_transformers_without_a_gpu(tiny64, tiny64_path):
     result = olmo2kit("generate", "Hello", "--model", str(tiny64_path), "--engine", "auto", "--greedy", "--json",
                       "-n", "6")
     assert result.returncode == 0, result.stderr
-    assert "engine: transformers (no CUDA GPU is visible)" in result.stderr.splitlines()
+    # the tiny checkpoint is too small for auto's llama.cpp on a CPU, which is the reason given
+    assert any(line.startswith(f"engine: transformers ({tiny64_path} has ") for line in result.stderr.splitlines())
     row = json.loads(result.stdout)
     assert row["engine"] == "transformers"
     assert row["text"] == generate(*tiny64, "Hello", do_sample=False, max_new_tokens=6).text

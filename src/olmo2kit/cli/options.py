@@ -107,7 +107,8 @@ _VLLM = "vLLM engine"
 EngineOpt = Annotated[
     str,
     typer.Option("--engine", help="auto (llama.cpp for a GGUF --quantize type; vLLM where it is installed and a "
-                                  "CUDA GPU is visible; else transformers), transformers, vllm or llamacpp (CPU)."),
+                                  "CUDA GPU is visible; on a CPU, llama.cpp for generate, chat and serve of a model "
+                                  "of 100M+ parameters; else transformers), transformers, vllm or llamacpp (CPU)."),
 ]
 TensorParallelOpt = Annotated[
     int, typer.Option("--tensor-parallel-size", help="GPUs each layer is split over.", rich_help_panel=_VLLM)
