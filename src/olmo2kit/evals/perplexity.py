@@ -52,7 +52,7 @@ def perplexity(
 
     `max_length` (tokens per window) defaults to the model's context (4096 tokens for a model that
     gives none; on vLLM one less, see `Engine.scoring_context`), `stride` to half of `max_length`. Works on
-    any dtype or quantization `olmo2kit.load` gives, on either engine.
+    any dtype or quantization `olmo2kit.load` gives, on every engine.
 
     >>> perplexity(model, tokenizer, open("wiki.txt").read()).perplexity  # doctest: +SKIP
     """
