@@ -28,7 +28,7 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     from olmo2kit.model.engines import load_model as load_on
 
     quiet_transformers()
-    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported, scoring=scoring, dtype=dtype,
+    chosen, note = pick_engine(engine, model, quantize, device, vllm, unsupported, dtype=dtype,
                                cpu_llamacpp=cpu_llamacpp, keep_transformers=keep_transformers)
     start_time = time.perf_counter()
     loaded, tokenizer = load_on(model, engine=chosen, revision=revision, dtype=dtype, quantize=quantize,
@@ -53,8 +53,8 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
 
 
 def pick_engine(engine: str, model: str, quantize: str | None, device: str, vllm,
-                unsupported: str | None = None, *, scoring: bool = False, dtype: str = "auto",
-                cpu_llamacpp: bool = False, keep_transformers: str | None = None) -> tuple[str, str | None]:
+                unsupported: str | None = None, *, dtype: str = "auto", cpu_llamacpp: bool = False,
+                keep_transformers: str | None = None) -> tuple[str, str | None]:
     """The engine to run, and for "auto" the line that says which and why (None otherwise), for the caller to
     say once the model has loaded; vLLM options given for transformers are an error."""
     from olmo2kit.model.engines import choose_engine

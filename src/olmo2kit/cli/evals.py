@@ -246,7 +246,7 @@ def sweep_command(
     on_ray = ray_options(ray, ray_cpus, ray_gpus, ray_retries)
     note = None
     if on_ray is None:  # on Ray, "auto" is what it means on a worker: the sweep asks one
-        engine, note = pick_engine(engine, model, quantize, device, vllm, scoring=True)
+        engine, note = pick_engine(engine, model, quantize, device, vllm)
     sweep = Sweep(
         model, metric, out=out, data=data, stage=stage, every=every, revisions=names, plot=plot,
         delete_after=delete_after, dtype=dtype, quantize=quantize, device=device, stride=stride,
