@@ -14,15 +14,16 @@ from olmo2kit.inference.sampling import DEFAULTS, SamplingOptions
 
 def load_model(model: str, revision: str | None, dtype: str, quantize: str | None, device: str, *,
                engine: str = "transformers", vllm=None, unsupported: str | None = None, start: bool = True,
-               scoring: bool = False, cpu_llamacpp: bool = False, keep_transformers: str | None = None):
+               batched: bool = False, cpu_llamacpp: bool = False, keep_transformers: str | None = None):
     """Load through the library on the engine asked for, with the load time on stderr and transformers' bars off.
 
     `engine` "auto" says on stderr which engine it took and why, once the model has loaded (an error about the
     input before that stays one line). `vllm` is the `VllmOptions`; `unsupported`
     names an option of the command that vLLM does not take; `cpu_llamacpp` and `keep_transformers` are
     `choose_engine`'s (auto may take llama.cpp on a CPU). A vLLM model starts its engine here unless
-    `start` is False (lm-evaluation-harness starts its own); a llama.cpp model loads its GGUF here, for a command
-    that scores text (`scoring`: perplexity, eval, sweep) as the weights the engine scores with.
+    `start` is False (lm-evaluation-harness starts its own); a llama.cpp model loads its GGUF here: as the
+    weights of `Decoder` contexts for a command that runs through them (`batched`: serve, perplexity, eval, sweep),
+    else as the one-sequence `Llama` that generate and chat run.
     """
     from olmo2kit.compat import quiet_transformers
     from olmo2kit.model.engines import load_model as load_on
@@ -36,9 +37,9 @@ def load_model(model: str, revision: str | None, dtype: str, quantize: str | Non
     if chosen == "vllm" and start:
         loaded.llm  # noqa: B018  (starts vLLM's engine processes, timed with the load)
     if chosen == "llamacpp" and start:
-        # Loads the GGUF into llama.cpp now, so that a file it cannot load fails here, once: the weights the
-        # engine's scoring context reads, or the Llama that generates.
-        loaded.weights if scoring else loaded.llama  # noqa: B018
+        # Loads the GGUF into llama.cpp now, so that a file it cannot load fails here, once (and only the one way
+        # the command runs it: each holds the weights and a key/value cache).
+        loaded.weights if batched else loaded.llama  # noqa: B018
     where = f"{loaded.dtype}".removeprefix("torch.") + (f", {quantize}" if quantize else "")
     if chosen == "llamacpp":
         where = f"GGUF {loaded.dtype}"

@@ -79,7 +79,7 @@ def perplexity_command(
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     texts = [read_text(f) for f in files]
-    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, scoring=True)
+    loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, batched=True)
     results = perplexity(loaded, tokenizer, texts, max_length=max_length, stride=stride)
     total = combine_perplexities(results)
     info(f"{total.tokens:,} tokens in {total.elapsed_s:.2f} s, {total.tokens_per_s:,.0f} tokens/s")
@@ -142,7 +142,7 @@ def eval_command(
     vllm = vllm_options(tensor_parallel_size, pipeline_parallel_size, data_parallel_size, gpu_memory_utilization,
                         max_model_len, enforce_eager, engine)
     loaded, tokenizer = load_model(model, revision, dtype, quantize, device, engine=engine, vllm=vllm, start=False,
-                                   scoring=True)
+                                   batched=True)
     scores = evaluate_tasks(
         loaded, tokenizer, names, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
         batch_size=batch_size, chat_template=chat_template,

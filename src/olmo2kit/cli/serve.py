@@ -130,7 +130,7 @@ def serve(
     from olmo2kit.server.run import run
 
     def load(name: str):
-        return load_model(name, None, dtype, quantize, device, engine=chosen)
+        return load_model(name, None, dtype, quantize, device, engine=chosen, batched=True)
 
     app = create_app(names, max_batch_size=max_batch_size, max_queue=max_queue, max_models=max_models,
                      allow_load=allow_load, api_key=api_key, preload=preload, load=load,
