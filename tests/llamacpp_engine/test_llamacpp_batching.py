@@ -81,11 +81,25 @@ def random_prompt(length: int, seed: int) -> list[int]:
     return [rng.randrange(2, TINY_VOCAB) for _ in range(length)]
 
 
+def submit_together(scheduler, requests: list[BatchRequest], collectors: list[Collected]) -> list:
+    """Submit `requests` so that the scheduler takes them from its queue in the same step, however this thread is
+    scheduled: a request of one token holds the scheduler's thread (in its callback) while they are queued."""
+    gate = Collected(block_at=1)
+    scheduler.submit(BatchRequest([2], 1), gate)
+    assert gate.blocked.wait(60)
+    try:
+        return [scheduler.submit(request, got) for request, got in zip(requests, collectors, strict=True)]
+    finally:
+        gate.release.set()
+
+
 def run(scheduler, requests: list[BatchRequest]) -> list[Collected]:
     """Submit `requests` together; each one's events once all have finished."""
     got = [Collected(scheduler) for _ in requests]
-    for request, collected in zip(requests, got, strict=True):
-        scheduler.submit(request, collected)
+    if len(requests) == 1:
+        scheduler.submit(requests[0], got[0])
+    else:
+        submit_together(scheduler, requests, got)
     for collected in got:
         assert collected.done.wait(60), f"a request never finished: {collected.events[-3:]}"
     return got
@@ -186,8 +200,7 @@ def test_a_long_prompt_is_read_in_parts_while_the_others_decode(llamacpp_tiny, s
     long = BatchRequest(random_prompt(STEP_TOKENS + 200, seed=1), 8)
     first = Collected(scheduler, block_at=2)  # the long prompt comes while both others decode
     other = Collected(scheduler)
-    scheduler.submit(decoding[0], first)
-    scheduler.submit(decoding[1], other)
+    submit_together(scheduler, decoding, [first, other])
     assert first.blocked.wait(60)
     reading = Collected(scheduler)
     scheduler.submit(long, reading)
@@ -295,8 +308,7 @@ def test_a_preempted_request_keeps_its_prompt_logprobs_and_tokens_once(llamacpp_
     assert [len(request.prompt) for request in decoding] == [5, 17]
     scoring = BatchRequest(random_prompt(20, seed=4), 16, logprobs=2, prompt_logprobs=True)
     first, other, scored = Collected(small, block_at=16), Collected(small), Collected(small)
-    small.submit(decoding[0], first)
-    small.submit(decoding[1], other)
+    submit_together(small, decoding, [first, other])
     assert first.blocked.wait(60)
     scoring_id = small.submit(scoring, scored).id
     preemptions.watched[scoring_id] = scored
@@ -315,11 +327,9 @@ def test_a_preempted_request_keeps_its_prompt_logprobs_and_tokens_once(llamacpp_
 
 def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(llamacpp_tiny, scheduler, reference):
     tokenizer = llamacpp_tiny[1]
-    running = [Collected() for _ in range(3)]
-    handles = [scheduler.submit(BatchRequest(encode(tokenizer, prompt), 200), got)
-               for prompt, got in zip(PROMPTS[:3], running, strict=True)]
-    cancelled = Collected(block_at=1)
-    handle = scheduler.submit(BatchRequest(encode(tokenizer, PROMPTS[3]), 200), cancelled)
+    running, cancelled = [Collected() for _ in range(3)], Collected(block_at=1)
+    *handles, handle = submit_together(scheduler, [BatchRequest(encode(tokenizer, p), 200) for p in PROMPTS[:4]],
+                                       [*running, cancelled])
     assert cancelled.blocked.wait(60)  # every slot is taken: the next request waits
     waiting = BatchRequest(encode(tokenizer, PROMPTS[4]), 5)
     late = Collected()
@@ -343,10 +353,12 @@ def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(llamacpp_tiny, sch
 def test_close_fails_the_running_and_the_waiting_requests(llamacpp_tiny):
     model, tokenizer = llamacpp_tiny
     closing = LlamaCppScheduler(model, tokenizer, max_batch_size=1)
-    running, waiting = Collected(), Collected()
+    running, waiting = Collected(block_at=1), Collected()
     closing.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 1000), running)
-    assert running.first.wait(60)
+    assert running.blocked.wait(60)
     closing.submit(BatchRequest(encode(tokenizer, PROMPTS[1]), 5), waiting)
+    closing.close(timeout=0)  # it stops after this step, the one giving the running request its first token
+    running.release.set()
     closing.close()
     for got in (running, waiting):
         assert isinstance(got.finish, Failed) and got.finish.closed, got.events[-2:]
@@ -432,3 +444,21 @@ def test_a_prompt_token_outside_the_vocabulary_fails_no_other_request(llamacpp_t
         running.release.set()
     assert running.finish == Finished("length") and running.ids == run(reference, [request])[0].ids
     assert bad.done.wait(60) and not bad.tokens
+
+
+def test_a_seed_torch_refuses_fails_that_request_and_the_scheduler_goes_on(llamacpp_tiny):
+    """A request's own bad option (a seed torch.Generator.manual_seed refuses: 2**64 and above) is refused at
+    submit or fails that request; it must not end the scheduler's thread, leaving every later request waiting."""
+    model, tokenizer = llamacpp_tiny
+    own = LlamaCppScheduler(model, tokenizer, max_batch_size=1)
+    try:
+        bad = Collected()
+        try:
+            own.submit(BatchRequest(encode(tokenizer, PROMPTS[0]), 4, temperature=1.0, seed=2**70), bad)
+        except Olmo2KitError:
+            bad.done.set()
+        (after,) = run(own, [BatchRequest(encode(tokenizer, PROMPTS[1]), 4)])
+        assert after.finish == Finished("length") and len(after.tokens) == 4
+        assert bad.done.is_set() and not bad.tokens
+    finally:
+        own.close()
