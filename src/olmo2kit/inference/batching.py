@@ -285,8 +285,7 @@ class BatchScheduler(_Scheduler):
             ids[j, width - lengths[j]:] = torch.tensor(handle.request.prompt)
             mask[j, width - lengths[j]:] = 1
             handle.length = lengths[j]
-            seed = handle.request.seed
-            handle.generator = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
+            handle.generator = request_generator(handle.request.seed)
         device = self.model.device
         ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache(config=self.model.config)
@@ -450,6 +449,13 @@ class BatchScheduler(_Scheduler):
             layer.values = layer.values[index, :, start:]
         batch.mask = batch.mask[index, start:]
         batch.rows = rows
+
+
+def request_generator(seed: int | None):
+    """A request's own random generator: seeded by it, else at random."""
+    import torch
+
+    return torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
 
 
 def _pad_left(tensor, n: int, dim: int = 2):

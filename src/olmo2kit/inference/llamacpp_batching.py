@@ -20,11 +20,19 @@ Sampling, constraints (a JSON grammar's mask), log probabilities and the per-row
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 
 from olmo2kit.errors import Olmo2KitError
-from olmo2kit.inference.batching import BatchScheduler, Failed, Finished, Handle, PromptLogprobs, Token, _top
+from olmo2kit.inference.batching import (
+    BatchScheduler,
+    Failed,
+    Finished,
+    Handle,
+    PromptLogprobs,
+    Token,
+    _top,
+    request_generator,
+)
 from olmo2kit.model.llamacpp import Decoder, LlamaCppModel
 
 log = logging.getLogger("olmo2kit")
@@ -91,7 +99,14 @@ class LlamaCppScheduler(BatchScheduler):
                         self._wake.wait()
                     if self._closed:
                         break
-                self._step()
+                try:
+                    self._step()
+                except Exception as e:  # a fault outside any one request's work: no slot can be trusted
+                    failed = self._failed(e, "a llama.cpp step")
+                    for slot in self._slots:
+                        if slot.handle is not None:
+                            self._end(slot.handle, failed)
+                        self._release(slot, keep=False)
         closed = Failed("the model was unloaded or the server is shutting down", closed=True)
         with self._wake:
             waiting, self._waiting = list(self._waiting), type(self._waiting)()
@@ -129,6 +144,12 @@ class LlamaCppScheduler(BatchScheduler):
                 handle = self._waiting.popleft()
             if handle.cancelled:
                 continue
+            if handle.generator is None:
+                try:
+                    handle.generator = request_generator(handle.request.seed)
+                except Exception as e:  # a seed torch refuses: this request's own fault, it fails alone
+                    self._end(handle, self._failed(e, f"request {handle.id}"))
+                    continue
             sequence = handle.request.prompt + (handle.resumed or [])
             reuse = 0 if handle.request.prompt_logprobs and handle.resumed is None else None
             # the longest shared start; among equals the slot used longest ago (its cached tokens matter least)
@@ -141,11 +162,6 @@ class LlamaCppScheduler(BatchScheduler):
             slot.scored = [Token(sequence[0])] if reuse == 0 else None
             self._clock += 1
             slot.used = self._clock
-            if handle.generator is None:
-                import torch
-
-                seed = handle.request.seed
-                handle.generator = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
             if handle.request.max_new_tokens == 0 and not handle.request.prompt_logprobs:
                 self._end(handle, Finished("length"))
                 self._release(slot)
