@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -35,7 +36,6 @@ class Collected:
     def __init__(self, scheduler=None, *, block_at: int | None = None) -> None:
         self.events: list = []
         self.done = threading.Event()
-        self.first = threading.Event()
         self.scheduler = scheduler
         self.most_running = 0  # requests running when one of this request's tokens came
         # at its `block_at`-th token the scheduler's thread waits (in this callback) until `release` is set
@@ -44,7 +44,6 @@ class Collected:
     def __call__(self, event) -> None:
         self.events.append(event)
         if isinstance(event, Token):
-            self.first.set()
             if self.scheduler is not None:
                 self.most_running = max(self.most_running, self.scheduler.running)
             if len(self.tokens) == self.block_at:
@@ -76,7 +75,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
-    """`length` token ids of the tiny vocabulary (none of its two special tokens), longer than any text here."""
+    """`length` random token ids of the tiny vocabulary, none of its two special tokens (0 and 1)."""
     rng = random.Random(seed)
     return [rng.randrange(2, TINY_VOCAB) for _ in range(length)]
 
@@ -228,7 +227,8 @@ def test_prompt_logprobs_equal_transformers_for_prompts_read_in_parts(llamacpp_t
         assert len(mine.scored) == len(theirs.scored)
         for a, b in zip(mine.scored, theirs.scored, strict=True):
             assert_close(a.tokens, b.tokens)
-        assert mine.events.index(mine.scored[0]) == 0 if mine.scored else True  # before any token
+        if mine.scored:
+            assert mine.events[0] is mine.scored[0]  # before any token
         assert_close(mine.tokens, theirs.tokens)
 
 
@@ -300,10 +300,10 @@ def test_a_preempted_request_keeps_its_prompt_logprobs_and_tokens_once(llamacpp_
     """A request scoring its prompt is preempted before its PromptLogprobs (it reads its prompt again) and after
     (it reads its prompt and tokens again, without scoring them): one PromptLogprobs event, no token twice."""
     tokenizer = llamacpp_tiny[1]
-    # In 64 positions: two requests of 5 and 17 prompt tokens and 40 new ones, and at the first one's 16th token,
-    # one of 20 prompt tokens (and 16 new ones): 20 + 16 + 32 > 64, so it waits, read again at each step; the
-    # second is preempted at its 22nd token; the first finishes; the second (17 + 22 again) and the scoring one
-    # (20) fit, and after a few tokens of each do not: the one that joined last, the scoring one, goes out again.
+    # In 64 positions: two requests of 5 and 17 prompt tokens and 40 new ones hold 20 + 32 at the first one's 16th
+    # token, when one scoring 20 prompt tokens comes: it does not fit, and is taken out at each step while scoring.
+    # The second goes out too when the two fill the cache, and the first finishes; then the second (read again)
+    # and the scoring one fit, until a few tokens later: the one that joined last, the scoring one, goes out again.
     decoding = [BatchRequest(encode(tokenizer, PROMPTS[0]), 40), BatchRequest(encode(tokenizer, PROMPTS[3]), 40)]
     assert [len(request.prompt) for request in decoding] == [5, 17]
     scoring = BatchRequest(random_prompt(20, seed=4), 16, logprobs=2, prompt_logprobs=True)
@@ -344,7 +344,7 @@ def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(llamacpp_tiny, sch
     for _ in range(200):
         if not scheduler.busy:
             break
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
     assert not scheduler.busy and scheduler.running == 0
     assert len(cancelled.events) == 1  # the token it was given as it was cancelled, then nothing
     assert not any(got.done.is_set() for got in running)  # a cancelled request gets no last event
