@@ -462,3 +462,10 @@ def test_a_seed_torch_refuses_fails_that_request_and_the_scheduler_goes_on(llama
         assert bad.done.is_set() and not bad.tokens
     finally:
         own.close()
+
+
+def test_more_requests_together_than_llama_cpp_decodes_is_refused_with_its_limit(llamacpp_tiny):
+    """llama.cpp makes no context of more than 256 sequences (LLAMA_MAX_SEQ, src/llama-cparams.h): `serve
+    --max-batch-size 300` must say so, not ask for fewer positions."""
+    with pytest.raises(Olmo2KitError, match="256"):
+        LlamaCppScheduler(*llamacpp_tiny, max_batch_size=300)
