@@ -163,6 +163,9 @@ def llamacpp_version() -> str:
     return metadata.version("llama-cpp-python")
 
 
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ, src/llama-cparams.h of the vendored llama.cpp: a context holds no more
+
+
 class Decoder:
     """One llama.cpp context over a model's weights, decoding several sequences in one batch: llama.cpp's
     batched decoding (`llama_decode` over a `llama_batch` whose tokens name their sequence), as its own server
@@ -177,6 +180,9 @@ class Decoder:
     def __init__(self, model: LlamaCppModel, *, cells: int, sequences: int, batch: int = 512) -> None:
         import llama_cpp
 
+        if not 1 <= sequences <= MAX_SEQUENCES:
+            raise Olmo2KitError(f"llama.cpp decodes 1 to {MAX_SEQUENCES} sequences together, not {sequences}: "
+                                f"ask for at most {MAX_SEQUENCES} requests at once (--max-batch-size)")
         self._lib = llama_cpp
         self.cells, self.sequences, self.batch_size = cells, sequences, batch
         params = llama_cpp.llama_context_default_params()
