@@ -301,12 +301,12 @@ def test_a_preempted_request_keeps_its_prompt_logprobs_and_tokens_once(llamacpp_
     (it reads its prompt and tokens again, without scoring them): one PromptLogprobs event, no token twice."""
     tokenizer = llamacpp_tiny[1]
     # In 64 positions: two requests of 5 and 17 prompt tokens and 40 new ones hold 20 + 32 at the first one's 16th
-    # token, when one scoring 20 prompt tokens comes: it does not fit, and is taken out at each step while scoring.
-    # The second goes out too when the two fill the cache, and the first finishes; then the second (read again)
-    # and the scoring one fit, until a few tokens later: the one that joined last, the scoring one, goes out again.
+    # token, when one scoring 12 prompt tokens comes: 52 + 12 fit, so it is admitted, but not with the two tokens the
+    # others add in the same step: it is taken out while scoring, and waits until it fits beside them. Later, as
+    # the cache fills again, the one that joined last, the scoring one, goes out again with tokens of its own.
     decoding = [BatchRequest(encode(tokenizer, PROMPTS[0]), 40), BatchRequest(encode(tokenizer, PROMPTS[3]), 40)]
     assert [len(request.prompt) for request in decoding] == [5, 17]
-    scoring = BatchRequest(random_prompt(20, seed=4), 16, logprobs=2, prompt_logprobs=True)
+    scoring = BatchRequest(random_prompt(12, seed=4), 16, logprobs=2, prompt_logprobs=True)
     first, other, scored = Collected(small, block_at=16), Collected(small), Collected(small)
     submit_together(small, decoding, [first, other])
     assert first.blocked.wait(60)

@@ -79,6 +79,9 @@ class LlamaCppScheduler(BatchScheduler):
                                 f"tokens) do not fit the key/value cache of {self.decoder.cells} positions")
         if not request.prompt:
             raise Olmo2KitError("the prompt has no tokens")
+        vocab = self.decoder.vocab
+        if not all(0 <= token < vocab for token in request.prompt):  # llama.cpp would fail the whole step's batch
+            raise Olmo2KitError(f"a prompt token id is outside the vocabulary (0 to {vocab - 1})")
 
     @property
     def running(self) -> int:
@@ -135,30 +138,37 @@ class LlamaCppScheduler(BatchScheduler):
         self._take(batch, logits)
 
     def _admit(self) -> None:
-        """Give waiting requests the idle slots (the one sharing the longest prefix with each prompt)."""
+        """Give waiting requests the idle slots (the one sharing the longest prefix with each prompt), in order, while
+        the cache has room for the next one beside the running requests (alone, it always fits: `_check`)."""
         while True:
-            idle = [s for s in self._slots if s.handle is None]
-            with self._wake:
+            with self._wake:  # from the queue to its slot under the lock: `busy` counts the request throughout
+                idle = [s for s in self._slots if s.handle is None]
                 if not idle or not self._waiting:
                     return
-                handle = self._waiting.popleft()
-            if handle.cancelled:
-                continue
+                handle = self._waiting[0]
+                if handle.cancelled:
+                    self._waiting.popleft()
+                    continue
+                sequence = handle.request.prompt + (handle.resumed or [])
+                reuse = 0 if handle.request.prompt_logprobs and handle.resumed is None else None
+                # the longest shared start; among equals the slot used longest ago (its cached tokens matter least)
+                slot, common = max(((s, _common(s.tokens, sequence, reuse)) for s in idle),
+                                   key=lambda pair: (pair[1], -pair[0].used))
+                held = sum(len(s.tokens) + len(s.feed) for s in self._slots if s.handle is not None)
+                if held and held + len(sequence) - common > self.decoder.cells:
+                    return  # it waits for running requests to end rather than push one out at once
+                self._waiting.popleft()
+                slot.handle = handle
             if handle.generator is None:
                 try:
                     handle.generator = request_generator(handle.request.seed)
                 except Exception as e:  # a seed torch refuses: this request's own fault, it fails alone
                     self._end(handle, self._failed(e, f"request {handle.id}"))
+                    self._release(slot)
                     continue
-            sequence = handle.request.prompt + (handle.resumed or [])
-            reuse = 0 if handle.request.prompt_logprobs and handle.resumed is None else None
-            # the longest shared start; among equals the slot used longest ago (its cached tokens matter least)
-            slot, common = max(((s, _common(s.tokens, sequence, reuse)) for s in idle),
-                               key=lambda pair: (pair[1], -pair[0].used))
             self.decoder.forget(slot.id, common)
             slot.tokens = slot.tokens[:common]
             slot.feed = sequence[common:]
-            slot.handle = handle
             slot.scored = [Token(sequence[0])] if reuse == 0 else None
             self._clock += 1
             slot.used = self._clock

@@ -172,8 +172,9 @@ class Decoder:
     runs it. The key/value cache is one pool of `cells` positions shared by `sequences` sequences (llama.cpp's
     unified cache), so a long request and many short ones fit in the same memory.
 
-    Tokens are queued with `add`, run with `decode`, and the logits of the tokens that asked for them read back
-    with `logits` (rows in the order they were added); `forget` drops a sequence's positions from the cache.
+    Tokens are queued with `add` (at most `batch_size` at a time), run with `decode`, which gives back the logits of
+    the tokens that asked for them (rows in the order they were added); `forget` drops a sequence's positions from
+    the cache.
     Used from one thread at a time.
     """
 
@@ -213,6 +214,8 @@ class Decoder:
     def add(self, token: int, position: int, sequence: int, *, logits: bool) -> None:
         """Queue one token of `sequence` at `position` for the next `decode` (at most `batch_size` at a time)."""
         batch, i = self._batch, self._batch.n_tokens
+        if i >= self.batch_size:  # past the batch llama_batch_init allocated: memory not ours
+            raise Olmo2KitError(f"a llama.cpp batch holds {self.batch_size} tokens: decode before adding more")
         batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
         batch.seq_id[i][0], batch.logits[i] = sequence, logits
         batch.n_tokens = i + 1
