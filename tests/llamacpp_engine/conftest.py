@@ -7,10 +7,18 @@ skipped, except in CI (CI=true), where their absence fails them. The directory i
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
+
+from conftest import LONG_CONTEXT
+from serving import Server, serving
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,3 +65,38 @@ def llamacpp_tiny_instruct(tiny_instruct_path):
     from olmo2kit.model.llamacpp import load_llamacpp
 
     return load_llamacpp(str(tiny_instruct_path), dtype="fp32", threads=THREADS)
+
+
+@contextmanager
+def serving_llamacpp(checkpoint, *args: str) -> Iterator[Server]:
+    """`olmo2kit serve --engine llamacpp --dtype fp32` over `checkpoint` (its f32 GGUF converted into this run's
+    cache), decoding on THREADS threads: the server runs llama.cpp on every core it may use, so it starts on
+    THREADS of this process's cores (a child inherits the starting thread's CPU affinity)."""
+    cores = os.sched_getaffinity(0)
+    with ExitStack() as stack:
+        os.sched_setaffinity(0, sorted(cores)[-THREADS:])
+        try:
+            server = stack.enter_context(serving("--model", str(checkpoint), "--engine", "llamacpp", "--dtype", "fp32",
+                                                 *args))
+        finally:
+            os.sched_setaffinity(0, cores)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_long_path(tiny_instruct_path, tmp_path_factory) -> Path:
+    """The tiny instruct checkpoint with a 16384-token context (RoPE takes any position; the logits are those of
+    `tiny_instruct_path`): a request may hold its batch slot for tens of seconds."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-instruct-long"
+    shutil.copytree(tiny_instruct_path, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(tiny_instruct_long_path) -> Iterator[Server]:
+    """One llama.cpp server over the tiny instruct checkpoint (16384 positions) with 16 batch slots, shared by the
+    session's tests; the f32 GGUF is converted by its start."""
+    with serving_llamacpp(tiny_instruct_long_path, "--max-batch-size", "16") as running:
+        yield running
