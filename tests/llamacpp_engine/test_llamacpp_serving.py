@@ -36,10 +36,10 @@ LONG = 15000
 HOLDING = [f"{n} Hello" for n in (0, 1, 2, 3, 5, 6, 7, 10, 11, 13, 14, 16, 17, 19, 20, 23)] + ["Hello world"]
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
-_RUNNING = re.compile(r'^olmo2kit_running_rows\{model="[^"]*"\} (\S+)$', re.M)
-_WAITING = re.compile(r'^olmo2kit_queue_depth\{model="[^"]*"\} (\S+)$', re.M)
 TASKS = Path(__file__).parents[1] / "evals" / "lm_eval_tasks"
 TASK = "olmo2kit_tiny_mc"  # 8 questions from a local file
+_RUNNING = re.compile(r'^olmo2kit_running_rows\{model="[^"]*"\} (\S+)$', re.M)
+_WAITING = re.compile(r'^olmo2kit_queue_depth\{model="[^"]*"\} (\S+)$', re.M)
 _LOADED = re.compile(r"^loaded .* in ([\d.]+) s$", re.M)
 
 
@@ -138,7 +138,7 @@ def concurrent_bodies(tokenizer) -> list[dict]:
     prompts = [s + e for s in subjects for e in (" is", " and")][:14] + ["A", "The sea is wide. " * 80]
     lengths = [40 + 23 * i for i in range(16)]
     long_prompt = len(tokenizer(prompts[-1])["input_ids"])
-    assert 512 < long_prompt < 1024 - lengths[-1], long_prompt
+    assert long_prompt > 512, long_prompt
     return [{"prompt": p, "max_tokens": n, "temperature": 0} for p, n in zip(prompts, lengths, strict=True)]
 
 
@@ -284,8 +284,8 @@ def test_a_schema_olmo2kit_refuses_is_refused_as_on_transformers(llamacpp_server
 # --- lm-eval through the server -----------------------------------------------------------------------------
 
 
-def test_lm_eval_local_completions_scores_as_transformers(llamacpp_server, name, tiny_instruct, tiny_instruct_path,
-                                                          monkeypatch):
+def test_lm_eval_local_completions_scores_as_transformers(llamacpp_server, name, tiny_instruct,
+                                                          tiny_instruct_long_path, monkeypatch):
     """lm-eval's own client (echo and logprobs over token ids) against the llama.cpp server, and lm-eval's HFLM on
     the same checkpoint in memory: the same accuracies, and each answer's loglikelihood within the tolerance."""
     import lm_eval
@@ -297,13 +297,12 @@ def test_lm_eval_local_completions_scores_as_transformers(llamacpp_server, name,
     # the task of the local folder alone: indexing lm-eval's thousands of own tasks takes 15 s here
     tasks = TaskManager(include_path=str(TASKS), include_defaults=False)
     served = {"model": name, "base_url": f"{llamacpp_server.url}/completions",
-              "tokenizer": str(tiny_instruct_path), "tokenizer_backend": "huggingface", "tokenized_requests": True,
+              "tokenizer": str(tiny_instruct_long_path), "tokenizer_backend": "huggingface", "tokenized_requests": True,
               "num_concurrent": 4}
 
     def scores(lm, **options) -> tuple[dict, list[list[float]]]:
         """The task's results, and the loglikelihood of each answer of each question."""
-        out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks,
-                                      log_samples=True, **options)
+        out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks, log_samples=True, **options)
         samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
         return out["results"][TASK], [[ll for ll, _ in s["filtered_resps"]] for s in samples]
 
@@ -390,9 +389,9 @@ class Started:
 
 
 @pytest.fixture(scope="module")
-def fresh(llamacpp_server, tiny_instruct_long_path, llamacpp_required) -> Iterator[Started]:
-    """A server of its own over the shared server's GGUF (already converted), with four batch slots: what it had
-    loaded when it printed its URL, and what its first request took, are recorded as it starts."""
+def fresh(tiny_instruct_long_path, llamacpp_required) -> Iterator[Started]:
+    """A server of its own (on the shared server's GGUF, or converting it when this module runs alone), with four
+    batch slots: what it had loaded when it printed its URL, and what its first request took, recorded as it starts."""
     cache = os.path.realpath(llamacpp_required)
     with serving_llamacpp(tiny_instruct_long_path, "--max-batch-size", "4") as server:
         maps = Path(f"/proc/{server.process.pid}/maps").read_text()
