@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -119,7 +120,7 @@ async def throughput(client, sides: dict[str, tuple[str, str]], prompts: list[st
     names = list(sides)
     names = names[first:] + names[:first]
     per_pass = len(prompts) // passes
-    totals = {name: {"tokens": 0, "wall_s": 0.0, "requests": 0, "short": 0} for name in names}
+    totals = {name: {"tokens": 0, "wall_s": 0.0, "requests": 0, "short": 0, "passes": []} for name in names}
     for p in range(passes):
         chunk = prompts[p * per_pass:(p + 1) * per_pass]
         for name in names if p % 2 == 0 else names[::-1]:
@@ -131,16 +132,18 @@ async def throughput(client, sides: dict[str, tuple[str, str]], prompts: list[st
             total["wall_s"] += wall
             total["requests"] += len(answers)
             total["short"] += sum(a.tokens < max_tokens for a in answers)
+            total["passes"].append(sum(a.tokens for a in answers) / wall)  # tokens/s: how much the passes vary
     for total in totals.values():
         total["tokens_per_s"] = total["tokens"] / total["wall_s"]
     return totals
 
 
-async def chat_turn(client, url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[str, float, int]:
-    """(reply, seconds to the first streamed chunk with a choice, completion tokens) of one greedy chat request."""
+async def chat_turn(client, url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[str, float, dict]:
+    """(reply, seconds to the first streamed chunk with a choice, the usage the server reports) of one greedy chat
+    request."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    pieces, ttft, tokens = [], None, 0
+    pieces, ttft, usage = [], None, {}
     start = time.perf_counter()
     async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
         if response.status_code != 200:
@@ -154,9 +157,8 @@ async def chat_turn(client, url: str, model: str, messages: list[dict], max_toke
             if chunk.get("choices"):
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 pieces.append(chunk["choices"][0]["delta"].get("content") or "")
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return "".join(pieces), ttft, tokens
+            usage = chunk.get("usage") or usage
+    return "".join(pieces), ttft, usage
 
 
 def user_turns(tokenizer, conversation: int, turns: int, tokens: int) -> list[str]:
@@ -173,10 +175,11 @@ def user_turns(tokenizer, conversation: int, turns: int, tokens: int) -> list[st
 
 
 async def chat_ttfts(client, sides: dict[str, tuple[str, str]], conversations: list[list[str]], max_tokens: int,
-                     first: int) -> dict[str, list[list[float]]]:
-    """Each side's TTFT per turn of each conversation ([conversation][turn]), the sides in turn per conversation."""
+                     first: int) -> dict[str, list[list[tuple[float, dict]]]]:
+    """Each side's (TTFT, usage) per turn of each conversation ([conversation][turn]), the sides in turn per
+    conversation."""
     names = list(sides)
-    out: dict[str, list[list[float]]] = {name: [] for name in names}
+    out: dict[str, list[list[tuple[float, dict]]]] = {name: [] for name in names}
     for c, turns in enumerate(conversations):
         order = names[(first + c) % 2:] + names[:(first + c) % 2]
         for name in order:
@@ -185,9 +188,9 @@ async def chat_ttfts(client, sides: dict[str, tuple[str, str]], conversations: l
             messages, times = [], []
             for text in turns:
                 messages.append({"role": "user", "content": text})
-                reply, ttft, _ = await chat_turn(client, url, model, messages, max_tokens)
+                reply, ttft, usage = await chat_turn(client, url, model, messages, max_tokens)
                 messages.append({"role": "assistant", "content": reply})
-                times.append(ttft)
+                times.append((ttft, usage))
             out[name].append(times)
     return out
 
@@ -206,15 +209,22 @@ async def measure_type(args, sides: dict[str, tuple[str, str]], prompts: list[st
             row["ratio"] = row["olmo2kit"]["tokens_per_s"] / row["llama-server"]["tokens_per_s"]
             result["levels"][clients] = row
             print(f"  {clients} clients: olmo2kit {row['olmo2kit']['tokens_per_s']:.2f}, llama-server "
-                  f"{row['llama-server']['tokens_per_s']:.2f} tokens/s ({row['ratio']:.3f}x)", file=sys.stderr)
+                  f"{row['llama-server']['tokens_per_s']:.2f} tokens/s ({row['ratio']:.3f}x); passes "
+                  + ", ".join(f"{name} {' '.join(f'{x:.2f}' for x in row[name]['passes'])}" for name in sides),
+                  file=sys.stderr)
         if conversations:
             ttfts = await chat_ttfts(client, sides, conversations, args.reply_tokens, k % 2)
             chat = {}
             for name, runs in ttfts.items():
-                median = [statistics.median(run[t] for run in runs) for t in range(len(runs[0]))]
-                chat[name] = {"runs_s": runs, "median_s": median, "last_over_first": median[-1] / median[0]}
+                median = [statistics.median(run[t][0] for run in runs) for t in range(len(runs[0]))]
+                # the prompt's tokens, and those the server says it read from its cache (llama-server says;
+                # olmo2kit reports no cached_tokens), of each turn of the first conversation
+                usage = [(u.get("prompt_tokens"), (u.get("prompt_tokens_details") or {}).get("cached_tokens"))
+                         for _, u in runs[0]]
+                chat[name] = {"runs_s": [[t for t, _ in run] for run in runs], "median_s": median,
+                              "last_over_first": median[-1] / median[0], "prompt_and_cached_tokens": usage}
                 print(f"  chat {name}: TTFT turn 1 {median[0] * 1000:.0f} ms, turn {len(median)} "
-                      f"{median[-1] * 1000:.0f} ms", file=sys.stderr)
+                      f"{median[-1] * 1000:.0f} ms; (prompt, cached) tokens {usage}", file=sys.stderr)
             result["chat"] = chat
     return result
 
@@ -249,30 +259,36 @@ def print_report(report: dict) -> None:
     print(f"Model: {report['what']}. {args['requests']} requests of {args['max_tokens']} new tokens, greedy, streamed "
           f"/v1/completions, closed-loop clients on loopback, {args['passes']} alternating passes; llama-server "
           f"`-np {args['max_batch_size']} -t {report['threads']}`.\n")
-    print("| GGUF | clients | olmo2kit tokens/s | llama-server tokens/s | olmo2kit / llama-server | target |")
-    print("|---|---|---|---|---|---|")
+    print("| GGUF | clients | olmo2kit tokens/s | llama-server tokens/s | olmo2kit / llama-server | target "
+          "| each pass, olmo2kit; llama-server |")
+    print("|---|---|---|---|---|---|---|")
     for kind, result in report["types"].items():
         for clients, row in result["levels"].items():
             target = TARGETS.get(int(clients))
             mark = "" if target is None else f">= {target:.2f} {'(met)' if row['ratio'] >= target else '(missed)'}"
             short = sum(row[s]["short"] for s in ("olmo2kit", "llama-server"))
             note = f" ({short} requests short)" if short else ""
+            passes = "; ".join(" ".join(f"{x:.2f}" for x in row[side]["passes"])
+                               for side in ("olmo2kit", "llama-server"))
             print(f"| {kind} | {clients} | {row['olmo2kit']['tokens_per_s']:.2f} | "
-                  f"{row['llama-server']['tokens_per_s']:.2f} | **{row['ratio']:.3f}**{note} | {mark} |")
+                  f"{row['llama-server']['tokens_per_s']:.2f} | **{row['ratio']:.3f}**{note} | {mark} | {passes} |")
     if any("chat" in result for result in report["types"].values()):
         turns = args["turns"]
         print(f"\nChat: time to first token, median of {args['chats']} conversations of {turns} user turns "
               f"(~{args['turn_tokens']} tokens each, {args['reply_tokens']}-token replies appended), streamed "
               "/v1/chat/completions.\n")
-        print(f"| GGUF | server | turn 1 | turn {turns} | turn {turns} / turn 1 | target |")
-        print("|---|---|---|---|---|---|")
+        print(f"| GGUF | server | turn 1 | turn {turns} | turn {turns} / turn 1 | target | prompt tokens, turn 1; "
+              f"turn {turns} (cached, where reported) |")
+        print("|---|---|---|---|---|---|---|")
         for kind, result in report["types"].items():
             for name, chat in result.get("chat", {}).items():
                 ratio = chat["last_over_first"]
                 mark = (f"<= {TTFT_TARGET:.2f} {'(met)' if ratio <= TTFT_TARGET else '(missed)'}"
                         if name == "olmo2kit" else "reference")
+                (first, _), (last, cached) = chat["prompt_and_cached_tokens"][0], chat["prompt_and_cached_tokens"][-1]
+                tokens = f"{first}; {last}" + (f" ({cached} cached)" if cached is not None else "")
                 print(f"| {kind} | {name} | {chat['median_s'][0] * 1000:.0f} ms | {chat['median_s'][-1] * 1000:.0f} ms "
-                      f"| **{ratio:.2f}** | {mark} |")
+                      f"| **{ratio:.2f}** | {mark} | {tokens} |")
 
 
 def fmt_load(load: list[float]) -> str:
@@ -297,6 +313,8 @@ def main() -> None:
     parser.add_argument("--reply-tokens", type=int, default=16)
     parser.add_argument("--json", type=Path, help="Also write every figure here.")
     args = parser.parse_args()
+    # stopped with SIGTERM, the servers are stopped too (the `server` blocks' cleanup runs on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not LLAMA_SERVER.is_file():
         raise SystemExit(f"{LLAMA_SERVER} is missing: build llama.cpp's server with `make llama-server`")
     if args.requests % args.passes or args.requests // args.passes < max(int(c) for c in args.clients.split(",")):
