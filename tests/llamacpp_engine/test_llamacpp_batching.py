@@ -469,3 +469,30 @@ def test_more_requests_together_than_llama_cpp_decodes_is_refused_with_its_limit
     --max-batch-size 300` must say so, not ask for fewer positions."""
     with pytest.raises(Olmo2KitError, match="256"):
         LlamaCppScheduler(*llamacpp_tiny, max_batch_size=300)
+
+
+def test_cancelled_waiting_requests_leave_the_queue_while_every_slot_is_taken(llamacpp_tiny, scheduler):
+    """Clients that gave up while waiting take no place in the queue (else `submit` would answer QueueFull to new
+    clients until a slot frees), even while no request can be admitted."""
+    tokenizer = llamacpp_tiny[1]
+    running, holder = [Collected() for _ in range(3)], Collected(block_at=1)
+    *handles, held = submit_together(scheduler, [BatchRequest(encode(tokenizer, p), 200) for p in PROMPTS[:4]],
+                                     [*running, holder])
+    assert holder.blocked.wait(60)  # every slot is taken
+    gone = [scheduler.submit(BatchRequest(encode(tokenizer, p), 5), Collected()) for p in PROMPTS[4:8]]
+    assert scheduler.waiting == len(gone)
+    for handle in gone:
+        handle.cancel()
+    holder.release.set()  # the scheduler steps on, all four slots still running
+    for _ in range(200):
+        if scheduler.waiting == 0:
+            break
+        time.sleep(0.05)
+    assert scheduler.waiting == 0 and scheduler.running == 4
+    for handle in [*handles, held]:
+        handle.cancel()
+    for _ in range(200):
+        if not scheduler.busy:
+            break
+        time.sleep(0.05)
+    assert not scheduler.busy

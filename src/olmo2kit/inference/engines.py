@@ -367,20 +367,21 @@ class LlamaCppEngine(Engine):
         greedy = [True] * len(windows)
         for group in _fitting(windows, decoder.cells, decoder.sequences):
             targets: list[tuple[int, int]] = []  # (window, token) for each logits row asked for, in order
-            for sequence, row in enumerate(group):
-                ids, context = windows[row]
-                for position, token in enumerate(ids[:-1]):
-                    scored = position >= context - 1
-                    decoder.add(token, position, sequence, logits=scored)
-                    if scored:
-                        targets.append((row, ids[position + 1]))
-                    if decoder.queued == decoder.batch_size:
-                        _take_nll(decoder.decode(), targets, parts, greedy)
-                        targets = []
-            if decoder.queued:
-                _take_nll(decoder.decode(), targets, parts, greedy)
-            for sequence in range(len(group)):
-                decoder.forget(sequence)
+            try:
+                for sequence, row in enumerate(group):
+                    ids, context = windows[row]
+                    for position, token in enumerate(ids[:-1]):
+                        scored = position >= context - 1
+                        decoder.add(token, position, sequence, logits=scored)
+                        if scored:
+                            targets.append((row, ids[position + 1]))
+                        if decoder.queued == decoder.batch_size:
+                            _take_nll(decoder.decode(), targets, parts, greedy)
+                            targets = []
+                if decoder.queued:
+                    _take_nll(decoder.decode(), targets, parts, greedy)
+            finally:  # an interrupted group leaves nothing queued or cached for the next call
+                decoder.clear()
         return [(math.fsum(p), g) for p, g in zip(parts, greedy, strict=True)]
 
 

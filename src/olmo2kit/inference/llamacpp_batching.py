@@ -143,19 +143,18 @@ class LlamaCppScheduler(BatchScheduler):
         while True:
             with self._wake:  # from the queue to its slot under the lock: `busy` counts the request throughout
                 idle = [s for s in self._slots if s.handle is None]
+                if any(h.cancelled for h in self._waiting):  # gone clients hold no place in the queue
+                    self._waiting = type(self._waiting)(h for h in self._waiting if not h.cancelled)
                 if not idle or not self._waiting:
                     return
                 handle = self._waiting[0]
-                if handle.cancelled:
-                    self._waiting.popleft()
-                    continue
                 sequence = handle.request.prompt + (handle.resumed or [])
                 reuse = 0 if handle.request.prompt_logprobs and handle.resumed is None else None
                 # the longest shared start; among equals the slot used longest ago (its cached tokens matter least)
                 slot, common = max(((s, _common(s.tokens, sequence, reuse)) for s in idle),
                                    key=lambda pair: (pair[1], -pair[0].used))
                 held = sum(len(s.tokens) + len(s.feed) for s in self._slots if s.handle is not None)
-                if held and held + len(sequence) - common > self.decoder.cells:
+                if held and held + len(sequence) > self.decoder.cells:  # its reused start stays in its slot
                     return  # it waits for running requests to end rather than push one out at once
                 self._waiting.popleft()
                 slot.handle = handle
@@ -223,6 +222,8 @@ class LlamaCppScheduler(BatchScheduler):
 
     def _release(self, slot: _Slot, *, keep: bool = True) -> None:
         slot.handle, slot.feed, slot.scored = None, [], None
+        self._clock += 1
+        slot.used = self._clock  # its tokens were last used now: idle caches are evicted oldest first
         if not keep:
             self.decoder.forget(slot.id)
             slot.tokens = []

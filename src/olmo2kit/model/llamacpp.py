@@ -109,7 +109,7 @@ class LlamaCppModel:
         weights = llama_cpp.llama_model_load_from_file(str(self.gguf).encode(), llama_cpp.llama_model_default_params())
         if not weights:
             raise Olmo2KitError(f"llama.cpp cannot load {self.gguf}")
-        weakref.finalize(self, llama_cpp.llama_model_free, weights)
+        weakref.finalize(self, llama_cpp.llama_model_free, weights).atexit = False  # see Decoder
         return weights
 
     def close(self) -> None:
@@ -199,12 +199,15 @@ class Decoder:
         if not self._ctx:
             raise Olmo2KitError(f"llama.cpp could not make a context of {cells} positions for {model.gguf}: "
                                 "ask for fewer")
+        # Not run at exit: a scheduler's thread may still be inside llama_decode then (its close waits 10 s at
+        # most), and the process's memory goes back to the OS anyway.
         self._free = weakref.finalize(self, llama_cpp.llama_free, self._ctx)
+        self._free.atexit = False
         self._model = model  # the weights outlive the context
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model.weights))
         self._batch = llama_cpp.llama_batch_init(batch, 0, 1)
-        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch).atexit = False
         self._outputs = 0
 
     @property
@@ -237,6 +240,11 @@ class Decoder:
             return np.empty((0, self.vocab), dtype=np.float32)
         return np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(outputs * self.vocab,)).reshape(
             outputs, self.vocab)
+
+    def clear(self) -> None:
+        """Drop the queued tokens and every sequence's positions."""
+        self._batch.n_tokens = self._outputs = 0
+        self._lib.llama_memory_clear(self._memory, True)
 
     def forget(self, sequence: int, start: int = 0) -> None:
         """Drop the positions of `sequence` from `start` on."""

@@ -422,7 +422,12 @@ async def _run(request: Request, served: ServedModel, job: _Job) -> AsyncIterato
         for i, row in enumerate(job.requests):
             if job.constraint_of is not None:
                 row.constraint = job.constraint_of()
-            handle = served.scheduler.submit(row, lambda e, i=i: inbox.put(events, (i, e)))
+            try:
+                handle = served.scheduler.submit(row, lambda e, i=i: inbox.put(events, (i, e)))
+            except QueueFull:
+                raise
+            except Olmo2KitError as e:  # what the engine cannot run (beyond a context the server did not know)
+                raise APIError(400, str(e), type="invalid_request_error") from None
             detokenizer = Detokenizer(served.tokenizer, job.stop, served.scheduler.eos_ids, len(row.prompt), start,
                                       stream=True)
             choices.append(_Choice(handle, detokenizer))

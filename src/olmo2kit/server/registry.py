@@ -248,7 +248,14 @@ class ModelRegistry:
                         model, tokenizer = await asyncio.to_thread(self._load, name)
                     except Olmo2KitError as e:
                         raise ModelNotFound(_one_line(e)) from None
-                self.add(self.named.get(key, name), model, tokenizer)
+                try:  # its scheduler: on llama.cpp a context is made here, which can be refused
+                    self.add(self.named.get(key, name), model, tokenizer)
+                except Olmo2KitError as e:
+                    if key in self.named:
+                        self.failed[key] = _one_line(e)
+                        raise ModelUnavailable(f"model {self.named[key]!r} failed to load ({self.failed[key]}): "
+                                               "the server log has the details") from None
+                    raise ModelNotFound(_one_line(e)) from None
         self.loaded.move_to_end(key)
         return self.loaded[key]
 
