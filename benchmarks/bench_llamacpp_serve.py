@@ -19,13 +19,17 @@ $OLMO2KIT_GGUF_CACHE under --work), and both servers run on that very file, star
                cache_prompt on, a slot per client), THREADS = the cores this process may use, as olmo2kit uses
 Throughput (bench_serve's `run_level`): C closed-loop clients on loopback share --requests streamed greedy
 /v1/completions requests of --max-tokens new tokens; tokens are the completion_tokens each server reports. The
-requests are split into --passes passes, the servers alternating A B B A ..., each level starting with the other
-server than the last; a side's tokens/s is its tokens over its seconds, summed over its passes.
+requests are split into passes (--passes, 4 by default, at most one request per client each: 2 passes of 16 at
+16 clients), the servers alternating A B B A ..., each level starting with the other server than the last; a
+side's tokens/s is its tokens over its seconds, summed over its passes. On a shared machine a burst of other work
+slows whichever server runs then: the table also gives each pass and the median of the passes' ratios (each pass
+of one server beside the other's pass next to it).
 Chat: a conversation of --turns user turns of about --turn-tokens tokens, each sent as a streamed greedy
 /v1/chat/completions of --reply-tokens tokens with the whole conversation so far, the reply appended as the
 assistant's turn; time to first token is from the send to the first streamed chunk with a choice (both servers
 send it with the first token). --chats conversations, distinct from their first words, the servers in turn;
-the median per turn is reported. With prefix reuse the last turn reads only its new messages.
+the median per turn is reported. With prefix reuse the last turn reads only its new messages; for scale, the last
+turn is also sent with another first word, which no cache holds (the whole conversation read again).
 Targets (issue 24): olmo2kit / llama-server at 16 clients >= 0.90, at 1 client >= 0.95, for Q8_0 and bf16;
 olmo2kit's TTFT of the last turn <= 1.20x its first turn's. The output is Markdown, for docs/benchmarks.md.
 """
@@ -115,10 +119,11 @@ def model_name(url: str) -> str:
 
 async def throughput(client, sides: dict[str, tuple[str, str]], prompts: list[str], clients: int, passes: int,
                      max_tokens: int, first: int) -> dict[str, dict]:
-    """Each side's tokens/s at `clients` clients over `prompts` split into `passes` passes, the sides alternating
-    (A B, B A, ...; side `first` starts)."""
+    """Each side's tokens/s at `clients` clients over `prompts` split into `passes` passes (fewer where a pass
+    would give a client no request), the sides alternating (A B, B A, ...; side `first` starts)."""
     names = list(sides)
     names = names[first:] + names[:first]
+    passes = min(passes, len(prompts) // clients)
     per_pass = len(prompts) // passes
     totals = {name: {"tokens": 0, "wall_s": 0.0, "requests": 0, "short": 0, "passes": []} for name in names}
     for p in range(passes):
@@ -175,11 +180,12 @@ def user_turns(tokenizer, conversation: int, turns: int, tokens: int) -> list[st
 
 
 async def chat_ttfts(client, sides: dict[str, tuple[str, str]], conversations: list[list[str]], max_tokens: int,
-                     first: int) -> dict[str, list[list[tuple[float, dict]]]]:
-    """Each side's (TTFT, usage) per turn of each conversation ([conversation][turn]), the sides in turn per
-    conversation."""
+                     first: int) -> dict[str, list[dict]]:
+    """Each side's conversations, the sides in turn per conversation: {"turns": [(TTFT, usage) per turn],
+    "cold": (TTFT, usage)}, "cold" the last turn sent again with another first word, so that no cached prefix
+    serves it: what the last turn costs without reuse."""
     names = list(sides)
-    out: dict[str, list[list[tuple[float, dict]]]] = {name: [] for name in names}
+    out: dict[str, list[dict]] = {name: [] for name in names}
     for c, turns in enumerate(conversations):
         order = names[(first + c) % 2:] + names[:(first + c) % 2]
         for name in order:
@@ -191,7 +197,10 @@ async def chat_ttfts(client, sides: dict[str, tuple[str, str]], conversations: l
                 reply, ttft, usage = await chat_turn(client, url, model, messages, max_tokens)
                 messages.append({"role": "assistant", "content": reply})
                 times.append((ttft, usage))
-            out[name].append(times)
+            cold = [dict(m) for m in messages[:-1]]
+            cold[0]["content"] = "Anew. " + cold[0]["content"]
+            _, ttft, usage = await chat_turn(client, url, model, cold, max_tokens)
+            out[name].append({"turns": times, "cold": (ttft, usage)})
     return out
 
 
@@ -207,6 +216,9 @@ async def measure_type(args, sides: dict[str, tuple[str, str]], prompts: list[st
         for n, clients in enumerate(levels):
             row = await throughput(client, sides, prompts, clients, args.passes, args.max_tokens, (k + n) % 2)
             row["ratio"] = row["olmo2kit"]["tokens_per_s"] / row["llama-server"]["tokens_per_s"]
+            row["median_pass_ratio"] = statistics.median(
+                ours / theirs for ours, theirs in zip(row["olmo2kit"]["passes"], row["llama-server"]["passes"],
+                                                      strict=True))
             result["levels"][clients] = row
             print(f"  {clients} clients: olmo2kit {row['olmo2kit']['tokens_per_s']:.2f}, llama-server "
                   f"{row['llama-server']['tokens_per_s']:.2f} tokens/s ({row['ratio']:.3f}x); passes "
@@ -216,15 +228,19 @@ async def measure_type(args, sides: dict[str, tuple[str, str]], prompts: list[st
             ttfts = await chat_ttfts(client, sides, conversations, args.reply_tokens, k % 2)
             chat = {}
             for name, runs in ttfts.items():
-                median = [statistics.median(run[t][0] for run in runs) for t in range(len(runs[0]))]
+                turns = len(runs[0]["turns"])
+                median = [statistics.median(run["turns"][t][0] for run in runs) for t in range(turns)]
+                cold = statistics.median(run["cold"][0] for run in runs)
                 # the prompt's tokens, and those the server says it read from its cache (llama-server says;
-                # olmo2kit reports no cached_tokens), of each turn of the first conversation
+                # olmo2kit reports no cached_tokens), of each turn of the first conversation, then of its cold turn
                 usage = [(u.get("prompt_tokens"), (u.get("prompt_tokens_details") or {}).get("cached_tokens"))
-                         for _, u in runs[0]]
-                chat[name] = {"runs_s": [[t for t, _ in run] for run in runs], "median_s": median,
+                         for _, u in [*runs[0]["turns"], runs[0]["cold"]]]
+                chat[name] = {"runs_s": [[t for t, _ in run["turns"]] for run in runs], "median_s": median,
+                              "cold_runs_s": [run["cold"][0] for run in runs], "cold_median_s": cold,
                               "last_over_first": median[-1] / median[0], "prompt_and_cached_tokens": usage}
-                print(f"  chat {name}: TTFT turn 1 {median[0] * 1000:.0f} ms, turn {len(median)} "
-                      f"{median[-1] * 1000:.0f} ms; (prompt, cached) tokens {usage}", file=sys.stderr)
+                print(f"  chat {name}: TTFT turn 1 {median[0] * 1000:.0f} ms, turn {turns} "
+                      f"{median[-1] * 1000:.0f} ms, turn {turns} uncached {cold * 1000:.0f} ms; (prompt, cached) "
+                      f"tokens {usage}", file=sys.stderr)
             result["chat"] = chat
     return result
 
@@ -257,11 +273,11 @@ def print_report(report: dict) -> None:
           f"load average (1, 5, 15 min) before {fmt_load(report['load_before'])}, after "
           f"{fmt_load(report['load_after'])}.")
     print(f"Model: {report['what']}. {args['requests']} requests of {args['max_tokens']} new tokens, greedy, streamed "
-          f"/v1/completions, closed-loop clients on loopback, {args['passes']} alternating passes; llama-server "
+          f"/v1/completions, closed-loop clients on loopback, up to {args['passes']} alternating passes; llama-server "
           f"`-np {args['max_batch_size']} -t {report['threads']}`.\n")
     print("| GGUF | clients | olmo2kit tokens/s | llama-server tokens/s | olmo2kit / llama-server | target "
-          "| each pass, olmo2kit; llama-server |")
-    print("|---|---|---|---|---|---|---|")
+          "| median of the passes' ratios | each pass, olmo2kit; llama-server |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, result in report["types"].items():
         for clients, row in result["levels"].items():
             target = TARGETS.get(int(clients))
@@ -271,24 +287,25 @@ def print_report(report: dict) -> None:
             passes = "; ".join(" ".join(f"{x:.2f}" for x in row[side]["passes"])
                                for side in ("olmo2kit", "llama-server"))
             print(f"| {kind} | {clients} | {row['olmo2kit']['tokens_per_s']:.2f} | "
-                  f"{row['llama-server']['tokens_per_s']:.2f} | **{row['ratio']:.3f}**{note} | {mark} | {passes} |")
+                  f"{row['llama-server']['tokens_per_s']:.2f} | **{row['ratio']:.3f}**{note} | {mark} | "
+                  f"{row['median_pass_ratio']:.3f} | {passes} |")
     if any("chat" in result for result in report["types"].values()):
         turns = args["turns"]
         print(f"\nChat: time to first token, median of {args['chats']} conversations of {turns} user turns "
               f"(~{args['turn_tokens']} tokens each, {args['reply_tokens']}-token replies appended), streamed "
               "/v1/chat/completions.\n")
-        print(f"| GGUF | server | turn 1 | turn {turns} | turn {turns} / turn 1 | target | prompt tokens, turn 1; "
-              f"turn {turns} (cached, where reported) |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| GGUF | server | turn 1 | turn {turns} | turn {turns} / turn 1 | target | turn {turns} with no cached "
+              f"prefix | prompt tokens, turn 1; turn {turns} (cached, where reported) |")
+        print("|---|---|---|---|---|---|---|---|")
         for kind, result in report["types"].items():
             for name, chat in result.get("chat", {}).items():
                 ratio = chat["last_over_first"]
                 mark = (f"<= {TTFT_TARGET:.2f} {'(met)' if ratio <= TTFT_TARGET else '(missed)'}"
                         if name == "olmo2kit" else "reference")
-                (first, _), (last, cached) = chat["prompt_and_cached_tokens"][0], chat["prompt_and_cached_tokens"][-1]
+                (first, _), (last, cached) = chat["prompt_and_cached_tokens"][0], chat["prompt_and_cached_tokens"][-2]
                 tokens = f"{first}; {last}" + (f" ({cached} cached)" if cached is not None else "")
                 print(f"| {kind} | {name} | {chat['median_s'][0] * 1000:.0f} ms | {chat['median_s'][-1] * 1000:.0f} ms "
-                      f"| **{ratio:.2f}** | {mark} | {tokens} |")
+                      f"| **{ratio:.2f}** | {mark} | {chat['cold_median_s'] * 1000:.0f} ms | {tokens} |")
 
 
 def fmt_load(load: list[float]) -> str:
@@ -304,7 +321,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16", help="Concurrency levels, comma-separated.")
     parser.add_argument("--requests", type=int, default=32, help="Requests per level and server.")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--passes", type=int, default=2, help="Alternating passes the requests are split into.")
+    parser.add_argument("--passes", type=int, default=4, help="Alternating passes the requests are split into "
+                                                               "(fewer at a level where a client would get none).")
     parser.add_argument("--max-batch-size", type=int, default=16, help="olmo2kit's --max-batch-size and "
                                                                        "llama-server's -np.")
     parser.add_argument("--chats", type=int, default=3, help="Conversations timed per server (0: no chat).")
@@ -317,8 +335,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not LLAMA_SERVER.is_file():
         raise SystemExit(f"{LLAMA_SERVER} is missing: build llama.cpp's server with `make llama-server`")
-    if args.requests % args.passes or args.requests // args.passes < max(int(c) for c in args.clients.split(",")):
-        raise SystemExit("--requests must split evenly into --passes, each pass a request for every client")
+    if any(args.requests < int(c) or args.requests % min(args.passes, args.requests // int(c))
+           for c in args.clients.split(",")):
+        raise SystemExit("--requests must split evenly into the passes of every level (--passes, or --requests over "
+                         "the clients where that is fewer)")
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
