@@ -36,17 +36,22 @@ def tiny_instruct_path(tmp_path_factory) -> Path:
 LONG_CONTEXT = 16384
 
 
-@pytest.fixture(scope="session")
-def tiny_long_path(tiny_path, tmp_path_factory) -> Path:
-    """The tiny checkpoint with a 16384-token context (RoPE takes any position)."""
+def long_context_copy(source: Path, path: Path) -> Path:
+    """A copy of checkpoint `source` at `path` whose config gives a 16384-token context (RoPE takes any position;
+    the logits are the source's)."""
     import json
     import shutil
 
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-long"
-    shutil.copytree(tiny_path, path)
+    shutil.copytree(source, path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_long_path(tiny_path, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a 16384-token context."""
+    return long_context_copy(tiny_path, tmp_path_factory.mktemp("ckpt") / "tiny-long")
 
 
 @pytest.fixture(scope="session")

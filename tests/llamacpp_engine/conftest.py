@@ -7,9 +7,7 @@ skipped, except in CI (CI=true), where their absence fails them. The directory i
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from importlib.util import find_spec
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LONG_CONTEXT
+from conftest import long_context_copy
 from serving import Server, serving
 
 
@@ -87,11 +85,7 @@ def serving_llamacpp(checkpoint, *args: str) -> Iterator[Server]:
 def tiny_instruct_long_path(tiny_instruct_path, tmp_path_factory) -> Path:
     """The tiny instruct checkpoint with a 16384-token context (RoPE takes any position; the logits are those of
     `tiny_instruct_path`): a request may hold its batch slot for tens of seconds."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-instruct-long"
-    shutil.copytree(tiny_instruct_path, path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
-    return path
+    return long_context_copy(tiny_instruct_path, tmp_path_factory.mktemp("ckpt") / "tiny-instruct-long")
 
 
 @pytest.fixture(scope="session")
