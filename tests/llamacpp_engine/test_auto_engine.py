@@ -48,12 +48,14 @@ def test_auto_takes_llamacpp_for_a_big_model(model, big_config, hub, hub_env):
     assert hub.requests == []
 
 
-def test_a_hub_model_is_sized_by_its_config_alone(hub, hub_env):
+def test_another_hub_model_is_not_sized_and_stays_on_transformers(hub, hub_env):
+    """A Hub repo outside the size table is not sized: its config.json would be fetched before the loader has
+    checked the name and revision."""
     chosen, told = auto("org/repo")  # the loopback Hub's tiny checkpoint
-    assert (chosen, told) == ("transformers", ["engine: transformers (org/repo has 0.1M parameters: auto takes "
-                                               "llama.cpp from 100M, where its speed pays for the conversion to GGUF)"])
-    fetched = [path.rsplit("/", 1)[-1] for _, path in hub.requests if "/resolve/" in path]
-    assert fetched and set(fetched) == {"config.json"}, hub.requests
+    assert (chosen, told) == ("transformers", ["engine: transformers (the size of org/repo is not known without "
+                                               "reading it: auto takes llama.cpp for OLMo 2's own repos and local "
+                                               "checkpoints (--engine llamacpp for this one))"])
+    assert not [path for _, path in hub.requests if "/resolve/" in path], hub.requests
 
 
 def test_tiny_checkpoint_stays_on_transformers(tiny_path):

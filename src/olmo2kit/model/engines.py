@@ -15,11 +15,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from olmo2kit.compat import hub_network_errors, offline_mode
+from olmo2kit.compat import offline_mode
 from olmo2kit.errors import Olmo2KitError
 from olmo2kit.model.gguf import GGUF_TYPES, converter_dir, gguf_cache_dir
 from olmo2kit.model.llamacpp import LlamaCppModel, llamacpp_refusal, llamacpp_version, load_llamacpp
-from olmo2kit.model.loading import ModelRef, cached_instead, load, resolve_model
+from olmo2kit.model.loading import ModelRef, load, resolve_model
 from olmo2kit.model.sizes import checkpoint_architecture, read_config, size_of
 from olmo2kit.model.vllm import VllmModel, VllmOptions, load_vllm, visible_gpus, vllm_refusal, vllm_version
 
@@ -124,6 +124,9 @@ def auto_llamacpp_refusal(model: str, *, quantize: str | None = None, dtype: str
     if ref and not ref.local and offline_mode() and not _cached_config(ref):  # the loader says what to do
         return f"{ref} is not in the local cache, and huggingface_hub is offline"
     params = checkpoint_params(ref) if ref else None
+    if params is None and ref and not ref.local:
+        return (f"the size of {model} is not known without reading it: auto takes llama.cpp for OLMo 2's own "
+                "repos and local checkpoints (--engine llamacpp for this one)")
     if params is None:
         return f"the size of {model} is not known from its config.json"
     if params < AUTO_LLAMACPP_MIN_PARAMS:
@@ -140,35 +143,17 @@ def auto_llamacpp_refusal(model: str, *, quantize: str | None = None, dtype: str
 
 def checkpoint_params(ref: ModelRef) -> int | None:
     """A checkpoint's parameter count from its config alone: a local directory's config.json, the size table for an
-    official OLMo 2 repo (any revision), else the Hub repo's config.json (the cached one, else that one file
-    downloaded); None when that cannot be read or is no OLMo 2 config (the loader says why)."""
+    official OLMo 2 repo (any revision); None for another Hub repo, or a config that cannot be read or is no
+    OLMo 2 config (the loader says why)."""
     known = None if ref.local else size_of(ref.source)
     if known:
         return known.params
-    config_file = Path(ref.source) / "config.json" if ref.local else _hub_config(ref)
+    # Another Hub repo is not sized: its config.json would be fetched before the loader has checked the name and
+    # revision (a revision the loader refuses would cost a download first).
+    config_file = Path(ref.source) / "config.json" if ref.local else None
     try:
         return checkpoint_architecture(str(ref), read_config(config_file)).params if config_file else None
     except Olmo2KitError:
-        return None
-
-
-def _hub_config(ref: ModelRef) -> Path | None:
-    """The config.json of a Hub model: the cached one, else downloaded where the Hub answers (asked once, as the
-    loader asks it, so an unreachable Hub costs no retries); None when neither."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    cached = _cached_config(ref)
-    if cached:
-        return cached
-    try:
-        if offline_mode() or cached_instead(ref, ref.source):
-            return None
-    except Olmo2KitError:  # not on the Hub, or no Hub and nothing cached: the loader says so
-        return None
-    try:
-        return Path(hf_hub_download(ref.source, "config.json", revision=ref.revision))
-    except (OSError, EntryNotFoundError, *hub_network_errors()):
         return None
 
 
